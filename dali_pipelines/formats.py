@@ -1,0 +1,192 @@
+"""On-disk formats shared by preprocessing and the pipelines (DESIGN §4): pkl clips and list files.
+
+A pkl clip is a pickled tuple ``(video_id, label_index, [jpeg_bytes, ...])``. It is only ever read
+through a restricted unpickler, so a pkl from elsewhere cannot run code when loaded.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+
+SOURCES = ("pkl", "rawframes", "videos")
+
+
+class DataFormatError(ValueError):
+    """A user's data file is malformed; the message names the file and the fix."""
+
+
+class _ClipUnpickler(pickle.Unpickler):
+    # Tuples, lists, bytes, str and int need no globals. Protocol-2 pickles written by Python 3 (the
+    # legacy PaddleVideo video2pkl) spell bytes as _codecs.encode(str, 'latin1'): allow exactly that.
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            import _codecs
+            return _codecs.encode
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a clip pkl")
+
+
+def write_pkl(path: str, video_id: str, label: int, frames: list[bytes]) -> None:
+    """Write a clip pkl atomically: a killed writer never leaves a file that looks complete."""
+    write_atomic(path, pickle.dumps((video_id, int(label), list(frames)), protocol=4))
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_pkl(path: str) -> tuple[str, int, list[bytes]]:
+    """Load a clip pkl; anything but ``(id, label, [jpeg bytes])`` of builtin types is rejected."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        obj = _ClipUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+        raise DataFormatError(f"{path}: not a clip pkl ({e}); regenerate it with preprocessing/video2pkl.py") from None
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 3 and isinstance(obj[2], list)
+            and all(isinstance(b, bytes) for b in obj[2])):
+        raise DataFormatError(f"{path}: expected (video_id, label, [jpeg bytes]); regenerate it with "
+                              "preprocessing/video2pkl.py")
+    vid, label, frames = obj
+    if isinstance(vid, bytes):
+        vid = vid.decode("utf-8", "replace")
+    try:
+        label = int(label)
+    except (TypeError, ValueError):
+        raise DataFormatError(f"{path}: label {label!r} is not an integer class index") from None
+    return str(vid), label, frames
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's SOF header, without decoding it."""
+    if data[:2] != b"\xff\xd8":
+        raise DataFormatError("not a JPEG (no SOI marker)")
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            raise DataFormatError("corrupt JPEG header")
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h = int.from_bytes(data[i + 5:i + 7], "big")
+            w = int.from_bytes(data[i + 7:i + 9], "big")
+            return w, h
+        i += 2 + length
+    raise DataFormatError("JPEG without a frame header")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str            # pkl file, rawframe folder or video file, resolved
+    label: int           # -1 for pkl until read (the label lives inside the pkl)
+    num_frames: int      # 0 when the list does not say (pkl, or videos to probe)
+    line: int            # 1-based line in the list file, for error messages
+
+
+def _resolve(path: str, data_prefix: str | None, list_dir: str) -> str:
+    if os.path.isabs(path):
+        return path
+    if data_prefix:
+        return os.path.join(data_prefix, path)
+    return os.path.join(list_dir, path)
+
+
+def _int(field: str, what: str, where: str, fmt: str) -> int:
+    try:
+        return int(field)
+    except ValueError:
+        raise DataFormatError(f"{where}: {what} {field!r} is not an integer; expected '{fmt}'") from None
+
+
+LINE_FORMATS = {
+    "pkl": "path/to/clip.pkl",
+    "rawframes": "frame_dir num_frames label",
+    "videos": "path/to/clip.mp4 label  or  path/to/clip.mp4 num_frames label",
+}
+
+
+def parse_list_line(line: str, source: str, where: str) -> tuple[str, int, int]:
+    """(path, num_frames or 0, label or -1) from one list line; paths may contain spaces."""
+    fmt = LINE_FORMATS[source]
+    if source == "pkl":
+        return line, 0, -1
+    parts = line.rsplit(maxsplit=2)
+    if source == "videos" and (len(parts) < 3 or not parts[-2].lstrip("-").isdigit()):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise DataFormatError(f"{where}: expected '{fmt}', got {line!r}")
+        return parts[0], 0, _int(parts[1], "label", where, fmt)
+    if len(parts) != 3:
+        raise DataFormatError(f"{where}: expected '{fmt}', got {line!r}")
+    n = _int(parts[1], "frame count", where, fmt)
+    if n < 1:
+        raise DataFormatError(f"{where}: frame count {n} must be >= 1")
+    return parts[0], n, _int(parts[2], "label", where, fmt)
+
+
+def read_list(list_file: str, source: str, data_prefix: str | None = None,
+              check_exists: bool = True) -> list[Sample]:
+    """Parse a list file (DESIGN §4). Relative paths resolve against ``data_prefix``, else the list's
+    folder. Malformed lines and missing files are reported with their line numbers."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if not os.path.isfile(list_file):
+        raise DataFormatError(f"list file {list_file} does not exist")
+    list_dir = os.path.dirname(os.path.abspath(list_file))
+    samples, missing = [], []
+    with open(list_file, encoding="utf-8") as f:
+        for no, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{list_file}:{no}"
+            path, n, label = parse_list_line(line, source, where)
+            path = _resolve(path, data_prefix, list_dir)
+            if check_exists and not os.path.exists(path):
+                missing.append(f"{where}: {path}")
+            samples.append(Sample(path, label, n, no))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DataFormatError(f"{len(missing)} file(s) in {list_file} do not exist: " + "; ".join(missing[:5])
+                              + more + ". Fix the paths or set data_prefix to the folder they are relative to.")
+    if not samples:
+        raise DataFormatError(f"list file {list_file} has no samples")
+    return samples
+
+
+def read_label_file(path: str) -> list[str]:
+    """Class names by index from ``index name`` lines (``name index`` is accepted too)."""
+    if not os.path.isfile(path):
+        raise DataFormatError(f"label file {path} does not exist; write it with preprocessing/generate_label.py")
+    names: dict[int, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for no, raw in enumerate(f, 1):
+            parts = raw.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
+            a, b = parts
+            idx, name = (int(a), b) if a.isdigit() else (int(b), a) if b.isdigit() else (None, None)
+            if idx is None:
+                raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
+            if idx in names:
+                raise DataFormatError(f"{path}:{no}: index {idx} appears twice")
+            names[idx] = name
+    if sorted(names) != list(range(len(names))):
+        raise DataFormatError(f"{path}: class indices must be 0..{len(names) - 1} without gaps")
+    return [names[i] for i in range(len(names))]

@@ -1,0 +1,64 @@
+"""TSN sparse segment sampling (DESIGN §5): which frames of a video a sample uses.
+
+One pure function serves the DALI path, the CPU reference path and the tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MODES = ("train", "val", "test")
+
+
+def segment_indices(num_frames: int, num_segments: int, mode: str,
+                    rng: np.random.Generator | None = None, num_clips: int = 1) -> np.ndarray:
+    """Return 0-based frame indices (int32) for one sample.
+
+    train: one uniformly random frame inside each of ``num_segments`` equal segments.
+    val:   the centre frame of each segment.
+    test:  ``num_clips`` clips of ``num_segments`` frames, clip ``j`` taking the point at fraction
+           ``(j + 0.5) / num_clips`` of every segment; clip-major order, ``num_clips * num_segments``
+           indices. ``num_clips=1`` equals val.
+    Videos shorter than ``num_segments`` repeat frames instead of failing.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    seg = np.arange(num_segments)
+    if mode == "train":
+        if rng is None:
+            rng = np.random.default_rng()
+        if num_frames < num_segments:
+            idx = seg * num_frames // num_segments
+        else:
+            start = seg * num_frames // num_segments
+            end = (seg + 1) * num_frames // num_segments  # end > start because n >= k
+            idx = start + rng.integers(0, end - start)
+    else:
+        if mode == "val":
+            num_clips = 1
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        frac = (np.arange(num_clips)[:, None] + 0.5) / num_clips
+        idx = np.floor((seg[None, :] + frac) * num_frames / num_segments).reshape(-1)
+    return np.clip(idx, 0, num_frames - 1).astype(np.int32)
+
+
+def shard_indices(num_samples: int, rank: int, world_size: int, mode: str, epoch: int = 0,
+                  seed: int = 0) -> np.ndarray:
+    """Which samples (indices into the list) this rank visits in this epoch.
+
+    train: a permutation drawn from ``(seed, epoch)``, the same on every rank, cut into ``world_size``
+           equal disjoint blocks; the ``num_samples % world_size`` left over change every epoch. Equal
+           blocks keep every rank at the same step count, which collective training requires.
+    val/test: every sample exactly once over all ranks (ranks may differ by one sample).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if mode == "train":
+        per_rank = num_samples // world_size
+        order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+        return order[rank * per_rank:(rank + 1) * per_rank]
+    return np.arange(rank, num_samples, world_size)

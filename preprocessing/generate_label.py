@@ -1,0 +1,42 @@
+"""Write the label file of a Kinetics CSV: its classes sorted, one 'index name' a line.
+
+    python preprocessing/generate_label.py kinetics-400_train.csv kinetics400_label.txt
+
+Class names with spaces are written with underscores ("air drumming" -> "air_drumming") so that every
+line splits into exactly two fields.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run by path: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from preprocessing.kinetics import UsageError, read_csv, write_label_file  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("csv", help="Kinetics CSV with a 'label' column")
+    p.add_argument("label_file", help="output: 'index name' lines")
+    args = p.parse_args(argv)
+    try:
+        clips, bad = read_csv(args.csv)
+    except UsageError as e:
+        print(f"generate_label: error: {e}", file=sys.stderr)
+        return 2
+    classes = sorted({c.label for c in clips})
+    if not classes:
+        print(f"generate_label: error: {args.csv} has no valid rows", file=sys.stderr)
+        return 2
+    write_label_file(args.label_file, classes)
+    for where, why in bad:
+        print(f"generate_label: skipped {where}: {why}", file=sys.stderr)
+    print(f"generate_label: {len(classes)} classes -> {args.label_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Generate the small embedded demo dataset: labelled H.264 clips laid out like Kinetics-400.
+
+    python preprocessing/make_demo_dataset.py data/demo [--seed 0]
+
+Six classes differ in appearance (shape, colour) and motion (bouncing, sliding, pulsing, spinning,
+blinking, scrolling) over random backgrounds; clips have 40-200 frames at 320x240 or 340x256 and are
+encoded with x264 (B-frames included). Writes OUT/{train,val}/<label>/<id>_<start>_<end>.mp4 and
+OUT/kinetics_demo_{train,val}.csv (label,youtube_id,time_start,time_end,split). Deterministic from the
+seed; a second run with the same arguments does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import string
+import sys
+
+import numpy as np
+
+if __package__ in (None, ""):  # run by path: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CLASSES = ("bouncing ball", "sliding square", "pulsing ring", "spinning bar", "blinking dots",
+           "scrolling stripes")
+BASE_COLOURS = {  # RGB of each class's object; jittered per clip
+    "bouncing ball": (220, 50, 40), "sliding square": (40, 80, 220), "pulsing ring": (40, 200, 60),
+    "spinning bar": (230, 210, 40), "blinking dots": (230, 230, 230), "scrolling stripes": (200, 50, 200),
+}
+SIZES = ((320, 240), (340, 256))
+FPS = 25
+
+
+def _object_mask(cls: str, t: int, p: dict, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Coverage in [0, 1] of the class's object at frame ``t``."""
+    h, w = yy.shape
+    wave = np.sin(p["omega"] * t + p["phase"])
+    if cls == "bouncing ball":
+        cy = p["y0"] + p["amp"] * (2 * abs(wave) - 1)
+        return ((yy - cy) ** 2 + (xx - p["x0"]) ** 2 < p["r"] ** 2).astype(np.float32)
+    if cls == "sliding square":
+        x = p["x0"] + p["amp"] * wave
+        return ((abs(xx - x) < p["r"]) & (abs(yy - p["y0"]) < p["r"])).astype(np.float32)
+    if cls == "pulsing ring":
+        radius = p["r"] * (1.3 + 0.6 * wave)
+        d = np.sqrt((yy - p["y0"]) ** 2 + (xx - p["x0"]) ** 2)
+        return (abs(d - radius) < 5).astype(np.float32)
+    if cls == "spinning bar":
+        a = p["phase"] + 2 * p["omega"] * t
+        dx, dy = np.cos(a), np.sin(a)
+        along = (xx - p["x0"]) * dx + (yy - p["y0"]) * dy
+        across = -(xx - p["x0"]) * dy + (yy - p["y0"]) * dx
+        return ((abs(along) < p["r"] * 2) & (abs(across) < 6)).astype(np.float32)
+    if cls == "blinking dots":
+        mask = np.zeros((h, w), np.float32)
+        for k, (gy, gx) in enumerate(p["grid"]):
+            if np.sin(2 * p["omega"] * t + k * 1.3 + p["phase"]) > 0:
+                mask[(yy - gy) ** 2 + (xx - gx) ** 2 < 100] = 1.0
+        return mask
+    if cls == "scrolling stripes":
+        band = (xx + yy * p["slope"] - p["speed"] * t) % p["period"]
+        return 0.7 * (band < p["period"] / 2).astype(np.float32)
+    raise ValueError(cls)
+
+
+def _clip_params(cls: str, w: int, h: int, rng: np.random.Generator) -> dict:
+    # objects stay inside the central square, which every crop of the pipelines mostly covers
+    r = float(rng.uniform(16, 28))
+    half = 0.5 * h
+    p = dict(r=r, x0=float(w / 2 + rng.uniform(-0.25, 0.25) * h), y0=float(h / 2 + rng.uniform(-0.2, 0.2) * h),
+             omega=float(rng.uniform(0.08, 0.2)), phase=float(rng.uniform(0, 2 * np.pi)),
+             speed=float(rng.uniform(2, 6)) * rng.choice([-1, 1]), amp=float(rng.uniform(0.4, 0.6) * half),
+             slope=float(rng.uniform(-1, 1)), period=float(rng.uniform(18, 40)))
+    if cls == "blinking dots":
+        gap = rng.uniform(24, 34)
+        p["grid"] = [(p["y0"] + i * gap, p["x0"] + j * gap) for i in (-1, 0, 1) for j in (-1, 0, 1)]
+    return p
+
+
+def render_clip(cls: str, num_frames: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Frames [T, H, W, 3] uint8 of one clip of class ``cls``."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    bg_a, bg_b = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
+    ramp = (xx / width * np.cos(rng.uniform(0, np.pi)) + yy / height * np.sin(rng.uniform(0, np.pi)))[..., None]
+    background = bg_a + (bg_b - bg_a) * np.clip(ramp, 0, 1) + rng.normal(0, 6, (height, width, 3))
+    colour = np.clip(np.array(BASE_COLOURS[cls]) + rng.normal(0, 15, 3), 0, 255)
+    p = _clip_params(cls, width, height, rng)
+    grain = rng.normal(0, 3, (4, height, width, 1)).astype(np.float32)  # sensor noise, cycled
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        m = _object_mask(cls, t, p, yy, xx)[..., None]
+        img = background * (1 - m) + colour * m + grain[t % 4]
+        frames[t] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: int = FPS) -> None:
+    """Encode RGB frames as H.264 (x264 defaults, so with B-frames) into ``path`` atomically."""
+    import av
+    tmp = path + ".tmp.mp4"
+    with av.open(tmp, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast"})
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for img in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode())
+    os.replace(tmp, path)
+
+
+def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per_class: int = 8,
+                 min_frames: int = 40, max_frames: int = 200) -> dict:
+    """Write the dataset; returns {split: csv path}. Skips work already done with the same arguments."""
+    config = dict(seed=seed, train_per_class=train_per_class, val_per_class=val_per_class,
+                  min_frames=min_frames, max_frames=max_frames, classes=CLASSES)
+    marker = os.path.join(out_dir, ".complete.json")
+    csvs = {s: os.path.join(out_dir, f"kinetics_demo_{s}.csv") for s in ("train", "val")}
+    try:
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == json.loads(json.dumps(config)):
+                print(f"make_demo_dataset: {out_dir} is already complete")
+                return csvs
+    except (OSError, ValueError):
+        pass
+    from tqdm import tqdm
+    from dali_pipelines.formats import write_atomic
+    os.makedirs(out_dir, exist_ok=True)
+    alphabet = np.array(list(string.ascii_letters + string.digits + "-_"))
+    counts = {"train": train_per_class, "val": val_per_class}
+    total = len(CLASSES) * (train_per_class + val_per_class)
+    with tqdm(total=total, unit="clip", desc="make_demo_dataset") as bar:
+        for si, split in enumerate(("train", "val")):
+            rows = ["label,youtube_id,time_start,time_end,split"]
+            for ci, cls in enumerate(CLASSES):
+                folder = os.path.join(out_dir, split, cls.replace(" ", "_"))
+                os.makedirs(folder, exist_ok=True)
+                for k in range(counts[split]):
+                    rng = np.random.default_rng([seed, si, ci, k])
+                    yid = "".join(rng.choice(alphabet, 11))
+                    start = int(rng.integers(0, 300))
+                    rows.append(f"{cls},{yid},{start},{start + 10},{split}")
+                    path = os.path.join(folder, f"{yid}_{start:06d}_{start + 10:06d}.mp4")
+                    if not os.path.exists(path):
+                        width, height = SIZES[int(rng.integers(len(SIZES)))]
+                        n = int(rng.integers(min_frames, max_frames + 1))
+                        write_mp4(path, render_clip(cls, n, width, height, rng))
+                    bar.update()
+            write_atomic(csvs[split], ("\n".join(rows) + "\n").encode())
+    write_atomic(marker, json.dumps(config).encode())
+    print(f"make_demo_dataset: {total} clips of {len(CLASSES)} classes in {out_dir}")
+    return csvs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-per-class", type=int, default=20)
+    p.add_argument("--val-per-class", type=int, default=8)
+    p.add_argument("--min-frames", type=int, default=40)
+    p.add_argument("--max-frames", type=int, default=200)
+    a = p.parse_args(argv)
+    if not 1 <= a.min_frames <= a.max_frames:
+        p.error("need 1 <= --min-frames <= --max-frames")
+    make_dataset(a.out_dir, a.seed, a.train_per_class, a.val_per_class, a.min_frames, a.max_frames)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

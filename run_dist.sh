@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Run the trainer in fleet collective mode: one process per visible GPU, or --nproc CPU processes
+# (default 2) on a machine without GPUs; predict runs as a single process.
+#
+#   bash run_dist.sh {train|eval|test|predict} MODEL CONFIG [--nproc N] [--ips IP1,IP2,...]
+#                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO]
+#
+# Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
+# the repo's .venv, else python3).
+set -euo pipefail
+
+usage() {
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+[ $# -ge 3 ] || usage
+mode=$1 model=$2 config=$3
+shift 3
+case "$mode" in train|eval|test|predict) ;; *) echo "run_dist.sh: unknown mode '$mode'" >&2; usage ;; esac
+[ -f "$config" ] || { echo "run_dist.sh: config file $config does not exist" >&2; exit 2; }
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+    if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
+fi
+
+nproc="" ips="" args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --nproc) nproc=${2:?--nproc needs a number}; shift 2 ;;
+        --ips) ips=${2:?--ips needs a comma-separated list}; shift 2 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+main=("$here/trainer/main.py" "$mode" --model "$model" -c "$config" "${args[@]}")
+
+if [ "$mode" = predict ]; then
+    exec "$py" "${main[@]}"
+fi
+
+ngpu=$("$py" -c 'import paddle; print(paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0)' 2>/dev/null | tail -n1 || true)
+launch=("$py" -m paddle.distributed.launch --log_dir "${LOG_DIR:-log/$mode}")
+[ -n "$ips" ] && launch+=(--ips "$ips")
+if [ "${ngpu:-0}" -gt 0 ] 2>/dev/null; then
+    n=${nproc:-$ngpu}
+    launch+=(--devices "$(seq -s, 0 $((n - 1)))")
+else
+    n=${nproc:-2}
+    # share the cores between the ranks instead of letting each one use them all
+    cores=$(nproc 2>/dev/null || echo 2)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / n > 0 ? cores / n : 1 ))}
+    launch+=(--nproc_per_node "$n")
+fi
+exec "${launch[@]}" "${main[@]}"

@@ -1,0 +1,88 @@
+import pytest
+
+from trainer.config import ConfigError, load_config, parse_override
+
+ROOT_CONFIGS = ["configs/tsn.yaml", "configs/tsn_dist_and_dali.yaml", "configs/tsn_demo.yaml"]
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    def write(text):
+        p = tmp_path / "c.yaml"
+        p.write_text(text)
+        return str(p)
+    return write
+
+
+@pytest.mark.parametrize("path", ROOT_CONFIGS)
+def test_shipped_configs_load(path):
+    import os
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), path))
+    assert cfg.MODEL.name == "TSN"
+    assert cfg.OPTIMIZER.momentum == 0.9
+
+
+def test_production_configs_keep_the_kinetics_recipe():
+    import os
+    root = os.path.dirname(os.path.dirname(__file__))
+    for path in ROOT_CONFIGS[:2]:
+        cfg = load_config(os.path.join(root, path))
+        assert cfg.MODEL.backbone.depth == 50 and cfg.PIPELINE.target_size == 224
+        assert cfg.MODEL.head.num_classes == 400 and cfg.PIPELINE.num_segments == 3
+        assert cfg.OPTIMIZER.weight_decay == 1e-4 and cfg.OPTIMIZER.base_lr == 0.01
+    assert load_config(os.path.join(root, ROOT_CONFIGS[1])).DATASET.source == "videos"
+
+
+def test_unknown_key_is_an_error_naming_key_and_suggestion(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file("OPTIMIZER:\n  momentm: 0.8\n"))
+    msg = str(e.value)
+    assert "OPTIMIZER.momentm" in msg and "did you mean 'momentum'" in msg and "\n" not in msg
+
+
+def test_wrong_type_is_an_error_naming_value_and_expectation(cfg_file):
+    with pytest.raises(ConfigError, match=r"DATASET.batch_size = 'big'.*expected an integer"):
+        load_config(cfg_file("DATASET:\n  batch_size: big\n"))
+    with pytest.raises(ConfigError, match=r"MODEL.backbone.depth = 42.*one of 18, 34, 50, 101"):
+        load_config(cfg_file("MODEL:\n  backbone:\n    depth: 42\n"))
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        load_config(cfg_file("epochs: 0\n"))
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(cfg_file("amp: 1\n"))
+
+
+def test_defaults_fill_missing_keys_and_ints_are_accepted_as_floats(cfg_file):
+    cfg = load_config(cfg_file("OPTIMIZER:\n  base_lr: 1\n"))
+    assert cfg.OPTIMIZER.base_lr == 1.0 and isinstance(cfg.OPTIMIZER.base_lr, float)
+    assert cfg.DATASET.batch_size == 32
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(cfg_file):
+    path = cfg_file("epochs: 5\n")
+    cfg = load_config(path, ["OPTIMIZER.base_lr=0.02", "PIPELINE.flip=false", "epochs=7",
+                             "OPTIMIZER.decay_points=[0.5, 0.75]", "output_dir=out dir"])
+    assert cfg.OPTIMIZER.base_lr == 0.02 and cfg.PIPELINE.flip is False and cfg.epochs == 7
+    assert cfg.OPTIMIZER.decay_points == [0.5, 0.75] and cfg.output_dir == "out dir"
+    with pytest.raises(ConfigError, match="unknown key 'OPTIMIZER.lr'.*-o OPTIMIZER.lr=1"):
+        load_config(path, ["OPTIMIZER.lr=1"])
+    with pytest.raises(ConfigError, match="SECTION.key=value"):
+        load_config(path, ["epochs"])
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(path, ["MODEL=3"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(path, ["epochs=ten"])
+
+
+def test_parse_override_splits_on_first_equals():
+    assert parse_override("output_dir=a=b") == (["output_dir"], "a=b")
+    assert parse_override("MODEL.head.num_classes=101") == (["MODEL", "head", "num_classes"], 101)
+
+
+def test_base_config_is_merged_and_missing_files_are_named(cfg_file, tmp_path):
+    (tmp_path / "base.yaml").write_text("epochs: 9\nDATASET:\n  batch_size: 4\n")
+    cfg = load_config(cfg_file("_base_: base.yaml\nDATASET:\n  num_threads: 1\n"))
+    assert cfg.epochs == 9 and cfg.DATASET.batch_size == 4 and cfg.DATASET.num_threads == 1
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(cfg_file("epochs: [1,\n"))

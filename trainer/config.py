@@ -1,0 +1,215 @@
+"""YAML configs with `-o SECTION.key=value` overrides, validated once against one schema.
+
+Every key a config may hold is declared in SCHEMA with its default; an unknown key, a wrong type or a
+value outside its choices stops the run with one line naming the key, the value and what was expected.
+A config may start from another with ``_base_: other.yaml`` (a path relative to the config).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user's config or override is wrong; the message is one line naming the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Opt:
+    default: Any
+    choices: tuple | None = None
+    type: type | None = None       # defaults to type(default); float accepts int
+    nullable: bool = False
+    minimum: float | None = None
+
+
+SCHEMA: dict = {
+    "epochs": Opt(100, minimum=1),
+    "seed": Opt(0),
+    "output_dir": Opt("output/tsn"),
+    "device": Opt("auto", choices=("auto", "cpu", "gpu")),
+    "log_interval": Opt(20, minimum=1),
+    "val_interval": Opt(1, minimum=1),          # epochs between evaluations
+    "save_interval": Opt(10, minimum=1),        # epochs between numbered checkpoints
+    "amp": Opt(False),
+    "MODEL": {
+        "name": Opt("TSN", choices=("TSN",)),
+        "backbone": {
+            "depth": Opt(50, choices=(18, 34, 50, 101)),
+            "base_channels": Opt(64, minimum=8),    # 64 is the standard ResNet; smaller for demos
+            "pretrained": Opt("", nullable=True),  # local ImageNet .pdparams
+        },
+        "head": {
+            "num_classes": Opt(400, minimum=2),
+            "dropout": Opt(0.4, minimum=0.0),
+            "init_std": Opt(0.01, minimum=0.0),
+        },
+    },
+    "DATASET": {
+        "source": Opt("pkl", choices=("pkl", "rawframes", "videos")),
+        "data_prefix": Opt("", nullable=True),
+        "train_list": Opt(""),
+        "val_list": Opt(""),
+        "test_list": Opt(""),
+        "label_file": Opt(""),
+        "batch_size": Opt(32, minimum=1),           # per rank
+        "num_threads": Opt(4, minimum=1),           # DALI threads per rank
+        "prefetch": Opt(2, minimum=1),
+    },
+    "PIPELINE": {
+        "num_segments": Opt(3, minimum=1),
+        "target_size": Opt(224, minimum=8),
+        "short_size": Opt(256, minimum=8),
+        "crop": Opt("multiscale", choices=("multiscale", "random_resized")),
+        "flip": Opt(True),
+        "test_num_clips": Opt(1, minimum=1),
+    },
+    "OPTIMIZER": {
+        "momentum": Opt(0.9, minimum=0.0),
+        "weight_decay": Opt(1e-4, minimum=0.0),
+        "base_lr": Opt(0.01, minimum=0.0),           # for a global batch of base_batch_size
+        "base_batch_size": Opt(256, minimum=1),
+        "decay_points": Opt([1 / 3, 2 / 3]),         # fractions of the total iterations
+        "decay_factor": Opt(0.1, minimum=0.0),
+        "warmup_epochs": Opt(0.0, minimum=0.0),
+        "grad_clip": Opt(40.0, nullable=True),       # global-norm clip; null disables
+    },
+}
+
+
+class Config(dict):
+    """A nested dict whose keys read as attributes: ``cfg.MODEL.head.num_classes``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _describe(opt: Opt) -> str:
+    if opt.choices:
+        return "one of " + ", ".join(map(str, opt.choices))
+    t = opt.type or type(opt.default)
+    name = {float: "a number", int: "an integer", bool: "true or false", str: "a string",
+            list: "a list"}.get(t, t.__name__)
+    return name + (" or null" if opt.nullable else "")
+
+
+def _check(key: str, value, opt: Opt, origin: str):
+    t = opt.type or type(opt.default)
+    bad = f"config error: {key} = {value!r} ({origin}): expected {_describe(opt)}"
+    if value is None:
+        if opt.nullable:
+            return None
+        raise ConfigError(bad)
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if t is list:
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
+            raise ConfigError(bad + " of numbers")
+    elif not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise ConfigError(bad)
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(bad)
+    if opt.minimum is not None and not isinstance(value, (str, list)) and value < opt.minimum:
+        raise ConfigError(f"config error: {key} = {value!r} ({origin}): must be >= {opt.minimum}")
+    return value
+
+
+def _unknown(key: str, name: str, known, origin: str) -> ConfigError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return ConfigError(f"config error: unknown key '{key}' ({origin}); {hint}known keys here: "
+                       + ", ".join(known))
+
+
+def _merge(schema: dict, values: dict, prefix: str, origin: str) -> dict:
+    """Validate ``values`` against ``schema``, filling defaults."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config error: {prefix.rstrip('.') or 'the config'} ({origin}) must be a mapping")
+    for name in values:
+        if name not in schema:
+            raise _unknown(prefix + name, name, schema, origin)
+    out = Config()
+    for name, spec in schema.items():
+        key = prefix + name
+        if isinstance(spec, dict):
+            out[name] = _merge(spec, values.get(name, {}), key + ".", origin)
+        elif name in values:
+            out[name] = _check(key, values[name], spec, origin)
+        else:
+            out[name] = copy.deepcopy(spec.default)
+    return out
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def _read_yaml(path: str, seen=()) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config error: config file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping of sections")
+    base = data.pop("_base_", None)
+    if base:
+        base_path = os.path.join(os.path.dirname(path), base)
+        if os.path.abspath(base_path) in seen:
+            raise ConfigError(f"config error: {path}: _base_ chain loops back to {base_path}")
+        data = _deep_update(_read_yaml(base_path, seen + (os.path.abspath(path),)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'OPTIMIZER.base_lr=0.02' -> (['OPTIMIZER', 'base_lr'], 0.02); values are read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"config error: override {text!r} must look like SECTION.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"config error: override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(path: str, overrides: list[str] | tuple = ()) -> Config:
+    """Read ``path`` (following ``_base_``), validate it, then apply and validate each override."""
+    cfg = _merge(SCHEMA, _read_yaml(path), "", path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        schema, node = SCHEMA, cfg
+        for i, name in enumerate(parts):
+            key = ".".join(parts[:i + 1])
+            if not isinstance(schema, dict) or name not in schema:
+                raise _unknown(key, name, schema if isinstance(schema, dict) else {}, f"-o {text}")
+            if i == len(parts) - 1:
+                if isinstance(schema[name], dict):
+                    raise ConfigError(f"config error: -o {text}: '{key}' is a section; set one of its keys")
+                node[name] = _check(key, value, schema[name], f"-o {text}")
+            else:
+                schema, node = schema[name], node[name]
+    return cfg
+
+
+def to_plain(cfg) -> dict:
+    """The config as plain dicts (for YAML dumps and checkpoints)."""
+    return {k: to_plain(v) if isinstance(v, dict) else v for k, v in cfg.items()}

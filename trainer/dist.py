@@ -1,0 +1,69 @@
+"""Process-group setup for fleet collective training, and the few collectives the engine needs.
+
+One code path for 1..N processes on CPU or GPU: with a single process no collective is called.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int
+    world_size: int
+    device: str          # "cpu" | "gpu"
+    device_id: int | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(pref: str) -> str:
+    has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if pref == "gpu" and not has_gpu:
+        raise RuntimeError("device: gpu was asked for, but this Paddle build sees no GPU; "
+                           "set device: cpu (or auto)")
+    return "gpu" if pref == "gpu" or (pref == "auto" and has_gpu) else "cpu"
+
+
+def init(device_pref: str = "auto") -> Env:
+    """Initialise fleet collective mode when launched with several processes."""
+    device = resolve_device(device_pref)
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    device_id = None
+    if device == "gpu":
+        device_id = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
+        paddle.set_device(f"gpu:{device_id}")
+    else:
+        paddle.set_device("cpu")
+    if world > 1:
+        from paddle.distributed import fleet
+        fleet.init(is_collective=True)
+    return Env(dist.get_rank() if world > 1 else 0, world, device, device_id)
+
+
+def all_reduce_sum(values, env: Env) -> np.ndarray:
+    """Sum a small float64 vector over all ranks."""
+    arr = np.asarray(values, dtype=np.float64)
+    if env.world_size == 1:
+        return arr
+    t = paddle.to_tensor(arr)
+    dist.all_reduce(t)
+    return t.numpy()
+
+
+def average_bn_buffers(model: paddle.nn.Layer, env: Env) -> None:
+    """Average BatchNorm running statistics over ranks, so every rank evaluates and saves the same model."""
+    if env.world_size == 1:
+        return
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
+            for buf in (layer._mean, layer._variance):
+                dist.all_reduce(buf)
+                buf.set_value(buf / env.world_size)

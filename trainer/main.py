@@ -1,0 +1,121 @@
+"""Command line of the trainer; run_dist.sh starts one of these per rank.
+
+    python trainer/main.py train   -c CONFIG [-o SECTION.key=value ...]
+    python trainer/main.py eval    -c CONFIG [--weights W]      top-1/top-5 on DATASET.val_list
+    python trainer/main.py test    -c CONFIG [--weights W]      multi-clip test on DATASET.test_list
+    python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one video (or a .txt list)
+    python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+if __package__ in (None, ""):  # run by path (as paddle.distributed.launch does): make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+warnings.filterwarnings("ignore", message="No ccache found")
+
+MODES = ("train", "eval", "test", "predict", "summary")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("mode", choices=MODES)
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.key=value")
+    p.add_argument("--model", help="model name; must match MODEL.name of the config (run_dist.sh passes it)")
+    p.add_argument("--weights", help="weights for eval/test/predict (default: OUTPUT_DIR/best.pdparams)")
+    p.add_argument("--input", help="predict: a video file, or a text file listing one video a line")
+    p.add_argument("--top-k", type=int, default=5)
+    return p.parse_args(argv)
+
+
+def _summary_line(summary: dict) -> str:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+    top1 = summary.get("val_top1")
+    return (f"SUMMARY val_top1={'n/a' if top1 is None else f'{top1:.4f}'} "
+            f"best_val_top1={summary.get('best_val_top1')} wall_time={summary['wall_s']:.1f}s "
+            f"train_samples_per_s={summary['train_samples_per_s']:.1f} "
+            f"data_wait_share={pct(summary['data_wait_share'])}")
+
+
+def _print_summary(cfg) -> int:
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        print(f"summary: {path} does not exist; train first", file=sys.stderr)
+        return 1
+    records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    last = {r["mode"]: r for r in records}
+    if "summary" not in last:
+        print(f"summary: no finished training run in {path}", file=sys.stderr)
+        return 1
+    print(_summary_line(last["summary"]))
+    if "eval" in last:
+        e = last["eval"]
+        print(f"EVAL top1={e['top1']:.4f} top5={e['top5']:.4f} on {e['samples']} clips ({e['weights']})")
+    return 0
+
+
+def run(args) -> int:
+    from trainer.config import load_config
+    cfg = load_config(args.config, args.override)
+    if args.model and args.model != cfg.MODEL.name:
+        from trainer.config import ConfigError
+        raise ConfigError(f"config error: model {args.model} was asked for but {args.config} sets "
+                          f"MODEL.name = {cfg.MODEL.name}")
+    if args.mode == "summary":
+        return _print_summary(cfg)
+
+    from trainer import dist, engine
+    env = dist.init(cfg.device)
+    if args.mode == "train":
+        summary = engine.train(cfg, env)
+        if env.is_main:
+            print(_summary_line(summary), flush=True)
+        return 0
+
+    from trainer import checkpoint
+    from trainer.models import build_model
+    weights = args.weights or os.path.join(cfg.output_dir, "best.pdparams")
+    model = build_model(cfg)
+    checkpoint.load_weights(model, weights)
+    if args.mode in ("eval", "test"):
+        loader = engine.make_loader(cfg, env, "val" if args.mode == "eval" else "test")
+        result = engine.evaluate(model, loader, env)
+        if env.is_main:
+            from trainer.metrics import MetricsLog
+            MetricsLog(cfg.output_dir).write(mode=args.mode, weights=weights, **result)
+            print(f"{args.mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
+                  f"on {result['samples']} clips ({weights})", flush=True)
+        return 0
+
+    from trainer.predict import predict, print_predictions
+    if not args.input:
+        raise FileNotFoundError("predict needs --input VIDEO (or a .txt file listing videos)")
+    print_predictions(predict(cfg, env, model, args.input, args.top_k))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dali_pipelines.formats import DataFormatError
+    from dali_pipelines.video import VideoError
+    from trainer.config import ConfigError
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except (DataFormatError, VideoError, FileNotFoundError) as e:
+        print(f"{args.mode}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

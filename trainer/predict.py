@@ -1,0 +1,55 @@
+"""Top-k classes of videos, through the same loader (and so the same preprocessing) as the test mode."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from dali_pipelines.formats import Sample, read_label_file
+
+from . import dist
+from .engine import make_loader
+
+
+def _inputs(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--input {path} does not exist")
+    if path.endswith((".txt", ".list")):
+        with open(path, encoding="utf-8") as f:
+            return [line.split()[0] for line in f if line.strip()]
+    return [path]
+
+
+def predict(cfg, env: dist.Env, model, input_path: str, top_k: int = 5) -> list[tuple[str, list[tuple[str, float]]]]:
+    """[(video, [(class name, probability), ...])] for each video of ``input_path``."""
+    if not cfg.DATASET.label_file:
+        raise FileNotFoundError("predict needs DATASET.label_file to name the classes")
+    names = read_label_file(cfg.DATASET.label_file)
+    videos = _inputs(input_path)
+    for v in videos:
+        if not os.path.isfile(v):
+            raise FileNotFoundError(f"video {v} does not exist")
+    samples = [Sample(os.path.abspath(v), -1, 0, i + 1) for i, v in enumerate(videos)]
+    loader = make_loader(cfg, dist.Env(0, 1, env.device, env.device_id), "test", source="videos",
+                         samples=samples, num_classes=None)
+    model.eval()
+    probs = []
+    with paddle.no_grad():
+        for imgs, _ in loader:
+            probs.append(F.softmax(model(imgs.astype("float32")), axis=1).numpy())
+    probs = np.concatenate(probs)
+    k = min(top_k, len(names))
+    out = []
+    for v, p in zip(videos, probs):
+        top = np.argsort(-p)[:k]
+        out.append((v, [(names[i], float(p[i])) for i in top]))
+    return out
+
+
+def print_predictions(results) -> None:
+    for video, top in results:
+        print(f"{video}:")
+        for rank, (name, prob) in enumerate(top, 1):
+            print(f"  {rank}. {name:<30s} {prob:.4f}")
