@@ -1,6 +1,7 @@
 """Train and evaluate TSN: one readable loop, the same on 1..N ranks, CPU or GPU."""
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -51,6 +52,15 @@ def evaluate(model, loader, env: dist.Env) -> dict:
     return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "samples": int(n)}
 
 
+def weights_digest(model) -> str:
+    """SHA-256 over all parameters and buffers, in state-dict order."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(t.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _save(model, path, **meta):
     state = dict(model.state_dict())
     state["__meta__"] = meta
@@ -61,6 +71,7 @@ def train(cfg, env: dist.Env) -> dict:
     out = cfg.output_dir
     log = MetricsLog(out, env.is_main)
     if env.is_main:
+        log.start_new()  # a fresh run does not append to an earlier run's curves
         with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(to_plain(cfg), f, sort_keys=False)
     paddle.seed(cfg.seed)  # identical initial weights on every rank (DataParallel also broadcasts)
@@ -145,6 +156,8 @@ def train(cfg, env: dist.Env) -> dict:
             _save(model, os.path.join(out, "latest.pdparams"), epoch=epoch + 1, step=step)
             checkpoint.save(opt.state_dict(), os.path.join(out, "latest.pdopt"))
     wall = time.time() - t_start
+    # every rank logs a digest of its weights: equal digests prove the ranks stayed in sync
+    print(f"rank {env.rank}: weights digest {weights_digest(model)}", flush=True)
     summary = {"val_top1": last_eval.get("top1"), "best_val_top1": best["top1"] if best["top1"] >= 0 else None,
                "best_epoch": best.get("epoch"), "wall_s": wall,
                "train_samples_per_s": totals["samples"] * env.world_size / max(totals["batch"], 1e-9),

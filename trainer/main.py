@@ -18,6 +18,8 @@ if __package__ in (None, ""):  # run by path (as paddle.distributed.launch does)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 warnings.filterwarnings("ignore", message="No ccache found")
+warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
+warnings.filterwarnings("ignore", message="Current global rank .* is not in group")
 
 MODES = ("train", "eval", "test", "predict", "summary")
 

@@ -24,6 +24,10 @@ class MetricsLog:
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
 
+    def start_new(self) -> None:
+        if self.enabled and os.path.exists(self.path):
+            os.replace(self.path, self.path + ".prev")
+
     def write(self, **record) -> None:
         if not self.enabled:
             return

@@ -1,0 +1,35 @@
+"""Tiny media for tests: videos and JPEG sequences whose frames carry their own index."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def index_frames(n: int, width: int = 64, height: int = 48) -> np.ndarray:
+    """Frames [n, H, W, 3] whose uniform grey level encodes the index: level(i) = 20 + 4 * i (n <= 55)."""
+    assert n <= 55
+    return np.stack([np.full((height, width, 3), 20 + 4 * i, np.uint8) for i in range(n)])
+
+
+def level_to_index(level: float) -> int:
+    return int(round((level - 20) / 4))
+
+
+def jpeg(img: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_video(path: str, frames: np.ndarray) -> None:
+    """H.264 mp4; with x264's defaults the stream has B-frames (reordered decode)."""
+    from preprocessing.make_demo_dataset import write_mp4
+    write_mp4(str(path), frames)
+
+
+def has_bframes(path: str) -> bool:
+    import av
+    with av.open(str(path)) as c:
+        return any(int(getattr(f.pict_type, "value", f.pict_type)) == 3 for f in c.decode(video=0))  # AV_PICTURE_TYPE_B

@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+
+from dali_pipelines import build_loader
+from dali_pipelines.formats import DataFormatError, write_pkl
+from dali_pipelines.loader import MEAN, STD
+from dali_pipelines.sampling import segment_indices
+
+from .media import index_frames, jpeg, level_to_index, write_video
+
+
+def _pkl_list(tmp_path, frames_per_clip, labels, colour=None):
+    lines = []
+    for i, (n, label) in enumerate(zip(frames_per_clip, labels)):
+        frames = index_frames(n) if colour is None else np.broadcast_to(
+            np.array(colour, np.uint8), (n, 48, 64, 3))
+        write_pkl(str(tmp_path / f"c{i}.pkl"), f"c{i}", label, [jpeg(f) for f in frames])
+        lines.append(f"c{i}.pkl")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "list.txt")
+
+
+def _frame_levels(imgs):
+    """Mean grey level of each frame of [N, T, 3, H, W] normalised batches."""
+    x = imgs.numpy() * np.array(STD).reshape(1, 1, 3, 1, 1) + np.array(MEAN).reshape(1, 1, 3, 1, 1)
+    return (x * 255).mean(axis=(2, 3, 4))
+
+
+def test_output_shape_dtype_and_imagenet_normalisation(tmp_path):
+    colour = (200, 100, 50)
+    lst = _pkl_list(tmp_path, [20, 20, 20], [0, 1, 2], colour=colour)
+    for mode in ("train", "val"):
+        loader = build_loader(lst, "pkl", mode, batch_size=3, num_segments=4, target_size=32, short_size=40)
+        imgs, labels = next(iter(loader))
+        assert list(imgs.shape) == [3, 4, 3, 32, 32] and str(imgs.dtype) == "paddle.float32"
+        assert list(labels.shape) == [3] and str(labels.dtype) == "paddle.int64"
+        expected = (np.array(colour) / 255 - np.array(MEAN)) / np.array(STD)
+        got = imgs.numpy().mean(axis=(0, 1, 3, 4))
+        np.testing.assert_allclose(got, expected, atol=0.05)  # JPEG chroma error on a flat colour
+        assert sorted(labels.numpy().tolist()) == [0, 1, 2]
+
+
+def test_pkl_frames_are_the_frames_at_the_sampled_indices(tmp_path):
+    lst = _pkl_list(tmp_path, [30, 7, 50], [0, 1, 2])
+    loader = build_loader(lst, "pkl", "val", batch_size=3, num_segments=5, target_size=32, short_size=32)
+    imgs, labels = next(iter(loader))
+    levels = _frame_levels(imgs)
+    for row, label in enumerate(labels.numpy()):
+        n = [30, 7, 50][label]
+        assert [level_to_index(v) for v in levels[row]] == segment_indices(n, 5, "val").tolist()
+
+
+def test_h264_video_with_bframes_decodes_the_sampled_frames_on_cpu(tmp_path):
+    write_video(tmp_path / "v.mp4", index_frames(40))
+    (tmp_path / "videos.txt").write_text("v.mp4 1\n")
+    loader = build_loader(str(tmp_path / "videos.txt"), "videos", "test", batch_size=2, num_segments=3,
+                          target_size=32, short_size=32, num_clips=2)
+    imgs, labels = next(iter(loader))
+    assert list(imgs.shape) == [1, 6, 3, 32, 32] and labels.numpy().tolist() == [1]
+    got = [level_to_index(v) for v in _frame_levels(imgs)[0]]
+    assert got == segment_indices(40, 3, "test", num_clips=2).tolist()
+    assert (tmp_path / "videos.txt.probe.json").exists()  # frame counts are probed once and cached
+
+
+def test_eval_visits_every_sample_once_across_ranks_with_uneven_shards(tmp_path):
+    n = 7
+    lst = _pkl_list(tmp_path, [12] * n, list(range(n)))
+    seen = []
+    for rank in range(2):
+        loader = build_loader(lst, "pkl", "val", batch_size=2, num_segments=2, target_size=16,
+                              short_size=16, rank=rank, world_size=2)
+        assert len(loader) == 2
+        for epoch in range(2):
+            got = [int(v) for _, labels in loader for v in labels.numpy()]
+            if epoch == 0:
+                seen += got
+            else:
+                assert len(got) == len(set(got))
+    assert sorted(seen) == list(range(n))
+
+
+def test_train_ranks_see_disjoint_samples_reshuffled_each_epoch(tmp_path):
+    n = 8
+    lst = _pkl_list(tmp_path, [12] * n, list(range(n)))
+    loaders = [build_loader(lst, "pkl", "train", batch_size=2, num_segments=2, target_size=16,
+                            short_size=16, rank=r, world_size=2, seed=4) for r in range(2)]
+    epochs = [[[int(v) for _, y in ld for v in y.numpy()] for _ in range(2)] for ld in loaders]
+    assert not set(epochs[0][0]) & set(epochs[1][0])
+    assert sorted(epochs[0][0] + epochs[1][0]) == list(range(n))
+    assert epochs[0][0] != epochs[0][1] or epochs[1][0] != epochs[1][1]
+
+
+def test_missing_file_is_reported_at_start_with_its_line_number(tmp_path):
+    lst = _pkl_list(tmp_path, [12], [0])
+    with open(lst, "a") as f:
+        f.write("# a comment\nnot_there.pkl\n")
+    with pytest.raises(DataFormatError, match=r"list.txt:3: .*not_there.pkl"):
+        build_loader(lst, "pkl", "val", batch_size=1)
+
+
+def test_malformed_list_lines_name_the_line_and_the_expected_format(tmp_path):
+    (tmp_path / "raw.txt").write_text("frames/a 12\n")
+    with pytest.raises(DataFormatError, match=r"raw.txt:1: expected 'frame_dir num_frames label'"):
+        build_loader(str(tmp_path / "raw.txt"), "rawframes", "val", batch_size=1)
+    (tmp_path / "vid.txt").write_text("a.mp4 x\n")
+    with pytest.raises(DataFormatError, match=r"vid.txt:1: label 'x' is not an integer"):
+        build_loader(str(tmp_path / "vid.txt"), "videos", "val", batch_size=1)
+
+
+def test_label_outside_the_class_range_names_the_file(tmp_path):
+    lst = _pkl_list(tmp_path, [12], [7])
+    loader = build_loader(lst, "pkl", "val", batch_size=1, num_classes=5, target_size=16, short_size=16)
+    with pytest.raises(Exception, match=r"c0.pkl.*label 7 is outside \[0, 5\)"):
+        next(iter(loader))
+
+
+def test_unknown_loader_option_is_rejected(tmp_path):
+    lst = _pkl_list(tmp_path, [12], [0])
+    with pytest.raises(TypeError, match="num_clip"):
+        build_loader(lst, "pkl", "val", num_clip=2)

@@ -1,0 +1,72 @@
+import numpy as np
+import paddle
+import pytest
+
+from trainer.config import load_config
+from trainer.models import build_model
+from trainer.solver import build_lr, build_optimizer, lr_at, lr_milestones
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("MODEL:\n  backbone: {depth: 18, base_channels: 8}\n  head: {num_classes: 5}\n")
+    return load_config(str(p))
+
+
+def test_lr_scales_with_global_batch_and_drops_at_a_third_and_two_thirds_of_iterations(cfg):
+    steps, epochs = 10, 9
+    assert lr_milestones(cfg.OPTIMIZER, steps * epochs) == [30, 60]
+    sched = build_lr(cfg.OPTIMIZER, steps, epochs, global_batch=512)
+    seen = []
+    for step in range(steps * epochs):
+        seen.append(sched.get_lr())
+        assert seen[-1] == pytest.approx(lr_at(cfg.OPTIMIZER, step, steps, epochs, 512))
+        sched.step()
+    assert seen[0] == pytest.approx(0.02) and seen[29] == pytest.approx(0.02)
+    assert seen[30] == pytest.approx(0.002) and seen[60] == pytest.approx(0.0002)
+
+
+def test_warmup_ramps_linearly_then_keeps_the_absolute_milestones(cfg):
+    cfg.OPTIMIZER["warmup_epochs"] = 1.0
+    sched = build_lr(cfg.OPTIMIZER, 10, 9, 256)
+    lrs = []
+    for _ in range(90):
+        lrs.append(sched.get_lr())
+        sched.step()
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] < lrs[10] == pytest.approx(0.01)
+    assert np.all(np.diff(lrs[:10]) > 0)
+    assert lrs[29] == pytest.approx(0.01) and lrs[30] == pytest.approx(0.001)
+    for step, v in enumerate(lrs):
+        assert v == pytest.approx(lr_at(cfg.OPTIMIZER, step, 10, 9, 256))
+
+
+def test_weight_decay_applies_to_weights_but_not_to_batchnorm_or_bias(cfg):
+    model = build_model(cfg)
+    opt = build_optimizer(cfg.OPTIMIZER, 0.1, model)
+    decay, no_decay = opt._param_groups
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    trainable = [p for p in model.parameters() if not p.stop_gradient]  # BN statistics are frozen parameters
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_every_backbone_runs_forward_and_backward(cfg, depth):
+    cfg.MODEL.backbone["depth"] = depth
+    model = build_model(cfg)
+    x = paddle.randn([2, 3, 3, 32, 32])
+    logits = model(x)
+    assert list(logits.shape) == [2, 5]
+    loss = paddle.nn.functional.cross_entropy(logits, paddle.to_tensor([0, 4]))
+    loss.backward()
+    first = model.backbone.stem[0][0].weight
+    assert np.isfinite(float(loss)) and float(first.grad.abs().sum()) > 0
+
+
+def test_head_averages_segments_before_the_classifier(cfg):
+    cfg.MODEL.head["dropout"] = 0.0
+    model = build_model(cfg)
+    model.eval()
+    clip = paddle.randn([1, 1, 3, 32, 32])
+    same = paddle.concat([clip, clip, clip], axis=1)
+    np.testing.assert_allclose(model(same).numpy(), model(clip).numpy(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,111 @@
+"""Real processes: run_dist.sh -> paddle.distributed.launch -> 2 CPU ranks in fleet collective mode."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, cwd, env_extra=None, timeout=600):
+    env = {**os.environ, "PYTHON": sys.executable, **(env_extra or {})}
+    return subprocess.run(["bash", os.path.join(ROOT, "run_dist.sh"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_dataset, tmp_path_factory):
+    """Two epochs of a tiny TSN on the miniature demo dataset with 2 ranks."""
+    work = tmp_path_factory.mktemp("run")
+    cfg = work / "tiny.yaml"
+    cfg.write_text(f"""_base_: {ROOT}/configs/tsn_demo.yaml
+epochs: 2
+log_interval: 1
+val_interval: 1
+output_dir: {work}/out
+MODEL:
+  backbone: {{depth: 18, base_channels: 8}}
+DATASET:
+  train_list: {demo_dataset}/train_pkl.list
+  val_list: {demo_dataset}/val_pkl.list
+  test_list: {demo_dataset}/val_pkl.list
+  label_file: {demo_dataset}/label.txt
+  batch_size: 4
+PIPELINE: {{target_size: 32, short_size: 40}}
+""")
+    result = _run(["train", "TSN", str(cfg), "--nproc", "2"], work, {"LOG_DIR": str(work / "log")})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work, cfg, result
+
+
+@pytest.mark.slow
+def test_two_rank_training_ends_with_identical_weights_on_both_ranks(trained):
+    work, _, result = trained
+    digests = {}
+    for rank in (0, 1):
+        log = (work / "log" / f"workerlog.{rank}").read_text()
+        digests[rank] = re.search(rf"rank {rank}: weights digest (\w+)", log).group(1)
+    assert digests[0] == digests[1]
+    assert "SUMMARY val_top1=" in result.stdout
+
+
+@pytest.mark.slow
+def test_training_writes_metrics_jsonl_and_checkpoints(trained):
+    work, _, _ = trained
+    records = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["mode"] == "train"]
+    assert train and {"epoch", "step", "lr", "loss", "top1", "samples_per_s", "data_time",
+                      "batch_time"} <= set(train[0])
+    val = [r for r in records if r["mode"] == "val"]
+    assert [r["epoch"] for r in val] == [1, 2] and all(r["samples"] == 12 for r in val)
+    summary = [r for r in records if r["mode"] == "summary"][0]
+    assert 0 <= summary["data_wait_share"] <= 1 and summary["train_samples_per_s"] > 0
+    for name in ("best.pdparams", "latest.pdparams", "latest.pdopt", "config.yaml"):
+        assert (work / "out" / name).is_file()
+
+
+@pytest.mark.slow
+def test_eval_reports_top1_top5_of_the_best_checkpoint_over_the_whole_val_set(trained):
+    work, cfg, _ = trained
+    result = _run(["eval", "TSN", str(cfg), "--nproc", "2"], work, {"LOG_DIR": str(work / "log_eval")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = re.search(r"eval: top1 ([\d.]+) top5 ([\d.]+) .* on 12 clips", result.stdout)
+    assert m, result.stdout[-2000:]
+    records = [json.loads(x) for x in (work / "out" / "metrics.jsonl").read_text().splitlines()]
+    best_val = max(r["top1"] for r in records if r["mode"] == "val")
+    evaluated = [r for r in records if r["mode"] == "eval"][-1]
+    assert evaluated["top1"] == best_val and evaluated["samples"] == 12
+    assert abs(float(m.group(1)) - best_val) < 1e-4
+
+
+@pytest.mark.slow
+def test_predict_prints_top5_class_names_with_probabilities_for_an_mp4(trained, demo_dataset):
+    work, cfg, _ = trained
+    video = sorted((demo_dataset / "val" / "pulsing_ring").glob("*.mp4"))[0]
+    result = _run(["predict", "TSN", str(cfg), "--input", str(video)], work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\s+(\d)\. (\S+)\s+([\d.]+)$", result.stdout, re.M)
+    names = (demo_dataset / "label.txt").read_text().split()[1::2]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r[1] in names for r in rows) and len({r[1] for r in rows}) == 5
+    probs = [float(r[2]) for r in rows]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-4
+
+
+def test_config_typo_stops_run_dist_with_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"_base_: {ROOT}/configs/tsn_demo.yaml\nOPTIMIZER:\n  base_lr: 0.1\n  momentm: 0.9\n")
+    result = _run(["predict", "TSN", str(cfg), "--input", "x.mp4"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"config error: unknown key 'OPTIMIZER.momentm' ({cfg}); did you mean 'momentum'? known keys here: "
+        "momentum, weight_decay, base_lr, base_batch_size, decay_points, decay_factor, warmup_epochs, grad_clip"]
+
+
+def test_predict_on_a_missing_video_names_it(trained):
+    work, cfg, _ = trained
+    result = _run(["predict", "TSN", str(cfg), "--input", str(work / "nope.mp4")], work)
+    assert result.returncode == 1 and "nope.mp4 does not exist" in result.stderr
