@@ -29,6 +29,7 @@ BASE_COLOURS = {  # RGB of each class's object; jittered per clip
 }
 SIZES = ((320, 240), (340, 256))
 FPS = 25
+GENERATOR_VERSION = 2  # bump when the clips change, so existing demo folders are regenerated
 
 
 def _object_mask(cls: str, t: int, p: dict, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
@@ -108,11 +109,19 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = FPS) -> None:
     os.replace(tmp, path)
 
 
+def _make_clip(job) -> None:
+    path, cls, num_frames, width, height, render_seed = job
+    write_mp4(path, render_clip(cls, num_frames, width, height, np.random.default_rng(render_seed)))
+
+
+ALPHABET = np.array(list(string.ascii_letters + string.digits + "-_"))
+
+
 def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per_class: int = 8,
-                 min_frames: int = 40, max_frames: int = 200) -> dict:
+                 min_frames: int = 40, max_frames: int = 200, jobs: int | None = None) -> dict:
     """Write the dataset; returns {split: csv path}. Skips work already done with the same arguments."""
-    config = dict(seed=seed, train_per_class=train_per_class, val_per_class=val_per_class,
-                  min_frames=min_frames, max_frames=max_frames, classes=CLASSES)
+    config = dict(version=GENERATOR_VERSION, seed=seed, train_per_class=train_per_class,
+                  val_per_class=val_per_class, min_frames=min_frames, max_frames=max_frames, classes=CLASSES)
     marker = os.path.join(out_dir, ".complete.json")
     csvs = {s: os.path.join(out_dir, f"kinetics_demo_{s}.csv") for s in ("train", "val")}
     try:
@@ -122,30 +131,32 @@ def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per
                 return csvs
     except (OSError, ValueError):
         pass
+    import multiprocessing
     from tqdm import tqdm
     from dali_pipelines.formats import write_atomic
-    os.makedirs(out_dir, exist_ok=True)
-    alphabet = np.array(list(string.ascii_letters + string.digits + "-_"))
     counts = {"train": train_per_class, "val": val_per_class}
+    todo = []
+    for si, split in enumerate(("train", "val")):
+        rows = ["label,youtube_id,time_start,time_end,split"]
+        for ci, cls in enumerate(CLASSES):
+            folder = os.path.join(out_dir, split, cls.replace(" ", "_"))
+            os.makedirs(folder, exist_ok=True)
+            for k in range(counts[split]):
+                rng = np.random.default_rng([seed, si, ci, k])
+                yid = "".join(rng.choice(ALPHABET, 11))
+                start = int(rng.integers(0, 300))
+                rows.append(f"{cls},{yid},{start},{start + 10},{split}")
+                width, height = SIZES[int(rng.integers(len(SIZES)))]
+                n = int(rng.integers(min_frames, max_frames + 1))
+                path = os.path.join(folder, f"{yid}_{start:06d}_{start + 10:06d}.mp4")
+                if not os.path.exists(path):
+                    todo.append((path, cls, n, width, height, [seed, si, ci, k, 1]))
+        write_atomic(csvs[split], ("\n".join(rows) + "\n").encode())
     total = len(CLASSES) * (train_per_class + val_per_class)
-    with tqdm(total=total, unit="clip", desc="make_demo_dataset") as bar:
-        for si, split in enumerate(("train", "val")):
-            rows = ["label,youtube_id,time_start,time_end,split"]
-            for ci, cls in enumerate(CLASSES):
-                folder = os.path.join(out_dir, split, cls.replace(" ", "_"))
-                os.makedirs(folder, exist_ok=True)
-                for k in range(counts[split]):
-                    rng = np.random.default_rng([seed, si, ci, k])
-                    yid = "".join(rng.choice(alphabet, 11))
-                    start = int(rng.integers(0, 300))
-                    rows.append(f"{cls},{yid},{start},{start + 10},{split}")
-                    path = os.path.join(folder, f"{yid}_{start:06d}_{start + 10:06d}.mp4")
-                    if not os.path.exists(path):
-                        width, height = SIZES[int(rng.integers(len(SIZES)))]
-                        n = int(rng.integers(min_frames, max_frames + 1))
-                        write_mp4(path, render_clip(cls, n, width, height, rng))
-                    bar.update()
-            write_atomic(csvs[split], ("\n".join(rows) + "\n").encode())
+    with multiprocessing.get_context("fork").Pool(jobs or os.cpu_count()) as pool, \
+            tqdm(total=total, initial=total - len(todo), unit="clip", desc="make_demo_dataset") as bar:
+        for _ in pool.imap_unordered(_make_clip, todo):
+            bar.update()
     write_atomic(marker, json.dumps(config).encode())
     print(f"make_demo_dataset: {total} clips of {len(CLASSES)} classes in {out_dir}")
     return csvs
@@ -159,10 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--val-per-class", type=int, default=8)
     p.add_argument("--min-frames", type=int, default=40)
     p.add_argument("--max-frames", type=int, default=200)
+    p.add_argument("--jobs", type=int, default=None, help="parallel encoder processes (default: all cores)")
     a = p.parse_args(argv)
     if not 1 <= a.min_frames <= a.max_frames:
         p.error("need 1 <= --min-frames <= --max-frames")
-    make_dataset(a.out_dir, a.seed, a.train_per_class, a.val_per_class, a.min_frames, a.max_frames)
+    make_dataset(a.out_dir, a.seed, a.train_per_class, a.val_per_class, a.min_frames, a.max_frames, a.jobs)
     return 0
 
 
