@@ -4,8 +4,12 @@ ffmpeg writes an MJPEG stream to a pipe (no temporary files); we split it into o
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import shutil
+import signal
+import subprocess
+import sys
 
 
 class ConversionError(RuntimeError):
@@ -22,14 +26,21 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphans after a kill -9)."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def short_side_scale(n: int) -> dict:
     """ffmpeg scale arguments resizing the short side to ``n`` (even long side, aspect kept)."""
     return {"w": f"if(gt(iw,ih),-2,{n})", "h": f"if(gt(iw,ih),{n},-2)"}
 
 
-def extract_jpegs(path: str, qscale: int = 4, short_side: int | None = None,
-                  fps: float | None = None) -> list[bytes]:
-    """All frames of ``path`` in decode order as JPEG bytes (``qscale``: ffmpeg's -q:v, 2 best .. 31)."""
+def ffmpeg_command(path: str, qscale: int = 4, short_side: int | None = None,
+                   fps: float | None = None) -> list[str]:
+    """The ffmpeg command line that writes every frame of ``path`` as MJPEG to stdout."""
     import ffmpeg
     stream = ffmpeg.input(path)
     if short_side:
@@ -39,13 +50,24 @@ def extract_jpegs(path: str, qscale: int = 4, short_side: int | None = None,
     out_args = {"format": "image2pipe", "vcodec": "mjpeg", "q:v": qscale}
     if not fps:
         out_args["fps_mode"] = "passthrough"  # one JPEG per decoded frame: no duplicates, no drops
-    try:
-        data, _ = stream.output("pipe:", **out_args).global_args("-nostdin", "-loglevel", "error").run(
-            cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
-    except ffmpeg.Error as e:
-        msg = (e.stderr or b"").decode("utf-8", "replace").strip().splitlines()
-        raise ConversionError(f"ffmpeg failed: {msg[-1] if msg else 'no message'}") from None
-    frames = split_jpeg_stream(data)
+    out = stream.output("pipe:", **out_args).global_args("-nostdin", "-loglevel", "error")
+    return out.compile(cmd=ffmpeg_exe())
+
+
+def extract_jpegs(path: str, qscale: int = 4, short_side: int | None = None, fps: float | None = None,
+                  allow_decode_errors: bool = False) -> list[bytes]:
+    """All frames of ``path`` in decode order as JPEG bytes (``qscale``: ffmpeg's -q:v, 2 best .. 31).
+
+    ffmpeg exits 0 on a truncated or damaged stream and decodes what it can; any error it reports
+    fails the clip unless ``allow_decode_errors`` (a half-decoded clip must not pass as complete).
+    """
+    proc = subprocess.run(ffmpeg_command(path, qscale, short_side, fps), capture_output=True,
+                          preexec_fn=die_with_parent)
+    errors = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    if proc.returncode != 0 or (errors and not allow_decode_errors):
+        reason = errors[-1] if proc.returncode != 0 and errors else (errors[0] if errors else "no message")
+        raise ConversionError(f"ffmpeg failed (exit {proc.returncode}): {reason}")
+    frames = split_jpeg_stream(proc.stdout)
     if not frames:
         raise ConversionError("no decodable frames")
     return frames

@@ -29,7 +29,7 @@ BASE_COLOURS = {  # RGB of each class's object; jittered per clip
 }
 SIZES = ((320, 240), (340, 256))
 FPS = 25
-GENERATOR_VERSION = 2  # bump when the clips change, so existing demo folders are regenerated
+GENERATOR_VERSION = 3  # bump when the clips change, so existing demo folders are regenerated
 
 
 def _object_mask(cls: str, t: int, p: dict, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
@@ -66,11 +66,12 @@ def _object_mask(cls: str, t: int, p: dict, yy: np.ndarray, xx: np.ndarray) -> n
 
 def _clip_params(cls: str, w: int, h: int, rng: np.random.Generator) -> dict:
     # objects stay inside the central square, which every crop of the pipelines mostly covers
-    r = float(rng.uniform(16, 28))
-    half = 0.5 * h
-    p = dict(r=r, x0=float(w / 2 + rng.uniform(-0.25, 0.25) * h), y0=float(h / 2 + rng.uniform(-0.2, 0.2) * h),
+    # (x0 +- amp, y0 +- amp) stays within the central 80% of the short side, so that a moving object
+    # never leaves the crops of the pipelines
+    r = float(rng.uniform(16, 26))
+    p = dict(r=r, x0=float(w / 2 + rng.uniform(-0.12, 0.12) * h), y0=float(h / 2 + rng.uniform(-0.08, 0.08) * h),
              omega=float(rng.uniform(0.08, 0.2)), phase=float(rng.uniform(0, 2 * np.pi)),
-             speed=float(rng.uniform(2, 6)) * rng.choice([-1, 1]), amp=float(rng.uniform(0.4, 0.6) * half),
+             speed=float(rng.uniform(2, 6)) * rng.choice([-1, 1]), amp=float(rng.uniform(0.15, 0.22) * h),
              slope=float(rng.uniform(-1, 1)), period=float(rng.uniform(18, 40)))
     if cls == "blinking dots":
         gap = rng.uniform(24, 34)

@@ -65,12 +65,13 @@ def test_bad_clips_are_recorded_and_the_run_goes_on(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     write_video(src / "good0000000_000000_000010.mp4", index_frames(12))
+    write_video(src / "badlabel000_000000_000010.mp4", index_frames(12))
     (src / "empty000000_000000_000010.mp4").write_bytes(b"")
     (src / "notvideo000_000000_000010.mp4").write_bytes(b"this is not a video" * 50)
     csv = tmp_path / "k.csv"
     csv.write_text(HEADER + "a,good0000000,0,10,train\n" + "a,empty000000,0,10,train\n"
                    + "a,notvideo000,0,10,train\n" + "a,missing0000,0,10,train\n"
-                   + "zz,good0000000,0,10,train\n" + "a,broken,row\n")
+                   + "zz,badlabel000,0,10,train\n" + "a,broken,row\n" + "a,good0000000,0,10,train\n")
     labels = tmp_path / "labels.txt"
     labels.write_text("0 a\n")
     out = tmp_path / "out"
@@ -80,7 +81,8 @@ def test_bad_clips_are_recorded_and_the_run_goes_on(tmp_path):
     assert "empty" in failures["empty000000_000000_000010"]
     assert "ffmpeg failed" in failures["notvideo000_000000_000010"]
     assert "not found" in failures["missing0000_000000_000010"]
-    assert "not in the label file" in failures["good0000000_000000_000010"]
+    assert "not in the label file" in failures["badlabel000_000000_000010"]
+    assert "duplicate CSV row (line 8)" in failures["good0000000_000000_000010"]
     assert any("malformed row" in why for why in failures.values())
     assert sorted(os.listdir(out)) == ["good0000000_000000_000010.pkl"]
     # a rerun skips what is complete and leaves no temporary files behind

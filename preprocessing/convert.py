@@ -1,0 +1,211 @@
+"""The conversion driver shared by video2pkl.py (pkl clips) and vid2img.py (rawframe folders).
+
+NPROC worker processes each run one ffmpeg at a time. Every output is written under a temporary name
+and renamed when complete, so a rerun skips finished clips and never trusts a half-written one.
+SIGINT / SIGTERM stop the workers and their ffmpeg children at once; a SIGKILL'd run leaves no
+orphans either (children die with their parents on Linux).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import time
+
+from dali_pipelines.formats import write_atomic, write_pkl
+
+from .frames import ConversionError, die_with_parent, extract_jpegs
+from .kinetics import UsageError, find_clip, load_class_index, read_csv
+
+TMP_PREFIX = ".tmp-"
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser(prog: str, doc: str, output: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    p.add_argument("csv", help="Kinetics CSV: label,youtube_id,time_start,time_end,split")
+    p.add_argument("src_dir", help="folder of the videos (flat, or one sub-folder per label)")
+    p.add_argument("dst_dir", help=f"folder for the {output} (created)")
+    p.add_argument("nproc", type=int, nargs="?", default=os.cpu_count(), help="parallel ffmpeg processes")
+    p.add_argument("--label-file", help="'index name' lines (preprocessing/generate_label.py); "
+                   "default: the classes of this CSV, sorted")
+    p.add_argument("--list-out", help="list file to write (default: DST_DIR.list)")
+    p.add_argument("--failures", help="failed clips, one 'id<TAB>reason' a line (default: DST_DIR.failures.txt)")
+    p.add_argument("--jpeg-quality", type=int, default=4, metavar="Q",
+                   help="ffmpeg -q:v of the JPEGs, 2 (best) .. 31 (default 4)")
+    p.add_argument("--short-side", type=int, metavar="N", help="resize so the short side is N pixels (default: keep)")
+    p.add_argument("--fps", type=float, metavar="N", help="resample to N frames/s (default: native rate)")
+    p.add_argument("--allow-decode-errors", action="store_true",
+                   help="keep clips whose decoding reported errors (default: record them as failed)")
+    return p
+
+
+class Writer:
+    """Where a clip's output goes, how it is written atomically, and how its list line reads."""
+
+    def __init__(self, fmt: str, dst_dir: str, list_dir: str):
+        self.fmt, self.dst_dir, self.list_dir = fmt, dst_dir, list_dir
+
+    def path(self, video_id: str) -> str:
+        return os.path.join(self.dst_dir, video_id + (".pkl" if self.fmt == "pkl" else ""))
+
+    def complete_frames(self, video_id: str) -> int | None:
+        """Frame count of a finished output (0 for pkl, whose count the list does not need), else None."""
+        path = self.path(video_id)
+        if not os.path.exists(path):
+            return None
+        if self.fmt == "pkl":
+            return 0
+        return sum(1 for name in os.listdir(path) if name.startswith("img_"))
+
+    def write(self, video_id: str, label: int, frames: list[bytes]) -> None:
+        if self.fmt == "pkl":
+            write_pkl(self.path(video_id), video_id, label, frames)
+            return
+        tmp = os.path.join(self.dst_dir, f"{TMP_PREFIX}{video_id}-{os.getpid()}")
+        os.makedirs(tmp)
+        try:
+            for i, data in enumerate(frames, 1):
+                with open(os.path.join(tmp, f"img_{i:05d}.jpg"), "wb") as f:
+                    f.write(data)
+            os.rename(tmp, self.path(video_id))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def list_line(self, video_id: str, num_frames: int, label: int) -> str:
+        rel = os.path.relpath(self.path(video_id), self.list_dir)
+        return rel if self.fmt == "pkl" else f"{rel} {num_frames} {label}"
+
+    def remove_stale_temporaries(self) -> int:
+        """Outputs a killed run left half-written."""
+        stale = [n for n in os.listdir(self.dst_dir) if n.startswith(TMP_PREFIX)]
+        for name in stale:
+            path = os.path.join(self.dst_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        return len(stale)
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; workers are terminated
+    die_with_parent()
+
+
+def _convert(job):
+    """Worker: one clip. Returns (video_id, label, frame count or None, error or None)."""
+    writer, video_id, src, label, opts = job
+    try:
+        if os.path.getsize(src) == 0:
+            raise ConversionError("empty file (0 bytes)")
+        frames = extract_jpegs(src, **opts)
+        writer.write(video_id, label, frames)
+        return video_id, label, len(frames), None
+    except (ConversionError, OSError) as e:
+        return video_id, label, None, str(e)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    # a live bar on a terminal; a line every 30 s in logs
+    return tqdm(total=total, unit="clip", desc=desc, mininterval=0.2 if sys.stderr.isatty() else 30)
+
+
+def run(argv, prog: str, doc: str, fmt: str) -> int:
+    args = build_parser(prog, doc, "pkl files" if fmt == "pkl" else "rawframe folders").parse_args(argv)
+    dst_dir = os.path.abspath(args.dst_dir)
+    list_out = os.path.abspath(args.list_out or dst_dir + ".list")
+    failures_out = args.failures or dst_dir + ".failures.txt"
+    try:
+        if args.nproc < 1:
+            raise UsageError(f"NPROC must be >= 1, got {args.nproc}")
+        if not 2 <= args.jpeg_quality <= 31:
+            raise UsageError(f"--jpeg-quality must be in 2..31, got {args.jpeg_quality}")
+        clips, failures = read_csv(args.csv)
+        if not os.path.isdir(args.src_dir):
+            raise UsageError(f"SRC_DIR {args.src_dir} is not a folder")
+        if args.label_file:
+            class_index = load_class_index(args.label_file)
+        else:
+            class_index = {name: i for i, name in enumerate(sorted({c.label for c in clips}))}
+            print(f"{prog}: no --label-file: {len(class_index)} classes taken from {args.csv} "
+                  "(pass the training label file when converting a val/test CSV)")
+        try:
+            os.makedirs(dst_dir, exist_ok=True)
+            probe = os.path.join(dst_dir, TMP_PREFIX + "write-test")
+            open(probe, "wb").close()
+            os.unlink(probe)
+        except OSError as e:
+            raise UsageError(f"DST_DIR {dst_dir} is not writable ({e.strerror})") from None
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    writer = Writer(fmt, dst_dir, os.path.dirname(list_out))
+    stale = writer.remove_stale_temporaries()
+    opts = dict(qscale=args.jpeg_quality, short_side=args.short_side, fps=args.fps,
+                allow_decode_errors=args.allow_decode_errors)
+    jobs, lines, seen = [], {}, set()
+    for c in clips:
+        if c.video_id in seen:
+            failures.append((c.video_id, f"duplicate CSV row (line {c.row})"))
+            continue
+        seen.add(c.video_id)
+        if c.label not in class_index:
+            failures.append((c.video_id, f"label '{c.label}' is not in the label file"))
+            continue
+        label = class_index[c.label]
+        n = writer.complete_frames(c.video_id)
+        if n is not None:
+            lines[c.video_id] = writer.list_line(c.video_id, n, label)
+            continue
+        src = find_clip(args.src_dir, c)
+        if src is None:
+            failures.append((c.video_id, f"video file not found under {args.src_dir}"))
+            continue
+        jobs.append((writer, c.video_id, src, label, opts))
+
+    skipped, converted, processed, n_frames, interrupted = len(lines), 0, 0, 0, False
+    t0 = time.time()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    pool = multiprocessing.get_context("fork").Pool(args.nproc, initializer=_worker_init)
+    try:
+        with _progress(len(jobs), prog) as bar:
+            for video_id, label, frames, error in pool.imap_unordered(_convert, jobs, chunksize=1):
+                processed += 1
+                if error:
+                    failures.append((video_id, error))
+                else:
+                    converted += 1
+                    n_frames += frames
+                    lines[video_id] = writer.list_line(video_id, frames, label)
+                bar.set_postfix(failed=len(failures), fps=f"{n_frames / max(time.time() - t0, 1e-9):.0f}",
+                                refresh=False)
+                bar.update()
+        pool.close()
+    except KeyboardInterrupt:
+        interrupted = True
+        pool.terminate()  # workers die at once; their ffmpeg children die with them
+    finally:
+        pool.join()
+        signal.signal(signal.SIGTERM, previous)
+
+    write_atomic(list_out, "".join(lines[v] + "\n" for v in sorted(lines)).encode())
+    write_atomic(failures_out, "".join(f"{vid}\t{why}\n" for vid, why in failures).encode())
+    elapsed = time.time() - t0
+    print(f"{prog}: {len(lines)} clips ready ({skipped} already done, {converted} converted, {n_frames} frames "
+          f"in {elapsed:.1f}s = {n_frames / max(elapsed, 1e-9):.0f} frames/s), {len(failures)} failed; "
+          f"list: {list_out}" + (f"; failures: {failures_out}" if failures else "")
+          + (f"; removed {stale} half-written output(s) of an earlier run" if stale else ""))
+    if interrupted:
+        print(f"{prog}: interrupted; run the same command again to convert the remaining "
+              f"{len(jobs) - processed} clip(s)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURES if failures else EXIT_OK
