@@ -62,3 +62,28 @@ def random_resized_window(width: int, height: int, rng: np.random.Generator,
     else:
         w, h = width, height
     return _relative((width - w) / 2, (height - h) / 2, w, h, width, height)
+
+
+def test_windows(width: int, height: int, target_size: int, short_size: int,
+                 num_crops: int) -> list[tuple[np.ndarray, bool]]:
+    """(window, flip) of each test crop, on the frame whose short side is resized to ``short_size``.
+
+    1: the centre crop. 3: three ``target_size`` squares spread along the long side (start, centre,
+    end). 10: the four corners and the centre, each also flipped.
+    """
+    k = short_size / min(width, height)
+    rw, rh = width * k, height * k
+    side = min(target_size, rw, rh)
+    if num_crops == 1:
+        return [(center_window(width, height, target_size, short_size), False)]
+    if num_crops == 3:
+        if rw >= rh:
+            spots = [(0, (rh - side) / 2), ((rw - side) / 2, (rh - side) / 2), (rw - side, (rh - side) / 2)]
+        else:
+            spots = [((rw - side) / 2, 0), ((rw - side) / 2, (rh - side) / 2), ((rw - side) / 2, rh - side)]
+        return [(_relative(x, y, side, side, rw, rh), False) for x, y in spots]
+    if num_crops == 10:
+        spots = [(0, 0), (rw - side, 0), (0, rh - side), (rw - side, rh - side), ((rw - side) / 2, (rh - side) / 2)]
+        windows = [_relative(x, y, side, side, rw, rh) for x, y in spots]
+        return [(w, False) for w in windows] + [(w, True) for w in windows]
+    raise ValueError(f"num_crops must be 1, 3 or 10, got {num_crops}")

@@ -68,6 +68,13 @@ def read_pkl(path: str) -> tuple[str, int, list[bytes]]:
     return str(vid), label, frames
 
 
+def check_jpeg(data: bytes) -> bytes:
+    """Reject what would stop the decoder mid-pipeline: not a JPEG, or cut before its end marker."""
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        raise DataFormatError("corrupt or truncated JPEG frame")
+    return data
+
+
 def jpeg_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a JPEG's SOF header, without decoding it."""
     if data[:2] != b"\xff\xd8":

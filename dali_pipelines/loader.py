@@ -8,52 +8,100 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 
 import numpy as np
 
 from . import crops
-from .formats import SOURCES, DataFormatError, Sample, jpeg_size, read_list, read_pkl
+from .formats import SOURCES, DataFormatError, Sample, check_jpeg, jpeg_size, read_list, read_pkl
 from .sampling import MODES, segment_indices, shard_indices
-from .video import decode_frames, probe_cached
+from .video import VideoError, decode_frames, probe_cached, stream_info
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 CROPS = ("multiscale", "random_resized")
-DEFAULT_OPTIONS = dict(num_clips=1, crop="multiscale", flip=True, num_threads=2, prefetch=2,
+DEFAULT_OPTIONS = dict(num_clips=1, num_crops=1, crop="multiscale", flip=True, num_threads=2, prefetch=2,
                        dtype="float32", drop_last=None, device_id=None, num_classes=None, samples=None)
 
 
-class _ClipSource:
-    """Batched external source: one call returns one batch (the last one of an eval epoch may be
-    short, so evaluation sees every sample exactly once)."""
+class LabelError(DataFormatError):
+    """A label outside the model's classes: the list and the config disagree, so the run stops."""
 
-    def __init__(self, samples, source, kind, mode, batch_size, num_segments, num_clips, target_size,
-                 short_size, crop, flip, rank, world_size, seed, drop_last, num_classes, sizes):
+
+class _ClipSource:
+    """Batched external source: one call returns one batch.
+
+    Unreadable samples (corrupt or truncated files, a list that promises more frames than a video
+    has) are skipped, reported once and counted. Training batches are topped up from the rest of the
+    shard so that every rank keeps the same number of full steps; an evaluation batch is filled from
+    the next samples of the shard, so evaluation visits every readable sample exactly once."""
+
+    MAX_CONSECUTIVE_FAILURES = 64
+
+    def __init__(self, samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops,
+                 target_size, short_size, crop, flip, rank, world_size, seed, drop_last, num_classes):
         self.samples, self.source, self.kind, self.mode = samples, source, kind, mode
         self.batch_size, self.num_segments, self.num_clips = batch_size, num_segments, num_clips
-        self.target_size, self.short_size, self.crop, self.flip = target_size, short_size, crop, flip
+        self.num_crops, self.target_size, self.short_size = num_crops, target_size, short_size
+        self.crop, self.flip = crop, flip
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        self.num_classes, self.sizes = num_classes, sizes
-        self.epoch, self._order, self._rng = 0, None, None
+        self.num_classes = num_classes
+        self.epoch, self.skipped, self._reported = 0, 0, set()
+        self._order, self._rng, self._cursor, self._batches = None, None, 0, 0
+
+    def shard_size(self) -> int:
+        return len(shard_indices(len(self.samples), self.rank, self.world_size, self.mode))
 
     def num_batches(self) -> int:
-        n = len(shard_indices(len(self.samples), self.rank, self.world_size, self.mode))
+        n = self.shard_size()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _start_epoch(self):
         self._order = shard_indices(len(self.samples), self.rank, self.world_size, self.mode,
                                     self.epoch, self.seed)
         self._rng = np.random.default_rng([self.seed, self.rank, self.epoch])
+        self._cursor, self._batches = 0, 0
 
     def __call__(self, info):
         if info.iteration == 0:
             self._start_epoch()
-        if info.iteration >= self.num_batches():
+        if self._batches >= self.num_batches():
             raise StopIteration
-        picked = self._order[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
-        rows = [self._load(self.samples[i]) for i in picked]
+        rows, failures = [], 0
+        while len(rows) < self.batch_size and self._cursor < len(self._order):
+            row = self._try_load(self._order[self._cursor])
+            self._cursor += 1
+            failures = 0 if row is not None else failures + 1
+            if row is not None:
+                rows.append(row)
+            elif failures >= self.MAX_CONSECUTIVE_FAILURES:
+                raise DataFormatError(f"{failures} samples in a row could not be read (last: see the "
+                                      "messages above); check the data and the list file")
+        while self.mode == "train" and len(rows) < self.batch_size:
+            row = self._try_load(self._order[self._rng.integers(len(self._order))])
+            failures = 0 if row is not None else failures + 1
+            if row is not None:
+                rows.append(row)
+            elif failures >= self.MAX_CONSECUTIVE_FAILURES:
+                raise DataFormatError("too many unreadable samples to fill a training batch")
+        if not rows:
+            raise StopIteration
+        self._batches += 1
         return tuple(list(col) for col in zip(*rows))
+
+    def _try_load(self, i):
+        s = self.samples[i]
+        try:
+            return self._load(s)
+        except LabelError:
+            raise
+        except (DataFormatError, VideoError, OSError) as e:
+            self.skipped += 1
+            if s.path not in self._reported:
+                self._reported.add(s.path)
+                print(f"dali_pipelines: skipping {s.path} (list line {s.line}): {e}", file=sys.stderr, flush=True)
+            return None
 
     def _indices(self, n):
         return segment_indices(n, self.num_segments, self.mode, self._rng, self.num_clips)
@@ -63,61 +111,83 @@ class _ClipSource:
         if self.source == "pkl":
             _, label, frames = read_pkl(s.path)
             if not frames:
-                raise DataFormatError(f"{s.path}: pkl holds no frames")
-            data = [np.frombuffer(frames[i], np.uint8) for i in self._indices(len(frames))]
+                raise DataFormatError("the pkl holds no frames")
+            data = [np.frombuffer(check_jpeg(frames[i]), np.uint8) for i in self._indices(len(frames))]
             width, height = jpeg_size(frames[0])
         elif self.source == "rawframes":
             data = []
             for i in self._indices(s.num_frames):
-                with open(os.path.join(s.path, f"img_{i + 1:05d}.jpg"), "rb") as f:
-                    data.append(np.frombuffer(f.read(), np.uint8))
+                path = os.path.join(s.path, f"img_{i + 1:05d}.jpg")
+                try:
+                    with open(path, "rb") as f:
+                        data.append(np.frombuffer(check_jpeg(f.read()), np.uint8))
+                except FileNotFoundError:
+                    raise DataFormatError(f"the list says {s.num_frames} frames but {path} is missing") from None
             width, height = jpeg_size(data[0].tobytes())
         else:
-            _, width, height = self.sizes[s.path]
             idx = self._indices(s.num_frames)
             if self.kind == "frames":
-                data = [decode_frames(s.path, idx)]
+                data = [decode_frames(s.path, idx, s.num_frames)]
+                height, width = data[0].shape[1:3]
             else:
-                data = [np.fromfile(s.path, np.uint8), idx]
+                encoded = np.fromfile(s.path, np.uint8)
+                packets, width, height = stream_info(encoded.tobytes(), s.path)
+                if packets < s.num_frames:  # NVDEC would pad silently: catch a wrong count here
+                    raise VideoError(f"{s.path}: has {packets} frames, fewer than the {s.num_frames} "
+                                     "the list promised")
+                data = [encoded, idx]
         if self.num_classes is not None and not 0 <= label < self.num_classes:
-            raise DataFormatError(f"{s.path} (list line {s.line}): label {label} is outside "
-                                  f"[0, {self.num_classes}); check the list against the label file")
-        if self.mode == "train" and self.crop == "multiscale":
-            win = crops.multiscale_window(width, height, self._rng, self.target_size, self.short_size)
-        elif self.mode == "train":
-            win = crops.random_resized_window(width, height, self._rng)
+            raise LabelError(f"{s.path} (list line {s.line}): label {label} is outside "
+                             f"[0, {self.num_classes}); check the list against the label file")
+        if self.mode == "train":
+            if self.crop == "multiscale":
+                win = crops.multiscale_window(width, height, self._rng, self.target_size, self.short_size)
+            else:
+                win = crops.random_resized_window(width, height, self._rng)
+            views = [(win, self.flip and self._rng.random() < 0.5)]
         else:
-            win = crops.center_window(width, height, self.target_size, self.short_size)
-        flip = self.mode == "train" and self.flip and self._rng.random() < 0.5
-        return (*data, win[:2], win[2:], np.array(flip, np.int32), np.array(label, np.int64))
+            views = crops.test_windows(width, height, self.target_size, self.short_size, self.num_crops)
+        args = [a for win, flip in views for a in (win[:2], win[2:], np.array(flip, np.int32))]
+        return (*data, *args, np.array(label, np.int64))
 
 
-def _build_pipeline(src: _ClipSource, kind, frames_per_sample, device, device_id, batch_size,
+def _build_pipeline(src: _ClipSource, kind, frames_per_view, num_views, device, device_id, batch_size,
                     num_threads, prefetch, target_size, dtype):
     from nvidia.dali import fn, pipeline_def, types
 
     decode_device = "mixed" if device == "gpu" else "cpu"
+    out_type = types.FLOAT16 if dtype == "float16" else types.FLOAT
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def graph():
-        n_data = {"jpeg": frames_per_sample, "frames": 1, "video": 2}[kind]
-        outs = fn.external_source(source=src, num_outputs=n_data + 4, batch=True, batch_info=True)
-        data, (start, shape, flip, label) = outs[:n_data], outs[n_data:]
-        if kind == "jpeg":
-            images = [fn.decoders.image(d, device=decode_device, output_type=types.RGB) for d in data]
-            frames = fn.stack(*images, axis_name="F")
-        elif kind == "frames":
-            frames = fn.reshape(data[0], layout="FHWC")
+        n_data = {"jpeg": frames_per_view, "frames": 1, "video": 2}[kind]
+        outs = fn.external_source(source=src, num_outputs=n_data + 3 * num_views + 1, batch=True,
+                                  batch_info=True)
+        data, views, label = outs[:n_data], outs[n_data:-1], outs[-1]
+        if kind == "jpeg" and num_views == 1:
+            # decode only the crop window of each frame (one window for the whole clip)
+            start, shape = views[0], views[1]
+            frames = fn.stack(*[fn.decoders.image_slice(d, start, shape, device=decode_device,
+                                                        output_type=types.RGB) for d in data], axis_name="F")
+            cropped = [frames]
         else:
-            frames = fn.decoders.video(data[0], frames=data[1], device=decode_device, pad_mode="edge")
-        frames = fn.slice(frames, rel_start=start, rel_shape=shape, axis_names="WH",
-                          out_of_bounds_policy="trim_to_shape")
-        frames = fn.resize(frames, resize_x=target_size, resize_y=target_size, antialias=True)
-        frames = fn.crop_mirror_normalize(
-            frames, dtype=types.FLOAT16 if dtype == "float16" else types.FLOAT, output_layout="FCHW",
-            mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD], mirror=flip)
-        return frames, label
+            if kind == "jpeg":
+                frames = fn.stack(*[fn.decoders.image(d, device=decode_device, output_type=types.RGB)
+                                    for d in data], axis_name="F")
+            elif kind == "frames":
+                frames = fn.reshape(data[0], layout="FHWC")
+            else:
+                frames = fn.decoders.video(data[0], frames=data[1], device=decode_device, pad_mode="edge")
+            cropped = [fn.slice(frames, rel_start=views[3 * v], rel_shape=views[3 * v + 1], axis_names="WH",
+                                out_of_bounds_policy="trim_to_shape") for v in range(num_views)]
+        out = []
+        for v, frames in enumerate(cropped):
+            frames = fn.resize(frames, resize_x=target_size, resize_y=target_size, antialias=True)
+            out.append(fn.crop_mirror_normalize(
+                frames, dtype=out_type, output_layout="FCHW", mean=[m * 255 for m in MEAN],
+                std=[s * 255 for s in STD], mirror=views[3 * v + 2]))
+        return (out[0] if num_views == 1 else fn.cat(*out, axis=0)), label
 
     pipe = graph()
     pipe.build()
@@ -150,6 +220,11 @@ class DALILoader:
                               self._source.mode))
         return len(self) * self._source.batch_size if self._source.drop_last else n
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable samples skipped so far (each reported once on stderr)."""
+        return self._source.skipped
+
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order and augmentation the next iteration uses (for resume)."""
         self.epoch = epoch
@@ -166,6 +241,21 @@ class DALILoader:
             except StopIteration:
                 return
             yield _to_paddle(imgs), _to_paddle(labels)
+
+
+def check_rawframe_counts(samples, list_file) -> None:
+    """A rawframes line's count must name the last frame of its folder: img_{n}.jpg exists, img_{n+1}.jpg not."""
+    wrong = []
+    for s in samples:
+        last = os.path.join(s.path, f"img_{s.num_frames:05d}.jpg")
+        after = os.path.join(s.path, f"img_{s.num_frames + 1:05d}.jpg")
+        if not os.path.exists(last) or os.path.exists(after):
+            have = sum(1 for n in os.listdir(s.path) if n.startswith("img_")) if os.path.isdir(s.path) else 0
+            wrong.append(f"{list_file}:{s.line}: {s.path} has {have} frames, the list says {s.num_frames}")
+    if wrong:
+        more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        raise DataFormatError(f"{len(wrong)} wrong frame count(s): " + "; ".join(wrong[:5]) + more
+                              + ". Rebuild the list with preprocessing/build_list.py rawframes.")
 
 
 def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segments=3, target_size=224,
@@ -185,18 +275,22 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
         raise ValueError(f"crop must be one of {CROPS}, got {opt['crop']!r}")
     if opt["dtype"] not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {opt['dtype']!r}")
+    if opt["num_crops"] not in (1, 3, 10):
+        raise ValueError(f"num_crops must be 1, 3 or 10, got {opt['num_crops']!r}")
     samples = opt["samples"] or read_list(list_file, source, data_prefix)
-    sizes = {}
     if source == "videos":
-        paths = sorted({s.path for s in samples})
-        sizes = probe_cached(paths, f"{list_file}.probe.json" if list_file else None)
-        samples = [s if s.num_frames else Sample(s.path, s.label, sizes[s.path][0], s.line) for s in samples]
+        unknown = sorted({s.path for s in samples if not s.num_frames})
+        if unknown:  # decoded once and cached beside the list
+            counts = probe_cached(unknown, f"{list_file}.probe.json" if list_file else None)
+            samples = [s if s.num_frames else Sample(s.path, s.label, counts[s.path][0], s.line) for s in samples]
+    elif source == "rawframes":
+        check_rawframe_counts(samples, list_file)
     kind = "jpeg" if source != "videos" else ("video" if device == "gpu" else "frames")
-    num_clips = opt["num_clips"] if mode == "test" else 1
+    num_clips, num_crops = (opt["num_clips"], opt["num_crops"]) if mode == "test" else (1, 1)
     drop_last = (mode == "train") if opt["drop_last"] is None else bool(opt["drop_last"])
-    src = _ClipSource(samples, source, kind, mode, batch_size, num_segments, num_clips, target_size,
+    src = _ClipSource(samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops, target_size,
                       short_size, opt["crop"], opt["flip"], rank, world_size, seed, drop_last,
-                      opt["num_classes"], sizes)
+                      opt["num_classes"])
     if src.num_batches() == 0:
         raise DataFormatError(f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
                               f"each of {world_size} rank(s); lower the batch size")
@@ -205,7 +299,7 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
         device_id = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = _build_pipeline(src, kind, num_clips * num_segments, device,
+        pipe = _build_pipeline(src, kind, num_clips * num_segments, num_crops, device,
                                device_id if device == "gpu" else None, batch_size, opt["num_threads"],
                                opt["prefetch"], target_size, opt["dtype"])
     return DALILoader(src, pipe)

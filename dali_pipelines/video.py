@@ -75,8 +75,9 @@ def probe_cached(paths: list[str], cache_file: str | None) -> dict[str, tuple[in
     return out
 
 
-def decode_frames(path: str, indices: np.ndarray) -> np.ndarray:
-    """Decode the frames at ``indices`` (any order, repeats allowed) as RGB, shape [T, H, W, 3]."""
+def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -> np.ndarray:
+    """Decode the frames at ``indices`` (any order, repeats allowed) as RGB, shape [T, H, W, 3];
+    ``promised`` is the frame count the list gave, for the error when the video is shorter."""
     wanted = set(int(i) for i in indices)
     last = max(wanted)
     got: dict[int, np.ndarray] = {}
@@ -92,5 +93,22 @@ def decode_frames(path: str, indices: np.ndarray) -> np.ndarray:
     finally:
         container.close()
     if len(got) != len(wanted):
-        raise VideoError(f"{path}: has fewer frames than the {last + 1} the list promised")
+        raise VideoError(f"{path}: has fewer frames than the {promised or last + 1} the list promised")
     return np.stack([got[int(i)] for i in indices])
+
+
+def stream_info(data: bytes, name: str) -> tuple[int, int, int]:
+    """(packets, width, height) of an in-memory video's first video stream, demuxed without decoding."""
+    import io
+    import av
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{name}: no video stream")
+            stream = container.streams.video[0]
+            packets = sum(1 for p in container.demux(stream) if p.size)
+            return packets, stream.codec_context.width, stream.codec_context.height
+    except VideoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types for broken files
+        raise VideoError(f"{name}: cannot read video ({e})") from None

@@ -1,0 +1,100 @@
+"""Write the list file of a converted or raw dataset (DESIGN §4), one builder per source type.
+
+    python preprocessing/build_list.py pkl       DST_DIR  train_pkl.list
+    python preprocessing/build_list.py rawframes FRAMES   train_frames.list --csv k400_train.csv --label-file labels.txt
+    python preprocessing/build_list.py videos    VIDEOS   train_videos.list [--label-file labels.txt] [--probe 8]
+
+pkl: every *.pkl below DST_DIR (the label is inside each pkl).
+rawframes: every folder holding img_00001.jpg; the label comes from --csv (Kinetics flat layout, by
+    video id) or from the class folder above it (FRAMES/<class>/<clip>/img_*.jpg).
+videos: every video in FRAMES/<class>/; --probe N decodes each video once with N processes and writes
+    'path num_frames label' lines (otherwise 'path label', and the loader probes at start-up).
+Class folders are mapped to indices through --label-file, or sorted when it is not given.
+Paths are written relative to the list file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run by path: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from preprocessing.kinetics import UsageError, load_class_index, read_csv  # noqa: E402
+from preprocessing.lists import (class_folders, class_index_for, probe_counts, videos_in,  # noqa: E402
+                                 write_list)
+
+
+def pkl_entries(root: str):
+    found = []
+    for folder, _, files in os.walk(root):
+        found += [(os.path.join(folder, f), None, None) for f in files if f.endswith(".pkl") and not f.startswith(".")]
+    return sorted(found)
+
+
+def rawframe_entries(root: str, csv: str | None, label_file: str | None):
+    dirs = sorted(folder for folder, _, files in os.walk(root)
+                  if "img_00001.jpg" in files and not os.path.basename(folder).startswith("."))
+    if csv:
+        clips, _ = read_csv(csv)
+        index = load_class_index(label_file) if label_file else {
+            n: i for i, n in enumerate(sorted({c.label for c in clips}))}
+        label_of = {c.video_id: index[c.label] for c in clips if c.label in index}
+        missing = [d for d in dirs if os.path.basename(d) not in label_of]
+        if missing:
+            raise UsageError(f"{len(missing)} frame folder(s), e.g. {missing[0]}, have no row in {csv}")
+        labels = {d: label_of[os.path.basename(d)] for d in dirs}
+    else:
+        index = class_index_for(class_folders(root), label_file)
+        labels = {}
+        for d in dirs:
+            cls = os.path.relpath(d, root).split(os.sep)[0]
+            if cls not in index:
+                raise UsageError(f"{d} is not inside a class folder of {root}; pass --csv for a flat layout")
+            labels[d] = index[cls]
+    return [(d, sum(1 for f in os.listdir(d) if f.startswith("img_")), labels[d]) for d in dirs]
+
+
+def video_entries(root: str, label_file: str | None, probe: int):
+    index = class_index_for(class_folders(root), label_file)
+    videos = [(v, index[c]) for c in index for v in videos_in(os.path.join(root, c))]
+    if not probe:
+        return [(v, None, label) for v, label in videos], []
+    counts, bad = probe_counts([v for v, _ in videos], probe)
+    return [(v, counts[v], label) for v, label in videos if v in counts], bad
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", choices=("pkl", "rawframes", "videos"))
+    p.add_argument("root", help="folder to scan")
+    p.add_argument("out", help="list file to write")
+    p.add_argument("--label-file", help="'index name' lines mapping class names to indices")
+    p.add_argument("--csv", help="rawframes: Kinetics CSV giving each clip's label (flat layouts)")
+    p.add_argument("--probe", type=int, default=0, metavar="N",
+                   help="videos: count frames with N processes and write them into the list")
+    args = p.parse_args(argv)
+    bad = []
+    try:
+        if args.source == "pkl":
+            entries = pkl_entries(args.root)
+        elif args.source == "rawframes":
+            entries = rawframe_entries(args.root, args.csv, args.label_file)
+        else:
+            entries, bad = video_entries(args.root, args.label_file, args.probe)
+        if not entries:
+            raise UsageError(f"found no {args.source} under {args.root}")
+    except UsageError as e:
+        print(f"build_list: error: {e}", file=sys.stderr)
+        return 2
+    write_list(args.out, entries)
+    for path, why in bad:
+        print(f"build_list: skipped {path}: {why}", file=sys.stderr)
+    print(f"build_list: {len(entries)} {args.source} entries -> {args.out}" + (f"; {len(bad)} unreadable videos skipped" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

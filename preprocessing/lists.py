@@ -1,0 +1,92 @@
+"""Building list files (DESIGN §4): scanning folders, naming labels, probing frame counts, splitting."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+
+from dali_pipelines.formats import write_atomic
+
+from .kinetics import VIDEO_EXTENSIONS, UsageError, class_name, load_class_index
+
+
+def class_folders(root: str) -> list[str]:
+    """Sub-folder names of ``root`` (one per class), sorted."""
+    if not os.path.isdir(root):
+        raise UsageError(f"{root} is not a folder")
+    names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) and not n.startswith("."))
+    if not names:
+        raise UsageError(f"{root} has no class sub-folders; expected ROOT/<class>/<clip>")
+    return names
+
+
+def class_index_for(folders: list[str], label_file: str | None) -> dict[str, int]:
+    """Folder name -> label index: from the label file when given (folder names may use spaces or
+    underscores), else the sorted folder names."""
+    if not label_file:
+        return {f: i for i, f in enumerate(sorted(folders, key=class_name))}
+    index = load_class_index(label_file)
+    unknown = [f for f in folders if class_name(f) not in index]
+    if unknown:
+        raise UsageError(f"class folder(s) {unknown[:5]} are not in {label_file}")
+    return {f: index[class_name(f)] for f in folders}
+
+
+def videos_in(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(VIDEO_EXTENSIONS))
+
+
+def _probe_one(path):
+    from dali_pipelines.video import VideoError, probe
+    try:
+        return path, probe(path)[0], None
+    except VideoError as e:
+        return path, None, str(e)
+
+
+def probe_counts(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Frame counts by decoding each video (what every decoder will deliver), NPROC at once."""
+    from tqdm import tqdm
+    counts, bad = {}, []
+    with multiprocessing.get_context("fork").Pool(nproc) as pool, \
+            tqdm(total=len(paths), unit="video", desc="probe", mininterval=0.2 if sys.stderr.isatty() else 30) as bar:
+        for path, n, error in pool.imap_unordered(_probe_one, paths, chunksize=4):
+            if error:
+                bad.append((path, error))
+            else:
+                counts[path] = n
+            bar.update()
+    return counts, bad
+
+
+def write_list(path: str, entries: list[tuple[str, int | None, int | None]]) -> None:
+    """Write ``(file, num_frames or None, label or None)`` entries with paths relative to the list."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    lines = []
+    for file, n, label in entries:
+        parts = [os.path.relpath(os.path.abspath(file), folder)]
+        parts += [str(n)] if n is not None else []
+        parts += [str(label)] if label is not None else []
+        lines.append(" ".join(parts) + "\n")
+    write_atomic(path, "".join(lines).encode())
+
+
+def stratified_split(items_by_class: dict[str, list[str]], ratios: list[float], seed: int) -> list[dict]:
+    """Split each class's items by ``ratios`` (shuffled with ``seed``): one {class: items} per split.
+    Every split gets round(n * ratio) items of each class; the last split takes the remainder."""
+    if not ratios or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise UsageError(f"ratios {ratios} must be non-negative and add up to 1")
+    splits: list[dict] = [{} for _ in ratios]
+    for ci, cls in enumerate(sorted(items_by_class)):
+        items = list(items_by_class[cls])
+        np.random.default_rng([seed, ci]).shuffle(items)
+        bounds = np.round(np.cumsum(ratios) * len(items)).astype(int)
+        bounds[-1] = len(items)
+        start = 0
+        for s, end in enumerate(bounds):
+            splits[s][cls] = sorted(items[start:end])
+            start = end
+    return splits

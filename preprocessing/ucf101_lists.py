@@ -1,0 +1,103 @@
+"""Turn UCF-101's official split files into list files and a label file.
+
+    python preprocessing/ucf101_lists.py UCF-101 ucfTrainTestlist data/ucf101 --split 1 [--probe 8]
+
+Reads classInd.txt ('1 ApplyEyeMakeup'), trainlist0N.txt ('ApplyEyeMakeup/v_..._c01.avi 1') and
+testlist0N.txt ('ApplyEyeMakeup/v_..._c01.avi'); writes data/ucf101/ucf101_label.txt (0-based) and
+ucf101_{train,test}_split_N_videos.list ('path label', or 'path num_frames label' with --probe N).
+Videos named by the split files but missing under UCF-101/ are left out and reported (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run by path: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from preprocessing.kinetics import UsageError, write_label_file  # noqa: E402
+from preprocessing.lists import probe_counts, write_list  # noqa: E402
+
+
+def read_class_ind(path: str) -> dict[str, int]:
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} does not exist; SPLITS_DIR must hold classInd.txt")
+    index = {}
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[0].isdigit():
+                raise UsageError(f"{path}:{no}: expected '<1-based index> <ClassName>', got {line.strip()!r}")
+            index[parts[1]] = int(parts[0]) - 1
+    if sorted(index.values()) != list(range(len(index))):
+        raise UsageError(f"{path}: class indices must be 1..{len(index)} without gaps")
+    return index
+
+
+def read_split(path: str, index: dict[str, int]) -> list[tuple[str, int]]:
+    """(relative video path, 0-based label); test lists carry no label, the class folder gives it."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            rel, cls = parts[0], parts[0].split("/")[0]
+            if len(parts) > 2 or cls not in index:
+                raise UsageError(f"{path}:{no}: expected '<Class>/<video>.avi [label]' with a class of "
+                                 f"classInd.txt, got {line.strip()!r}")
+            if len(parts) == 2 and (not parts[1].isdigit() or int(parts[1]) - 1 != index[cls]):
+                raise UsageError(f"{path}:{no}: label {parts[1]} disagrees with class {cls} in classInd.txt")
+            out.append((rel, index[cls]))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ucf_dir", help="the UCF-101 video folder (UCF-101/<Class>/v_*.avi)")
+    p.add_argument("splits_dir", help="the folder of classInd.txt, trainlist0N.txt, testlist0N.txt")
+    p.add_argument("out_dir")
+    p.add_argument("--split", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--probe", type=int, default=0, metavar="N", help="count frames with N processes")
+    args = p.parse_args(argv)
+    try:
+        index = read_class_ind(os.path.join(args.splits_dir, "classInd.txt"))
+        splits = {name: read_split(os.path.join(args.splits_dir, f"{name}list0{args.split}.txt"), index)
+                  for name in ("train", "test")}
+    except UsageError as e:
+        print(f"ucf101_lists: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_label_file(os.path.join(args.out_dir, "ucf101_label.txt"), sorted(index, key=index.get))
+    missing, bad, counts = [], [], {}
+    present = {name: [] for name in splits}
+    for name, rows in splits.items():
+        for rel, label in rows:
+            path = os.path.join(args.ucf_dir, rel)
+            (present[name].append((path, label)) if os.path.isfile(path) else missing.append(path))
+    if args.probe:
+        counts, bad = probe_counts([p for rows in present.values() for p, _ in rows], args.probe)
+    for name, rows in present.items():
+        entries = [(p, counts.get(p) if args.probe else None, label) for p, label in rows
+                   if not args.probe or p in counts]
+        out = os.path.join(args.out_dir, f"ucf101_{name}_split_{args.split}_videos.list")
+        write_list(out, entries)
+        print(f"ucf101_lists: {len(entries)} {name} videos -> {out}")
+    for path in missing[:10]:
+        print(f"ucf101_lists: missing {path}", file=sys.stderr)
+    for path, why in bad:
+        print(f"ucf101_lists: unreadable {path}: {why}", file=sys.stderr)
+    if missing or bad:
+        print(f"ucf101_lists: left out {len(missing)} missing and {len(bad)} unreadable videos", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
