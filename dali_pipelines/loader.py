@@ -22,7 +22,8 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 CROPS = ("multiscale", "random_resized")
 DEFAULT_OPTIONS = dict(num_clips=1, num_crops=1, crop="multiscale", flip=True, num_threads=2, prefetch=2,
-                       dtype="float32", drop_last=None, device_id=None, num_classes=None, samples=None)
+                       dtype="float32", drop_last=None, device_id=None, num_classes=None, samples=None,
+                       max_batches=None)
 
 
 class LabelError(DataFormatError):
@@ -40,13 +41,14 @@ class _ClipSource:
     MAX_CONSECUTIVE_FAILURES = 64
 
     def __init__(self, samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops,
-                 target_size, short_size, crop, flip, rank, world_size, seed, drop_last, num_classes):
+                 target_size, short_size, crop, flip, rank, world_size, seed, drop_last, num_classes,
+                 max_batches=None):
         self.samples, self.source, self.kind, self.mode = samples, source, kind, mode
         self.batch_size, self.num_segments, self.num_clips = batch_size, num_segments, num_clips
         self.num_crops, self.target_size, self.short_size = num_crops, target_size, short_size
         self.crop, self.flip = crop, flip
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        self.num_classes = num_classes
+        self.num_classes, self.max_batches = num_classes, max_batches
         self.epoch, self.skipped, self._reported = 0, 0, set()
         self._order, self._rng, self._cursor, self._batches = None, None, 0, 0
 
@@ -55,7 +57,8 @@ class _ClipSource:
 
     def num_batches(self) -> int:
         n = self.shard_size()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return min(batches, self.max_batches) if self.max_batches else batches
 
     def _start_epoch(self):
         self._order = shard_indices(len(self.samples), self.rank, self.world_size, self.mode,
@@ -290,7 +293,7 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
     drop_last = (mode == "train") if opt["drop_last"] is None else bool(opt["drop_last"])
     src = _ClipSource(samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops, target_size,
                       short_size, opt["crop"], opt["flip"], rank, world_size, seed, drop_last,
-                      opt["num_classes"])
+                      opt["num_classes"], opt["max_batches"])
     if src.num_batches() == 0:
         raise DataFormatError(f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
                               f"each of {world_size} rank(s); lower the batch size")

@@ -63,7 +63,7 @@ def test_training_writes_metrics_jsonl_and_checkpoints(trained):
     assert [r["epoch"] for r in val] == [1, 2] and all(r["samples"] == 12 for r in val)
     summary = [r for r in records if r["mode"] == "summary"][0]
     assert 0 <= summary["data_wait_share"] <= 1 and summary["train_samples_per_s"] > 0
-    for name in ("best.pdparams", "latest.pdparams", "latest.pdopt", "config.yaml"):
+    for name in ("best.pdparams", "latest.pdckpt", "config.yaml", "curves.png"):
         assert (work / "out" / name).is_file()
 
 

@@ -37,6 +37,7 @@ SCHEMA: dict = {
     "val_interval": Opt(1, minimum=1),          # epochs between evaluations
     "save_interval": Opt(10, minimum=1),        # epochs between numbered checkpoints
     "amp": Opt(False),
+    "resume": Opt(""),                          # "", "auto" (OUTPUT_DIR/latest.pdckpt if present) or a path
     "MODEL": {
         "name": Opt("TSN", choices=("TSN",)),
         "backbone": {
@@ -68,6 +69,11 @@ SCHEMA: dict = {
         "crop": Opt("multiscale", choices=("multiscale", "random_resized")),
         "flip": Opt(True),
         "test_num_clips": Opt(1, minimum=1),
+        "test_num_crops": Opt(1, choices=(1, 3, 10)),
+    },
+    "PRECISE_BN": {
+        "enabled": Opt(True),
+        "num_iters": Opt(200, minimum=1),           # training batches per rank before each evaluation
     },
     "OPTIMIZER": {
         "momentum": Opt(0.9, minimum=0.0),

@@ -14,6 +14,7 @@ from . import checkpoint, dist
 from .config import to_plain
 from .metrics import MetricsLog, topk_correct
 from .models import build_model
+from .precise_bn import precise_bn
 from .solver import build_lr, build_optimizer
 
 
@@ -25,7 +26,7 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
     list_file = list_file or {"train": d.train_list, "val": d.val_list, "test": d.test_list}[mode]
     if not list_file and not options.get("samples"):
         raise ValueError(f"DATASET.{mode}_list is empty; set it in the config or with -o DATASET.{mode}_list=PATH")
-    opts = dict(num_clips=p.test_num_clips, crop=p.crop, flip=p.flip, num_threads=d.num_threads,
+    opts = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip, num_threads=d.num_threads,
                 prefetch=d.prefetch, device_id=env.device_id, num_classes=cfg.MODEL.head.num_classes,
                 dtype="float16" if cfg.amp and env.device == "gpu" else "float32")
     opts.update(options)
@@ -40,6 +41,7 @@ def evaluate(model, loader, env: dist.Env) -> dict:
     """Top-1/top-5 over exactly the samples of the loader's list, summed over all ranks."""
     model.eval()
     counts = np.zeros(4)  # top1 hits, top5 hits, samples, loss sum
+    skipped_before = loader.skipped
     with paddle.no_grad():
         for imgs, labels in loader:
             logits = model(imgs.astype("float32"))
@@ -47,9 +49,10 @@ def evaluate(model, loader, env: dist.Env) -> dict:
             k = min(5, logits.shape[1])
             c1, c5 = topk_correct(logits.numpy(), labels.numpy(), (1, k))
             counts += (c1, c5, labels.shape[0], float(loss))
-    top1, top5, n, loss = dist.all_reduce_sum(counts, env)
+    counts = np.append(counts, loader.skipped - skipped_before)
+    top1, top5, n, loss, skipped = dist.all_reduce_sum(counts, env)
     model.train()
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "samples": int(n)}
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "samples": int(n), "skipped": int(skipped)}
 
 
 def weights_digest(model) -> str:
@@ -61,88 +64,128 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _save(model, path, **meta):
-    state = dict(model.state_dict())
-    state["__meta__"] = meta
-    checkpoint.save(state, path)
+def _resume_path(cfg) -> str | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.output_dir, "latest.pdckpt")
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(cfg.resume):
+        raise FileNotFoundError(f"resume: checkpoint {cfg.resume} does not exist (use -o resume=auto to "
+                                "continue from OUTPUT_DIR/latest.pdckpt when there is one)")
+    return cfg.resume
+
+
+class _Window:
+    """Sums over the steps between two log lines; loss and hits stay on the device until logged."""
+
+    def __init__(self):
+        self.data = self.batch = 0.0
+        self.samples, self.loss, self.hits = 0, 0.0, 0
+
+    def add(self, data_s, batch_s, loss, logits, labels):
+        n = labels.shape[0]
+        self.data += data_s
+        self.batch += batch_s
+        self.samples += n
+        self.loss += loss.detach() * n
+        self.hits += (logits.argmax(axis=1) == labels).astype("int64").sum()
+
+
+def _train_epoch(cfg, env, epoch, net, opt, lr, scaler, loader, log, step, totals) -> int:
+    net.train()
+    win, steps, t_prev = _Window(), len(loader), time.time()
+    for imgs, labels in loader:
+        t_data = time.time()
+        with paddle.amp.auto_cast(enable=scaler is not None):
+            logits = net(imgs)
+            loss = F.cross_entropy(logits.astype("float32"), labels)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        opt.clear_grad()
+        lr.step()
+        step += 1
+        t_end = time.time()
+        win.add(t_data - t_prev, t_end - t_prev, loss, logits, labels)
+        t_prev = t_end
+        if step % cfg.log_interval == 0 or step % steps == 0:
+            per_batch = win.batch / max(1, round(win.samples / labels.shape[0]))
+            rec = dict(mode="train", epoch=epoch + 1, step=step, lr=lr.get_lr(), loss=float(win.loss) / win.samples,
+                       top1=float(win.hits) / win.samples, samples_per_s=win.samples * env.world_size / win.batch,
+                       data_time=win.data / win.batch * per_batch, batch_time=per_batch, skipped=loader.skipped)
+            log.write(**rec)
+            if env.is_main:
+                print(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {rec['loss']:.4f} top1 {rec['top1']:.3f} "
+                      f"lr {rec['lr']:.4g} {rec['samples_per_s']:.1f} clips/s data {rec['data_time'] * 1000:.0f}ms "
+                      f"batch {rec['batch_time'] * 1000:.0f}ms", flush=True)
+            totals["data"] += win.data
+            totals["batch"] += win.batch
+            totals["samples"] += win.samples
+            win = _Window()
+    return step
 
 
 def train(cfg, env: dist.Env) -> dict:
     out = cfg.output_dir
     log = MetricsLog(out, env.is_main)
-    if env.is_main:
-        log.start_new()  # a fresh run does not append to an earlier run's curves
-        with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(to_plain(cfg), f, sort_keys=False)
+    resume = _resume_path(cfg)
     paddle.seed(cfg.seed)  # identical initial weights on every rank (DataParallel also broadcasts)
-    np.random.seed(cfg.seed)
     model = build_model(cfg)
     train_loader = make_loader(cfg, env, "train")
     val_loader = make_loader(cfg, env, "val") if cfg.DATASET.val_list else None
+    bn_loader = make_loader(cfg, env, "train", max_batches=cfg.PRECISE_BN.num_iters) \
+        if val_loader is not None and cfg.PRECISE_BN.enabled else None
     steps = len(train_loader)
     global_batch = cfg.DATASET.batch_size * env.world_size
     lr = build_lr(cfg.OPTIMIZER, steps, cfg.epochs, global_batch)
     opt = build_optimizer(cfg.OPTIMIZER, lr, model)
+    start_epoch, step, best, scaler_state = 0, 0, {"top1": -1.0}, None
+    if env.is_main:
+        checkpoint.remove_stale_temporaries(out)
+    if resume:
+        state = checkpoint.load_state(resume)
+        model.set_state_dict(state["model"])
+        opt.set_state_dict(state["optimizer"])  # restores the LR schedule's position too
+        scaler_state = state.get("scaler")
+        meta = state["meta"]
+        if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
+            print(f"train: warning: {resume} was written with seed {meta.get('seed')} on "
+                  f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly")
+        start_epoch, step, best = meta["epoch"], meta["step"], meta["best"]
+    elif env.is_main:
+        log.start_new()  # a fresh run does not append to an earlier run's curves
+    if env.is_main:
+        with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(to_plain(cfg), f, sort_keys=False)
     net = model
     if env.world_size > 1:
         from paddle.distributed import fleet
         net, opt = fleet.distributed_model(model), fleet.distributed_optimizer(opt)
-    paddle.seed(cfg.seed + 1000 * (env.rank + 1))  # different dropout on each rank
     scaler = paddle.amp.GradScaler() if cfg.amp and env.device == "gpu" else None
+    if scaler is not None and resume and scaler_state:
+        scaler.load_state_dict(scaler_state)
     if env.is_main:
         print(f"train: {env.world_size} rank(s) on {env.device}, {train_loader.num_samples} clips/rank/epoch, "
-              f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, "
-              f"lr {lr.get_lr():.4g}", flush=True)
+              f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {lr.get_lr():.4g}"
+              + (f"; resumed from {resume} at epoch {start_epoch}" if resume else ""), flush=True)
 
-    best, step, t_start = {"top1": -1.0}, 0, time.time()
-    totals = {"data": 0.0, "batch": 0.0, "samples": 0}
-    last_eval = {}
-    for epoch in range(cfg.epochs):
-        net.train()
-        win = {"data": 0.0, "batch": 0.0, "samples": 0, "loss": 0.0, "hits": 0}
-        t_prev = time.time()
-        for imgs, labels in train_loader:
-            t_data = time.time()
-            with paddle.amp.auto_cast(enable=scaler is not None):
-                logits = net(imgs)
-                loss = F.cross_entropy(logits.astype("float32"), labels)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            opt.clear_grad()
-            lr.step()
-            step += 1
-            t_end = time.time()
-            n = labels.shape[0]
-            win["data"] += t_data - t_prev
-            win["batch"] += t_end - t_prev
-            win["samples"] += n
-            # device-side sums: reading them back every step would stall a GPU
-            win["loss"] += loss.detach() * n
-            win["hits"] += (logits.argmax(axis=1) == labels).astype("int64").sum()
-            t_prev = t_end
-            if step % cfg.log_interval == 0 or step % steps == 0:
-                m = win["samples"]
-                rec = dict(mode="train", epoch=epoch + 1, step=step, lr=lr.get_lr(),
-                           loss=float(win["loss"]) / m, top1=float(win["hits"]) / m,
-                           samples_per_s=m * env.world_size / win["batch"],
-                           data_time=win["data"] / m * n, batch_time=win["batch"] / m * n)
-                log.write(**rec)
-                if env.is_main:
-                    print(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {rec['loss']:.4f} "
-                          f"top1 {rec['top1']:.3f} lr {rec['lr']:.4g} {rec['samples_per_s']:.1f} clips/s "
-                          f"data {rec['data_time'] * 1000:.0f}ms batch {rec['batch_time'] * 1000:.0f}ms",
-                          flush=True)
-                for k in ("data", "batch", "samples"):
-                    totals[k] += win[k]
-                win = {"data": 0.0, "batch": 0.0, "samples": 0, "loss": 0.0, "hits": 0}
-        last = epoch + 1 == cfg.epochs
+    t_start, totals, last_eval = time.time(), {"data": 0.0, "batch": 0.0, "samples": 0}, {}
+    for epoch in range(start_epoch, cfg.epochs):
+        # everything random in an epoch derives from (seed, rank, epoch): a resumed run repeats it
+        paddle.seed(cfg.seed + 1000 * (env.rank + 1) + epoch)
+        train_loader.set_epoch(epoch)
+        step = _train_epoch(cfg, env, epoch, net, opt, lr, scaler, train_loader, log, step, totals)
         dist.average_bn_buffers(model, env)  # every rank: it is a collective
+        last = epoch + 1 == cfg.epochs
         if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or last):
+            if bn_loader is not None:
+                bn_loader.set_epoch(epoch)
+                precise_bn(net, bn_loader, env)
             last_eval = evaluate(net, val_loader, env)
             log.write(mode="val", epoch=epoch + 1, step=step, **last_eval)
             if env.is_main:
@@ -151,10 +194,15 @@ def train(cfg, env: dist.Env) -> dict:
             if last_eval["top1"] > best["top1"]:
                 best = {**last_eval, "epoch": epoch + 1}
                 if env.is_main:
-                    _save(model, os.path.join(out, "best.pdparams"), epoch=epoch + 1, **last_eval)
-        if env.is_main and ((epoch + 1) % cfg.save_interval == 0 or last):
-            _save(model, os.path.join(out, "latest.pdparams"), epoch=epoch + 1, step=step)
-            checkpoint.save(opt.state_dict(), os.path.join(out, "latest.pdopt"))
+                    checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), **best)
+        if env.is_main:
+            meta = dict(epoch=epoch + 1, step=step, best=best, seed=cfg.seed, world_size=env.world_size,
+                        config=to_plain(cfg))
+            checkpoint.save_state(os.path.join(out, "latest.pdckpt"), model, opt, scaler, **meta)
+            if (epoch + 1) % cfg.save_interval == 0:
+                checkpoint.save_state(os.path.join(out, f"epoch_{epoch + 1}.pdckpt"), model, opt, scaler, **meta)
+            if val_loader is None and last:
+                checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), epoch=epoch + 1)
     wall = time.time() - t_start
     # every rank logs a digest of its weights: equal digests prove the ranks stayed in sync
     print(f"rank {env.rank}: weights digest {weights_digest(model)}", flush=True)
@@ -163,4 +211,7 @@ def train(cfg, env: dist.Env) -> dict:
                "train_samples_per_s": totals["samples"] * env.world_size / max(totals["batch"], 1e-9),
                "data_wait_share": totals["data"] / max(totals["batch"], 1e-9)}
     log.write(mode="summary", **summary)
+    if env.is_main:
+        from .plots import plot_curves
+        plot_curves(log.path, os.path.join(out, "curves.png"))
     return summary

@@ -1,0 +1,166 @@
+"""Our DALI loader against a loader built the way PaddleVideo's CPU loader works, in the same run.
+
+    python benchmarks/loader_bench.py --source pkl --device cpu [--clips 48] [--batches 20] [--workers 2]
+
+Baseline: paddle.io.DataLoader with `--workers` worker processes; each sample reads its file, decodes
+the sampled frames one by one (Pillow for JPEGs, PyAV for mp4), resizes the short side, cuts the TSN
+multi-scale crop, resizes it, flips and normalises with Pillow/NumPy (PaddleVideo's Scale,
+MultiScaleCrop, RandomFlip, Image2Array, Normalization). Ours: build_loader with `--workers` DALI
+threads. Both: train mode, TSN sampling, 3 segments, 224x224 from frames whose short side is 256,
+the same crop windows, batches of [N, 3, 3, 224, 224] float32. Clips are Kinetics-like: 340x256,
+250 frames. Rounds alternate between the two; the best round of each counts.
+Last line: `loader_speed_ratio: X` = ours / baseline clips per second.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore")
+
+from dali_pipelines import crops  # noqa: E402
+from dali_pipelines.formats import read_list, read_pkl, write_pkl  # noqa: E402
+from dali_pipelines.reference import normalise  # noqa: E402
+from dali_pipelines.sampling import segment_indices  # noqa: E402
+
+SEGMENTS, TARGET, SHORT = 3, 224, 256
+
+
+def make_data(work: str, source: str, n: int, frames: int) -> str:
+    """n Kinetics-like clips in the source's format, and their list file (kept for reruns)."""
+    from PIL import Image
+    from preprocessing.make_demo_dataset import CLASSES, render_clip, write_mp4
+    os.makedirs(work, exist_ok=True)
+    lines = []
+    for i in range(n):
+        base = os.path.join(work, f"clip{i:04d}")
+        cls = i % len(CLASSES)
+        done = {"pkl": base + ".pkl", "videos": base + ".mp4", "rawframes": base}[source]
+        if not os.path.exists(done):
+            clip = render_clip(CLASSES[cls], frames, 340, 256, np.random.default_rng(i))
+            if source == "videos":
+                write_mp4(done, clip)
+            else:
+                jpegs = []
+                for f in clip:
+                    buf = io.BytesIO()
+                    Image.fromarray(f).save(buf, "JPEG", quality=90)
+                    jpegs.append(buf.getvalue())
+                if source == "pkl":
+                    write_pkl(done, f"clip{i:04d}", cls, jpegs)
+                else:
+                    os.makedirs(done + ".tmp", exist_ok=True)
+                    for k, j in enumerate(jpegs, 1):
+                        with open(os.path.join(done + ".tmp", f"img_{k:05d}.jpg"), "wb") as fh:
+                            fh.write(j)
+                    os.rename(done + ".tmp", done)
+        lines.append({"pkl": done, "videos": f"{done} {frames} {cls}", "rawframes": f"{done} {frames} {cls}"}[source])
+    list_file = os.path.join(work, f"{source}.list")
+    with open(list_file, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return list_file
+
+
+class PaddleVideoStyleDataset:
+    """One clip per item, decoded and transformed frame by frame in the worker process."""
+
+    def __init__(self, list_file: str, source: str):
+        self.samples, self.source = read_list(list_file, source), source
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _frames(self, s, rng):
+        from PIL import Image
+        if self.source == "videos":
+            from dali_pipelines.video import decode_frames
+            idx = segment_indices(s.num_frames, SEGMENTS, "train", rng)
+            return [Image.fromarray(f) for f in decode_frames(s.path, idx)], s.label
+        if self.source == "pkl":
+            _, label, jpegs = read_pkl(s.path)
+            idx = segment_indices(len(jpegs), SEGMENTS, "train", rng)
+            return [Image.open(io.BytesIO(jpegs[i])).convert("RGB") for i in idx], label
+        idx = segment_indices(s.num_frames, SEGMENTS, "train", rng)
+        return [Image.open(os.path.join(s.path, f"img_{i + 1:05d}.jpg")).convert("RGB") for i in idx], s.label
+
+    def __getitem__(self, i):
+        from PIL import Image
+        rng = np.random.default_rng([i, os.getpid(), int(time.time() * 1e6) % 2**31])
+        imgs, label = self._frames(self.samples[i], rng)
+        w, h = imgs[0].size
+        k = SHORT / min(w, h)
+        rw, rh = int(round(w * k)), int(round(h * k))
+        win = crops.multiscale_window(w, h, rng, TARGET, SHORT)
+        box = (int(win[0] * rw), int(win[1] * rh), int((win[0] + win[2]) * rw), int((win[1] + win[3]) * rh))
+        flip = rng.random() < 0.5
+        out = []
+        for img in imgs:
+            img = img.resize((rw, rh), Image.BILINEAR).crop(box).resize((TARGET, TARGET), Image.BILINEAR)
+            if flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            out.append(normalise(np.asarray(img)))
+        return np.stack(out), np.int64(label)
+
+
+def clips_per_second(loader, batches: int, batch_size: int) -> float:
+    it = iter(loader)
+    next(it)  # warm-up: workers start, pipelines fill
+    t = time.perf_counter()
+    for _ in range(batches):
+        imgs, _ = next(it)
+    assert list(imgs.shape) == [batch_size, SEGMENTS, 3, TARGET, TARGET], imgs.shape
+    return batches * batch_size / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", choices=("pkl", "videos", "rawframes"), default="pkl")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--clips", type=int, default=48)
+    p.add_argument("--frames", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=20, help="timed batches per round")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="baseline worker processes = DALI threads")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"))
+    a = p.parse_args()
+    import paddle
+    from dali_pipelines import build_loader
+    list_file = make_data(os.path.join(a.work, a.source), a.source, a.clips, a.frames)
+    needed = (a.batches + 1) * a.batch_size
+    if needed > a.clips:
+        raise SystemExit(f"--clips must be at least (batches + 1) x batch size = {needed}")
+
+    def ours():
+        return build_loader(list_file, a.source, "train", batch_size=a.batch_size, num_segments=SEGMENTS,
+                            target_size=TARGET, short_size=SHORT, device=a.device, num_threads=a.workers)
+
+    def baseline():
+        return paddle.io.DataLoader(PaddleVideoStyleDataset(list_file, a.source), batch_size=a.batch_size,
+                                    shuffle=True, drop_last=True, num_workers=a.workers)
+
+    best = {"baseline": 0.0, "dali": 0.0}
+    for r in range(a.rounds):
+        for name in (["baseline", "dali"] if r % 2 == 0 else ["dali", "baseline"]):
+            rate = clips_per_second(ours() if name == "dali" else baseline(), a.batches, a.batch_size)
+            best[name] = max(best[name], rate)
+            print(f"round {r + 1} {name:<8s} {rate:7.1f} clips/s", flush=True)
+    print(f"source {a.source}, device {a.device}, {a.workers} workers/threads, batch {a.batch_size}, "
+          f"{SEGMENTS} segments, {TARGET}x{TARGET} from 340x256, best of {a.rounds}:")
+    print(f"  baseline (paddle.io.DataLoader + Pillow) {best['baseline']:7.1f} clips/s")
+    print(f"  ours (DALI)                              {best['dali']:7.1f} clips/s")
+    print(f"loader_speed_ratio: {best['dali'] / best['baseline']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

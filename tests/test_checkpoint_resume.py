@@ -1,0 +1,135 @@
+"""Checkpoints survive kills, resume repeats the original run exactly, precise-BN is what it claims."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+
+from trainer import checkpoint, dist
+from trainer.config import load_config
+from trainer.models import build_model
+from trainer.precise_bn import batch_norms, precise_bn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config(path, demo_dataset, out, epochs=4):
+    path.write_text(f"""_base_: {ROOT}/configs/tsn_demo.yaml
+epochs: {epochs}
+log_interval: 1
+val_interval: 1
+output_dir: {out}
+MODEL:
+  backbone: {{depth: 18, base_channels: 8}}
+DATASET:
+  train_list: {demo_dataset}/train_pkl.list
+  val_list: {demo_dataset}/val_pkl.list
+  label_file: {demo_dataset}/label.txt
+  batch_size: 3
+PIPELINE: {{target_size: 32, short_size: 40}}
+PRECISE_BN: {{num_iters: 3}}
+""")
+    return str(path)
+
+
+def _train(cfg, *overrides, wait=True):
+    cmd = [sys.executable, os.path.join(ROOT, "trainer", "main.py"), "train", "-c", cfg]
+    for o in overrides:
+        cmd += ["-o", o]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _digest(output):
+    return re.search(r"rank 0: weights digest (\w+)", output).group(1)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_minus_9_gives_the_same_weights_as_training_straight(demo_dataset, tmp_path):
+    straight = _train(_tiny_config(tmp_path / "a.yaml", demo_dataset, tmp_path / "a"))
+    cfg = _tiny_config(tmp_path / "b.yaml", demo_dataset, tmp_path / "b")
+    proc = _train(cfg, wait=False)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill -9 once epoch 2 is evaluated, wherever the run is then
+        if metrics.exists() and any(json.loads(x).get("mode") == "val" and json.loads(x)["epoch"] >= 2
+                                    for x in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = checkpoint.load_state(str(tmp_path / "b" / "latest.pdckpt"))["meta"]["epoch"]
+    assert 1 <= done < 4
+    resumed = _train(cfg, "resume=auto")
+    assert f"resumed from {tmp_path / 'b' / 'latest.pdckpt'} at epoch {done}" in resumed
+    assert _digest(resumed) == _digest(straight)
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert sorted({r["epoch"] for r in records if r["mode"] == "val"}) == [1, 2, 3, 4]
+
+
+def test_resume_names_a_missing_checkpoint(demo_dataset, tmp_path):
+    cfg = _tiny_config(tmp_path / "c.yaml", demo_dataset, tmp_path / "c")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "main.py"), "train", "-c", cfg,
+                             "-o", f"resume={tmp_path}/nope.pdckpt"], capture_output=True, text=True)
+    assert result.returncode == 1 and "nope.pdckpt does not exist" in result.stderr
+
+
+_WRITER = """
+import sys, paddle
+sys.path.insert(0, {root!r})
+from trainer import checkpoint
+m = paddle.nn.Linear(4, 4)
+print("go", flush=True)
+checkpoint.save({{"model": m.state_dict(), "big": paddle.zeros([150_000_000])}}, {path!r})
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / "latest.pdckpt"
+    model = paddle.nn.Linear(4, 4)
+    opt = paddle.optimizer.Momentum(0.1, parameters=model.parameters())
+    checkpoint.save_state(str(path), model, opt, epoch=3, step=30, best={"top1": 0.5})
+    before = path.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=ROOT, path=str(path))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "go"
+    deadline = time.time() + 60
+    while not any(".tmp-" in n for n in os.listdir(tmp_path)) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert path.read_bytes() == before
+    assert checkpoint.load_state(str(path))["meta"]["epoch"] == 3
+    checkpoint.remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["latest.pdckpt"]
+
+
+def test_precise_bn_sets_running_stats_to_the_average_of_batch_statistics(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("MODEL:\n  backbone: {depth: 18, base_channels: 8}\n  head: {num_classes: 5}\n")
+    model = build_model(load_config(str(p)))
+    batches = [(paddle.randn([2, 3, 3, 32, 32]) * (1 + i), None) for i in range(5)]
+    first = batch_norms(model)[0]
+    seen = []
+    hook = first.register_forward_pre_hook(lambda layer, inputs: seen.append(inputs[0].numpy()))
+    before = first._mean.numpy().copy()
+    assert precise_bn(model, batches, dist.Env(0, 1, "cpu", None)) == 5
+    hook.remove()
+    means = np.stack([x.mean(axis=(0, 2, 3)) for x in seen])
+    variances = np.stack([x.var(axis=(0, 2, 3)) for x in seen])
+    np.testing.assert_allclose(first._mean.numpy(), means.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(first._variance.numpy(), variances.mean(0), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(before, first._mean.numpy())
+    assert first._momentum == 0.9  # the layer's own momentum is restored
