@@ -52,4 +52,17 @@ else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / n > 0 ? cores / n : 1 ))}
     launch+=(--nproc_per_node "$n")
 fi
-exec "${launch[@]}" "${main[@]}"
+log_dir=${LOG_DIR:-log/$mode}
+status=0
+"${launch[@]}" "${main[@]}" || status=$?
+if [ "$status" -ne 0 ]; then
+    # the launcher shows one worker's log, often a rank that only aborted because a peer died:
+    # show the error each rank reported
+    echo "run_dist.sh: $mode failed (exit $status); errors reported by the ranks:" >&2
+    for f in "$log_dir"/workerlog.*; do
+        [ -f "$f" ] || continue
+        errors=$(grep -E "^(config error|(train|eval|test|predict): error)|^[A-Za-z_.]*(Error|Exception)(: |$)|^dali_pipelines: skipping" "$f" | tail -n 5)
+        [ -n "$errors" ] && printf '  rank %s (%s):\n%s\n' "${f##*.}" "$f" "$(sed 's/^/    /' <<<"$errors")" >&2
+    done
+fi
+exit "$status"

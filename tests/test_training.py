@@ -85,7 +85,7 @@ def test_eval_reports_top1_top5_of_the_best_checkpoint_over_the_whole_val_set(tr
 def test_predict_prints_top5_class_names_with_probabilities_for_an_mp4(trained, demo_dataset):
     work, cfg, _ = trained
     video = sorted((demo_dataset / "val" / "pulsing_ring").glob("*.mp4"))[0]
-    result = _run(["predict", "TSN", str(cfg), "--input", str(video)], work)
+    result = _run(["predict", "TSN", str(cfg), "--input", str(video), "--output", str(work / "pred.csv")], work)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = re.findall(r"^\s+(\d)\. (\S+)\s+([\d.]+)$", result.stdout, re.M)
     names = (demo_dataset / "label.txt").read_text().split()[1::2]
@@ -93,6 +93,9 @@ def test_predict_prints_top5_class_names_with_probabilities_for_an_mp4(trained, 
     assert all(r[1] in names for r in rows) and len({r[1] for r in rows}) == 5
     probs = [float(r[2]) for r in rows]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-4
+    csv_rows = (work / "pred.csv").read_text().splitlines()
+    assert csv_rows[0] == "video,rank,class,probability" and len(csv_rows) == 6
+    assert [r.split(",")[2] for r in csv_rows[1:]] == [r[1] for r in rows]
 
 
 def test_config_typo_stops_run_dist_with_one_line(tmp_path):
@@ -109,3 +112,24 @@ def test_predict_on_a_missing_video_names_it(trained):
     work, cfg, _ = trained
     result = _run(["predict", "TSN", str(cfg), "--input", str(work / "nope.mp4")], work)
     assert result.returncode == 1 and "nope.mp4 does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_multi_view_test_writes_per_class_accuracy_and_a_confusion_matrix(trained):
+    work, cfg, _ = trained
+    result = _run(["test", "TSN", str(cfg), "--nproc", "2", "-o", "PIPELINE.test_num_clips=2",
+                   "-o", "PIPELINE.test_num_crops=3"], work, {"LOG_DIR": str(work / "log_test")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = re.search(r"test: top1 ([\d.]+) top5 [\d.]+ mean class accuracy ([\d.]+) .* on 12 clips "
+                  r"\(2 clip\(s\) x 3 crop\(s\)", result.stdout)
+    assert m, result.stdout[-2000:]
+    rows = (work / "out" / "test_confusion.csv").read_text().splitlines()
+    names = rows[0].split(",")[1:]
+    assert len(rows) == 7 and len(names) == 6
+    matrix = [[int(v) for v in row.split(",")[1:]] for row in rows[1:]]
+    assert sum(map(sum, matrix)) == 12 and all(sum(row) == 2 for row in matrix)  # 2 val clips per class
+    assert abs(sum(matrix[i][i] for i in range(6)) / 12 - float(m.group(1))) < 1e-4
+    per_class = (work / "out" / "test_per_class.csv").read_text().splitlines()
+    accs = [float(line.split(",")[3]) for line in per_class[1:]]
+    assert abs(sum(accs) / 6 - float(m.group(2))) < 1e-3
+    assert (work / "out" / "test_confusion.png").stat().st_size > 1000

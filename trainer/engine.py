@@ -37,22 +37,33 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
         data_prefix=d.data_prefix or None, **opts)
 
 
-def evaluate(model, loader, env: dist.Env) -> dict:
-    """Top-1/top-5 over exactly the samples of the loader's list, summed over all ranks."""
+def evaluate(model, loader, env: dist.Env, num_classes: int | None = None) -> dict:
+    """Top-1/top-5 (and, with ``num_classes``, the confusion matrix) over exactly the readable samples
+    of the loader's list, summed over all ranks."""
     model.eval()
     counts = np.zeros(4)  # top1 hits, top5 hits, samples, loss sum
+    confusion = np.zeros((num_classes or 0, num_classes or 0))
     skipped_before = loader.skipped
     with paddle.no_grad():
         for imgs, labels in loader:
             logits = model(imgs.astype("float32"))
             loss = F.cross_entropy(logits, labels, reduction="sum")
-            k = min(5, logits.shape[1])
-            c1, c5 = topk_correct(logits.numpy(), labels.numpy(), (1, k))
-            counts += (c1, c5, labels.shape[0], float(loss))
-    counts = np.append(counts, loader.skipped - skipped_before)
-    top1, top5, n, loss, skipped = dist.all_reduce_sum(counts, env)
+            scores, truth = logits.numpy(), labels.numpy()
+            c1, c5 = topk_correct(scores, truth, (1, min(5, scores.shape[1])))
+            counts += (c1, c5, truth.shape[0], float(loss))
+            if num_classes:
+                np.add.at(confusion, (truth, scores.argmax(axis=1)), 1)
+    summed = dist.all_reduce_sum(np.concatenate([counts, [loader.skipped - skipped_before], confusion.ravel()]), env)
+    top1, top5, n, loss, skipped = summed[:5]
     model.train()
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "samples": int(n), "skipped": int(skipped)}
+    result = {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "samples": int(n), "skipped": int(skipped)}
+    if num_classes:
+        confusion = summed[5:].reshape(num_classes, num_classes).astype(np.int64)
+        per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+        present = confusion.sum(axis=1) > 0
+        result.update(mean_class_accuracy=float(per_class[present].mean()), confusion=confusion,
+                      per_class_accuracy=per_class)
+    return result
 
 
 def weights_digest(model) -> str:

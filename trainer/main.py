@@ -4,6 +4,7 @@
     python trainer/main.py eval    -c CONFIG [--weights W]      top-1/top-5 on DATASET.val_list
     python trainer/main.py test    -c CONFIG [--weights W]      multi-clip test on DATASET.test_list
     python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one video (or a .txt list)
+                                   [--output predictions.csv]
     python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--weights", help="weights for eval/test/predict (default: OUTPUT_DIR/best.pdparams)")
     p.add_argument("--input", help="predict: a video file, or a text file listing one video a line")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--output", help="predict: also write the predictions to this CSV file")
     return p.parse_args(argv)
 
 
@@ -65,10 +67,9 @@ def _print_summary(cfg) -> int:
 
 
 def run(args) -> int:
-    from trainer.config import load_config
+    from trainer.config import ConfigError, load_config
     cfg = load_config(args.config, args.override)
     if args.model and args.model != cfg.MODEL.name:
-        from trainer.config import ConfigError
         raise ConfigError(f"config error: model {args.model} was asked for but {args.config} sets "
                           f"MODEL.name = {cfg.MODEL.name}")
     if args.mode == "summary":
@@ -76,6 +77,10 @@ def run(args) -> int:
 
     from trainer import dist, engine
     env = dist.init(cfg.device)
+    if env.world_size > 1:  # each rank's own log says who it is, for operators (and kill tests)
+        import socket
+        print(f"rank {env.rank}/{env.world_size}: pid {os.getpid()} on {socket.gethostname()} ({env.device})",
+              flush=True)
     if args.mode == "train":
         summary = engine.train(cfg, env)
         if env.is_main:
@@ -89,18 +94,33 @@ def run(args) -> int:
     checkpoint.load_weights(model, weights)
     if args.mode in ("eval", "test"):
         loader = engine.make_loader(cfg, env, "val" if args.mode == "eval" else "test")
-        result = engine.evaluate(model, loader, env)
+        result = engine.evaluate(model, loader, env, cfg.MODEL.head.num_classes)
         if env.is_main:
-            from trainer.metrics import MetricsLog
-            MetricsLog(cfg.output_dir).write(mode=args.mode, weights=weights, **result)
-            print(f"{args.mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
-                  f"on {result['samples']} clips ({weights})", flush=True)
+            from dali_pipelines.formats import read_label_file
+            from trainer.metrics import MetricsLog, write_test_report
+            names = read_label_file(cfg.DATASET.label_file) if cfg.DATASET.label_file else \
+                [str(i) for i in range(cfg.MODEL.head.num_classes)]
+            if len(names) != cfg.MODEL.head.num_classes:
+                raise ConfigError(f"config error: {cfg.DATASET.label_file} names {len(names)} classes but "
+                                  f"MODEL.head.num_classes = {cfg.MODEL.head.num_classes}")
+            paths = write_test_report(cfg.output_dir, args.mode, result, names)
+            scalars = {k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}
+            MetricsLog(cfg.output_dir).write(mode=args.mode, weights=weights, **scalars)
+            p = cfg.PIPELINE
+            views = f"{p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), " if args.mode == "test" else ""
+            print(f"{args.mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
+                  f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
+                  f"({views}{weights}); per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
         return 0
 
-    from trainer.predict import predict, print_predictions
+    from trainer.predict import predict, print_predictions, write_predictions_csv
     if not args.input:
         raise FileNotFoundError("predict needs --input VIDEO (or a .txt file listing videos)")
-    print_predictions(predict(cfg, env, model, args.input, args.top_k))
+    results = predict(cfg, env, model, args.input, args.top_k)
+    print_predictions(results)
+    if args.output:
+        write_predictions_csv(results, args.output)
+        print(f"predict: {len(results)} video(s) -> {args.output}")
     return 0
 
 

@@ -34,3 +34,45 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def write_test_report(output_dir: str, prefix: str, result: dict, names: list[str]) -> list[str]:
+    """Per-class accuracy and the confusion matrix as CSV (and the matrix as a PNG); returns the paths."""
+    import csv
+
+    confusion, per_class = result["confusion"], result["per_class_accuracy"]
+    paths = [os.path.join(output_dir, f"{prefix}_per_class.csv"), os.path.join(output_dir, f"{prefix}_confusion.csv"),
+             os.path.join(output_dir, f"{prefix}_confusion.png")]
+    with open(paths[0], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "samples", "correct", "accuracy"])
+        for i, name in enumerate(names):
+            w.writerow([name, int(confusion[i].sum()), int(confusion[i, i]), f"{per_class[i]:.4f}"])
+    with open(paths[1], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted"] + names)
+        for i, name in enumerate(names):
+            w.writerow([name] + [int(v) for v in confusion[i]])
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.35 * n, 40), min(3.5 + 0.35 * n, 40)))
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
+                            color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion ({int(confusion.sum())} clips, top-1 {result['top1']:.3f})")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=80)
+    plt.close(fig)
+    return paths

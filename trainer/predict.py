@@ -53,3 +53,16 @@ def print_predictions(results) -> None:
         print(f"{video}:")
         for rank, (name, prob) in enumerate(top, 1):
             print(f"  {rank}. {name:<30s} {prob:.4f}")
+
+
+def write_predictions_csv(results, path: str) -> None:
+    import csv
+    from dali_pipelines.formats import write_atomic
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["video", "rank", "class", "probability"])
+    for video, top in results:
+        for rank, (name, prob) in enumerate(top, 1):
+            w.writerow([video, rank, name, f"{prob:.6f}"])
+    write_atomic(path, buf.getvalue().encode())

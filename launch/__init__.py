@@ -1,0 +1,1 @@
+"""Distributed launch helpers: mpirun rank mapping, cluster job templates."""

