@@ -1,12 +1,12 @@
 # make demo: set up .venv and run the whole system on the embedded demo dataset (CPU is enough).
 # make test: set up .venv and run the test suite.
-# EXTRAS=gpu,dev selects the GPU wheels of Paddle (paddlepaddle-gpu) instead of the CPU ones.
+# EXTRAS=gpu,dev,onnx selects the GPU wheels of Paddle (paddlepaddle-gpu) instead of the CPU ones.
 PYTHON ?= python3
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,onnx
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEMO := data/demo
 NPROC ?= 2
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run the trainer in fleet collective mode: one process per visible GPU, or --nproc CPU processes
-# (default 2) on a machine without GPUs; predict runs as a single process.
+# (default 2) on a machine without GPUs; predict and export run as a single process.
 #
-#   bash run_dist.sh {train|eval|test|predict} MODEL CONFIG [--nproc N] [--ips IP1,IP2,...]
-#                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO]
+#   bash run_dist.sh {train|eval|test|predict|export} MODEL CONFIG [--nproc N] [--ips IP1,IP2,...]
+#                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--output FILE] [--onnx]
 #
 # Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
 # the repo's .venv, else python3).
@@ -16,7 +16,7 @@ usage() {
 [ $# -ge 3 ] || usage
 mode=$1 model=$2 config=$3
 shift 3
-case "$mode" in train|eval|test|predict) ;; *) echo "run_dist.sh: unknown mode '$mode'" >&2; usage ;; esac
+case "$mode" in train|eval|test|predict|export) ;; *) echo "run_dist.sh: unknown mode '$mode'" >&2; usage ;; esac
 [ -f "$config" ] || { echo "run_dist.sh: config file $config does not exist" >&2; exit 2; }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
 done
 main=("$here/trainer/main.py" "$mode" --model "$model" -c "$config" "${args[@]}")
 
-if [ "$mode" = predict ]; then
+if [ "$mode" = predict ] || [ "$mode" = export ]; then
     exec "$py" "${main[@]}"
 fi
 

@@ -133,3 +133,39 @@ def test_multi_view_test_writes_per_class_accuracy_and_a_confusion_matrix(traine
     accs = [float(line.split(",")[3]) for line in per_class[1:]]
     assert abs(sum(accs) / 6 - float(m.group(2))) < 1e-3
     assert (work / "out" / "test_confusion.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_export_writes_an_inference_model_whose_scores_match_predict(trained, demo_dataset):
+    work, cfg, _ = trained
+    import importlib.util
+    onnx = all(importlib.util.find_spec(m) for m in ("paddle2onnx", "onnxruntime"))
+    result = _run(["export", "TSN", str(cfg), "--output", str(work / "exported")] + (["--onnx"] if onnx else []), work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "paddle_inference max |diff|" in result.stdout  # export fails itself beyond 1e-4
+    if onnx:
+        assert "onnx max |diff|" in result.stdout and (work / "exported" / "model.onnx").stat().st_size > 1000
+    settings = json.loads((work / "exported" / "preprocessing.json").read_text())
+    assert settings["input_shape"] == [None, 3, 3, 32, 32] and len(settings["class_names"]) == 6
+    # the exported predictor and `predict` (dynamic model) agree on a real clip
+    import numpy as np
+    from trainer import checkpoint, dist, engine
+    from trainer.config import load_config
+    from trainer.export import paddle_inference_scores
+    from trainer.models import build_model
+    from trainer.predict import predict
+    config = load_config(str(cfg))
+    model = build_model(config)
+    checkpoint.load_weights(model, str(work / "out" / "best.pdparams"))
+    video = sorted((demo_dataset / "val" / "spinning_bar").glob("*.mp4"))[0]
+    dynamic = dict(predict(config, dist.Env(0, 1, "cpu", None), model, str(video), top_k=6)[0][1])
+    from dali_pipelines.formats import Sample
+    loader = engine.make_loader(config, dist.Env(0, 1, "cpu", None), "test", source="videos",
+                                samples=[Sample(str(video), -1, 0, 1)], num_classes=None)
+    clips = next(iter(loader))[0].numpy()
+    model_file = str(next(p for p in (work / "exported").iterdir() if p.suffix in (".json", ".pdmodel")
+                          and p.name.startswith("inference")))
+    logits = paddle_inference_scores(model_file, str(work / "exported" / "inference.pdiparams"), clips)[0]
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    for i, name in enumerate(settings["class_names"]):
+        assert abs(probs[i] - dynamic[name]) < 1e-5

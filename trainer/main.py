@@ -5,6 +5,7 @@
     python trainer/main.py test    -c CONFIG [--weights W]      multi-clip test on DATASET.test_list
     python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one video (or a .txt list)
                                    [--output predictions.csv]
+    python trainer/main.py export  -c CONFIG [--weights W] [--onnx]  Paddle Inference model (+ ONNX) in OUTPUT_DIR/inference
     python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ warnings.filterwarnings("ignore", message="No ccache found")
 warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 warnings.filterwarnings("ignore", message="Current global rank .* is not in group")
 
-MODES = ("train", "eval", "test", "predict", "summary")
+MODES = ("train", "eval", "test", "predict", "export", "summary")
 
 
 def parse_args(argv=None):
@@ -35,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--weights", help="weights for eval/test/predict (default: OUTPUT_DIR/best.pdparams)")
     p.add_argument("--input", help="predict: a video file, or a text file listing one video a line")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--output", help="predict: also write the predictions to this CSV file")
+    p.add_argument("--output", help="predict: also write the predictions to this CSV file; "
+                   "export: the folder (default OUTPUT_DIR/inference)")
+    p.add_argument("--onnx", action="store_true", help="export: also write model.onnx (needs paddle2onnx)")
     return p.parse_args(argv)
 
 
@@ -111,6 +114,17 @@ def run(args) -> int:
             print(f"{args.mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
                   f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
                   f"({views}{weights}); per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
+        return 0
+
+    if args.mode == "export":
+        from dali_pipelines.formats import read_label_file
+        from trainer.export import export
+        names = read_label_file(cfg.DATASET.label_file) if cfg.DATASET.label_file else []
+        report = export(cfg, model, args.output or os.path.join(cfg.output_dir, "inference"), names, onnx=args.onnx)
+        checks = ", ".join(f"{k.replace('_max_diff', '')} max |diff| {v:.2e}" for k, v in report.items()
+                           if k.endswith("_max_diff"))
+        print(f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
+              + (f", {report['onnx']}" if "onnx" in report else "") + f"; scores against the dynamic model: {checks}")
         return 0
 
     from trainer.predict import predict, print_predictions, write_predictions_csv
