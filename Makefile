@@ -1,8 +1,8 @@
 # make demo: set up .venv and run the whole system on the embedded demo dataset (CPU is enough).
 # make test: set up .venv and run the test suite.
-# EXTRAS=gpu,dev,onnx selects the GPU wheels of Paddle (paddlepaddle-gpu) instead of the CPU ones.
+# EXTRAS=gpu,dev,onnx,vdl selects the GPU wheels of Paddle (paddlepaddle-gpu) instead of the CPU ones.
 PYTHON ?= python3
-EXTRAS ?= cpu,dev,onnx
+EXTRAS ?= cpu,dev,onnx,vdl
 VENV := .venv
 PY := $(VENV)/bin/python
 comma := ,

@@ -70,3 +70,22 @@ def test_head_averages_segments_before_the_classifier(cfg):
     clip = paddle.randn([1, 1, 3, 32, 32])
     same = paddle.concat([clip, clip, clip], axis=1)
     np.testing.assert_allclose(model(same).numpy(), model(clip).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_pretrained_loads_backbone_and_skips_a_classifier_of_another_class_count(cfg, tmp_path):
+    from trainer.models import load_pretrained
+    source = build_model(cfg)  # 5 classes
+    paddle.save(source.state_dict(), str(tmp_path / "k400.pdparams"))
+    paddle.save(source.backbone.state_dict(), str(tmp_path / "imagenet.pdparams"))
+    cfg.MODEL.head["num_classes"] = 7
+    for name in ("k400.pdparams", "imagenet.pdparams"):
+        target = build_model(cfg)
+        report = load_pretrained(target, str(tmp_path / name))
+        np.testing.assert_array_equal(target.backbone.stem[0][0].weight.numpy(),
+                                      source.backbone.stem[0][0].weight.numpy())
+        assert list(target.head.fc.weight.shape) == [64, 7]
+        assert "head.fc.weight" in report
+    assert "skipped (shape differs) ['head.fc.bias', 'head.fc.weight']" in load_pretrained(
+        build_model(cfg), str(tmp_path / "k400.pdparams"))
+    with pytest.raises(FileNotFoundError, match="MODEL.backbone.pretrained"):
+        load_pretrained(build_model(cfg), str(tmp_path / "nope.pdparams"))

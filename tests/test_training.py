@@ -65,6 +65,9 @@ def test_training_writes_metrics_jsonl_and_checkpoints(trained):
     assert 0 <= summary["data_wait_share"] <= 1 and summary["train_samples_per_s"] > 0
     for name in ("best.pdparams", "latest.pdckpt", "config.yaml", "curves.png"):
         assert (work / "out" / name).is_file()
+    import importlib.util
+    if importlib.util.find_spec("visualdl"):
+        assert any(f.startswith("vdlrecords") for f in os.listdir(work / "out" / "vdl"))
 
 
 @pytest.mark.slow

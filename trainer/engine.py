@@ -222,6 +222,7 @@ def train(cfg, env: dist.Env) -> dict:
                "train_samples_per_s": totals["samples"] * env.world_size / max(totals["batch"], 1e-9),
                "data_wait_share": totals["data"] / max(totals["batch"], 1e-9)}
     log.write(mode="summary", **summary)
+    log.close()
     if env.is_main:
         from .plots import plot_curves
         plot_curves(log.path, os.path.join(out, "curves.png"))

@@ -108,7 +108,9 @@ def run(args) -> int:
                                   f"MODEL.head.num_classes = {cfg.MODEL.head.num_classes}")
             paths = write_test_report(cfg.output_dir, args.mode, result, names)
             scalars = {k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}
-            MetricsLog(cfg.output_dir).write(mode=args.mode, weights=weights, **scalars)
+            log = MetricsLog(cfg.output_dir)
+            log.write(mode=args.mode, weights=weights, **scalars)
+            log.close()
             p = cfg.PIPELINE
             views = f"{p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), " if args.mode == "test" else ""
             print(f"{args.mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "

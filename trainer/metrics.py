@@ -16,13 +16,20 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> list[int]
 
 
 class MetricsLog:
-    """Appends one JSON object a line; only the main rank writes."""
+    """Appends one JSON object a line to OUTPUT_DIR/metrics.jsonl, and the same scalars to VisualDL
+    (OUTPUT_DIR/vdl) when visualdl is installed; only the main rank writes."""
 
     def __init__(self, output_dir: str, enabled: bool = True):
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.enabled = enabled
+        self.enabled, self._vdl = enabled, None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
+            try:
+                from visualdl import LogWriter
+            except ImportError:
+                pass
+            else:
+                self._vdl = LogWriter(logdir=os.path.join(output_dir, "vdl"))
 
     def start_new(self) -> None:
         if self.enabled and os.path.exists(self.path):
@@ -34,6 +41,15 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self._vdl is not None:
+            for key, value in record.items():
+                if key not in ("time", "epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._vdl.add_scalar(f"{record.get('mode', 'run')}/{key}", value, record.get("step", 0))
+
+    def close(self) -> None:
+        if self._vdl is not None:
+            self._vdl.close()
+            self._vdl = None
 
 
 def write_test_report(output_dir: str, prefix: str, result: dict, names: list[str]) -> list[str]:

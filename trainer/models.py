@@ -105,22 +105,37 @@ def build_model(cfg) -> TSN:
     backbone = ResNet(b.depth, b.base_channels)
     model = TSN(backbone, TSNHead(backbone.out_channels, h.num_classes, h.dropout, h.init_std))
     if b.pretrained:
-        load_pretrained(model.backbone, b.pretrained)
+        print(load_pretrained(model, b.pretrained))
     return model
 
 
-def load_pretrained(backbone: nn.Layer, path: str) -> None:
-    """Load ImageNet weights from a local .pdparams into the backbone, listing what did not match."""
+def load_pretrained(model: TSN, path: str) -> str:
+    """Initialise from a local file: ImageNet backbone weights (with or without the ``backbone.``
+    prefix) or a whole TSN checkpoint (``.pdparams`` / ``.pdckpt``). Tensors whose shape differs (the
+    classifier of another class count) are skipped; returns a one-line report of what was loaded."""
     import os
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.backbone.pretrained: {path} does not exist; give a local .pdparams "
                                 "file or set it to ''")
     state = paddle.load(path)
-    own = backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and list(v.shape) == list(own[k].shape)}
-    backbone.set_state_dict(usable)
-    missing = sorted(set(own) - set(usable))
-    unused = sorted(set(state) - set(usable))
-    print(f"pretrained: loaded {len(usable)}/{len(own)} tensors from {path}"
-          + (f"; missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "")
-          + (f"; unused {unused[:5]}{'...' if len(unused) > 5 else ''}" if unused else ""))
+    if isinstance(state, dict) and {"model", "optimizer", "meta"} <= set(state):
+        state = state["model"]
+    own = model.state_dict()
+    usable, skipped, unused = {}, [], []
+    for key, value in state.items():
+        target = key if key in own else f"backbone.{key}" if f"backbone.{key}" in own else None
+        if target is None:
+            unused.append(key)
+        elif list(value.shape) != list(own[target].shape):
+            skipped.append(target)
+        else:
+            usable[target] = value
+    model.set_state_dict(usable)
+    missing = sorted(set(own) - set(usable) - set(skipped))
+
+    def few(keys):
+        return f"{keys[:4]}{' ...' if len(keys) > 4 else ''}"
+    return (f"pretrained: loaded {len(usable)}/{len(own)} tensors from {path}"
+            + (f"; skipped (shape differs) {few(sorted(skipped))}" if skipped else "")
+            + (f"; not in the file {few(missing)}" if missing else "")
+            + (f"; unused {few(sorted(unused))}" if unused else ""))
