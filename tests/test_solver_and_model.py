@@ -89,3 +89,63 @@ def test_pretrained_loads_backbone_and_skips_a_classifier_of_another_class_count
         build_model(cfg), str(tmp_path / "k400.pdparams"))
     with pytest.raises(FileNotFoundError, match="MODEL.backbone.pretrained"):
         load_pretrained(build_model(cfg), str(tmp_path / "nope.pdparams"))
+
+
+def _paddlevideo_tsn_state(depth, num_classes, rng):
+    """A state dict named the way PaddleVideo's TSN (Recognizer2D + ResNet + TSNHead) names it."""
+    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    widths = (64, 128, 256, 512)
+    state, cin = {}, 64
+
+    def conv_bn(prefix, cout, cin_, k):
+        state[f"{prefix}._conv.weight"] = rng.standard_normal((cout, cin_, k, k)).astype("float32")
+        for f in ("weight", "bias", "_mean", "_variance"):
+            state[f"{prefix}._batch_norm.{f}"] = rng.standard_normal(cout).astype("float32")
+    conv_bn("backbone.conv", 64, 3, 7)
+    for s, n in enumerate(blocks):
+        for j in range(n):
+            name = f"res{s + 2}" + ("a" if j == 0 else f"b{j}") if depth == 101 and s == 2 else f"res{s + 2}{chr(97 + j)}"
+            w = widths[s]
+            conv_bn(f"backbone.{name}.conv0", w, cin, 1)
+            conv_bn(f"backbone.{name}.conv1", w, w, 3)
+            conv_bn(f"backbone.{name}.conv2", 4 * w, w, 1)
+            if j == 0:
+                conv_bn(f"backbone.{name}.short", 4 * w, cin, 1)
+            cin = 4 * w
+    state["head.fc.weight"] = rng.standard_normal((2048, num_classes)).astype("float32")
+    state["head.fc.bias"] = rng.standard_normal(num_classes).astype("float32")
+    return state
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_a_tsn_checkpoint_trained_by_paddlevideo_loads(cfg, tmp_path, depth):
+    from trainer import checkpoint
+    rng = np.random.default_rng(depth)
+    pv = _paddlevideo_tsn_state(depth, 5, rng)
+    paddle.save({k: paddle.to_tensor(v) for k, v in pv.items()}, str(tmp_path / "pv.pdparams"))
+    cfg.MODEL.backbone.update(depth=depth, base_channels=64)
+    model = build_model(cfg)
+    checkpoint.load_weights(model, str(tmp_path / "pv.pdparams"))  # raises unless every tensor has a place
+    ours = model.state_dict()
+    first_of_stage3 = 3 + 4  # ResNet-50/101: stages of 3 and 4 blocks come before res4a
+    pairs = {"backbone.conv._conv.weight": "backbone.stem.0.0.weight",
+             "backbone.res2a.short._batch_norm._variance": "backbone.stages.0.shortcut.1._variance",
+             "backbone.res3b.conv1._conv.weight": "backbone.stages.4.branch.1.0.weight",
+             "backbone.res4a.conv2._batch_norm.weight": f"backbone.stages.{first_of_stage3}.branch.2.1.weight",
+             "head.fc.bias": "head.fc.bias"}
+    last4 = "res4b22" if depth == 101 else "res4f"
+    pairs[f"backbone.{last4}.conv0._conv.weight"] = \
+        f"backbone.stages.{first_of_stage3 + (22 if depth == 101 else 5)}.branch.0.0.weight"
+    for theirs, mine in pairs.items():
+        np.testing.assert_array_equal(ours[mine].numpy(), pv[theirs])
+
+
+def test_paddlevideo_static_imagenet_names_map_to_the_backbone():
+    from trainer.paddlevideo_names import from_paddlevideo
+    state = {"conv1_weights": 1, "bn_conv1_scale": 2, "res2a_branch2a_weights": 3, "bn2a_branch2a_offset": 4,
+             "res3a_branch1_weights": 5, "bn5c_branch2c_variance": 6, "fc_0.w_0": 7}
+    mapped, unused = from_paddlevideo(state, 50)
+    assert mapped == {"backbone.stem.0.0.weight": 1, "backbone.stem.0.1.weight": 2,
+                      "backbone.stages.0.branch.0.0.weight": 3, "backbone.stages.0.branch.0.1.bias": 4,
+                      "backbone.stages.3.shortcut.0.weight": 5, "backbone.stages.15.branch.2.1._variance": 6}
+    assert unused == ["fc_0.w_0"]

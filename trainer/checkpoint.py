@@ -61,6 +61,9 @@ def load_weights(model: paddle.nn.Layer, path: str) -> dict:
         state, meta = state["model"], state["meta"]
     else:
         meta = state.pop("__meta__", {}) if isinstance(state, dict) else {}
+    from .paddlevideo_names import from_paddlevideo, looks_like_paddlevideo
+    if looks_like_paddlevideo(state):  # a TSN trained by PaddleVideo
+        state, _ = from_paddlevideo(state, model.backbone.depth)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -54,6 +54,7 @@ class ResNet(nn.Layer):
     def __init__(self, depth: int = 50, base_channels: int = 64):
         super().__init__()
         kind, blocks = DEPTHS[depth]
+        self.depth = depth
         block = BasicBlock if kind == "basic" else Bottleneck
         self.stem = nn.Sequential(_conv_bn(3, base_channels, 7, 2), nn.MaxPool2D(3, 2, 1))
         stages, cin = [], base_channels
@@ -111,8 +112,9 @@ def build_model(cfg) -> TSN:
 
 def load_pretrained(model: TSN, path: str) -> str:
     """Initialise from a local file: ImageNet backbone weights (with or without the ``backbone.``
-    prefix) or a whole TSN checkpoint (``.pdparams`` / ``.pdckpt``). Tensors whose shape differs (the
-    classifier of another class count) are skipped; returns a one-line report of what was loaded."""
+    prefix), a whole TSN checkpoint (``.pdparams`` / ``.pdckpt``), or either saved by PaddleVideo (its
+    layer names are translated). Tensors whose shape differs (the classifier of another class count)
+    are skipped; returns a one-line report of what was loaded."""
     import os
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.backbone.pretrained: {path} does not exist; give a local .pdparams "
@@ -120,8 +122,12 @@ def load_pretrained(model: TSN, path: str) -> str:
     state = paddle.load(path)
     if isinstance(state, dict) and {"model", "optimizer", "meta"} <= set(state):
         state = state["model"]
+    unused = []
+    from .paddlevideo_names import from_paddlevideo, looks_like_paddlevideo
+    if looks_like_paddlevideo(state):
+        state, unused = from_paddlevideo(state, model.backbone.depth)
     own = model.state_dict()
-    usable, skipped, unused = {}, [], []
+    usable, skipped = {}, []
     for key, value in state.items():
         target = key if key in own else f"backbone.{key}" if f"backbone.{key}" in own else None
         if target is None:
