@@ -97,7 +97,8 @@ def main() -> None:
     if frames["plain ffmpeg"] != frames["video2pkl"]:
         raise SystemExit(f"frame counts differ: {frames}")
     fps = {k: frames[k] / v for k, v in best.items()}
-    print(f"{a.clips} clips x {a.frames} frames, 340x256 H.264, {a.nproc} processes, q:v {a.quality}; best of {a.rounds}:")
+    print(f"{a.clips} clips x {a.frames} frames, 340x256 H.264, {a.nproc} processes, q:v {a.quality}; "
+          f"best of {a.rounds}:")
     for k, v in fps.items():
         print(f"  {k:<13s} {v:7.0f} frames/s")
     print(f"preprocess_speed_ratio: {fps['video2pkl'] / fps['plain ffmpeg']:.3f}")

@@ -71,27 +71,32 @@ class _ClipSource:
             self._start_epoch()
         if self._batches >= self.num_batches():
             raise StopIteration
-        rows, failures = [], 0
-        while len(rows) < self.batch_size and self._cursor < len(self._order):
-            row = self._try_load(self._order[self._cursor])
-            self._cursor += 1
-            failures = 0 if row is not None else failures + 1
+        rows, failures, candidates = [], 0, self._candidates()
+        while len(rows) < self.batch_size:
+            i = next(candidates, None)
+            if i is None:
+                break
+            row = self._try_load(i)
             if row is not None:
                 rows.append(row)
-            elif failures >= self.MAX_CONSECUTIVE_FAILURES:
-                raise DataFormatError(f"{failures} samples in a row could not be read (last: see the "
-                                      "messages above); check the data and the list file")
-        while self.mode == "train" and len(rows) < self.batch_size:
-            row = self._try_load(self._order[self._rng.integers(len(self._order))])
-            failures = 0 if row is not None else failures + 1
-            if row is not None:
-                rows.append(row)
-            elif failures >= self.MAX_CONSECUTIVE_FAILURES:
-                raise DataFormatError("too many unreadable samples to fill a training batch")
+                failures = 0
+                continue
+            failures += 1
+            if failures >= self.MAX_CONSECUTIVE_FAILURES:
+                raise DataFormatError(f"{failures} samples in a row could not be read (see the messages "
+                                      "above); check the data and the list file")
         if not rows:
             raise StopIteration
         self._batches += 1
         return tuple(list(col) for col in zip(*rows))
+
+    def _candidates(self):
+        """The rest of this rank's shard in order; in training, then random samples of the shard."""
+        while self._cursor < len(self._order):
+            self._cursor += 1
+            yield self._order[self._cursor - 1]
+        while self.mode == "train":
+            yield self._order[self._rng.integers(len(self._order))]
 
     def _try_load(self, i):
         s = self.samples[i]

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     write_list(args.out, entries)
     for path, why in bad:
         print(f"build_list: skipped {path}: {why}", file=sys.stderr)
-    print(f"build_list: {len(entries)} {args.source} entries -> {args.out}" + (f"; {len(bad)} unreadable videos skipped" if bad else ""))
+    print(f"build_list: {len(entries)} {args.source} entries -> {args.out}"
+          + (f"; {len(bad)} unreadable videos skipped" if bad else ""))
     return 1 if bad else 0
 
 

@@ -19,6 +19,7 @@ from dali_pipelines.formats import write_atomic, write_pkl
 
 from .frames import ConversionError, die_with_parent, extract_jpegs
 from .kinetics import UsageError, find_clip, load_class_index, read_csv
+from .progress import progress
 
 TMP_PREFIX = ".tmp-"
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -112,12 +113,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-    # a live bar on a terminal; a line every 30 s in logs
-    return tqdm(total=total, unit="clip", desc=desc, mininterval=0.2 if sys.stderr.isatty() else 30)
-
-
 def run(argv, prog: str, doc: str, fmt: str) -> int:
     args = build_parser(prog, doc, "pkl files" if fmt == "pkl" else "rawframe folders").parse_args(argv)
     dst_dir = os.path.abspath(args.dst_dir)
@@ -177,7 +172,7 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     pool = multiprocessing.get_context("fork").Pool(args.nproc, initializer=_worker_init)
     try:
-        with _progress(len(jobs), prog) as bar:
+        with progress(len(jobs), prog) as bar:
             for video_id, label, frames, error in pool.imap_unordered(_convert, jobs, chunksize=1):
                 processed += 1
                 if error:

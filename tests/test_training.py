@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from .tiny import tiny_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,22 +22,7 @@ def _run(args, cwd, env_extra=None, timeout=600):
 def trained(demo_dataset, tmp_path_factory):
     """Two epochs of a tiny TSN on the miniature demo dataset with 2 ranks."""
     work = tmp_path_factory.mktemp("run")
-    cfg = work / "tiny.yaml"
-    cfg.write_text(f"""_base_: {ROOT}/configs/tsn_demo.yaml
-epochs: 2
-log_interval: 1
-val_interval: 1
-output_dir: {work}/out
-MODEL:
-  backbone: {{depth: 18, base_channels: 8}}
-DATASET:
-  train_list: {demo_dataset}/train_pkl.list
-  val_list: {demo_dataset}/val_pkl.list
-  test_list: {demo_dataset}/val_pkl.list
-  label_file: {demo_dataset}/label.txt
-  batch_size: 4
-PIPELINE: {{target_size: 32, short_size: 40}}
-""")
+    cfg = tiny_config(work / "tiny.yaml", demo_dataset, work / "out", batch_size=4)
     result = _run(["train", "TSN", str(cfg), "--nproc", "2"], work, {"LOG_DIR": str(work / "log")})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return work, cfg, result
@@ -172,3 +159,11 @@ def test_export_writes_an_inference_model_whose_scores_match_predict(trained, de
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     for i, name in enumerate(settings["class_names"]):
         assert abs(probs[i] - dynamic[name]) < 1e-5
+
+
+def test_an_empty_list_setting_is_a_one_line_config_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"_base_: {ROOT}/configs/tsn_demo.yaml\nDATASET:\n  train_list: ''\n")
+    result = _run(["train", "TSN", str(cfg), "--nproc", "1"], tmp_path, {"LOG_DIR": str(tmp_path / "log")})
+    assert result.returncode != 0
+    assert "config error: DATASET.train_list is empty" in result.stdout + result.stderr

@@ -11,7 +11,7 @@ import paddle.nn.functional as F
 import yaml
 
 from . import checkpoint, dist
-from .config import to_plain
+from .config import ConfigError, to_plain
 from .metrics import MetricsLog, topk_correct
 from .models import build_model
 from .precise_bn import precise_bn
@@ -25,9 +25,11 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
     d, p = cfg.DATASET, cfg.PIPELINE
     list_file = list_file or {"train": d.train_list, "val": d.val_list, "test": d.test_list}[mode]
     if not list_file and not options.get("samples"):
-        raise ValueError(f"DATASET.{mode}_list is empty; set it in the config or with -o DATASET.{mode}_list=PATH")
-    opts = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip, num_threads=d.num_threads,
-                prefetch=d.prefetch, device_id=env.device_id, num_classes=cfg.MODEL.head.num_classes,
+        raise ConfigError(f"config error: DATASET.{mode}_list is empty; set it in the config or with "
+                          f"-o DATASET.{mode}_list=PATH")
+    opts = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip,
+                num_threads=d.num_threads, prefetch=d.prefetch, device_id=env.device_id,
+                num_classes=cfg.MODEL.head.num_classes,
                 dtype="float16" if cfg.amp and env.device == "gpu" else "float32")
     opts.update(options)
     return build_loader(

@@ -5,7 +5,7 @@
     python trainer/main.py test    -c CONFIG [--weights W]      multi-clip test on DATASET.test_list
     python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one video (or a .txt list)
                                    [--output predictions.csv]
-    python trainer/main.py export  -c CONFIG [--weights W] [--onnx]  Paddle Inference model (+ ONNX) in OUTPUT_DIR/inference
+    python trainer/main.py export  -c CONFIG [--weights W] [--onnx]  Paddle Inference (+ ONNX) model
     python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
 """
 from __future__ import annotations

@@ -43,7 +43,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self._vdl is not None:
             for key, value in record.items():
-                if key not in ("time", "epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if numeric and key not in ("time", "epoch", "step"):
                     self._vdl.add_scalar(f"{record.get('mode', 'run')}/{key}", value, record.get("step", 0))
 
     def close(self) -> None:

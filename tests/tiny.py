@@ -1,0 +1,24 @@
+"""The tiny training config the multi-process tests share: the demo recipe, a width-8 ResNet-18 at 32x32."""
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(path, demo_dataset, output_dir, epochs=2, batch_size=3, train_list=None) -> str:
+    path.write_text(f"""_base_: {ROOT}/configs/tsn_demo.yaml
+epochs: {epochs}
+log_interval: 1
+val_interval: 1
+output_dir: {output_dir}
+MODEL:
+  backbone: {{depth: 18, base_channels: 8}}
+DATASET:
+  train_list: {train_list or demo_dataset / 'train_pkl.list'}
+  val_list: {demo_dataset / 'val_pkl.list'}
+  test_list: {demo_dataset / 'val_pkl.list'}
+  label_file: {demo_dataset / 'label.txt'}
+  batch_size: {batch_size}
+PIPELINE: {{target_size: 32, short_size: 40}}
+PRECISE_BN: {{num_iters: 3}}
+""")
+    return str(path)
