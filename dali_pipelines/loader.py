@@ -195,7 +195,8 @@ def _build_pipeline(src: _ClipSource, kind, frames_per_view, num_views, device, 
             out.append(fn.crop_mirror_normalize(
                 frames, dtype=out_type, output_layout="FCHW", mean=[m * 255 for m in MEAN],
                 std=[s * 255 for s in STD], mirror=views[3 * v + 2]))
-        return (out[0] if num_views == 1 else fn.cat(*out, axis=0)), label
+        frames = out[0] if num_views == 1 else fn.cat(*out, axis=0)
+        return frames, (label.gpu() if device == "gpu" else label)  # the whole batch on one device
 
     pipe = graph()
     pipe.build()

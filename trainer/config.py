@@ -36,7 +36,8 @@ SCHEMA: dict = {
     "log_interval": Opt(20, minimum=1),
     "val_interval": Opt(1, minimum=1),          # epochs between evaluations
     "save_interval": Opt(10, minimum=1),        # epochs between numbered checkpoints
-    "amp": Opt(False),
+    "amp": Opt(False),                          # mixed precision on GPU
+    "amp_dtype": Opt("float16", choices=("float16", "bfloat16")),
     "resume": Opt(""),                          # "", "auto" (OUTPUT_DIR/latest.pdckpt if present) or a path
     "MODEL": {
         "name": Opt("TSN", choices=("TSN",)),

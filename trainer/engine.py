@@ -30,13 +30,18 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
     opts = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip,
                 num_threads=d.num_threads, prefetch=d.prefetch, device_id=env.device_id,
                 num_classes=cfg.MODEL.head.num_classes,
-                dtype="float16" if cfg.amp and env.device == "gpu" else "float32")
+                dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32")
     opts.update(options)
     return build_loader(
         list_file, source=source or d.source, mode=mode, batch_size=d.batch_size,
         num_segments=p.num_segments, target_size=p.target_size, short_size=p.short_size,
         device=env.device, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
         data_prefix=d.data_prefix or None, **opts)
+
+
+def _amp_dtype(cfg, env) -> str | None:
+    """The autocast dtype, or None: AMP runs on GPUs only."""
+    return cfg.amp_dtype if cfg.amp and env.device == "gpu" else None
 
 
 def evaluate(model, loader, env: dist.Env, num_classes: int | None = None) -> dict:
@@ -106,11 +111,12 @@ class _Window:
 
 
 def _train_epoch(cfg, env, epoch, net, opt, lr, scaler, loader, log, step, totals) -> int:
+    amp = _amp_dtype(cfg, env)
     net.train()
     win, steps, t_prev = _Window(), len(loader), time.time()
     for imgs, labels in loader:
         t_data = time.time()
-        with paddle.amp.auto_cast(enable=scaler is not None):
+        with paddle.amp.auto_cast(enable=amp is not None, dtype=amp or "float16"):
             logits = net(imgs)
             loss = F.cross_entropy(logits.astype("float32"), labels)
         if scaler is not None:
@@ -179,7 +185,7 @@ def train(cfg, env: dist.Env) -> dict:
     if env.world_size > 1:
         from paddle.distributed import fleet
         net, opt = fleet.distributed_model(model), fleet.distributed_optimizer(opt)
-    scaler = paddle.amp.GradScaler() if cfg.amp and env.device == "gpu" else None
+    scaler = paddle.amp.GradScaler() if _amp_dtype(cfg, env) == "float16" else None  # bf16 needs no scaling
     if scaler is not None and resume and scaler_state:
         scaler.load_state_dict(scaler_state)
     if env.is_main:

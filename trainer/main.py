@@ -96,39 +96,56 @@ def run(args) -> int:
     model = build_model(cfg)
     checkpoint.load_weights(model, weights)
     if args.mode in ("eval", "test"):
-        loader = engine.make_loader(cfg, env, "val" if args.mode == "eval" else "test")
-        result = engine.evaluate(model, loader, env, cfg.MODEL.head.num_classes)
-        if env.is_main:
-            from dali_pipelines.formats import read_label_file
-            from trainer.metrics import MetricsLog, write_test_report
-            names = read_label_file(cfg.DATASET.label_file) if cfg.DATASET.label_file else \
-                [str(i) for i in range(cfg.MODEL.head.num_classes)]
-            if len(names) != cfg.MODEL.head.num_classes:
-                raise ConfigError(f"config error: {cfg.DATASET.label_file} names {len(names)} classes but "
-                                  f"MODEL.head.num_classes = {cfg.MODEL.head.num_classes}")
-            paths = write_test_report(cfg.output_dir, args.mode, result, names)
-            scalars = {k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}
-            log = MetricsLog(cfg.output_dir)
-            log.write(mode=args.mode, weights=weights, **scalars)
-            log.close()
-            p = cfg.PIPELINE
-            views = f"{p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), " if args.mode == "test" else ""
-            print(f"{args.mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
-                  f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
-                  f"({views}{weights}); per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
-        return 0
-
+        return _evaluate(cfg, env, model, args.mode, weights)
     if args.mode == "export":
-        from dali_pipelines.formats import read_label_file
-        from trainer.export import export
-        names = read_label_file(cfg.DATASET.label_file) if cfg.DATASET.label_file else []
-        report = export(cfg, model, args.output or os.path.join(cfg.output_dir, "inference"), names, onnx=args.onnx)
-        checks = ", ".join(f"{k.replace('_max_diff', '')} max |diff| {v:.2e}" for k, v in report.items()
-                           if k.endswith("_max_diff"))
-        print(f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
-              + (f", {report['onnx']}" if "onnx" in report else "") + f"; scores against the dynamic model: {checks}")
-        return 0
+        return _export(cfg, model, args)
+    return _predict(cfg, env, model, args)
 
+
+def _class_names(cfg) -> list[str]:
+    from dali_pipelines.formats import read_label_file
+    from trainer.config import ConfigError
+    n = cfg.MODEL.head.num_classes
+    if not cfg.DATASET.label_file:
+        return [str(i) for i in range(n)]
+    names = read_label_file(cfg.DATASET.label_file)
+    if len(names) != n:
+        raise ConfigError(f"config error: {cfg.DATASET.label_file} names {len(names)} classes but "
+                          f"MODEL.head.num_classes = {n}")
+    return names
+
+
+def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
+    from trainer import engine
+    from trainer.metrics import MetricsLog, write_test_report
+    loader = engine.make_loader(cfg, env, "val" if mode == "eval" else "test")
+    result = engine.evaluate(model, loader, env, cfg.MODEL.head.num_classes)
+    if env.is_main:
+        paths = write_test_report(cfg.output_dir, mode, result, _class_names(cfg))
+        log = MetricsLog(cfg.output_dir)
+        log.write(mode=mode, weights=weights,
+                  **{k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")})
+        log.close()
+        p = cfg.PIPELINE
+        views = f"{p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), " if mode == "test" else ""
+        print(f"{mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
+              f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
+              f"({views}{weights}); per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
+    return 0
+
+
+def _export(cfg, model, args) -> int:
+    from trainer.export import export
+    out_dir = args.output or os.path.join(cfg.output_dir, "inference")
+    report = export(cfg, model, out_dir, _class_names(cfg), onnx=args.onnx)
+    checks = ", ".join(f"{k.replace('_max_diff', '')} max |diff| {v:.2e}" for k, v in report.items()
+                       if k.endswith("_max_diff"))
+    print(f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
+          + (f", {report['onnx']}" if "onnx" in report else "") + f"; scores against the dynamic model: {checks}")
+    return 0
+
+
+def _predict(cfg, env, model, args) -> int:
     from trainer.predict import predict, print_predictions, write_predictions_csv
     if not args.input:
         raise FileNotFoundError("predict needs --input VIDEO (or a .txt file listing videos)")
