@@ -136,7 +136,10 @@ def load_pretrained(model: TSN, path: str) -> str:
             skipped.append(target)
         else:
             usable[target] = value
-    model.set_state_dict(usable)
+    import warnings
+    with warnings.catch_warnings():  # Paddle warns per absent key; the report below lists them once
+        warnings.simplefilter("ignore")
+        model.set_state_dict(usable)
     missing = sorted(set(own) - set(usable) - set(skipped))
 
     def few(keys):
