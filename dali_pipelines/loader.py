@@ -48,17 +48,13 @@ class _ClipSource:
         self.num_crops, self.target_size, self.short_size = num_crops, target_size, short_size
         self.crop, self.flip = crop, flip
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        self.num_classes, self.max_batches = num_classes, max_batches
+        self.num_classes = num_classes
         self.epoch, self.skipped, self._reported = 0, 0, set()
         self._order, self._rng, self._cursor, self._batches = None, None, 0, 0
-
-    def shard_size(self) -> int:
-        return len(shard_indices(len(self.samples), self.rank, self.world_size, self.mode))
-
-    def num_batches(self) -> int:
-        n = self.shard_size()
-        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-        return min(batches, self.max_batches) if self.max_batches else batches
+        # fixed for the loader's life; computed once (in training it costs a permutation of the list)
+        self.shard_size = len(shard_indices(len(samples), rank, world_size, mode))
+        batches = self.shard_size // batch_size if drop_last else math.ceil(self.shard_size / batch_size)
+        self.num_batches = min(batches, max_batches) if max_batches else batches
 
     def _start_epoch(self):
         self._order = shard_indices(len(self.samples), self.rank, self.world_size, self.mode,
@@ -69,7 +65,7 @@ class _ClipSource:
     def __call__(self, info):
         if info.iteration == 0:
             self._start_epoch()
-        if self._batches >= self.num_batches():
+        if self._batches >= self.num_batches:
             raise StopIteration
         rows, failures, candidates = [], 0, self._candidates()
         while len(rows) < self.batch_size:
@@ -220,14 +216,13 @@ class DALILoader:
         self.epoch, self._started = 0, False
 
     def __len__(self) -> int:
-        return self._source.num_batches()
+        return self._source.num_batches
 
     @property
     def num_samples(self) -> int:
         """Samples this rank visits per epoch."""
-        n = len(shard_indices(len(self._source.samples), self._source.rank, self._source.world_size,
-                              self._source.mode))
-        return len(self) * self._source.batch_size if self._source.drop_last else n
+        src = self._source
+        return src.num_batches * src.batch_size if src.drop_last else src.shard_size
 
     @property
     def skipped(self) -> int:
@@ -300,7 +295,7 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
     src = _ClipSource(samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops, target_size,
                       short_size, opt["crop"], opt["flip"], rank, world_size, seed, drop_last,
                       opt["num_classes"], opt["max_batches"])
-    if src.num_batches() == 0:
+    if src.num_batches == 0:
         raise DataFormatError(f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
                               f"each of {world_size} rank(s); lower the batch size")
     device_id = opt["device_id"]
