@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from . import loader
 from .crops import test_windows
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(loader.MEAN, np.float32)
+STD = np.array(loader.STD, np.float32)
 
 
 def normalise(img: np.ndarray) -> np.ndarray:
