@@ -99,10 +99,11 @@ class _Window:
 
     def __init__(self):
         self.data = self.batch = 0.0
-        self.samples, self.loss, self.hits = 0, 0.0, 0
+        self.steps, self.samples, self.loss, self.hits = 0, 0, 0.0, 0
 
     def add(self, data_s, batch_s, loss, logits, labels):
         n = labels.shape[0]
+        self.steps += 1
         self.data += data_s
         self.batch += batch_s
         self.samples += n
@@ -133,10 +134,10 @@ def _train_epoch(cfg, env, epoch, net, opt, lr, scaler, loader, log, step, total
         win.add(t_data - t_prev, t_end - t_prev, loss, logits, labels)
         t_prev = t_end
         if step % cfg.log_interval == 0 or step % steps == 0:
-            per_batch = win.batch / max(1, round(win.samples / labels.shape[0]))
+            per_batch = win.batch / win.steps
             rec = dict(mode="train", epoch=epoch + 1, step=step, lr=lr.get_lr(), loss=float(win.loss) / win.samples,
                        top1=float(win.hits) / win.samples, samples_per_s=win.samples * env.world_size / win.batch,
-                       data_time=win.data / win.batch * per_batch, batch_time=per_batch, skipped=loader.skipped)
+                       data_time=win.data / win.steps, batch_time=per_batch, skipped=loader.skipped)
             log.write(**rec)
             if env.is_main:
                 print(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {rec['loss']:.4f} top1 {rec['top1']:.3f} "
