@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocessing.kinetics import UsageError, load_class_index, read_csv  # noqa: E402
-from preprocessing.lists import (class_folders, class_index_for, probe_counts, videos_in,  # noqa: E402
-                                 write_list)
+from preprocessing.lists import (class_folders, class_index_for, count_frames, video_entries,  # noqa: E402
+                                 videos_in, write_list)
 
 
 def pkl_entries(root: str):
@@ -56,13 +56,11 @@ def rawframe_entries(root: str, csv: str | None, label_file: str | None):
     return [(d, sum(1 for f in os.listdir(d) if f.startswith("img_")), labels[d]) for d in dirs]
 
 
-def video_entries(root: str, label_file: str | None, probe: int):
+def class_video_entries(root: str, label_file: str | None, probe: int):
     index = class_index_for(class_folders(root), label_file)
     videos = [(v, index[c]) for c in index for v in videos_in(os.path.join(root, c))]
-    if not probe:
-        return [(v, None, label) for v, label in videos], []
-    counts, bad = probe_counts([v for v, _ in videos], probe)
-    return [(v, counts[v], label) for v, label in videos if v in counts], bad
+    counts, bad = count_frames([v for v, _ in videos], probe)
+    return video_entries(videos, counts), bad
 
 
 def main(argv=None) -> int:
@@ -83,7 +81,7 @@ def main(argv=None) -> int:
         elif args.source == "rawframes":
             entries = rawframe_entries(args.root, args.csv, args.label_file)
         else:
-            entries, bad = video_entries(args.root, args.label_file, args.probe)
+            entries, bad = class_video_entries(args.root, args.label_file, args.probe)
         if not entries:
             raise UsageError(f"found no {args.source} under {args.root}")
     except UsageError as e:

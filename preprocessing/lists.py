@@ -59,6 +59,19 @@ def probe_counts(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tup
     return counts, bad
 
 
+def count_frames(paths: list[str], nproc: int) -> tuple[dict[str, int] | None, list[tuple[str, str]]]:
+    """Probed frame counts with NPROC processes (None when NPROC is 0: the list leaves counts out),
+    and (path, reason) for each unreadable video."""
+    return probe_counts(paths, nproc) if nproc else (None, [])
+
+
+def video_entries(rows: list[tuple[str, int]], counts: dict[str, int] | None) -> list[tuple[str, int | None, int]]:
+    """(video, frame count or None, label) list entries; with counts, unreadable videos are left out."""
+    if counts is None:
+        return [(path, None, label) for path, label in rows]
+    return [(path, counts[path], label) for path, label in rows if path in counts]
+
+
 def write_list(path: str, entries: list[tuple[str, int | None, int | None]]) -> None:
     """Write ``(file, num_frames or None, label or None)`` entries with paths relative to the list."""
     folder = os.path.dirname(os.path.abspath(path))

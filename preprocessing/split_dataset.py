@@ -17,8 +17,8 @@ if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocessing.kinetics import UsageError, class_name, write_label_file  # noqa: E402
-from preprocessing.lists import (class_folders, class_index_for, probe_counts, stratified_split,  # noqa: E402
-                                 videos_in, write_list)
+from preprocessing.lists import (class_folders, class_index_for, count_frames, stratified_split,  # noqa: E402
+                                 video_entries, videos_in, write_list)
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -45,15 +45,12 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"split_dataset: error: {e}", file=sys.stderr)
         return 2
-    counts, bad = {}, []
-    if args.probe:
-        counts, bad = probe_counts([v for vs in by_class.values() for v in vs], args.probe)
+    counts, bad = count_frames([v for vs in by_class.values() for v in vs], args.probe)
     os.makedirs(args.out_dir, exist_ok=True)
     write_label_file(os.path.join(args.out_dir, "label.txt"), sorted(class_name(f) for f in folders))
     report = []
     for name, split in zip(SPLIT_NAMES, splits):
-        entries = [(v, counts.get(v) if args.probe else None, index[c])
-                   for c in sorted(split) for v in split[c] if not args.probe or v in counts]
+        entries = video_entries([(v, index[c]) for c in sorted(split) for v in split[c]], counts)
         write_list(os.path.join(args.out_dir, f"{name}.list"), entries)
         report.append(f"{name} {len(entries)}")
     for path, why in bad:

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocessing.kinetics import UsageError, write_label_file  # noqa: E402
-from preprocessing.lists import probe_counts, write_list  # noqa: E402
+from preprocessing.lists import count_frames, video_entries, write_list  # noqa: E402
 
 
 def read_class_ind(path: str) -> dict[str, int]:
@@ -75,17 +75,15 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
     write_label_file(os.path.join(args.out_dir, "ucf101_label.txt"), sorted(index, key=index.get))
-    missing, bad, counts = [], [], {}
+    missing = []
     present = {name: [] for name in splits}
     for name, rows in splits.items():
         for rel, label in rows:
             path = os.path.join(args.ucf_dir, rel)
             (present[name].append((path, label)) if os.path.isfile(path) else missing.append(path))
-    if args.probe:
-        counts, bad = probe_counts([p for rows in present.values() for p, _ in rows], args.probe)
+    counts, bad = count_frames([p for rows in present.values() for p, _ in rows], args.probe)
     for name, rows in present.items():
-        entries = [(p, counts.get(p) if args.probe else None, label) for p, label in rows
-                   if not args.probe or p in counts]
+        entries = video_entries(rows, counts)
         out = os.path.join(args.out_dir, f"ucf101_{name}_split_{args.split}_videos.list")
         write_list(out, entries)
         print(f"ucf101_lists: {len(entries)} {name} videos -> {out}")
