@@ -15,7 +15,7 @@ import numpy as np
 
 from . import crops
 from .formats import SOURCES, DataFormatError, Sample, check_jpeg, jpeg_size, read_list, read_pkl
-from .sampling import MODES, segment_indices, shard_indices
+from .sampling import MODES, SAMPLINGS, sample_indices, shard_indices
 from .video import VideoError, decode_frames, probe_cached, stream_info
 
 MEAN = (0.485, 0.456, 0.406)
@@ -23,7 +23,7 @@ STD = (0.229, 0.224, 0.225)
 CROPS = ("multiscale", "random_resized")
 DEFAULT_OPTIONS = dict(num_clips=1, num_crops=1, crop="multiscale", flip=True, num_threads=2, prefetch=2,
                        dtype="float32", drop_last=None, device_id=None, num_classes=None, samples=None,
-                       max_batches=None)
+                       max_batches=None, sampling="segment", dense_interval=8)
 
 
 class LabelError(DataFormatError):
@@ -42,13 +42,13 @@ class _ClipSource:
 
     def __init__(self, samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops,
                  target_size, short_size, crop, flip, rank, world_size, seed, drop_last, num_classes,
-                 max_batches=None):
+                 max_batches=None, sampling="segment", dense_interval=8):
         self.samples, self.source, self.kind, self.mode = samples, source, kind, mode
         self.batch_size, self.num_segments, self.num_clips = batch_size, num_segments, num_clips
         self.num_crops, self.target_size, self.short_size = num_crops, target_size, short_size
         self.crop, self.flip = crop, flip
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        self.num_classes = num_classes
+        self.num_classes, self.sampling, self.dense_interval = num_classes, sampling, dense_interval
         self.epoch, self.skipped, self._reported = 0, 0, set()
         self._order, self._rng, self._cursor, self._batches = None, None, 0, 0
         # fixed for the loader's life; computed once (in training it costs a permutation of the list)
@@ -108,7 +108,8 @@ class _ClipSource:
             return None
 
     def _indices(self, n):
-        return segment_indices(n, self.num_segments, self.mode, self._rng, self.num_clips)
+        return sample_indices(n, self.num_segments, self.mode, self._rng, self.num_clips, self.sampling,
+                              self.dense_interval)
 
     def _load(self, s: Sample):
         label = s.label
@@ -279,6 +280,8 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
         raise ValueError(f"crop must be one of {CROPS}, got {opt['crop']!r}")
     if opt["dtype"] not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {opt['dtype']!r}")
+    if opt["sampling"] not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {opt['sampling']!r}")
     if opt["num_crops"] not in (1, 3, 10):
         raise ValueError(f"num_crops must be 1, 3 or 10, got {opt['num_crops']!r}")
     samples = opt["samples"] or read_list(list_file, source, data_prefix)
@@ -294,7 +297,7 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
     drop_last = (mode == "train") if opt["drop_last"] is None else bool(opt["drop_last"])
     src = _ClipSource(samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops, target_size,
                       short_size, opt["crop"], opt["flip"], rank, world_size, seed, drop_last,
-                      opt["num_classes"], opt["max_batches"])
+                      opt["num_classes"], opt["max_batches"], opt["sampling"], opt["dense_interval"])
     if src.num_batches == 0:
         raise DataFormatError(f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
                               f"each of {world_size} rank(s); lower the batch size")

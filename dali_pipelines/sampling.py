@@ -1,12 +1,12 @@
-"""TSN sparse segment sampling (DESIGN §5): which frames of a video a sample uses.
-
-One pure function serves the DALI path, the CPU reference path and the tests.
+"""Which frames of a video a sample uses: TSN sparse segment sampling (DESIGN §5) and TSM's dense
+sampling. Pure functions serve the DALI path, the CPU reference path and the tests.
 """
 from __future__ import annotations
 
 import numpy as np
 
 MODES = ("train", "val", "test")
+SAMPLINGS = ("segment", "dense")
 
 
 def segment_indices(num_frames: int, num_segments: int, mode: str,
@@ -44,6 +44,42 @@ def segment_indices(num_frames: int, num_segments: int, mode: str,
         frac = (np.arange(num_clips)[:, None] + 0.5) / num_clips
         idx = np.floor((seg[None, :] + frac) * num_frames / num_segments).reshape(-1)
     return np.clip(idx, 0, num_frames - 1).astype(np.int32)
+
+
+def dense_indices(num_frames: int, num_segments: int, mode: str, rng: np.random.Generator | None = None,
+                  num_clips: int = 1, interval: int = 8) -> np.ndarray:
+    """TSM's dense sampling: ``num_segments`` frames ``interval`` apart from one window of
+    ``num_segments * interval`` frames.
+
+    train: the window starts at a uniformly random frame; val: it is centred; test: ``num_clips``
+    windows with starts evenly spaced from the first to the last possible one (clip-major order, like
+    ``segment_indices``). Videos shorter than the window wrap around (index modulo the length).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_segments < 1 or interval < 1:
+        raise ValueError(f"num_segments and interval must be >= 1, got {num_segments} and {interval}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    last_start = max(0, num_frames - num_segments * interval)
+    if mode == "train":
+        starts = np.array([(rng or np.random.default_rng()).integers(0, last_start + 1)])
+    elif mode == "val" or num_clips == 1:
+        starts = np.array([last_start // 2])
+    else:
+        starts = np.round(np.linspace(0, last_start, num_clips)).astype(np.int64)
+    idx = (starts[:, None] + np.arange(num_segments)[None, :] * interval) % num_frames
+    return idx.reshape(-1).astype(np.int32)
+
+
+def sample_indices(num_frames: int, num_segments: int, mode: str, rng: np.random.Generator | None = None,
+                   num_clips: int = 1, sampling: str = "segment", interval: int = 8) -> np.ndarray:
+    """The frame indices of one sample under ``sampling`` ("segment" or "dense")."""
+    if sampling == "dense":
+        return dense_indices(num_frames, num_segments, mode, rng, num_clips, interval)
+    if sampling != "segment":
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    return segment_indices(num_frames, num_segments, mode, rng, num_clips)
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int, mode: str, epoch: int = 0,

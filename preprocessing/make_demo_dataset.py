@@ -1,12 +1,18 @@
-"""Generate the small embedded demo dataset: labelled H.264 clips laid out like Kinetics-400.
+"""Generate the small embedded demo datasets: labelled H.264 clips laid out like Kinetics-400.
 
     python preprocessing/make_demo_dataset.py data/demo [--seed 0]
+    python preprocessing/make_demo_dataset.py data/motion --task motion
 
-Six classes differ in appearance (shape, colour) and motion (bouncing, sliding, pulsing, spinning,
-blinking, scrolling) over random backgrounds; clips have 40-200 frames at 320x240 or 340x256 and are
-encoded with x264 (B-frames included). Writes OUT/{train,val}/<label>/<id>_<start>_<end>.mp4 and
-OUT/kinetics_demo_{train,val}.csv (label,youtube_id,time_start,time_end,split). Deterministic from the
-seed; a second run with the same arguments does nothing.
+``appearance`` (the default): six classes differ in appearance (shape, colour) and motion (bouncing,
+sliding, pulsing, spinning, blinking, scrolling) over random backgrounds.
+``motion``: two classes differ only in the direction of motion: objects drifting right, and the same
+kind of clip played backwards (drifting left). Every frame of one class is a frame the other class
+could show, so a model that averages per-frame evidence (TSN) cannot beat chance; only temporal
+modelling (TSM) can tell them apart.
+Clips have 40-200 frames at 320x240 or 340x256 and are encoded with x264 (B-frames included). Writes
+OUT/{train,val}/<label>/<id>_<start>_<end>.mp4 and OUT/kinetics_demo_{train,val}.csv
+(label,youtube_id,time_start,time_end,split). Deterministic from the seed; a second run with the same
+arguments does nothing.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ BASE_COLOURS = {  # RGB of each class's object; jittered per clip
     "bouncing ball": (220, 50, 40), "sliding square": (40, 80, 220), "pulsing ring": (40, 200, 60),
     "spinning bar": (230, 210, 40), "blinking dots": (230, 230, 230), "scrolling stripes": (200, 50, 200),
 }
+MOTION_CLASSES = ("moving right", "moving left")
+TASKS = {"appearance": CLASSES, "motion": MOTION_CLASSES}
 SIZES = ((320, 240), (340, 256))
 FPS = 25
 GENERATOR_VERSION = 3  # bump when the clips change, so existing demo folders are regenerated
@@ -96,6 +104,35 @@ def render_clip(cls: str, num_frames: int, width: int, height: int, rng: np.rand
     return frames
 
 
+def render_motion_clip(cls: str, num_frames: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Frames [T, H, W, 3] of 2-4 discs and squares drifting right over a static background (about 0.3 to
+    0.45 of the width over the clip, whatever its length); "moving left" is such a clip reversed in time,
+    so both classes draw their frames from one distribution."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    bg_a, bg_b = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
+    ramp = (xx / width * np.cos(rng.uniform(0, np.pi)) + yy / height * np.sin(rng.uniform(0, np.pi)))[..., None]
+    background = bg_a + (bg_b - bg_a) * np.clip(ramp, 0, 1) + rng.normal(0, 6, (height, width, 3))
+    travel = rng.uniform(0.3, 0.45) * width
+    objects = []
+    for _ in range(int(rng.integers(2, 5))):
+        r = rng.uniform(14, 24)
+        x0 = rng.uniform(width / 2 - 0.35 * height, width / 2 + 0.35 * height - travel)
+        y0 = rng.uniform(height / 2 - 0.3 * height, height / 2 + 0.3 * height)
+        objects.append((r, x0, y0, rng.uniform(-0.05, 0.05) * height, bool(rng.integers(2)),
+                        rng.uniform(120, 255, 3)))
+    grain = rng.normal(0, 3, (4, height, width, 1)).astype(np.float32)
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        img = background.copy()
+        f = t / max(1, num_frames - 1)
+        for r, x0, y0, dy, square, colour in objects:
+            x, y = x0 + travel * f, y0 + dy * f
+            inside = ((abs(xx - x) < r) & (abs(yy - y) < r)) if square else ((xx - x) ** 2 + (yy - y) ** 2 < r * r)
+            img[inside] = colour
+        frames[t] = np.clip(img + grain[t % 4], 0, 255).astype(np.uint8)
+    return frames[::-1] if cls == "moving left" else frames
+
+
 def write_mp4(path: str, frames: np.ndarray, fps: int = FPS) -> None:
     """Encode RGB frames as H.264 (x264 defaults, so with B-frames) into ``path`` atomically."""
     import av
@@ -112,17 +149,20 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = FPS) -> None:
 
 def _make_clip(job) -> None:
     path, cls, num_frames, width, height, render_seed = job
-    write_mp4(path, render_clip(cls, num_frames, width, height, np.random.default_rng(render_seed)))
+    render = render_motion_clip if cls in MOTION_CLASSES else render_clip
+    write_mp4(path, render(cls, num_frames, width, height, np.random.default_rng(render_seed)))
 
 
 ALPHABET = np.array(list(string.ascii_letters + string.digits + "-_"))
 
 
 def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per_class: int = 8,
-                 min_frames: int = 40, max_frames: int = 200, jobs: int | None = None) -> dict:
+                 min_frames: int = 40, max_frames: int = 200, jobs: int | None = None,
+                 task: str = "appearance") -> dict:
     """Write the dataset; returns {split: csv path}. Skips work already done with the same arguments."""
+    classes = TASKS[task]
     config = dict(version=GENERATOR_VERSION, seed=seed, train_per_class=train_per_class,
-                  val_per_class=val_per_class, min_frames=min_frames, max_frames=max_frames, classes=CLASSES)
+                  val_per_class=val_per_class, min_frames=min_frames, max_frames=max_frames, classes=classes)
     marker = os.path.join(out_dir, ".complete.json")
     csvs = {s: os.path.join(out_dir, f"kinetics_demo_{s}.csv") for s in ("train", "val")}
     try:
@@ -139,7 +179,7 @@ def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per
     todo = []
     for si, split in enumerate(("train", "val")):
         rows = ["label,youtube_id,time_start,time_end,split"]
-        for ci, cls in enumerate(CLASSES):
+        for ci, cls in enumerate(classes):
             folder = os.path.join(out_dir, split, cls.replace(" ", "_"))
             os.makedirs(folder, exist_ok=True)
             for k in range(counts[split]):
@@ -153,13 +193,13 @@ def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per
                 if not os.path.exists(path):
                     todo.append((path, cls, n, width, height, [seed, si, ci, k, 1]))
         write_atomic(csvs[split], ("\n".join(rows) + "\n").encode())
-    total = len(CLASSES) * (train_per_class + val_per_class)
+    total = len(classes) * (train_per_class + val_per_class)
     with multiprocessing.get_context("fork").Pool(jobs or os.cpu_count()) as pool, \
             progress(total, "make_demo_dataset", initial=total - len(todo)) as bar:
         for _ in pool.imap_unordered(_make_clip, todo):
             bar.update()
     write_atomic(marker, json.dumps(config).encode())
-    print(f"make_demo_dataset: {total} clips of {len(CLASSES)} classes in {out_dir}")
+    print(f"make_demo_dataset: {total} clips of {len(classes)} classes in {out_dir}")
     return csvs
 
 
@@ -172,10 +212,13 @@ def main(argv=None) -> int:
     p.add_argument("--min-frames", type=int, default=40)
     p.add_argument("--max-frames", type=int, default=200)
     p.add_argument("--jobs", type=int, default=None, help="parallel encoder processes (default: all cores)")
+    p.add_argument("--task", choices=sorted(TASKS), default="appearance",
+                   help="appearance: 6 classes told apart by any frame; motion: 2 classes told apart only by "
+                   "the direction of motion")
     a = p.parse_args(argv)
     if not 1 <= a.min_frames <= a.max_frames:
         p.error("need 1 <= --min-frames <= --max-frames")
-    make_dataset(a.out_dir, a.seed, a.train_per_class, a.val_per_class, a.min_frames, a.max_frames, a.jobs)
+    make_dataset(a.out_dir, a.seed, a.train_per_class, a.val_per_class, a.min_frames, a.max_frames, a.jobs, a.task)
     return 0
 
 

@@ -3,6 +3,7 @@ import pytest
 from trainer.config import ConfigError, load_config, parse_override
 
 ROOT_CONFIGS = ["configs/tsn.yaml", "configs/tsn_dist_and_dali.yaml", "configs/tsn_demo.yaml"]
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -86,3 +87,40 @@ def test_base_config_is_merged_and_missing_files_are_named(cfg_file, tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(cfg_file("epochs: [1,\n"))
+
+
+def test_the_pp_and_tsm_configs_keep_their_recipes():
+    import os
+
+    def cfg(name):
+        return load_config(os.path.join(ROOT, "configs", name))
+    tsm, pptsn, pptsm, dense = cfg("tsm.yaml"), cfg("pptsn.yaml"), cfg("pptsm.yaml"), cfg("pptsm_dense.yaml")
+    assert (tsm.MODEL.name, tsm.PIPELINE.num_segments, tsm.MODEL.backbone.shift_div) == ("TSM", 8, 8)
+    assert tsm.OPTIMIZER.schedule == "step" and tsm.MODEL.head.label_smoothing == 0
+    for c in (pptsn, pptsm, dense):
+        assert c.MODEL.backbone.depth == 50 and c.PIPELINE.num_segments == 8
+        assert c.MODEL.head.label_smoothing == 0.1 and c.PIPELINE.mixup_alpha == 0.2
+        assert c.OPTIMIZER.schedule == "cosine" and c.OPTIMIZER.warmup_epochs > 0
+    assert (pptsn.PIPELINE.test_num_segments, pptsn.PIPELINE.test_num_crops) == (25, 10)
+    assert pptsm.MODEL.name == "PP-TSM" and pptsm.PRECISE_BN.enabled
+    assert (dense.PIPELINE.sampling, dense.PIPELINE.dense_interval, dense.PIPELINE.test_num_clips) == ("dense", 8, 10)
+
+
+def test_a_model_name_typo_lists_the_models(cfg_file):
+    with pytest.raises(ConfigError, match="MODEL.name = 'PPTSM'.*one of TSN, TSM, PP-TSN, PP-TSM"):
+        load_config(cfg_file("MODEL:\n  name: PPTSM\n"))
+
+
+def test_tsm_cannot_test_on_another_segment_count_or_one_segment(cfg_file):
+    with pytest.raises(ConfigError, match="PIPELINE.test_num_segments = 25 .*TSM is built for PIPELINE.num_segments = 8"):
+        load_config(cfg_file("MODEL: {name: TSM}\nPIPELINE: {num_segments: 8, test_num_segments: 25}\n"))
+    with pytest.raises(ConfigError, match="needs at least 2"):
+        load_config(cfg_file("MODEL: {name: PP-TSM}\n"), ["PIPELINE.num_segments=1"])
+    assert load_config(cfg_file("MODEL: {name: TSN}\nPIPELINE: {num_segments: 8, test_num_segments: 25}\n"))
+
+
+def test_a_schedule_or_sampling_typo_is_a_config_error(cfg_file):
+    with pytest.raises(ConfigError, match="OPTIMIZER.schedule = 'cosin'.*one of step, cosine"):
+        load_config(cfg_file("OPTIMIZER: {schedule: cosin}\n"))
+    with pytest.raises(ConfigError, match="PIPELINE.sampling = 'uniform'.*one of segment, dense"):
+        load_config(cfg_file(""), ["PIPELINE.sampling=uniform"])

@@ -62,6 +62,16 @@ def test_h264_video_with_bframes_decodes_the_sampled_frames_on_cpu(tmp_path):
     assert (tmp_path / "videos.txt.probe.json").exists()  # frame counts are probed once and cached
 
 
+def test_dense_sampling_reaches_the_decoded_frames(tmp_path):
+    from dali_pipelines.sampling import dense_indices
+    lst = _pkl_list(tmp_path, [50], [0])
+    loader = build_loader(lst, "pkl", "test", batch_size=1, num_segments=4, target_size=32, short_size=32,
+                          num_clips=2, sampling="dense", dense_interval=5)
+    imgs, _ = next(iter(loader))
+    got = [level_to_index(v) for v in _frame_levels(imgs)[0]]
+    assert got == dense_indices(50, 4, "test", num_clips=2, interval=5).tolist() == [0, 5, 10, 15, 30, 35, 40, 45]
+
+
 def test_eval_visits_every_sample_once_across_ranks_with_uneven_shards(tmp_path):
     n = 7
     lst = _pkl_list(tmp_path, [12] * n, list(range(n)))

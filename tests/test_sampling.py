@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dali_pipelines.sampling import segment_indices, shard_indices
+from dali_pipelines.sampling import dense_indices, sample_indices, segment_indices, shard_indices
 
 
 @pytest.mark.parametrize("n,k", [(100, 3), (10, 3), (3, 3), (250, 8)])
@@ -66,3 +66,33 @@ def test_train_shards_are_disjoint_equal_and_reshuffle_each_epoch():
     assert e0[0].tolist() != e1[0].tolist()
     again = shard_indices(n, 0, world, "train", epoch=0, seed=3)
     assert again.tolist() == e0[0].tolist()
+
+
+def test_dense_sampling_takes_frames_a_fixed_interval_apart_from_one_window():
+    rng = np.random.default_rng(0)
+    starts = set()
+    for _ in range(200):
+        idx = dense_indices(100, 8, "train", rng, interval=4)
+        assert (np.diff(idx) == 4).all() and 0 <= idx[0] <= 100 - 32
+        starts.add(int(idx[0]))
+    assert len(starts) > 30 and max(starts) == 68  # every start of a window that fits is drawn
+    assert dense_indices(100, 8, "val", interval=4).tolist() == list(range(34, 66, 4))
+
+
+def test_dense_test_clips_spread_their_windows_over_the_video():
+    idx = dense_indices(200, 4, "test", num_clips=3, interval=8).reshape(3, 4)
+    assert idx[:, 0].tolist() == [0, 84, 168] and (np.diff(idx, axis=1) == 8).all()
+    assert dense_indices(200, 4, "test", num_clips=1, interval=8).tolist() == dense_indices(200, 4, "val", interval=8).tolist()
+
+
+def test_dense_sampling_wraps_around_a_video_shorter_than_its_window():
+    idx = dense_indices(10, 8, "train", np.random.default_rng(0), interval=8)
+    assert idx.tolist() == [(k * 8) % 10 for k in range(8)]
+
+
+def test_sample_indices_dispatches_on_the_sampling_and_rejects_others():
+    assert sample_indices(30, 3, "val").tolist() == segment_indices(30, 3, "val").tolist()
+    assert sample_indices(100, 8, "val", sampling="dense", interval=4).tolist() == \
+        dense_indices(100, 8, "val", interval=4).tolist()
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        sample_indices(30, 3, "val", sampling="uniform")

@@ -41,6 +41,25 @@ def test_warmup_ramps_linearly_then_keeps_the_absolute_milestones(cfg):
         assert v == pytest.approx(lr_at(cfg.OPTIMIZER, step, 10, 9, 256))
 
 
+def test_cosine_schedule_warms_up_then_anneals_to_zero(cfg):
+    cfg.OPTIMIZER.update(schedule="cosine", warmup_epochs=2.0)
+    steps, epochs = 10, 10
+    sched = build_lr(cfg.OPTIMIZER, steps, epochs, 256)
+    lrs = []
+    for step in range(steps * epochs):
+        lrs.append(sched.get_lr())
+        assert lrs[-1] == pytest.approx(lr_at(cfg.OPTIMIZER, step, steps, epochs, 256), abs=1e-9)
+        sched.step()
+    assert np.all(np.diff(lrs[:20]) > 0) and lrs[20] == pytest.approx(0.01)
+    assert np.all(np.diff(lrs[20:]) < 0) and lrs[60] == pytest.approx(0.005) and lrs[-1] < 1e-5
+
+
+def test_nesterov_reaches_the_optimizer(cfg):
+    cfg.OPTIMIZER["nesterov"] = True
+    opt = build_optimizer(cfg.OPTIMIZER, build_lr(cfg.OPTIMIZER, 10, 2, 256), build_model(cfg))
+    assert opt._use_nesterov
+
+
 def test_weight_decay_applies_to_weights_but_not_to_batchnorm_or_bias(cfg):
     model = build_model(cfg)
     opt = build_optimizer(cfg.OPTIMIZER, 0.1, model)

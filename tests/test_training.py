@@ -95,7 +95,8 @@ def test_config_typo_stops_run_dist_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"config error: unknown key 'OPTIMIZER.momentm' ({cfg}); did you mean 'momentum'? known keys here: "
-        "momentum, weight_decay, base_lr, base_batch_size, decay_points, decay_factor, warmup_epochs, grad_clip"]
+        "momentum, nesterov, weight_decay, base_lr, base_batch_size, schedule, decay_points, decay_factor, "
+        "warmup_epochs, grad_clip"]
 
 
 def test_predict_on_a_missing_video_names_it(trained):
@@ -137,28 +138,30 @@ def test_export_writes_an_inference_model_whose_scores_match_predict(trained, de
         assert "onnx max |diff|" in result.stdout and (work / "exported" / "model.onnx").stat().st_size > 1000
     settings = json.loads((work / "exported" / "preprocessing.json").read_text())
     assert settings["input_shape"] == [None, 3, 3, 32, 32] and len(settings["class_names"]) == 6
-    # the exported predictor and `predict` (dynamic model) agree on a real clip
-    import numpy as np
-    from trainer import checkpoint, dist, engine
-    from trainer.config import load_config
-    from trainer.export import paddle_inference_scores
-    from trainer.models import build_model
-    from trainer.predict import predict
-    config = load_config(str(cfg))
-    model = build_model(config)
-    checkpoint.load_weights(model, str(work / "out" / "best.pdparams"))
+    # `predict --exported` (Paddle Inference, preprocessing from preprocessing.json through the test
+    # pipeline) and `predict` with the dynamic model agree on a real clip
     video = sorted((demo_dataset / "val" / "spinning_bar").glob("*.mp4"))[0]
-    dynamic = dict(predict(config, dist.Env(0, 1, "cpu", None), model, str(video), top_k=6)[0][1])
-    from dali_pipelines.formats import Sample
-    loader = engine.make_loader(config, dist.Env(0, 1, "cpu", None), "test", source="videos",
-                                samples=[Sample(str(video), -1, 0, 1)], num_classes=None)
-    clips = next(iter(loader))[0].numpy()
-    model_file = str(next(p for p in (work / "exported").iterdir() if p.suffix in (".json", ".pdmodel")
-                          and p.name.startswith("inference")))
-    logits = paddle_inference_scores(model_file, str(work / "exported" / "inference.pdiparams"), clips)[0]
-    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-    for i, name in enumerate(settings["class_names"]):
-        assert abs(probs[i] - dynamic[name]) < 1e-5
+    probs = {}
+    for name, extra in (("dynamic", []), ("exported", ["--exported", str(work / "exported")])):
+        result = _run(["predict", "TSN", str(cfg), "--input", str(video), "--top-k", "6",
+                       "--output", str(work / f"{name}.csv")] + extra, work)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = (work / f"{name}.csv").read_text().splitlines()[1:]
+        probs[name] = {row.split(",")[2]: float(row.split(",")[3]) for row in rows}
+    assert "exported model" in result.stdout and "(Paddle Inference)" in result.stdout
+    assert set(probs["exported"]) == set(settings["class_names"])
+    for name, p in probs["dynamic"].items():
+        assert abs(p - probs["exported"][name]) < 1e-5
+
+
+@pytest.mark.slow
+def test_predict_with_an_exported_folder_that_holds_no_model_says_how_to_export(trained, tmp_path):
+    work, cfg, _ = trained
+    (tmp_path / "preprocessing.json").write_text("{}")
+    video = next((work / "out").parent.glob("*.yaml"))  # any existing file: the model check comes first
+    result = _run(["predict", "TSN", str(cfg), "--input", str(video), "--exported", str(tmp_path)], work)
+    assert result.returncode == 1 and "holds no exported model" in result.stderr
+    assert "run_dist.sh export" in result.stderr
 
 
 def test_an_empty_list_setting_is_a_one_line_config_error(tmp_path):

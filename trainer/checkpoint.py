@@ -62,8 +62,8 @@ def load_weights(model: paddle.nn.Layer, path: str) -> dict:
     else:
         meta = state.pop("__meta__", {}) if isinstance(state, dict) else {}
     from .paddlevideo_names import from_paddlevideo, looks_like_paddlevideo
-    if looks_like_paddlevideo(state):  # a TSN trained by PaddleVideo
-        state, _ = from_paddlevideo(state, model.backbone.depth)
+    if looks_like_paddlevideo(state):  # a model trained by PaddleVideo
+        state, _ = from_paddlevideo(state, model.backbone.depth, model.backbone.variant, path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -28,6 +28,9 @@ class Opt:
     minimum: float | None = None
 
 
+MODEL_NAMES = ("TSN", "TSM", "PP-TSN", "PP-TSM")
+SHIFT_MODELS = ("TSM", "PP-TSM")  # their backbone is built for exactly PIPELINE.num_segments frames
+
 SCHEMA: dict = {
     "epochs": Opt(100, minimum=1),
     "seed": Opt(0),
@@ -40,16 +43,18 @@ SCHEMA: dict = {
     "amp_dtype": Opt("float16", choices=("float16", "bfloat16")),
     "resume": Opt(""),                          # "", "auto" (OUTPUT_DIR/latest.pdckpt if present) or a path
     "MODEL": {
-        "name": Opt("TSN", choices=("TSN",)),
+        "name": Opt("TSN", choices=MODEL_NAMES),
         "backbone": {
             "depth": Opt(50, choices=(18, 34, 50, 101)),
             "base_channels": Opt(64, minimum=8),    # 64 is the standard ResNet; smaller for demos
             "pretrained": Opt("", nullable=True),  # local ImageNet .pdparams
+            "shift_div": Opt(8, minimum=2),         # TSM: 1/shift_div of the channels shift each way
         },
         "head": {
             "num_classes": Opt(400, minimum=2),
             "dropout": Opt(0.4, minimum=0.0),
             "init_std": Opt(0.01, minimum=0.0),
+            "label_smoothing": Opt(0.0, minimum=0.0),
         },
     },
     "DATASET": {
@@ -65,12 +70,16 @@ SCHEMA: dict = {
     },
     "PIPELINE": {
         "num_segments": Opt(3, minimum=1),
+        "sampling": Opt("segment", choices=("segment", "dense")),  # TSN segments or TSM dense windows
+        "dense_interval": Opt(8, minimum=1),         # dense: frames between two sampled frames
         "target_size": Opt(224, minimum=8),
         "short_size": Opt(256, minimum=8),
         "crop": Opt("multiscale", choices=("multiscale", "random_resized")),
         "flip": Opt(True),
         "test_num_clips": Opt(1, minimum=1),
         "test_num_crops": Opt(1, choices=(1, 3, 10)),
+        "test_num_segments": Opt(None, type=int, nullable=True, minimum=1),  # null: num_segments
+        "mixup_alpha": Opt(0.0, minimum=0.0),        # 0 disables mixup of training batches
     },
     "PRECISE_BN": {
         "enabled": Opt(True),
@@ -78,10 +87,12 @@ SCHEMA: dict = {
     },
     "OPTIMIZER": {
         "momentum": Opt(0.9, minimum=0.0),
+        "nesterov": Opt(False),
         "weight_decay": Opt(1e-4, minimum=0.0),
         "base_lr": Opt(0.01, minimum=0.0),           # for a global batch of base_batch_size
         "base_batch_size": Opt(256, minimum=1),
-        "decay_points": Opt([1 / 3, 2 / 3]),         # fractions of the total iterations
+        "schedule": Opt("step", choices=("step", "cosine")),
+        "decay_points": Opt([1 / 3, 2 / 3]),         # step: fractions of the total iterations
         "decay_factor": Opt(0.1, minimum=0.0),
         "warmup_epochs": Opt(0.0, minimum=0.0),
         "grad_clip": Opt(40.0, nullable=True),       # global-norm clip; null disables
@@ -214,7 +225,26 @@ def load_config(path: str, overrides: list[str] | tuple = ()) -> Config:
                 node[name] = _check(key, value, schema[name], f"-o {text}")
             else:
                 schema, node = schema[name], node[name]
+    _check_combination(cfg, path)
     return cfg
+
+
+def _check_combination(cfg, origin: str) -> None:
+    """Rules that involve more than one key."""
+    p = cfg.PIPELINE
+    if cfg.MODEL.name in SHIFT_MODELS:
+        if p.num_segments < 2:
+            raise ConfigError(f"config error: PIPELINE.num_segments = {p.num_segments} ({origin}): "
+                              f"{cfg.MODEL.name} shifts features between segments and needs at least 2")
+        if p.test_num_segments not in (None, p.num_segments):
+            raise ConfigError(f"config error: PIPELINE.test_num_segments = {p.test_num_segments} ({origin}): "
+                              f"{cfg.MODEL.name} is built for PIPELINE.num_segments = {p.num_segments} "
+                              "frames per clip; test with more clips (test_num_clips) instead")
+
+
+def segments_in_test(cfg) -> int:
+    """Segments per clip in test mode (PP-TSN tests on 25 where it trains on 8)."""
+    return cfg.PIPELINE.test_num_segments or cfg.PIPELINE.num_segments
 
 
 def to_plain(cfg) -> dict:

@@ -1,4 +1,4 @@
-"""Train and evaluate TSN: one readable loop, the same on 1..N ranks, CPU or GPU."""
+"""Train and evaluate the recognisers: one readable loop, the same on 1..N ranks, CPU or GPU."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ import paddle.nn.functional as F
 import yaml
 
 from . import checkpoint, dist
-from .config import ConfigError, to_plain
+from .config import ConfigError, segments_in_test, to_plain
 from .metrics import MetricsLog, topk_correct
 from .models import build_model
 from .precise_bn import precise_bn
@@ -29,12 +29,12 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
                           f"-o DATASET.{mode}_list=PATH")
     opts = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip,
                 num_threads=d.num_threads, prefetch=d.prefetch, device_id=env.device_id,
-                num_classes=cfg.MODEL.head.num_classes,
+                num_classes=cfg.MODEL.head.num_classes, sampling=p.sampling, dense_interval=p.dense_interval,
                 dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32")
     opts.update(options)
     return build_loader(
         list_file, source=source or d.source, mode=mode, batch_size=d.batch_size,
-        num_segments=p.num_segments, target_size=p.target_size, short_size=p.short_size,
+        num_segments=segments_in_test(cfg) if mode == "test" else p.num_segments, target_size=p.target_size, short_size=p.short_size,
         device=env.device, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
         data_prefix=d.data_prefix or None, **opts)
 
@@ -42,6 +42,21 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
 def _amp_dtype(cfg, env) -> str | None:
     """The autocast dtype, or None: AMP runs on GPUs only."""
     return cfg.amp_dtype if cfg.amp and env.device == "gpu" else None
+
+
+def classification_loss(logits, labels, smoothing: float = 0.0):
+    """Mean cross-entropy against labels smoothed towards the uniform distribution by ``smoothing``."""
+    logp = F.log_softmax(logits.astype("float32"), axis=1)
+    nll = -paddle.take_along_axis(logp, labels.reshape([-1, 1]).astype("int64"), axis=1).squeeze(1)
+    return ((1 - smoothing) * nll - smoothing * logp.mean(axis=1)).mean()
+
+
+def mixup(imgs, labels, alpha: float, rng: np.random.Generator):
+    """(mixed clips, the partner labels, the weight of the own labels) for a batch: each clip is blended
+    with another clip of the batch by lambda ~ Beta(alpha, alpha) (mixup, Zhang et al. 2018)."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = paddle.to_tensor(rng.permutation(labels.shape[0]))
+    return imgs * lam + paddle.gather(imgs, perm) * (1 - lam), paddle.gather(labels, perm), lam
 
 
 def evaluate(model, loader, env: dist.Env, num_classes: int | None = None) -> dict:
@@ -113,13 +128,19 @@ class _Window:
 
 def _train_epoch(cfg, env, epoch, net, opt, lr, scaler, loader, log, step, totals) -> int:
     amp = _amp_dtype(cfg, env)
+    smoothing, alpha = cfg.MODEL.head.label_smoothing, cfg.PIPELINE.mixup_alpha
+    mix_rng = np.random.default_rng([cfg.seed, env.rank, epoch, 7])
     net.train()
     win, steps, t_prev = _Window(), len(loader), time.time()
     for imgs, labels in loader:
         t_data = time.time()
+        if alpha > 0:
+            imgs, partners, lam = mixup(imgs, labels, alpha, mix_rng)
         with paddle.amp.auto_cast(enable=amp is not None, dtype=amp or "float16"):
             logits = net(imgs)
-            loss = F.cross_entropy(logits.astype("float32"), labels)
+            loss = classification_loss(logits, labels, smoothing)
+            if alpha > 0:
+                loss = lam * loss + (1 - lam) * classification_loss(logits, partners, smoothing)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -8,35 +8,107 @@ import os
 import numpy as np
 import paddle
 
+from .config import SHIFT_MODELS, ConfigError, segments_in_test
+
 TOLERANCE = 1e-4
 
 
 def views_per_clip(cfg) -> int:
     p = cfg.PIPELINE
-    return p.num_segments * p.test_num_clips * p.test_num_crops
+    return segments_in_test(cfg) * p.test_num_clips * p.test_num_crops
 
 
 def preprocessing_settings(cfg, class_names: list[str]) -> dict:
     """What a deployment must do to a video before the model sees it (the test pipeline's settings)."""
     from dali_pipelines.loader import MEAN, STD
     p = cfg.PIPELINE
-    return {"input": "clips", "input_shape": [None, views_per_clip(cfg), 3, p.target_size, p.target_size],
-            "layout": "[batch, crops x clips x segments, RGB, height, width]", "num_segments": p.num_segments,
+    return {"model": cfg.MODEL.name, "input": "clips",
+            "input_shape": [None, views_per_clip(cfg), 3, p.target_size, p.target_size],
+            "layout": "[batch, crops x clips x segments, RGB, height, width]", "num_segments": segments_in_test(cfg),
             "num_clips": p.test_num_clips, "num_crops": p.test_num_crops, "target_size": p.target_size,
-            "short_size": p.short_size, "mean": list(MEAN), "std": list(STD), "sampling": "test",
+            "short_size": p.short_size, "mean": list(MEAN), "std": list(STD), "sampling": p.sampling,
+            "dense_interval": p.dense_interval,
             "output": "logits (softmax for probabilities)", "class_names": class_names}
 
 
-def paddle_inference_scores(model_file: str, params_file: str, clips: np.ndarray) -> np.ndarray:
-    from paddle import inference
-    config = inference.Config(model_file, params_file)
-    config.disable_gpu()
-    predictor = inference.create_predictor(config)
-    handle = predictor.get_input_handle(predictor.get_input_names()[0])
-    handle.reshape(list(clips.shape))
-    handle.copy_from_cpu(clips)
-    predictor.run()
-    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+def config_for_exported(cfg, settings: dict, folder: str):
+    """``cfg`` with the test-time preprocessing an exported model was written with (its
+    preprocessing.json), so that predict feeds it exactly what the test pipeline fed it at export."""
+    import copy
+    if settings.get("model", cfg.MODEL.name) != cfg.MODEL.name:
+        raise ConfigError(f"config error: {folder} holds a {settings['model']} model but the config sets "
+                          f"MODEL.name = {cfg.MODEL.name}")
+    missing = [k for k in ("num_segments", "num_clips", "num_crops", "target_size", "short_size") if k not in settings]
+    if missing:
+        raise FileNotFoundError(f"{folder}/preprocessing.json lacks {missing}; re-export with: "
+                                "bash run_dist.sh export MODEL CONFIG")
+    cfg = copy.deepcopy(cfg)
+    cfg.PIPELINE.update(test_num_segments=settings["num_segments"], test_num_clips=settings["num_clips"],
+                        test_num_crops=settings["num_crops"], target_size=settings["target_size"],
+                        short_size=settings["short_size"], sampling=settings.get("sampling", "segment"),
+                        dense_interval=settings.get("dense_interval", 8))
+    if cfg.MODEL.name in SHIFT_MODELS:
+        cfg.PIPELINE["num_segments"] = settings["num_segments"]
+    return cfg
+
+
+def read_preprocessing(folder: str) -> dict:
+    path = os.path.join(folder, "preprocessing.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; re-export with: bash run_dist.sh export MODEL CONFIG")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def model_files(folder: str) -> tuple[str, str]:
+    """(graph file, weights file) of an exported model: Paddle 3 writes inference.json, 2.x .pdmodel."""
+    prefix = os.path.join(folder, "inference")
+    for ext in (".json", ".pdmodel"):
+        if os.path.isfile(prefix + ext) and os.path.isfile(prefix + ".pdiparams"):
+            return prefix + ext, prefix + ".pdiparams"
+    raise FileNotFoundError(f"{folder} holds no exported model (inference.json or .pdmodel with "
+                            "inference.pdiparams); write one with: bash run_dist.sh export MODEL CONFIG")
+
+
+class InferenceModel:
+    """An exported model run by Paddle Inference: ``scores(clips)`` maps [N, V, 3, H, W] float32 to
+    logits. On a GPU host ``device="gpu"`` runs it on the GPU and ``tensorrt`` ("fp32" or "fp16") hands
+    the graph to TensorRT (Paddle built with TensorRT needed)."""
+
+    def __init__(self, model_file: str, params_file: str, device: str = "cpu", device_id: int = 0,
+                 tensorrt: str | None = None, threads: int | None = None):
+        from paddle import inference
+        if tensorrt and device != "gpu":
+            raise ConfigError("config error: TensorRT runs on GPUs only; set -o device=gpu on a GPU host "
+                              "or leave --tensorrt out")
+        if device == "gpu" and not paddle.is_compiled_with_cuda():
+            raise ConfigError("config error: device = gpu but this Paddle has no CUDA; install "
+                              "paddlepaddle-gpu (make setup EXTRAS=gpu,dev,onnx) or use device=cpu")
+        config = inference.Config(model_file, params_file)
+        if device == "gpu":
+            config.enable_use_gpu(512, device_id)
+            if tensorrt:
+                precision = inference.PrecisionType.Half if tensorrt == "fp16" else inference.PrecisionType.Float32
+                config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=1, min_subgraph_size=3,
+                                              precision_mode=precision, use_static=False, use_calib_mode=False)
+        else:
+            config.disable_gpu()
+            config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
+        config.disable_glog_info()
+        self.predictor = inference.create_predictor(config)
+        self._input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        self._output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+
+    @classmethod
+    def from_folder(cls, folder: str, **options) -> "InferenceModel":
+        return cls(*model_files(folder), **options)
+
+    def scores(self, clips: np.ndarray) -> np.ndarray:
+        clips = np.ascontiguousarray(clips, np.float32)
+        self._input.reshape(list(clips.shape))
+        self._input.copy_from_cpu(clips)
+        self.predictor.run()
+        return self._output.copy_to_cpu()
 
 
 def export(cfg, model, out_dir: str, class_names: list[str], sample: np.ndarray | None = None,
@@ -50,8 +122,7 @@ def export(cfg, model, out_dir: str, class_names: list[str], sample: np.ndarray 
     spec = InputSpec([None, views_per_clip(cfg), 3, p.target_size, p.target_size], "float32", "clips")
     prefix = os.path.join(out_dir, "inference")
     paddle.jit.save(paddle.jit.to_static(model, input_spec=[spec], full_graph=True), prefix)
-    model_file = next(prefix + ext for ext in (".json", ".pdmodel") if os.path.exists(prefix + ext))
-    params_file = prefix + ".pdiparams"
+    model_file, params_file = model_files(out_dir)
     with open(os.path.join(out_dir, "preprocessing.json"), "w", encoding="utf-8") as f:
         json.dump(preprocessing_settings(cfg, class_names), f, indent=2)
     if sample is None:
@@ -59,7 +130,7 @@ def export(cfg, model, out_dir: str, class_names: list[str], sample: np.ndarray 
     with paddle.no_grad():
         expected = model(paddle.to_tensor(sample)).numpy()
     report = {"model": model_file, "params": params_file, "preprocessing": os.path.join(out_dir, "preprocessing.json")}
-    report["paddle_inference_max_diff"] = float(np.abs(paddle_inference_scores(model_file, params_file, sample)
+    report["paddle_inference_max_diff"] = float(np.abs(InferenceModel(model_file, params_file).scores(sample)
                                                        - expected).max())
     if onnx:
         report.update(_export_onnx(model_file, params_file, os.path.join(out_dir, "model.onnx"), sample, expected))

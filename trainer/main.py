@@ -4,7 +4,7 @@
     python trainer/main.py eval    -c CONFIG [--weights W]      top-1/top-5 on DATASET.val_list
     python trainer/main.py test    -c CONFIG [--weights W]      multi-clip test on DATASET.test_list
     python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one video (or a .txt list)
-                                   [--output predictions.csv]
+                                   [--output predictions.csv] [--exported DIR [--tensorrt fp16]]
     python trainer/main.py export  -c CONFIG [--weights W] [--onnx]  Paddle Inference (+ ONNX) model
     python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
 """
@@ -39,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--output", help="predict: also write the predictions to this CSV file; "
                    "export: the folder (default OUTPUT_DIR/inference)")
     p.add_argument("--onnx", action="store_true", help="export: also write model.onnx (needs paddle2onnx)")
+    p.add_argument("--exported", metavar="DIR", help="predict with the model exported to DIR through Paddle "
+                   "Inference (its preprocessing.json sets the test views) instead of the dynamic model")
+    p.add_argument("--tensorrt", choices=("fp32", "fp16"), help="predict --exported on a GPU (-o device=gpu): "
+                   "run the graph through TensorRT at this precision")
     return p.parse_args(argv)
 
 
@@ -90,6 +94,8 @@ def run(args) -> int:
             print(_summary_line(summary), flush=True)
         return 0
 
+    if args.mode == "predict" and args.exported:
+        return _predict_exported(cfg, env, args)
     from trainer import checkpoint
     from trainer.models import build_model
     weights = args.weights or os.path.join(cfg.output_dir, "best.pdparams")
@@ -146,10 +152,26 @@ def _export(cfg, model, args) -> int:
 
 
 def _predict(cfg, env, model, args) -> int:
+    from trainer.predict import dynamic_scorer
+    return _report_predictions(cfg, env, dynamic_scorer(model), args)
+
+
+def _predict_exported(cfg, env, args) -> int:
+    from trainer.export import InferenceModel, config_for_exported, read_preprocessing
+    from trainer.predict import exported_scorer
+    model = InferenceModel.from_folder(args.exported, device=env.device, device_id=env.device_id or 0,
+                                       tensorrt=args.tensorrt)
+    cfg = config_for_exported(cfg, read_preprocessing(args.exported), args.exported)
+    print(f"predict: exported model {args.exported} on {env.device}"
+          + (f" through TensorRT {args.tensorrt}" if args.tensorrt else "") + " (Paddle Inference)")
+    return _report_predictions(cfg, env, exported_scorer(model), args)
+
+
+def _report_predictions(cfg, env, scorer, args) -> int:
     from trainer.predict import predict, print_predictions, write_predictions_csv
     if not args.input:
         raise FileNotFoundError("predict needs --input VIDEO (or a .txt file listing videos)")
-    results = predict(cfg, env, model, args.input, args.top_k)
+    results = predict(cfg, env, scorer, args.input, args.top_k)
     print_predictions(results)
     if args.output:
         write_predictions_csv(results, args.output)

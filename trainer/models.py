@@ -1,67 +1,116 @@
-"""TSN = ResNet backbone applied to every segment + head (average consensus, dropout, linear).
+"""The recognisers: a ResNet applied to every sampled frame + average consensus + linear head.
 
-``build_model(cfg)`` is the one factory; the backbone width is a parameter so that the CPU demo can use
-a narrow ResNet-18 while the production configs keep the standard ResNet-50.
+Four models share this code (DESIGN §6): TSN and TSM on the standard ResNet ("ResNet-B", stride in the
+3x3 conv), PP-TSN and PP-TSM on ResNet-vd (deep 3x3 stem, average-pool shortcut downsampling); the TSM
+models add a temporal shift on every residual branch. ``build_model(cfg)`` is the one factory; the
+width is a parameter so that the CPU demos can use a narrow ResNet-18.
 """
 from __future__ import annotations
 
 import paddle
 import paddle.nn as nn
 
+from .config import MODEL_NAMES
+
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
           50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+# the architecture behind each model name (ResNet variant, temporal shift, activation as in PaddleVideo,
+# whose PP-TSM uses leaky ReLU); the training recipe (loss, schedule, sampling) is its config's
+ARCHITECTURES = {"TSN": ("b", False, "relu"), "TSM": ("b", True, "relu"),
+                 "PP-TSN": ("vd", False, "relu"), "PP-TSM": ("vd", True, "leaky_relu")}
+assert set(ARCHITECTURES) == set(MODEL_NAMES)
 
 
-def _conv_bn(cin, cout, k, stride=1, act=True):
+def temporal_shift(x, num_segments: int, shift_div: int = 8):
+    """TSM's shift of [N*T, C, H, W] along T: channels [0, C/div) take the previous segment's values,
+    [C/div, 2C/div) the next segment's, the rest stay; zeros enter at the ends of each clip. The
+    directions are Paddle's ``F.temporal_shift`` (so PaddleVideo's TSM weights apply), written with
+    slices and concatenation (no in-place ops, no custom op) so that it exports to ONNX."""
+    c, h, w = x.shape[1:]
+    fold = c // shift_div
+    x = x.reshape([-1, num_segments, c, h, w])
+    zeros = paddle.zeros_like(x[:, :1, :fold])
+    from_prev = paddle.concat([zeros, x[:, :-1, :fold]], axis=1)
+    from_next = paddle.concat([x[:, 1:, fold:2 * fold], zeros], axis=1)
+    return paddle.concat([from_prev, from_next, x[:, :, 2 * fold:]], axis=2).reshape([-1, c, h, w])
+
+
+def _activation(act: str) -> nn.Layer:
+    return nn.LeakyReLU() if act == "leaky_relu" else nn.ReLU()
+
+
+def _conv_bn(cin, cout, k, stride=1, act="relu"):
+    """Conv (no bias) + BN (+ activation unless ``act`` is None): keys ``.0.weight``, ``.1.*``."""
     layers = [nn.Conv2D(cin, cout, k, stride=stride, padding=k // 2, bias_attr=False,
                         weight_attr=nn.initializer.KaimingNormal()),
               nn.BatchNorm2D(cout)]
     if act:
-        layers.append(nn.ReLU())
+        layers.append(_activation(act))
     return nn.Sequential(*layers)
 
 
 class BasicBlock(nn.Layer):
     expansion = 1
 
-    def __init__(self, cin, width, stride):
+    def __init__(self, cin, width, stride, vd=False, shift=None, act="relu"):
         super().__init__()
         cout = width * self.expansion
-        self.branch = nn.Sequential(_conv_bn(cin, width, 3, stride), _conv_bn(width, cout, 3, act=False))
-        self.shortcut = _conv_bn(cin, cout, 1, stride, act=False) if stride != 1 or cin != cout else None
-        self.relu = nn.ReLU()
+        self.branch = self._branch(cin, width, cout, stride, act)
+        self.shortcut, self.pool = None, None
+        if stride != 1 or cin != cout:
+            # ResNet-vd downsamples the shortcut with an average pool instead of a strided 1x1 conv,
+            # which would skip 3/4 of the activations
+            if vd and stride != 1:
+                self.pool = nn.AvgPool2D(stride, stride, ceil_mode=True)
+                stride = 1
+            self.shortcut = _conv_bn(cin, cout, 1, stride, act=None)
+        self.shift = shift  # (num_segments, shift_div) or None
+        self.relu = _activation(act)
+
+    def _branch(self, cin, width, cout, stride, act):
+        return nn.Sequential(_conv_bn(cin, width, 3, stride, act), _conv_bn(width, cout, 3, act=None))
 
     def forward(self, x):
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return self.relu(self.branch(x) + identity)
+        identity = x
+        if self.shortcut is not None:
+            identity = self.shortcut(x if self.pool is None else self.pool(x))
+        # TSM's residual shift: the branch sees shifted features, the identity path keeps the frame's own
+        branch_in = x if self.shift is None else temporal_shift(x, *self.shift)
+        return self.relu(self.branch(branch_in) + identity)
 
 
 class Bottleneck(BasicBlock):
     expansion = 4
 
-    def __init__(self, cin, width, stride):
-        nn.Layer.__init__(self)
-        cout = width * self.expansion
-        self.branch = nn.Sequential(_conv_bn(cin, width, 1), _conv_bn(width, width, 3, stride),
-                                    _conv_bn(width, cout, 1, act=False))
-        self.shortcut = _conv_bn(cin, cout, 1, stride, act=False) if stride != 1 or cin != cout else None
-        self.relu = nn.ReLU()
+    def _branch(self, cin, width, cout, stride, act):
+        return nn.Sequential(_conv_bn(cin, width, 1, act=act), _conv_bn(width, width, 3, stride, act),
+                             _conv_bn(width, cout, 1, act=None))
 
 
 class ResNet(nn.Layer):
-    """ResNet-18/34/50/101 without its classifier; returns pooled features [B, out_channels]."""
+    """ResNet-18/34/50/101 without its classifier; returns pooled features [B, out_channels].
 
-    def __init__(self, depth: int = 50, base_channels: int = 64):
+    ``variant`` "b" is the standard ResNet, "vd" ResNet-vd; ``num_segments`` (with ``shift_div``) adds
+    TSM's temporal shift, the batch then holding consecutive groups of ``num_segments`` frames."""
+
+    def __init__(self, depth: int = 50, base_channels: int = 64, variant: str = "b",
+                 num_segments: int | None = None, shift_div: int = 8, act: str = "relu"):
         super().__init__()
         kind, blocks = DEPTHS[depth]
-        self.depth = depth
+        self.depth, self.variant = depth, variant
         block = BasicBlock if kind == "basic" else Bottleneck
-        self.stem = nn.Sequential(_conv_bn(3, base_channels, 7, 2), nn.MaxPool2D(3, 2, 1))
-        stages, cin = [], base_channels
+        c = base_channels
+        if variant == "vd":
+            self.stem = nn.Sequential(_conv_bn(3, c // 2, 3, 2, act), _conv_bn(c // 2, c // 2, 3, 1, act),
+                                      _conv_bn(c // 2, c, 3, 1, act), nn.MaxPool2D(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(_conv_bn(3, c, 7, 2, act), nn.MaxPool2D(3, 2, 1))
+        shift = (num_segments, shift_div) if num_segments else None
+        stages, cin = [], c
         for i, n in enumerate(blocks):
-            width = base_channels * 2 ** i
+            width = c * 2 ** i
             for j in range(n):
-                stages.append(block(cin, width, 2 if j == 0 and i > 0 else 1))
+                stages.append(block(cin, width, 2 if j == 0 and i > 0 else 1, variant == "vd", shift, act))
                 cin = width * block.expansion
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2D(1)
@@ -71,8 +120,8 @@ class ResNet(nn.Layer):
         return self.pool(self.stages(self.stem(x))).flatten(1)
 
 
-class TSNHead(nn.Layer):
-    """Average consensus over segments, dropout, linear classifier initialised N(0, init_std)."""
+class ConsensusHead(nn.Layer):
+    """Average consensus over a sample's views, dropout, linear classifier initialised N(0, init_std)."""
 
     def __init__(self, in_channels, num_classes, dropout=0.4, init_std=0.01):
         super().__init__()
@@ -81,36 +130,40 @@ class TSNHead(nn.Layer):
                             weight_attr=nn.initializer.Normal(0.0, init_std),
                             bias_attr=nn.initializer.Constant(0.0))
 
-    def forward(self, feats, num_segments):
-        x = feats.reshape([-1, num_segments, feats.shape[-1]]).mean(axis=1)
+    def forward(self, feats, num_views):
+        x = feats.reshape([-1, num_views, feats.shape[-1]]).mean(axis=1)
         if self.dropout is not None:
             x = self.dropout(x)
         return self.fc(x)
 
 
-class TSN(nn.Layer):
-    """Input [N, T, 3, H, W] -> class logits [N, num_classes] (T segments, or clips x segments)."""
+class Recognizer2D(nn.Layer):
+    """Input [N, V, 3, H, W] -> class logits [N, num_classes]. V is the segments of one clip in training,
+    crops x clips x segments (segments innermost) in testing: the backbone sees consecutive groups of
+    segments, so TSM shifts only within a clip, and the head averages over all V."""
 
-    def __init__(self, backbone: ResNet, head: TSNHead):
+    def __init__(self, backbone: ResNet, head: ConsensusHead):
         super().__init__()
         self.backbone, self.head = backbone, head
 
     def forward(self, x):
-        n, t = x.shape[0], x.shape[1]
-        feats = self.backbone(x.reshape([n * t] + list(x.shape[2:])))
-        return self.head(feats, t)
+        n, v = x.shape[0], x.shape[1]
+        feats = self.backbone(x.reshape([n * v] + list(x.shape[2:])))
+        return self.head(feats, v)
 
 
-def build_model(cfg) -> TSN:
+def build_model(cfg) -> Recognizer2D:
     b, h = cfg.MODEL.backbone, cfg.MODEL.head
-    backbone = ResNet(b.depth, b.base_channels)
-    model = TSN(backbone, TSNHead(backbone.out_channels, h.num_classes, h.dropout, h.init_std))
+    variant, shift, act = ARCHITECTURES[cfg.MODEL.name]
+    backbone = ResNet(b.depth, b.base_channels, variant, cfg.PIPELINE.num_segments if shift else None,
+                      b.shift_div, act)
+    model = Recognizer2D(backbone, ConsensusHead(backbone.out_channels, h.num_classes, h.dropout, h.init_std))
     if b.pretrained:
         print(load_pretrained(model, b.pretrained))
     return model
 
 
-def load_pretrained(model: TSN, path: str) -> str:
+def load_pretrained(model: Recognizer2D, path: str) -> str:
     """Initialise from a local file: ImageNet backbone weights (with or without the ``backbone.``
     prefix), a whole TSN checkpoint (``.pdparams`` / ``.pdckpt``), or either saved by PaddleVideo (its
     layer names are translated). Tensors whose shape differs (the classifier of another class count)
@@ -125,7 +178,7 @@ def load_pretrained(model: TSN, path: str) -> str:
     unused = []
     from .paddlevideo_names import from_paddlevideo, looks_like_paddlevideo
     if looks_like_paddlevideo(state):
-        state, unused = from_paddlevideo(state, model.backbone.depth)
+        state, unused = from_paddlevideo(state, model.backbone.depth, model.backbone.variant, path)
     own = model.state_dict()
     usable, skipped = {}, []
     for key, value in state.items():

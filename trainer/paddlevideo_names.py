@@ -1,15 +1,20 @@
-"""Read weights saved by PaddleVideo: its TSN checkpoints and its static-graph ImageNet ResNet files.
+"""Read weights saved by PaddleVideo / PaddleClas: TSN, TSM, PP-TSN and PP-TSM checkpoints and the
+ImageNet ResNet / ResNet-vd files they start from.
 
-PaddleVideo names a ResNet's layers after the original Caffe model: the stem is ``conv`` (static name
-``conv1``), block ``j`` of stage ``s`` is ``res{s+2}{a,b,c,...}`` (ResNet-101's third stage:
+PaddleVideo's ResNet (TSN, TSM) is named after the original Caffe model: the stem is ``conv`` (static
+name ``conv1``), block ``j`` of stage ``s`` is ``res{s+2}{a,b,c,...}`` (ResNet-101's third stage:
 ``res4a, res4b1 .. res4b22``), a block's convolutions are ``conv0, conv1, conv2`` (static
 ``_branch2a/b/c``) and its projection shortcut ``short`` (``_branch1``); each holds ``_conv`` and
-``_batch_norm``. This module maps those names onto this project's ResNet.
+``_batch_norm``. Its ResNet-vd (PP-TSN, PP-TSM, and PaddleClas's ``ResNet50_vd`` ImageNet files) names
+the three stem convolutions ``conv1_1..conv1_3`` and block ``j`` of stage ``s`` ``bb_{s}_{j}``.
+PaddleClas's current models say ``stem.{i}`` and ``blocks.{k}`` (flat), with ``conv`` and ``bn``.
+This module maps those names onto this project's ResNet.
 """
 from __future__ import annotations
 
 import re
 
+from .config import ConfigError
 from .models import DEPTHS
 
 _BN_FIELDS = {"weight": "weight", "bias": "bias", "_mean": "_mean", "_variance": "_variance",
@@ -41,19 +46,49 @@ def _layer(depth: int, block: str | None, part: str) -> str | None:
     return f"stages.{k}.shortcut" if part == "short" else f"stages.{k}.branch.{part}"
 
 
-def _dygraph_key(key: str, depth: int) -> str | None:
-    m = re.fullmatch(r"(backbone\.)?(?:(conv)|(res\w+?)\.(conv[012]|short))\.(_conv|_batch_norm)\.(\w+)", key)
-    if not m:
-        return {"head.fc.weight": "head.fc.weight", "head.fc.bias": "head.fc.bias"}.get(key)
-    block = m.group(3)
-    part = "short" if m.group(4) == "short" else (m.group(4)[-1] if m.group(4) else None)
-    prefix = _layer(depth, block, part)
+def _conv_bn_key(prefix: str | None, layer: str, field: str) -> str | None:
+    """Our key of a conv+BN pair's tensor: ``layer`` is the conv (``_conv``/``conv``) or the BN."""
     if prefix is None:
         return None
-    if m.group(5) == "_conv":
-        return f"backbone.{prefix}.0.weight" if m.group(6) == "weight" else None
-    field = _BN_FIELDS.get(m.group(6))
+    if layer in ("_conv", "conv"):
+        return f"backbone.{prefix}.0.weight" if field == "weight" else None
+    field = _BN_FIELDS.get(field)
     return f"backbone.{prefix}.1.{field}" if field else None
+
+
+def _flat_block(depth: int, stage: int, j: int) -> int | None:
+    blocks = DEPTHS[depth][1]
+    return sum(blocks[:stage]) + j if 0 <= stage < len(blocks) and 0 <= j < blocks[stage] else None
+
+
+def _vd_prefix(depth: int, block: int | None, part: str) -> str | None:
+    if block is None or block >= sum(DEPTHS[depth][1]):
+        return None
+    return f"stages.{block}.shortcut" if part == "short" else f"stages.{block}.branch.{part[-1]}"
+
+
+def _dygraph_key(key: str, depth: int) -> str | None:
+    m = re.fullmatch(r"(backbone\.)?(?:(conv)|(res\w+?)\.(conv[012]|short))\.(_conv|_batch_norm)\.(\w+)", key)
+    if m:
+        block = m.group(3)
+        part = "short" if m.group(4) == "short" else (m.group(4)[-1] if m.group(4) else None)
+        return _conv_bn_key(_layer(depth, block, part), m.group(5), m.group(6))
+    # ResNet-vd as PaddleVideo and PaddleClas's legacy models name it
+    m = re.fullmatch(r"(?:backbone\.)?conv1_([123])\.(_conv|_batch_norm)\.(\w+)", key)
+    if m:
+        return _conv_bn_key(f"stem.{int(m.group(1)) - 1}", m.group(2), m.group(3))
+    m = re.fullmatch(r"(?:backbone\.)?bb_(\d+)_(\d+)\.(conv[012]|short)\.(_conv|_batch_norm)\.(\w+)", key)
+    if m:
+        block = _flat_block(depth, int(m.group(1)), int(m.group(2)))
+        return _conv_bn_key(_vd_prefix(depth, block, m.group(3)), m.group(4), m.group(5))
+    # PaddleClas's current ResNet / ResNet-vd
+    m = re.fullmatch(r"stem\.([012])\.(conv|bn)\.(\w+)", key)
+    if m:
+        return _conv_bn_key(f"stem.{m.group(1)}", m.group(2), m.group(3))
+    m = re.fullmatch(r"blocks\.(\d+)\.(conv[012]|short)\.(conv|bn)\.(\w+)", key)
+    if m:
+        return _conv_bn_key(_vd_prefix(depth, int(m.group(1)), m.group(2)), m.group(3), m.group(4))
+    return {"head.fc.weight": "head.fc.weight", "head.fc.bias": "head.fc.bias"}.get(key)
 
 
 def _static_key(key: str, depth: int) -> str | None:
@@ -70,11 +105,20 @@ def _static_key(key: str, depth: int) -> str | None:
 
 
 def looks_like_paddlevideo(keys) -> bool:
-    return any(re.search(r"(^|\.)res2a(\.|_branch)", k) or k.startswith("backbone.conv._conv") for k in keys)
+    return any(re.search(r"(^|\.)(res2a(\.|_branch)|conv1_1\._conv|bb_0_0\.)", k)
+               or k.startswith(("backbone.conv._conv", "blocks.0.conv0.conv")) for k in keys)
 
 
-def from_paddlevideo(state: dict, depth: int) -> tuple[dict, list[str]]:
-    """(state under this project's names, PaddleVideo keys that have no place here)."""
+def from_paddlevideo(state: dict, depth: int, variant: str = "b", path: str = "the weights") -> tuple[dict, list[str]]:
+    """(state under this project's names, keys that have no place here). A ResNet-vd file cannot fill a
+    plain ResNet (three stem convolutions where it has one) and the other way round: mixing them is a
+    config error rather than half a network loaded."""
+    vd_file = any(re.search(r"(^|\.)conv1_[23]\.|^stem\.[12]\.", k) for k in state)
+    if vd_file != (variant == "vd"):
+        have, want = ("ResNet-vd", "ResNet") if vd_file else ("ResNet", "ResNet-vd")
+        models = "PP-TSN or PP-TSM" if vd_file else "TSN or TSM"
+        raise ConfigError(f"config error: {path} holds {have} weights but MODEL.name selects a {want} backbone; "
+                          f"use them with MODEL.name {models}, or take weights of a {want}")
     out, unused = {}, []
     for key, value in state.items():
         new = _dygraph_key(key, depth) or _static_key(key, depth)

@@ -1,4 +1,5 @@
-"""Top-k classes of videos, through the same loader (and so the same preprocessing) as the test mode."""
+"""Top-k classes of videos, through the same loader (and so the same preprocessing) as the test mode,
+scored by the dynamic model or by an exported one (Paddle Inference)."""
 from __future__ import annotations
 
 import os
@@ -22,8 +23,24 @@ def _inputs(path: str) -> list[str]:
     return [path]
 
 
-def predict(cfg, env: dist.Env, model, input_path: str, top_k: int = 5) -> list[tuple[str, list[tuple[str, float]]]]:
-    """[(video, [(class name, probability), ...])] for each video of ``input_path``."""
+def dynamic_scorer(model):
+    """Batch of clips (a Paddle tensor) -> logits (numpy) with the dynamic model."""
+    model.eval()
+
+    def scores(imgs):
+        with paddle.no_grad():
+            return model(imgs.astype("float32")).numpy()
+    return scores
+
+
+def exported_scorer(inference_model):
+    """Batch of clips (a Paddle tensor) -> logits (numpy) with an exported model (export.InferenceModel)."""
+    return lambda imgs: inference_model.scores(imgs.astype("float32").numpy())
+
+
+def predict(cfg, env: dist.Env, scorer, input_path: str, top_k: int = 5) -> list[tuple[str, list[tuple[str, float]]]]:
+    """[(video, [(class name, probability), ...])] for each video of ``input_path``; ``scorer`` is
+    ``dynamic_scorer(model)`` or ``exported_scorer(...)``."""
     if not cfg.DATASET.label_file:
         raise FileNotFoundError("predict needs DATASET.label_file to name the classes")
     names = read_label_file(cfg.DATASET.label_file)
@@ -34,12 +51,8 @@ def predict(cfg, env: dist.Env, model, input_path: str, top_k: int = 5) -> list[
     samples = [Sample(os.path.abspath(v), -1, 0, i + 1) for i, v in enumerate(videos)]
     loader = make_loader(cfg, dist.Env(0, 1, env.device, env.device_id), "test", source="videos",
                          samples=samples, num_classes=None)
-    model.eval()
-    probs = []
-    with paddle.no_grad():
-        for imgs, _ in loader:
-            probs.append(F.softmax(model(imgs.astype("float32")), axis=1).numpy())
-    probs = np.concatenate(probs)
+    logits = np.concatenate([scorer(imgs) for imgs, _ in loader])
+    probs = F.softmax(paddle.to_tensor(logits), axis=1).numpy()
     k = min(top_k, len(names))
     out = []
     for v, p in zip(videos, probs):

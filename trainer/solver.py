@@ -1,10 +1,12 @@
-"""Optimizer and LR schedule of the TSN recipe (DESIGN §6).
+"""Optimizer and LR schedules of the recipes (DESIGN §6).
 
-LR = base_lr x global_batch / base_batch_size, decayed x decay_factor at fractions of the total
-*iterations* (computed from the real steps per epoch), after an optional linear warm-up; stepped once
-per iteration.
+LR = base_lr x global_batch / base_batch_size after an optional linear warm-up, then either decayed
+x decay_factor at fractions of the total *iterations* (TSN's "step"), or annealed to 0 along a cosine
+over the iterations left after warm-up (the PP recipes' "cosine"); stepped once per iteration.
 """
 from __future__ import annotations
+
+import math
 
 import paddle
 
@@ -25,18 +27,25 @@ def lr_at(opt_cfg, step: int, steps_per_epoch: int, epochs: int, global_batch: i
     if step < warmup:
         start = lr / warmup
         return start + (lr - start) * step / warmup
-    drops = sum(step >= m for m in lr_milestones(opt_cfg, steps_per_epoch * epochs))
+    total = steps_per_epoch * epochs
+    if opt_cfg.schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    drops = sum(step >= m for m in lr_milestones(opt_cfg, total))
     return lr * opt_cfg.decay_factor ** drops
 
 
 def build_lr(opt_cfg, steps_per_epoch: int, epochs: int, global_batch: int) -> paddle.optimizer.lr.LRScheduler:
     lr = scaled_lr(opt_cfg, global_batch)
     warmup = int(round(opt_cfg.warmup_epochs * steps_per_epoch))
-    milestones = lr_milestones(opt_cfg, steps_per_epoch * epochs)
-    values = [lr * opt_cfg.decay_factor ** i for i in range(len(milestones) + 1)]
-    # LinearWarmup restarts the wrapped schedule's count after warm-up: shift the milestones back so
-    # that they stay at their absolute iterations
-    sched = paddle.optimizer.lr.PiecewiseDecay([max(1, m - warmup) for m in milestones], values)
+    total = steps_per_epoch * epochs
+    # LinearWarmup restarts the wrapped schedule's count after warm-up: the schedules below count from
+    # the end of warm-up
+    if opt_cfg.schedule == "cosine":
+        sched = paddle.optimizer.lr.CosineAnnealingDecay(lr, T_max=max(1, total - warmup))
+    else:
+        milestones = lr_milestones(opt_cfg, total)
+        values = [lr * opt_cfg.decay_factor ** i for i in range(len(milestones) + 1)]
+        sched = paddle.optimizer.lr.PiecewiseDecay([max(1, m - warmup) for m in milestones], values)
     if warmup > 0:
         sched = paddle.optimizer.lr.LinearWarmup(sched, warmup, lr / warmup, lr)
     return sched
@@ -50,4 +59,4 @@ def build_optimizer(opt_cfg, lr, model: paddle.nn.Layer) -> paddle.optimizer.Opt
               {"params": no_decay, "weight_decay": 0.0}]
     clip = paddle.nn.ClipGradByGlobalNorm(opt_cfg.grad_clip) if opt_cfg.grad_clip else None
     return paddle.optimizer.Momentum(learning_rate=lr, momentum=opt_cfg.momentum, parameters=groups,
-                                     grad_clip=clip)
+                                     use_nesterov=opt_cfg.nesterov, grad_clip=clip)
