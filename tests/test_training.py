@@ -109,10 +109,11 @@ def test_predict_on_a_missing_video_names_it(trained):
 def test_multi_view_test_writes_per_class_accuracy_and_a_confusion_matrix(trained):
     work, cfg, _ = trained
     result = _run(["test", "TSN", str(cfg), "--nproc", "2", "-o", "PIPELINE.test_num_clips=2",
-                   "-o", "PIPELINE.test_num_crops=3"], work, {"LOG_DIR": str(work / "log_test")})
+                   "-o", "PIPELINE.test_num_crops=3", "-o", "PIPELINE.test_num_segments=5"], work,
+                  {"LOG_DIR": str(work / "log_test")})
     assert result.returncode == 0, result.stderr[-3000:]
     m = re.search(r"test: top1 ([\d.]+) top5 [\d.]+ mean class accuracy ([\d.]+) .* on 12 clips "
-                  r"\(2 clip\(s\) x 3 crop\(s\)", result.stdout)
+                  r"\(5 segment\(s\) x 2 clip\(s\) x 3 crop\(s\)", result.stdout)
     assert m, result.stdout[-2000:]
     rows = (work / "out" / "test_confusion.csv").read_text().splitlines()
     names = rows[0].split(",")[1:]

@@ -49,9 +49,10 @@ def parse_args(argv=None):
 def _summary_line(summary: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"
-    top1 = summary.get("val_top1")
-    return (f"SUMMARY val_top1={'n/a' if top1 is None else f'{top1:.4f}'} "
-            f"best_val_top1={summary.get('best_val_top1')} wall_time={summary['wall_s']:.1f}s "
+    def acc(v):
+        return "n/a" if v is None else f"{v:.4f}"
+    return (f"SUMMARY val_top1={acc(summary.get('val_top1'))} "
+            f"best_val_top1={acc(summary.get('best_val_top1'))} wall_time={summary['wall_s']:.1f}s "
             f"train_samples_per_s={summary['train_samples_per_s']:.1f} "
             f"data_wait_share={pct(summary['data_wait_share'])}")
 
@@ -123,6 +124,7 @@ def _class_names(cfg) -> list[str]:
 
 def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
     from trainer import engine
+    from trainer.config import segments_in_test
     from trainer.metrics import MetricsLog, write_test_report
     loader = engine.make_loader(cfg, env, "val" if mode == "eval" else "test")
     result = engine.evaluate(model, loader, env, cfg.MODEL.head.num_classes)
@@ -133,7 +135,8 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
                   **{k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")})
         log.close()
         p = cfg.PIPELINE
-        views = f"{p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), " if mode == "test" else ""
+        views = (f"{segments_in_test(cfg)} segment(s) x {p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), "
+                 if mode == "test" else "")
         print(f"{mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
               f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
               f"({views}{weights}); per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
@@ -145,7 +148,7 @@ def _export(cfg, model, args) -> int:
     out_dir = args.output or os.path.join(cfg.output_dir, "inference")
     report = export(cfg, model, out_dir, _class_names(cfg), onnx=args.onnx)
     checks = ", ".join(f"{k.replace('_max_diff', '')} max |diff| {v:.2e}" for k, v in report.items()
-                       if k.endswith("_max_diff"))
+                       if k.endswith("_max_diff")) + f" (allowed {report['tolerance']:.1e})"
     print(f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
           + (f", {report['onnx']}" if "onnx" in report else "") + f"; scores against the dynamic model: {checks}")
     return 0
