@@ -22,8 +22,8 @@ def _config(tmp_path, demo_dataset, name, epochs=2, train_list=None):
     return tiny_config(tmp_path / f"{name}.yaml", demo_dataset, tmp_path / name, epochs, train_list=train_list)
 
 
-def _run_dist(cfg, log_dir, *extra):
-    return subprocess.Popen(["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", cfg, "--nproc", "2", *extra],
+def _run_dist(cfg, log_dir, *extra, model="TSN"):
+    return subprocess.Popen(["bash", os.path.join(ROOT, "run_dist.sh"), "train", model, cfg, "--nproc", "2", *extra],
                             cwd=ROOT, env={**os.environ, "PYTHON": sys.executable, "LOG_DIR": str(log_dir)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -49,6 +49,29 @@ def test_mpirun_trains_exactly_like_run_dist(demo_dataset, tmp_path):
     assert proc.returncode == 0
     launched = _digests((tmp_path / "log" / "workerlog.0").read_text() + (tmp_path / "log" / "workerlog.1").read_text())
     assert launched == mpi  # same ranks, same shards, same seeds: the same weights
+
+
+@pytest.mark.slow
+@needs_mpirun
+def test_the_pp_tsm_recipe_trains_alike_under_mpirun_and_run_dist(demo_dataset, tmp_path):
+    """ResNet-vd + shift, dense sampling, label smoothing, mixup, cosine LR with warm-up, precise-BN."""
+    outs = {}
+    for name in ("mpi", "launch"):
+        base = _config(tmp_path, demo_dataset, name, epochs=1)
+        cfg = tmp_path / f"{name}_pptsm.yaml"
+        cfg.write_text(f"_base_: {base}\nMODEL: {{name: PP-TSM, head: {{label_smoothing: 0.1}}}}\n"
+                       "PIPELINE: {num_segments: 4, sampling: dense, dense_interval: 2, mixup_alpha: 0.2}\n"
+                       "OPTIMIZER: {schedule: cosine, warmup_epochs: 0.5, nesterov: true}\n")
+        if name == "mpi":
+            out, _ = _mpirun(str(cfg)).communicate(timeout=600)
+        else:
+            proc = _run_dist(str(cfg), tmp_path / "log", model="PP-TSM")
+            out = proc.communicate(timeout=600)[0]
+            assert proc.returncode == 0, out[-3000:]
+            out = (tmp_path / "log" / "workerlog.0").read_text() + (tmp_path / "log" / "workerlog.1").read_text()
+        outs[name] = _digests(out)
+        assert set(outs[name]) == {"0", "1"} and outs[name]["0"] == outs[name]["1"], out[-3000:]
+    assert outs["mpi"] == outs["launch"]
 
 
 def _rank1_pid(read_log, deadline):

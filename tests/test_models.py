@@ -157,9 +157,10 @@ def _paddlevideo_vd_state(model, rng):
     return state, pairs
 
 
-def test_imagenet_resnet50_vd_weights_named_as_paddlevideo_fill_the_pp_tsm_backbone(tmp_path):
+@pytest.mark.parametrize("config", ["pptsn.yaml", "pptsm.yaml"])
+def test_imagenet_resnet50_vd_weights_named_as_paddlevideo_fill_the_pp_backbones(tmp_path, config):
     from trainer.models import load_pretrained
-    cfg = load_config(os.path.join(ROOT, "configs", "pptsm.yaml"), ["MODEL.head.num_classes=5"])
+    cfg = load_config(os.path.join(ROOT, "configs", config), ["MODEL.head.num_classes=5"])
     model = build_model(cfg)
     state, pairs = _paddlevideo_vd_state(model, np.random.default_rng(0))
     paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp_path / "ResNet50_vd.pdparams"))
