@@ -219,3 +219,12 @@ def test_the_motion_task_dataset_has_two_direction_classes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["moving_left", "moving_right"]
     rows = (tmp_path / "kinetics_demo_val.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["moving right", "moving left"]
+
+
+def test_the_export_check_compares_probabilities_and_logits_at_their_scale():
+    from trainer.export import score_difference
+    logits = np.array([[2.0, -1.0, 0.5]])
+    assert score_difference(logits, logits) == 0
+    assert score_difference(logits + [[1e-3, 0, 0]], logits) > 1e-4        # a real disagreement fails
+    big = np.array([[170.0, -40.0, 3.0]])                                   # an untrained ResNet-50's scale
+    assert score_difference(big + [[4e-4, 0, 0]], big) < 1e-4              # float32 rounding passes

@@ -32,9 +32,10 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
                 num_classes=cfg.MODEL.head.num_classes, sampling=p.sampling, dense_interval=p.dense_interval,
                 dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32")
     opts.update(options)
+    segments = segments_in_test(cfg) if mode == "test" else p.num_segments
     return build_loader(
         list_file, source=source or d.source, mode=mode, batch_size=d.batch_size,
-        num_segments=segments_in_test(cfg) if mode == "test" else p.num_segments, target_size=p.target_size, short_size=p.short_size,
+        num_segments=segments, target_size=p.target_size, short_size=p.short_size,
         device=env.device, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
         data_prefix=d.data_prefix or None, **opts)
 

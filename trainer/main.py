@@ -148,7 +148,7 @@ def _export(cfg, model, args) -> int:
     out_dir = args.output or os.path.join(cfg.output_dir, "inference")
     report = export(cfg, model, out_dir, _class_names(cfg), onnx=args.onnx)
     checks = ", ".join(f"{k.replace('_max_diff', '')} max |diff| {v:.2e}" for k, v in report.items()
-                       if k.endswith("_max_diff")) + f" (allowed {report['tolerance']:.1e})"
+                       if k.endswith("_max_diff")) + " (score difference: probabilities, and logits relative to their scale)"
     print(f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
           + (f", {report['onnx']}" if "onnx" in report else "") + f"; scores against the dynamic model: {checks}")
     return 0
