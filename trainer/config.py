@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from dali_pipelines.sampling import SAMPLINGS
+
 
 class ConfigError(ValueError):
     """A user's config or override is wrong; the message is one line naming the key and the fix."""
@@ -70,7 +72,7 @@ SCHEMA: dict = {
     },
     "PIPELINE": {
         "num_segments": Opt(3, minimum=1),
-        "sampling": Opt("segment", choices=("segment", "dense")),  # TSN segments or TSM dense windows
+        "sampling": Opt("segment", choices=SAMPLINGS),  # TSN segments or TSM dense windows
         "dense_interval": Opt(8, minimum=1),         # dense: frames between two sampled frames
         "target_size": Opt(224, minimum=8),
         "short_size": Opt(256, minimum=8),
