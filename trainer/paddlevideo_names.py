@@ -22,17 +22,26 @@ _BN_FIELDS = {"weight": "weight", "bias": "bias", "_mean": "_mean", "_variance":
 _BRANCH = {"2a": 0, "2b": 1, "2c": 2}
 
 
+def _flat_block(depth: int, stage: int, j: int | None) -> int | None:
+    """Flat index in this project's ResNet of block ``j`` of stage ``stage`` (0-based), if it exists."""
+    blocks = DEPTHS[depth][1]
+    if j is None or not 0 <= stage < len(blocks) or not 0 <= j < blocks[stage]:
+        return None
+    return sum(blocks[:stage]) + j
+
+
+def _block_prefix(k: int | None, part: str) -> str | None:
+    """``stages.K.shortcut`` for ``part`` "short", else ``stages.K.branch.{part}`` (part "0".."2")."""
+    if k is None:
+        return None
+    return f"stages.{k}.shortcut" if part == "short" else f"stages.{k}.branch.{part}"
+
+
 def _block_index(depth: int, stage: int, name: str) -> int | None:
     """Flat block index in this project's ResNet of PaddleVideo's block ``res{stage}{name}``."""
-    blocks = DEPTHS[depth][1]
-    s = stage - 2
-    if not 0 <= s < len(blocks):
-        return None
     m = re.fullmatch(r"b(\d+)", name)
-    j = int(m.group(1)) if m and depth >= 101 and s == 2 else (ord(name) - 97 if len(name) == 1 else None)
-    if j is None or not 0 <= j < blocks[s]:
-        return None
-    return sum(blocks[:s]) + j
+    j = int(m.group(1)) if m and depth >= 101 and stage == 4 else (ord(name) - 97 if len(name) == 1 else None)
+    return _flat_block(depth, stage - 2, j)
 
 
 def _layer(depth: int, block: str | None, part: str) -> str | None:
@@ -40,10 +49,7 @@ def _layer(depth: int, block: str | None, part: str) -> str | None:
     if block is None:
         return "stem.0"
     m = re.fullmatch(r"res(\d)([a-z]\d*)", block)
-    k = _block_index(depth, int(m.group(1)), m.group(2)) if m else None
-    if k is None:
-        return None
-    return f"stages.{k}.shortcut" if part == "short" else f"stages.{k}.branch.{part}"
+    return _block_prefix(_block_index(depth, int(m.group(1)), m.group(2)) if m else None, part)
 
 
 def _conv_bn_key(prefix: str | None, layer: str, field: str) -> str | None:
@@ -56,17 +62,6 @@ def _conv_bn_key(prefix: str | None, layer: str, field: str) -> str | None:
     return f"backbone.{prefix}.1.{field}" if field else None
 
 
-def _flat_block(depth: int, stage: int, j: int) -> int | None:
-    blocks = DEPTHS[depth][1]
-    return sum(blocks[:stage]) + j if 0 <= stage < len(blocks) and 0 <= j < blocks[stage] else None
-
-
-def _vd_prefix(depth: int, block: int | None, part: str) -> str | None:
-    if block is None or block >= sum(DEPTHS[depth][1]):
-        return None
-    return f"stages.{block}.shortcut" if part == "short" else f"stages.{block}.branch.{part[-1]}"
-
-
 def _dygraph_key(key: str, depth: int) -> str | None:
     m = re.fullmatch(r"(backbone\.)?(?:(conv)|(res\w+?)\.(conv[012]|short))\.(_conv|_batch_norm)\.(\w+)", key)
     if m:
@@ -77,17 +72,19 @@ def _dygraph_key(key: str, depth: int) -> str | None:
     m = re.fullmatch(r"(?:backbone\.)?conv1_([123])\.(_conv|_batch_norm)\.(\w+)", key)
     if m:
         return _conv_bn_key(f"stem.{int(m.group(1)) - 1}", m.group(2), m.group(3))
-    m = re.fullmatch(r"(?:backbone\.)?bb_(\d+)_(\d+)\.(conv[012]|short)\.(_conv|_batch_norm)\.(\w+)", key)
+    m = re.fullmatch(r"(?:backbone\.)?bb_(\d+)_(\d+)\.(?:conv([012])|(short))\.(_conv|_batch_norm)\.(\w+)", key)
     if m:
         block = _flat_block(depth, int(m.group(1)), int(m.group(2)))
-        return _conv_bn_key(_vd_prefix(depth, block, m.group(3)), m.group(4), m.group(5))
+        return _conv_bn_key(_block_prefix(block, m.group(3) or m.group(4)), m.group(5), m.group(6))
     # PaddleClas's current ResNet / ResNet-vd
     m = re.fullmatch(r"stem\.([012])\.(conv|bn)\.(\w+)", key)
     if m:
         return _conv_bn_key(f"stem.{m.group(1)}", m.group(2), m.group(3))
-    m = re.fullmatch(r"blocks\.(\d+)\.(conv[012]|short)\.(conv|bn)\.(\w+)", key)
+    m = re.fullmatch(r"blocks\.(\d+)\.(?:conv([012])|(short))\.(conv|bn)\.(\w+)", key)
     if m:
-        return _conv_bn_key(_vd_prefix(depth, int(m.group(1)), m.group(2)), m.group(3), m.group(4))
+        k = int(m.group(1))
+        block = k if k < sum(DEPTHS[depth][1]) else None
+        return _conv_bn_key(_block_prefix(block, m.group(2) or m.group(3)), m.group(4), m.group(5))
     return {"head.fc.weight": "head.fc.weight", "head.fc.bias": "head.fc.bias"}.get(key)
 
 
