@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 
 from .config import SHIFT_MODELS, ConfigError, segments_in_test
+from .metrics import softmax
 
 # exported scores must match the dynamic model's: probabilities within TOLERANCE, and logits within
 # TOLERANCE of the largest logit once that exceeds 1 (float32 sums of a large logit carry its scale)
@@ -18,9 +19,6 @@ TOLERANCE = 1e-4
 
 def score_difference(got: np.ndarray, expected: np.ndarray) -> float:
     """The larger of the probability difference and the logit difference relative to the logit scale."""
-    def softmax(x):
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
     logits = np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max()))
     return float(max(np.abs(softmax(got) - softmax(expected)).max(), logits))
 

@@ -8,6 +8,12 @@ import time
 import numpy as np
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities of a [N, classes] array of logits."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def topk_correct(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> list[int]:
     """How many rows have their label among the top-k scores, for each k."""
     order = np.argsort(-scores, axis=1)

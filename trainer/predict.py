@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 
 from dali_pipelines.formats import Sample, read_label_file
 
 from . import dist
 from .engine import make_loader
+from .metrics import softmax
 
 
 def _inputs(path: str) -> list[str]:
@@ -52,7 +52,7 @@ def predict(cfg, env: dist.Env, scorer, input_path: str, top_k: int = 5) -> list
     loader = make_loader(cfg, dist.Env(0, 1, env.device, env.device_id), "test", source="videos",
                          samples=samples, num_classes=None)
     logits = np.concatenate([scorer(imgs) for imgs, _ in loader])
-    probs = F.softmax(paddle.to_tensor(logits), axis=1).numpy()
+    probs = softmax(logits)
     k = min(top_k, len(names))
     out = []
     for v, p in zip(videos, probs):
