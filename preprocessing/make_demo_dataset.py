@@ -87,12 +87,18 @@ def _clip_params(cls: str, w: int, h: int, rng: np.random.Generator) -> dict:
     return p
 
 
+def _background(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random two-colour gradient with pixel noise, [H, W, 3] float."""
+    height, width = yy.shape
+    bg_a, bg_b = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
+    ramp = (xx / width * np.cos(rng.uniform(0, np.pi)) + yy / height * np.sin(rng.uniform(0, np.pi)))[..., None]
+    return bg_a + (bg_b - bg_a) * np.clip(ramp, 0, 1) + rng.normal(0, 6, (height, width, 3))
+
+
 def render_clip(cls: str, num_frames: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     """Frames [T, H, W, 3] uint8 of one clip of class ``cls``."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    bg_a, bg_b = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
-    ramp = (xx / width * np.cos(rng.uniform(0, np.pi)) + yy / height * np.sin(rng.uniform(0, np.pi)))[..., None]
-    background = bg_a + (bg_b - bg_a) * np.clip(ramp, 0, 1) + rng.normal(0, 6, (height, width, 3))
+    background = _background(yy, xx, rng)
     colour = np.clip(np.array(BASE_COLOURS[cls]) + rng.normal(0, 15, 3), 0, 255)
     p = _clip_params(cls, width, height, rng)
     grain = rng.normal(0, 3, (4, height, width, 1)).astype(np.float32)  # sensor noise, cycled
@@ -109,9 +115,7 @@ def render_motion_clip(cls: str, num_frames: int, width: int, height: int, rng: 
     0.45 of the width over the clip, whatever its length); "moving left" is such a clip reversed in time,
     so both classes draw their frames from one distribution."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    bg_a, bg_b = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
-    ramp = (xx / width * np.cos(rng.uniform(0, np.pi)) + yy / height * np.sin(rng.uniform(0, np.pi)))[..., None]
-    background = bg_a + (bg_b - bg_a) * np.clip(ramp, 0, 1) + rng.normal(0, 6, (height, width, 3))
+    background = _background(yy, xx, rng)
     travel = rng.uniform(0.3, 0.45) * width
     objects = []
     for _ in range(int(rng.integers(2, 5))):
