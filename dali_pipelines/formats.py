@@ -2,14 +2,23 @@
 
 A pkl clip is a pickled tuple ``(video_id, label_index, [jpeg_bytes, ...])``. It is only ever read
 through a restricted unpickler, so a pkl from elsewhere cannot run code when loaded.
+
+A clip pkl may carry a frame index after the pickle's STOP opcode (``pickle.load`` ignores the bytes
+that follow, so such a file still loads anywhere as the legacy layout). The index lets a sample read
+only the JPEGs it uses: docs/design.md "The pkl frame index" gives the layout and the checks.
 """
 from __future__ import annotations
 
 import io
 import os
 import pickle
+import pickletools
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
+
+import numpy as np
 
 SOURCES = ("pkl", "rawframes", "videos")
 
@@ -29,8 +38,11 @@ class _ClipUnpickler(pickle.Unpickler):
 
 
 def write_pkl(path: str, video_id: str, label: int, frames: list[bytes]) -> None:
-    """Write a clip pkl atomically: a killed writer never leaves a file that looks complete."""
-    write_atomic(path, pickle.dumps((video_id, int(label), list(frames)), protocol=4))
+    """Write a clip pkl with its frame index, atomically: a killed writer never leaves a file that
+    looks complete."""
+    data = pickle.dumps((video_id, int(label), list(frames)), protocol=4)
+    spans, pickle_end = frame_spans(data, len(frames))
+    write_atomic(path, data + pkl_trailer(int(label), spans, pickle_end))
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -49,7 +61,10 @@ def write_atomic(path: str, data: bytes) -> None:
 def read_pkl(path: str) -> tuple[str, int, list[bytes]]:
     """Load a clip pkl; anything but ``(id, label, [jpeg bytes])`` of builtin types is rejected."""
     with open(path, "rb") as f:
-        data = f.read()
+        return _unpickle_clip(path, f.read())
+
+
+def _unpickle_clip(path: str, data: bytes) -> tuple[str, int, list[bytes]]:
     try:
         obj = _ClipUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
@@ -66,6 +81,132 @@ def read_pkl(path: str) -> tuple[str, int, list[bytes]]:
     except (TypeError, ValueError):
         raise DataFormatError(f"{path}: label {label!r} is not an integer class index") from None
     return str(vid), label, frames
+
+
+# The frame index: HEADER, then (offset, length) uint64 pairs, then FOOTER. The CRC covers header and
+# entries, so a half-appended or damaged index is never taken for a valid one.
+INDEX_HEADER = struct.Struct("<8sIIqQ")   # magic, version, num_frames, label, pickle_end
+INDEX_FOOTER = struct.Struct("<QI8s")     # size of header + entries, crc32 of them, magic
+INDEX_MAGIC, INDEX_END, INDEX_VERSION = b"TSNPKIDX", b"TSNIDX\x00\x01", 1
+_TAIL_READ = 8192  # one read gets the index of clips up to ~500 frames
+# the pickle opcodes that hold raw bytes, by the width of their length field
+_BYTES_OPCODES = {b"C"[0]: 1, b"B"[0]: 4, 0x8E: 8}
+
+
+def frame_spans(data: bytes, num_frames: int) -> tuple[np.ndarray, int]:
+    """[num_frames, 2] (offset, length) of the raw frame bytes inside a clip pickle, found by walking
+    its opcodes (nothing is executed), and where the pickle ends. Raises DataFormatError when the frames are not stored as
+    contiguous raw bytes (protocol 2 spells them ``_codecs.encode(str)``; a memo may share one)."""
+    spans, stop = [], None
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            if op.name in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8"):
+                width = _BYTES_OPCODES[data[pos]]
+                spans.append((pos + 1 + width, len(arg)))
+            elif op.name == "STOP":
+                stop = pos
+                break
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise DataFormatError(f"not a clip pkl ({e})") from None
+    if stop is None or len(spans) < num_frames or num_frames < 1:
+        raise DataFormatError("the frames are not stored as raw bytes; the file must be rewritten")
+    return np.array(spans[len(spans) - num_frames:], dtype=np.uint64), stop + 1
+
+
+def pkl_trailer(label: int, spans: np.ndarray, pickle_end: int) -> bytes:
+    body = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, len(spans), label, pickle_end) \
+        + spans.astype("<u8").tobytes()
+    return body + INDEX_FOOTER.pack(len(body), zlib.crc32(body), INDEX_END)
+
+
+@dataclass(frozen=True)
+class PklIndex:
+    label: int
+    spans: np.ndarray    # [num_frames, 2] uint64 (offset, length)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.spans)
+
+
+def read_pkl_index(fd: int, size: int) -> PklIndex | None:
+    """The frame index at the end of an open clip pkl, or None when the file has none (a legacy pkl,
+    or an index whose append was cut short). A present but inconsistent index raises DataFormatError."""
+    tail = os.pread(fd, min(size, _TAIL_READ), max(0, size - _TAIL_READ))
+    if len(tail) < INDEX_FOOTER.size or tail[-8:] != INDEX_END:
+        return None
+    body_size, crc, _ = INDEX_FOOTER.unpack(tail[-INDEX_FOOTER.size:])
+    start = size - INDEX_FOOTER.size - body_size
+    if body_size < INDEX_HEADER.size or start < 1:
+        return None
+    if body_size + INDEX_FOOTER.size > len(tail):
+        tail = os.pread(fd, body_size + INDEX_FOOTER.size, start)
+    body = tail[len(tail) - INDEX_FOOTER.size - body_size:len(tail) - INDEX_FOOTER.size]
+    if len(body) != body_size or zlib.crc32(body) != crc:
+        return None  # a torn append: the pickle before it is intact
+    magic, version, n, label, pickle_end = INDEX_HEADER.unpack_from(body)
+    if magic != INDEX_MAGIC or version != INDEX_VERSION:
+        raise DataFormatError(f"frame index version {version} is not supported")
+    if n < 1 or body_size != INDEX_HEADER.size + 16 * n or pickle_end != start:
+        raise DataFormatError("the frame index does not match the file")
+    spans = np.frombuffer(body, "<u8", 2 * n, INDEX_HEADER.size).reshape(n, 2)
+    ends = spans[:, 0] + spans[:, 1]
+    if (spans[0, 0] < 2 or (spans[:, 1] < 4).any() or ends[-1] > pickle_end
+            or (spans[1:, 0] < ends[:-1]).any()):
+        raise DataFormatError("the frame index has offsets outside the pickle or out of order")
+    return PklIndex(int(label), spans)
+
+
+def read_indexed_frames(fd: int, index: PklIndex, indices) -> list[bytes]:
+    """The JPEGs at ``indices``, one read each; every read is checked to be a raw-bytes value of the
+    pickle with the indexed length, and a complete JPEG."""
+    out = []
+    for i in indices:
+        off, length = (int(v) for v in index.spans[i])
+        head = min(off, 9)
+        data = os.pread(fd, head + length, off - head)
+        if len(data) != head + length or not _bytes_opcode_at(data, head, length):
+            raise DataFormatError(f"the frame index points frame {i} at no frame; re-index the file with "
+                                  "preprocessing/build_list.py pkl --index")
+        out.append(check_jpeg(data[head:]))
+    return out
+
+
+def _bytes_opcode_at(data: bytes, head: int, length: int) -> bool:
+    for opcode, width in _BYTES_OPCODES.items():
+        if head > width and data[head - 1 - width] == opcode \
+                and int.from_bytes(data[head - width:head], "little") == length:
+            return True
+    return False
+
+
+def index_pkl(path: str) -> str:
+    """Give a clip pkl its frame index in place: "indexed" when it already had a valid one, "appended"
+    when its frames were raw bytes (the index is appended after the pickle), "rewritten" when they were
+    not (protocol 2; the clip is rewritten in this project's layout, atomically). Nothing in the file
+    is executed: it is read with the restricted unpickler and walked opcode by opcode."""
+    with open(path, "rb") as f:
+        try:
+            if read_pkl_index(f.fileno(), os.fstat(f.fileno()).st_size) is not None:
+                return "indexed"
+        except DataFormatError:
+            pass  # a damaged index is replaced below
+        data = f.read()
+    vid, label, frames = _unpickle_clip(path, data)
+    for frame in frames:
+        check_jpeg(frame)
+    try:
+        spans, pickle_end = frame_spans(data, len(frames))
+    except DataFormatError:
+        spans = None
+    if spans is not None and all(data[o:o + n] == fr for (o, n), fr in zip(spans.tolist(), frames)):
+        with open(path, "r+b") as f:  # a torn append fails the CRC and reads as "no index"
+            f.truncate(pickle_end)
+            f.seek(pickle_end)
+            f.write(pkl_trailer(label, spans, pickle_end))
+        return "appended"
+    write_pkl(path, vid, label, frames)
+    return "rewritten"
 
 
 def check_jpeg(data: bytes) -> bytes:

@@ -6,6 +6,7 @@ flips and normalises. Outputs reach Paddle through DLPack without a copy.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -13,25 +14,27 @@ import warnings
 
 import numpy as np
 
-from . import crops
-from .formats import SOURCES, DataFormatError, Sample, check_jpeg, jpeg_size, read_list, read_pkl
-from .sampling import MODES, SAMPLINGS, sample_indices, shard_indices
-from .video import VideoError, decode_frames, probe_cached, stream_info
+from .feed import ClipSpec, LabelError, ParallelMap, default_num_workers, load_sample
+from .formats import SOURCES, DataFormatError, Sample, read_list
+from .sampling import MODES, SAMPLINGS, shard_indices
+from .video import load_probe_cache, probe_cached, save_probe_cache
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 CROPS = ("multiscale", "random_resized")
 DEFAULT_OPTIONS = dict(num_clips=1, num_crops=1, crop="multiscale", flip=True, num_threads=2, prefetch=2,
                        dtype="float32", drop_last=None, device_id=None, num_classes=None, samples=None,
-                       max_batches=None, sampling="segment", dense_interval=8)
-
-
-class LabelError(DataFormatError):
-    """A label outside the model's classes: the list and the config disagree, so the run stops."""
+                       max_batches=None, sampling="segment", dense_interval=8, num_workers=None,
+                       worker_timeout=120.0)
 
 
 class _ClipSource:
     """Batched external source: one call returns one batch.
+
+    The samples' host-side work (``feed.load_sample``) runs in ``num_workers`` processes, far enough
+    ahead of DALI that the training thread only gathers results. Candidate ``k`` of an epoch is a fixed
+    sample (the rank's shard in order; in training then random samples of the shard), loaded with the
+    randomness of (seed, rank, epoch, k): batches do not depend on the number of workers.
 
     Unreadable samples (corrupt or truncated files, a list that promises more frames than a video
     has) are skipped, reported once and counted. Training batches are topped up from the rest of the
@@ -40,43 +43,66 @@ class _ClipSource:
 
     MAX_CONSECUTIVE_FAILURES = 64
 
-    def __init__(self, samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops,
-                 target_size, short_size, crop, flip, rank, world_size, seed, drop_last, num_classes,
-                 max_batches=None, sampling="segment", dense_interval=8):
-        self.samples, self.source, self.kind, self.mode = samples, source, kind, mode
-        self.batch_size, self.num_segments, self.num_clips = batch_size, num_segments, num_clips
-        self.num_crops, self.target_size, self.short_size = num_crops, target_size, short_size
-        self.crop, self.flip = crop, flip
+    def __init__(self, samples, spec: ClipSpec, *, batch_size, rank, world_size, seed, drop_last,
+                 max_batches=None, num_workers=0, worker_timeout=120.0, facts=None, cache_file=None):
+        self.samples, self.spec, self.batch_size = samples, spec, batch_size
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        self.num_classes, self.sampling, self.dense_interval = num_classes, sampling, dense_interval
+        self.facts, self.cache_file, self._new_facts = dict(facts or {}), cache_file, {}
         self.epoch, self.skipped, self._reported = 0, 0, set()
-        self._order, self._rng, self._cursor, self._batches = None, None, 0, 0
+        self._order, self._rng, self._batches = None, None, 0
         # fixed for the loader's life; computed once (in training it costs a permutation of the list)
-        self.shard_size = len(shard_indices(len(samples), rank, world_size, mode))
+        self.shard_size = len(shard_indices(len(samples), rank, world_size, spec.mode))
         batches = self.shard_size // batch_size if drop_last else math.ceil(self.shard_size / batch_size)
         self.num_batches = min(batches, max_batches) if max_batches else batches
+        self.feed = ParallelMap(functools.partial(load_sample, spec), num_workers,
+                                ahead=2 * batch_size + 4 * num_workers, timeout=worker_timeout)
 
     def _start_epoch(self):
-        self._order = shard_indices(len(self.samples), self.rank, self.world_size, self.mode,
+        self._order = shard_indices(len(self.samples), self.rank, self.world_size, self.spec.mode,
                                     self.epoch, self.seed)
-        self._rng = np.random.default_rng([self.seed, self.rank, self.epoch])
-        self._cursor, self._batches = 0, 0
+        self._rng = np.random.default_rng([self.seed, self.rank, self.epoch])  # draws top-up samples
+        self._batches, self._next, self._failures = 0, 0, 0
+        # candidates an epoch uses when every sample reads: each failure allows one more
+        self._budget = min(self.shard_size, self.num_batches * self.batch_size)
+        self.feed.drop()
+        self._save_facts()
+
+    def _candidate(self, k: int) -> int:
+        """The list index of candidate ``k``; past the shard (training only) a random shard sample."""
+        return int(self._order[k] if k < len(self._order) else self._order[self._rng.integers(len(self._order))])
+
+    def _fill(self):
+        """Submit candidates up to the epoch's budget, as many as the feed takes now."""
+        items = []
+        limit = self._budget if self.spec.mode == "train" else min(self._budget, len(self._order))
+        while self._next < limit and len(items) < self.feed.want():
+            k, i = self._next, self._candidate(self._next)
+            s = self.samples[i]
+            items.append((s, (self.seed, self.rank, self.epoch, k), self.facts.get(s.path)))
+            self._next += 1
+        self.feed.submit(items)
 
     def __call__(self, info):
         if info.iteration == 0:
             self._start_epoch()
         if self._batches >= self.num_batches:
             raise StopIteration
-        rows, failures, candidates = [], 0, self._candidates()
+        rows, failures = [], 0
         while len(rows) < self.batch_size:
-            i = next(candidates, None)
-            if i is None:
+            self._fill()
+            if not self.feed.in_flight:  # the epoch's candidates are used up
                 break
-            row = self._try_load(i)
-            if row is not None:
+            (s, _, _), (status, value) = self.feed.next()
+            if status == "ok":
+                row, facts = value
+                if facts is not None:
+                    self.facts[s.path] = self._new_facts[s.path] = facts
                 rows.append(row)
                 failures = 0
                 continue
+            if status == "fatal":
+                raise LabelError(value)
+            self._skip(s, value)
             failures += 1
             if failures >= self.MAX_CONSECUTIVE_FAILURES:
                 raise DataFormatError(f"{failures} samples in a row could not be read (see the messages "
@@ -86,74 +112,18 @@ class _ClipSource:
         self._batches += 1
         return tuple(list(col) for col in zip(*rows))
 
-    def _candidates(self):
-        """The rest of this rank's shard in order; in training, then random samples of the shard."""
-        while self._cursor < len(self._order):
-            self._cursor += 1
-            yield self._order[self._cursor - 1]
-        while self.mode == "train":
-            yield self._order[self._rng.integers(len(self._order))]
+    def _skip(self, s: Sample, why: str):
+        self.skipped += 1
+        self._budget += 1  # one more candidate takes its place (training; evaluation has no more)
+        if s.path not in self._reported:
+            self._reported.add(s.path)
+            print(f"dali_pipelines: skipping {s.path} (list line {s.line}): {why}", file=sys.stderr, flush=True)
 
-    def _try_load(self, i):
-        s = self.samples[i]
-        try:
-            return self._load(s)
-        except LabelError:
-            raise
-        except (DataFormatError, VideoError, OSError) as e:
-            self.skipped += 1
-            if s.path not in self._reported:
-                self._reported.add(s.path)
-                print(f"dali_pipelines: skipping {s.path} (list line {s.line}): {e}", file=sys.stderr, flush=True)
-            return None
-
-    def _indices(self, n):
-        return sample_indices(n, self.num_segments, self.mode, self._rng, self.num_clips, self.sampling,
-                              self.dense_interval)
-
-    def _load(self, s: Sample):
-        label = s.label
-        if self.source == "pkl":
-            _, label, frames = read_pkl(s.path)
-            if not frames:
-                raise DataFormatError("the pkl holds no frames")
-            data = [np.frombuffer(check_jpeg(frames[i]), np.uint8) for i in self._indices(len(frames))]
-            width, height = jpeg_size(frames[0])
-        elif self.source == "rawframes":
-            data = []
-            for i in self._indices(s.num_frames):
-                path = os.path.join(s.path, f"img_{i + 1:05d}.jpg")
-                try:
-                    with open(path, "rb") as f:
-                        data.append(np.frombuffer(check_jpeg(f.read()), np.uint8))
-                except FileNotFoundError:
-                    raise DataFormatError(f"the list says {s.num_frames} frames but {path} is missing") from None
-            width, height = jpeg_size(data[0].tobytes())
-        else:
-            idx = self._indices(s.num_frames)
-            if self.kind == "frames":
-                data = [decode_frames(s.path, idx, s.num_frames)]
-                height, width = data[0].shape[1:3]
-            else:
-                encoded = np.fromfile(s.path, np.uint8)
-                packets, width, height = stream_info(encoded.tobytes(), s.path)
-                if packets < s.num_frames:  # NVDEC would pad silently: catch a wrong count here
-                    raise VideoError(f"{s.path}: has {packets} frames, fewer than the {s.num_frames} "
-                                     "the list promised")
-                data = [encoded, idx]
-        if self.num_classes is not None and not 0 <= label < self.num_classes:
-            raise LabelError(f"{s.path} (list line {s.line}): label {label} is outside "
-                             f"[0, {self.num_classes}); check the list against the label file")
-        if self.mode == "train":
-            if self.crop == "multiscale":
-                win = crops.multiscale_window(width, height, self._rng, self.target_size, self.short_size)
-            else:
-                win = crops.random_resized_window(width, height, self._rng)
-            views = [(win, self.flip and self._rng.random() < 0.5)]
-        else:
-            views = crops.test_windows(width, height, self.target_size, self.short_size, self.num_crops)
-        args = [a for win, flip in views for a in (win[:2], win[2:], np.array(flip, np.int32))]
-        return (*data, *args, np.array(label, np.int64))
+    def _save_facts(self):
+        """Keep what workers probed (videos new to the cache, or changed) for the next run."""
+        if self._new_facts:
+            save_probe_cache(self.cache_file, self._new_facts)
+            self._new_facts = {}
 
 
 def _build_pipeline(src: _ClipSource, kind, frames_per_view, num_views, device, device_id, batch_size,
@@ -226,6 +196,14 @@ class DALILoader:
         return src.num_batches * src.batch_size if src.drop_last else src.shard_size
 
     @property
+    def num_workers(self) -> int:
+        return self._source.feed.num_workers
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the loader is garbage-collected)."""
+        self._source.feed.close()
+
+    @property
     def skipped(self) -> int:
         """Unreadable samples skipped so far (each reported once on stderr)."""
         return self._source.skipped
@@ -285,20 +263,28 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
     if opt["num_crops"] not in (1, 3, 10):
         raise ValueError(f"num_crops must be 1, 3 or 10, got {opt['num_crops']!r}")
     samples = opt["samples"] or read_list(list_file, source, data_prefix)
+    cache_file = f"{list_file}.probe.json" if list_file and source == "videos" else None
+    facts = load_probe_cache(cache_file) if cache_file else {}
     if source == "videos":
         unknown = sorted({s.path for s in samples if not s.num_frames})
         if unknown:  # decoded once and cached beside the list
-            counts = probe_cached(unknown, f"{list_file}.probe.json" if list_file else None)
-            samples = [s if s.num_frames else Sample(s.path, s.label, counts[s.path][0], s.line) for s in samples]
+            facts.update(probe_cached(unknown, cache_file, facts))
     elif source == "rawframes":
         check_rawframe_counts(samples, list_file)
     kind = "jpeg" if source != "videos" else ("video" if device == "gpu" else "frames")
     num_clips, num_crops = (opt["num_clips"], opt["num_crops"]) if mode == "test" else (1, 1)
     drop_last = (mode == "train") if opt["drop_last"] is None else bool(opt["drop_last"])
-    src = _ClipSource(samples, source, kind, mode, batch_size, num_segments, num_clips, num_crops, target_size,
-                      short_size, opt["crop"], opt["flip"], rank, world_size, seed, drop_last,
-                      opt["num_classes"], opt["max_batches"], opt["sampling"], opt["dense_interval"])
+    num_workers = default_num_workers() if opt["num_workers"] is None else opt["num_workers"]
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0 (0: read in the training process), got {num_workers!r}")
+    spec = ClipSpec(source, kind, mode, num_segments, target_size, short_size, num_clips=num_clips,
+                    num_crops=num_crops, crop=opt["crop"], flip=opt["flip"], sampling=opt["sampling"],
+                    dense_interval=opt["dense_interval"], num_classes=opt["num_classes"])
+    src = _ClipSource(samples, spec, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                      drop_last=drop_last, max_batches=opt["max_batches"], num_workers=num_workers,
+                      worker_timeout=opt["worker_timeout"], facts=facts, cache_file=cache_file)
     if src.num_batches == 0:
+        src.feed.close()
         raise DataFormatError(f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
                               f"each of {world_size} rank(s); lower the batch size")
     device_id = opt["device_id"]

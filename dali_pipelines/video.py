@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,14 +31,28 @@ def _open(path: str):
     return container, stream
 
 
-def probe(path: str) -> tuple[int, int, int]:
-    """(num_frames, width, height) counted by decoding, which is what every decoder will deliver."""
+@dataclass(frozen=True)
+class VideoFacts:
+    """What probing established about one version of a video file (its size and mtime)."""
+    size: int
+    mtime_ns: int
+    frames: int              # frames the decoder delivers
+    width: int
+    height: int
+    packets: int | None      # video packets in the container: NVDEC pads silently past the last one
+
+
+def probe(path: str) -> VideoFacts:
+    """Count frames by decoding (what every decoder will deliver) and packets by demuxing, once."""
+    st = os.stat(path)
     container, stream = _open(path)
-    n, size = 0, None
+    n, packets, size = 0, 0, None
     try:
-        for frame in container.decode(stream):
-            size = size or (frame.width, frame.height)
-            n += 1
+        for packet in container.demux(stream):
+            packets += 1 if packet.size else 0
+            for frame in packet.decode():
+                size = size or (frame.width, frame.height)
+                n += 1
     except Exception as e:  # noqa: BLE001
         if n == 0:
             raise VideoError(f"{path}: cannot decode ({e})") from None
@@ -46,32 +61,50 @@ def probe(path: str) -> tuple[int, int, int]:
         container.close()
     if n == 0:
         raise VideoError(f"{path}: no decodable frames")
-    return n, size[0], size[1]
+    return VideoFacts(st.st_size, st.st_mtime_ns, n, size[0], size[1], packets)
 
 
-def probe_cached(paths: list[str], cache_file: str | None) -> dict[str, tuple[int, int, int]]:
-    """Probe each video once; results are kept in ``cache_file`` (if given) keyed by path, size, mtime."""
-    if cache_file is None:
-        return {p: probe(p) for p in paths}
+CACHE_VERSION = 2
+
+
+def load_probe_cache(cache_file: str | None) -> dict[str, VideoFacts]:
+    """The facts a probe cache file holds, by path; {} when it is missing, unreadable or older."""
     try:
         with open(cache_file, encoding="utf-8") as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    out, changed = {}, False
+            data = json.load(f)
+        if data.get("version") != CACHE_VERSION:
+            return {}
+        return {p: VideoFacts(*v) for p, v in data["videos"].items()}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return {}
+
+
+def save_probe_cache(cache_file: str | None, facts: dict[str, VideoFacts]) -> None:
+    """Merge ``facts`` into the cache file (another rank may have written it meanwhile), atomically."""
+    if cache_file is None:
+        return
+    merged = {**load_probe_cache(cache_file), **facts}
+    from .formats import write_atomic
+    try:
+        write_atomic(cache_file, json.dumps({"version": CACHE_VERSION, "videos": {
+            p: [f.size, f.mtime_ns, f.frames, f.width, f.height, f.packets] for p, f in merged.items()}}).encode())
+    except OSError:
+        pass  # a read-only data folder only costs a re-probe next time
+
+
+def probe_cached(paths: list[str], cache_file: str | None, known: dict[str, VideoFacts] | None = None
+                 ) -> dict[str, VideoFacts]:
+    """Facts of each video, probed only where the cache holds none for the file as it is now (same
+    size and mtime); new facts are written back to ``cache_file``."""
+    known = load_probe_cache(cache_file) if known is None else known
+    out, new = {}, {}
     for p in paths:
-        st = os.stat(p)
-        key = f"{p}|{st.st_size}|{int(st.st_mtime)}"
-        if key not in cache:
-            cache[key] = list(probe(p))
-            changed = True
-        out[p] = tuple(cache[key])
-    if changed:
-        from .formats import write_atomic
-        try:
-            write_atomic(cache_file, json.dumps(cache).encode())
-        except OSError:
-            pass  # a read-only data folder only costs a re-probe next time
+        st, f = os.stat(p), known.get(p)
+        if f is None or (f.size, f.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            f = new[p] = probe(p)
+        out[p] = f
+    if new:
+        save_probe_cache(cache_file, new)
     return out
 
 

@@ -4,12 +4,11 @@ ffmpeg writes an MJPEG stream to a pipe (no temporary files); we split it into o
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import shutil
-import signal
 import subprocess
-import sys
+
+from dali_pipelines.feed import die_with_parent
 
 
 class ConversionError(RuntimeError):
@@ -24,13 +23,6 @@ def ffmpeg_exe() -> str:
         return exe
     import imageio_ffmpeg
     return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no orphans after a kill -9)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def short_side_scale(n: int) -> dict:

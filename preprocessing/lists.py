@@ -41,7 +41,7 @@ def videos_in(folder: str) -> list[str]:
 def _probe_one(path):
     from dali_pipelines.video import VideoError, probe
     try:
-        return path, probe(path)[0], None
+        return path, probe(path).frames, None
     except VideoError as e:
         return path, None, str(e)
 

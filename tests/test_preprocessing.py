@@ -32,7 +32,7 @@ def test_video2pkl_keeps_every_frame_in_order_for_a_bframe_video(tmp_path):
     assert rc == 0
     vid, label, frames = read_pkl(str(tmp_path / "out" / "vid00000001_000010_000020.pkl"))
     assert (vid, label) == ("vid00000001_000010_000020", 0)
-    assert len(frames) == probe(str(src / "vid00000001_000010_000020.mp4"))[0] == 45
+    assert len(frames) == probe(str(src / "vid00000001_000010_000020.mp4")).frames == 45
     assert [level_to_index(_decode_level(f)) for f in frames] == list(range(45))
     listed = (tmp_path / "out.list").read_text().split()
     assert listed == ["out/vid00000001_000010_000020.pkl"]

@@ -1,0 +1,290 @@
+"""The loader's host side: what each sample needs before DALI decodes it, computed off the training thread.
+
+One sample is a pure function of its settings, its list entry and its place in the epoch
+(``load_sample``): the sampled JPEGs of a pkl (read by offset through the frame index), the sampled
+rawframe files, a video's bytes (GPU) or its sampled frames decoded with PyAV (CPU), plus the crop
+window and flip. ``ParallelMap`` runs such calls in worker processes and hands the results back in
+order, so what a batch holds never depends on the number of workers or on their timing.
+docs/design.md "The host-side feed" says why this is not DALI's parallel external source.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import math
+import os
+import signal
+import sys
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import crops
+from .formats import DataFormatError, Sample, check_jpeg, jpeg_size, read_indexed_frames, read_pkl, read_pkl_index
+from .sampling import sample_indices
+from .video import VideoError, VideoFacts, decode_frames, probe, stream_info
+
+
+class LabelError(DataFormatError):
+    """A label outside the model's classes: the list and the config disagree, so the run stops."""
+
+
+class WorkerError(RuntimeError):
+    """A loader worker process died or hung; the run stops rather than wait or train on less."""
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How every sample of one loader is read and cut: the source, the frames and the views."""
+    source: str                 # "pkl" | "rawframes" | "videos"
+    kind: str                   # what DALI decodes: "jpeg", "frames" (decoded here) or "video" (NVDEC)
+    mode: str                   # "train" | "val" | "test"
+    num_segments: int
+    target_size: int
+    short_size: int
+    num_clips: int = 1
+    num_crops: int = 1
+    crop: str = "multiscale"
+    flip: bool = True
+    sampling: str = "segment"
+    dense_interval: int = 8
+    num_classes: int | None = None
+
+
+def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None = None):
+    """One sample's DALI inputs: ``(row, new_facts)``. ``key`` seeds its randomness (the loader passes
+    (seed, rank, epoch, position)); ``facts`` is what an earlier probe knows of a video, and
+    ``new_facts`` what this call had to establish again (the video was new or had changed), else None.
+    Raises DataFormatError / VideoError / OSError for an unreadable sample, LabelError for a bad label."""
+    rng = np.random.default_rng(key)
+    label, new_facts = s.label, None
+    if spec.source == "pkl":
+        label, data = _pkl_frames(s.path, spec, rng)
+        width, height = _frame_size(data)
+    elif spec.source == "rawframes":
+        data = []
+        for i in _indices(spec, s.num_frames, rng):
+            path = os.path.join(s.path, f"img_{i + 1:05d}.jpg")
+            try:
+                with open(path, "rb") as f:
+                    data.append(check_jpeg(f.read()))
+            except FileNotFoundError:
+                raise DataFormatError(f"the list says {s.num_frames} frames but {path} is missing") from None
+        width, height = _frame_size(data)
+    elif spec.kind == "frames":
+        num_frames = s.num_frames
+        if not num_frames:  # the count came from a probe: trust it only for the file it was taken of
+            current = _current(s.path, facts, os.stat(s.path), need_packets=False)
+            new_facts, num_frames = (current if current is not facts else None), current.frames
+        data = [decode_frames(s.path, _indices(spec, num_frames, rng), num_frames)]
+        height, width = data[0].shape[1:3]
+    else:
+        with open(s.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            encoded = np.frombuffer(f.read(), np.uint8)
+        current = _current(s.path, facts, st, need_packets=True, data=encoded, listed=s.num_frames)
+        new_facts = current if current is not facts else None
+        num_frames = s.num_frames or current.frames
+        if current.packets < num_frames:  # NVDEC would pad silently: catch a wrong count here
+            raise VideoError(f"{s.path}: has {current.packets} frames, fewer than the {num_frames} "
+                             "the list promised")
+        data = [encoded, _indices(spec, num_frames, rng)]
+        width, height = current.width, current.height
+    if spec.num_classes is not None and not 0 <= label < spec.num_classes:
+        raise LabelError(f"{s.path} (list line {s.line}): label {label} is outside "
+                         f"[0, {spec.num_classes}); check the list against the label file")
+    if spec.mode == "train":
+        if spec.crop == "multiscale":
+            win = crops.multiscale_window(width, height, rng, spec.target_size, spec.short_size)
+        else:
+            win = crops.random_resized_window(width, height, rng)
+        views = [(win, spec.flip and rng.random() < 0.5)]
+    else:
+        views = crops.test_windows(width, height, spec.target_size, spec.short_size, spec.num_crops)
+    if spec.kind == "jpeg":
+        data = [np.frombuffer(d, np.uint8) for d in data]
+    args = [a for win, flip in views for a in (win[:2], win[2:], np.array(flip, np.int32))]
+    return (*data, *args, np.array(label, np.int64)), new_facts
+
+
+def _indices(spec: ClipSpec, num_frames: int, rng) -> np.ndarray:
+    return sample_indices(num_frames, spec.num_segments, spec.mode, rng, spec.num_clips, spec.sampling,
+                          spec.dense_interval)
+
+
+def _pkl_frames(path: str, spec: ClipSpec, rng) -> tuple[int, list[bytes]]:
+    """(label, the sampled JPEGs): through the frame index when the file has one, else read whole."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        index = read_pkl_index(fd, os.fstat(fd).st_size)
+        if index is not None:
+            return index.label, read_indexed_frames(fd, index, _indices(spec, index.num_frames, rng))
+    _, label, frames = read_pkl(path)
+    if not frames:
+        raise DataFormatError("the pkl holds no frames")
+    return label, [check_jpeg(frames[i]) for i in _indices(spec, len(frames), rng)]
+
+
+def _frame_size(jpegs: list[bytes]) -> tuple[int, int]:
+    """The frames' common size: one crop window serves them all, so they must agree."""
+    sizes = {jpeg_size(j) for j in jpegs}
+    if len(sizes) != 1:
+        raise DataFormatError(f"the sampled frames differ in size ({sorted(sizes)}); regenerate the clip")
+    return sizes.pop()
+
+
+def _current(path: str, facts: VideoFacts | None, st: os.stat_result, need_packets: bool,
+             data: np.ndarray | None = None, listed: int = 0) -> VideoFacts:
+    """``facts`` if they were taken of this very file (size and mtime) and hold what is needed, else
+    what probing the file now establishes: a changed file is probed again, never trusted."""
+    if facts is not None and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns) \
+            and (facts.packets is not None or not need_packets):
+        return facts
+    if data is not None and listed:  # the list gives the count; the GPU path needs the packets only
+        packets, width, height = stream_info(data.tobytes(), path)
+        return VideoFacts(st.st_size, st.st_mtime_ns, listed, width, height, packets)
+    return probe(path)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphans after a kill -9)."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def default_num_workers() -> int:
+    """A share of this host's cores per local rank, less one for the training process itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(os.environ.get("PADDLE_LOCAL_SIZE") or 1))
+    return max(1, cores // local_ranks - 1)
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides and stops the pool
+    die_with_parent()
+
+
+def _run_chunk(fn, chunk):
+    """Worker: ``fn`` on each item; an unreadable sample is an ("error", message) result, not a failure
+    of the chunk. A LabelError is ("fatal", message): the run must stop."""
+    out = []
+    for args in chunk:
+        try:
+            out.append(("ok", fn(*args)))
+        except LabelError as e:
+            out.append(("fatal", str(e)))
+        except (DataFormatError, VideoError, OSError) as e:
+            out.append(("error", str(e)))
+    return out
+
+
+class _Inline:
+    """A chunk computed when its result is asked for (``num_workers=0``: everything in this process)."""
+
+    def __init__(self, fn, chunk):
+        self._fn, self._chunk = fn, chunk
+
+    def result(self, timeout=None):
+        return _run_chunk(self._fn, self._chunk)
+
+    def cancel(self):
+        return True
+
+
+class ParallelMap:
+    """``fn(*item)`` over a stream of items in ``num_workers`` processes (0: in this one), at most
+    ``ahead`` items in flight, results in submission order.
+
+    A worker that dies (killed, out of memory) or returns nothing for ``timeout`` seconds raises
+    WorkerError naming what it was reading; the pool is then killed, so nothing is left behind."""
+
+    def __init__(self, fn, num_workers: int, ahead: int, timeout: float, chunk: int | None = None):
+        self.fn, self.num_workers, self.timeout = fn, num_workers, timeout
+        self.chunk = chunk or max(1, min(8, math.ceil(ahead / max(1, 2 * num_workers))))
+        self.ahead = max(ahead, self.chunk)
+        self._pending: collections.deque = collections.deque()  # (future, items)
+        self._ready: collections.deque = collections.deque()    # (item, result) of the head chunk
+        self._in_flight = 0
+        self._pool = None
+        if num_workers:
+            import multiprocessing
+            # fork: the workers need no import of the training script and start in milliseconds;
+            # they never touch CUDA or DALI, so forking after either is initialised is safe for them
+            self._pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_worker_init)
+            self._finalizer = weakref.finalize(self, _kill_pool, self._pool)
+            self._pool.submit(int).result()  # start the workers now, before the DALI pipeline's threads
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return list(getattr(self._pool, "_processes", None) or {})
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def want(self) -> int:
+        """How many more items may be submitted now."""
+        return max(0, self.ahead - self._in_flight)
+
+    def submit(self, items: list[tuple]) -> None:
+        for i in range(0, len(items), self.chunk):
+            chunk = items[i:i + self.chunk]
+            fut = self._pool.submit(_run_chunk, self.fn, chunk) if self._pool else _Inline(self.fn, chunk)
+            self._pending.append((fut, chunk))
+            self._in_flight += len(chunk)
+
+    def next(self):
+        """(item, (status, value)) of the oldest submitted item."""
+        if not self._ready:
+            if not self._pending:
+                raise LookupError("ParallelMap.next: nothing submitted")
+            fut, chunk = self._pending.popleft()
+            try:
+                results = fut.result(timeout=self.timeout)
+            except BrokenProcessPool:
+                self.close()
+                raise WorkerError("a loader worker process died (killed, or out of memory) while reading "
+                                  f"{_names(chunk)}; the run stops. If memory is short, lower "
+                                  "DATASET.num_workers") from None
+            except FutureTimeout:
+                self.close()
+                raise WorkerError(f"a loader worker returned nothing for {self.timeout:g} s while reading "
+                                  f"{_names(chunk)}; a file or the filesystem hangs. The workers were "
+                                  "stopped (raise DATASET.worker_timeout if reads are this slow)") from None
+            self._ready.extend(zip(chunk, results))
+        self._in_flight -= 1
+        return self._ready.popleft()
+
+    def drop(self) -> None:
+        """Forget everything in flight (an epoch ended early); running chunks finish unseen."""
+        for fut, _ in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        self._ready.clear()
+        self._in_flight = 0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._finalizer()
+            self._pool = None
+
+
+def _names(chunk) -> str:
+    paths = [item[1].path for item in chunk if len(item) > 1 and isinstance(item[1], Sample)]
+    return ", ".join(paths[:3]) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "") or "samples"
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.join(timeout=5)
