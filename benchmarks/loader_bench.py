@@ -6,7 +6,7 @@ Baseline: paddle.io.DataLoader with `--workers` worker processes; each sample re
 the sampled frames one by one (Pillow for JPEGs, PyAV for mp4), resizes the short side, cuts the TSN
 multi-scale crop, resizes it, flips and normalises with Pillow/NumPy (PaddleVideo's Scale,
 MultiScaleCrop, RandomFlip, Image2Array, Normalization). Ours: build_loader with `--workers` DALI
-threads. Both: train mode, TSN sampling, 3 segments, 224x224 from frames whose short side is 256,
+threads and `--workers` feed worker processes (file reads; on the CPU the PyAV decode of mp4). Both: train mode, TSN sampling, 3 segments, 224x224 from frames whose short side is 256,
 the same crop windows, batches of [N, 3, 3, 224, 224] float32. Clips are Kinetics-like: 340x256,
 250 frames. Rounds alternate between the two; the best round of each counts.
 Last line: `loader_speed_ratio: X` = ours / baseline clips per second.
@@ -132,7 +132,8 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per round")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="baseline worker processes = DALI threads")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="baseline worker processes = our feed workers = DALI threads")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"))
     a = p.parse_args()
@@ -142,7 +143,8 @@ def main() -> None:
 
     def ours():
         return build_loader(list_file, a.source, "train", batch_size=a.batch_size, num_segments=SEGMENTS,
-                            target_size=TARGET, short_size=SHORT, device=a.device, num_threads=a.workers)
+                            target_size=TARGET, short_size=SHORT, device=a.device, num_threads=a.workers,
+                            num_workers=a.workers)
 
     def baseline():
         return paddle.io.DataLoader(PaddleVideoStyleDataset(list_file, a.source), batch_size=a.batch_size,

@@ -203,10 +203,10 @@ class ParallelMap:
     A worker that dies (killed, out of memory) or returns nothing for ``timeout`` seconds raises
     WorkerError naming what it was reading; the pool is then killed, so nothing is left behind."""
 
-    def __init__(self, fn, num_workers: int, ahead: int, timeout: float, chunk: int | None = None):
+    def __init__(self, fn, num_workers: int, ahead: int, timeout: float, chunk: int = 8):
         self.fn, self.num_workers, self.timeout = fn, num_workers, timeout
-        self.chunk = chunk or max(1, min(8, math.ceil(ahead / max(1, 2 * num_workers))))
-        self.ahead = max(ahead, self.chunk)
+        self.chunk = chunk if num_workers else 1  # in this process, load nothing before it is asked for
+        self.ahead = max(ahead, 2 * num_workers * self.chunk, self.chunk)
         self._pending: collections.deque = collections.deque()  # (future, items)
         self._ready: collections.deque = collections.deque()    # (item, result) of the head chunk
         self._in_flight = 0
@@ -229,8 +229,9 @@ class ParallelMap:
         return self._in_flight
 
     def want(self) -> int:
-        """How many more items may be submitted now."""
-        return max(0, self.ahead - self._in_flight)
+        """How many more items may be submitted now: whole chunks only, so workers get full chunks."""
+        free = max(0, self.ahead - self._in_flight)
+        return free - free % self.chunk
 
     def submit(self, items: list[tuple]) -> None:
         for i in range(0, len(items), self.chunk):

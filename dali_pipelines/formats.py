@@ -88,7 +88,6 @@ def _unpickle_clip(path: str, data: bytes) -> tuple[str, int, list[bytes]]:
 INDEX_HEADER = struct.Struct("<8sIIqQ")   # magic, version, num_frames, label, pickle_end
 INDEX_FOOTER = struct.Struct("<QI8s")     # size of header + entries, crc32 of them, magic
 INDEX_MAGIC, INDEX_END, INDEX_VERSION = b"TSNPKIDX", b"TSNIDX\x00\x01", 1
-_TAIL_READ = 8192  # one read gets the index of clips up to ~500 frames
 # the pickle opcodes that hold raw bytes, by the width of their length field
 _BYTES_OPCODES = {b"C"[0]: 1, b"B"[0]: 4, 0x8E: 8}
 
@@ -132,16 +131,14 @@ class PklIndex:
 def read_pkl_index(fd: int, size: int) -> PklIndex | None:
     """The frame index at the end of an open clip pkl, or None when the file has none (a legacy pkl,
     or an index whose append was cut short). A present but inconsistent index raises DataFormatError."""
-    tail = os.pread(fd, min(size, _TAIL_READ), max(0, size - _TAIL_READ))
-    if len(tail) < INDEX_FOOTER.size or tail[-8:] != INDEX_END:
+    if size < INDEX_FOOTER.size + INDEX_HEADER.size + 2:
         return None
-    body_size, crc, _ = INDEX_FOOTER.unpack(tail[-INDEX_FOOTER.size:])
+    footer = os.pread(fd, INDEX_FOOTER.size, size - INDEX_FOOTER.size)
+    body_size, crc, end = INDEX_FOOTER.unpack(footer)
     start = size - INDEX_FOOTER.size - body_size
-    if body_size < INDEX_HEADER.size or start < 1:
+    if end != INDEX_END or body_size < INDEX_HEADER.size or start < 1:
         return None
-    if body_size + INDEX_FOOTER.size > len(tail):
-        tail = os.pread(fd, body_size + INDEX_FOOTER.size, start)
-    body = tail[len(tail) - INDEX_FOOTER.size - body_size:len(tail) - INDEX_FOOTER.size]
+    body = os.pread(fd, body_size, start)
     if len(body) != body_size or zlib.crc32(body) != crc:
         return None  # a torn append: the pickle before it is intact
     magic, version, n, label, pickle_end = INDEX_HEADER.unpack_from(body)

@@ -54,8 +54,8 @@ class _ClipSource:
         self.shard_size = len(shard_indices(len(samples), rank, world_size, spec.mode))
         batches = self.shard_size // batch_size if drop_last else math.ceil(self.shard_size / batch_size)
         self.num_batches = min(batches, max_batches) if max_batches else batches
-        self.feed = ParallelMap(functools.partial(load_sample, spec), num_workers,
-                                ahead=2 * batch_size + 4 * num_workers, timeout=worker_timeout)
+        self.feed = ParallelMap(functools.partial(load_sample, spec), num_workers, ahead=2 * batch_size,
+                                timeout=worker_timeout)
 
     def _start_epoch(self):
         self._order = shard_indices(len(self.samples), self.rank, self.world_size, self.spec.mode,
@@ -72,14 +72,17 @@ class _ClipSource:
         return int(self._order[k] if k < len(self._order) else self._order[self._rng.integers(len(self._order))])
 
     def _fill(self):
-        """Submit candidates up to the epoch's budget, as many as the feed takes now."""
-        items = []
+        """Submit the epoch's next candidates, as many as the feed takes now (fewer only at the end of
+        the budget, or when nothing is in flight and the next batch needs them)."""
         limit = self._budget if self.spec.mode == "train" else min(self._budget, len(self._order))
-        while self._next < limit and len(items) < self.feed.want():
-            k, i = self._next, self._candidate(self._next)
-            s = self.samples[i]
+        want = min(self.feed.want(), limit - self._next)
+        if want < self.feed.chunk and self.feed.in_flight and self._next + want < limit:
+            return
+        items = []
+        for k in range(self._next, self._next + max(0, want)):
+            s = self.samples[self._candidate(k)]
             items.append((s, (self.seed, self.rank, self.epoch, k), self.facts.get(s.path)))
-            self._next += 1
+        self._next += len(items)
         self.feed.submit(items)
 
     def __call__(self, info):
