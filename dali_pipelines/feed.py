@@ -277,7 +277,7 @@ class ParallelMap:
 
 
 def _names(chunk) -> str:
-    paths = [item[1].path for item in chunk if len(item) > 1 and isinstance(item[1], Sample)]
+    paths = [arg.path for item in chunk for arg in item if isinstance(arg, Sample)]
     return ", ".join(paths[:3]) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "") or "samples"
 
 

@@ -40,7 +40,10 @@ class _ClipUnpickler(pickle.Unpickler):
 def write_pkl(path: str, video_id: str, label: int, frames: list[bytes]) -> None:
     """Write a clip pkl with its frame index, atomically: a killed writer never leaves a file that
     looks complete."""
-    data = pickle.dumps((video_id, int(label), list(frames)), protocol=4)
+    frames = list(frames)
+    if len({id(f) for f in frames}) < len(frames):  # the pickler would store a repeated object once
+        frames = [bytes(bytearray(f)) for f in frames]
+    data = pickle.dumps((video_id, int(label), frames), protocol=4)
     spans, pickle_end = frame_spans(data, len(frames))
     write_atomic(path, data + pkl_trailer(int(label), spans, pickle_end))
 
@@ -88,6 +91,8 @@ def _unpickle_clip(path: str, data: bytes) -> tuple[str, int, list[bytes]]:
 INDEX_HEADER = struct.Struct("<8sIIqQ")   # magic, version, num_frames, label, pickle_end
 INDEX_FOOTER = struct.Struct("<QI8s")     # size of header + entries, crc32 of them, magic
 INDEX_MAGIC, INDEX_END, INDEX_VERSION = b"TSNPKIDX", b"TSNIDX\x00\x01", 1
+# at most this many bytes of opcodes (memo, appends, tuple, stop) follow the last frame of a clip pickle
+_MAX_TAIL_OPCODES = 16
 # the pickle opcodes that hold raw bytes, by the width of their length field
 _BYTES_OPCODES = {b"C"[0]: 1, b"B"[0]: 4, 0x8E: 8}
 
@@ -113,6 +118,7 @@ def frame_spans(data: bytes, num_frames: int) -> tuple[np.ndarray, int]:
 
 
 def pkl_trailer(label: int, spans: np.ndarray, pickle_end: int) -> bytes:
+    """The frame index that follows a clip pickle of ``pickle_end`` bytes."""
     body = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, len(spans), label, pickle_end) \
         + spans.astype("<u8").tobytes()
     return body + INDEX_FOOTER.pack(len(body), zlib.crc32(body), INDEX_END)
@@ -130,7 +136,9 @@ class PklIndex:
 
 def read_pkl_index(fd: int, size: int) -> PklIndex | None:
     """The frame index at the end of an open clip pkl, or None when the file has none (a legacy pkl,
-    or an index whose append was cut short). A present but inconsistent index raises DataFormatError."""
+    or an index whose append was cut short: its footer is written last). An index that is there but
+    damaged or inconsistent with the file raises DataFormatError: the sample is skipped, never read
+    from wrong offsets."""
     if size < INDEX_FOOTER.size + INDEX_HEADER.size + 2:
         return None
     footer = os.pread(fd, INDEX_FOOTER.size, size - INDEX_FOOTER.size)
@@ -140,7 +148,7 @@ def read_pkl_index(fd: int, size: int) -> PklIndex | None:
         return None
     body = os.pread(fd, body_size, start)
     if len(body) != body_size or zlib.crc32(body) != crc:
-        return None  # a torn append: the pickle before it is intact
+        raise DataFormatError("the frame index is damaged (checksum mismatch)")
     magic, version, n, label, pickle_end = INDEX_HEADER.unpack_from(body)
     if magic != INDEX_MAGIC or version != INDEX_VERSION:
         raise DataFormatError(f"frame index version {version} is not supported")
@@ -148,9 +156,9 @@ def read_pkl_index(fd: int, size: int) -> PklIndex | None:
         raise DataFormatError("the frame index does not match the file")
     spans = np.frombuffer(body, "<u8", 2 * n, INDEX_HEADER.size).reshape(n, 2)
     ends = spans[:, 0] + spans[:, 1]
-    if (spans[0, 0] < 2 or (spans[:, 1] < 4).any() or ends[-1] > pickle_end
+    if (spans[0, 0] < 2 or (spans[:, 1] < 4).any() or not pickle_end - _MAX_TAIL_OPCODES <= ends[-1] <= pickle_end
             or (spans[1:, 0] < ends[:-1]).any()):
-        raise DataFormatError("the frame index has offsets outside the pickle or out of order")
+        raise DataFormatError("the frame index has offsets outside the pickle's frames or out of order")
     return PklIndex(int(label), spans)
 
 
@@ -169,6 +177,18 @@ def read_indexed_frames(fd: int, index: PklIndex, indices) -> list[bytes]:
     return out
 
 
+def _index_points_at_jpegs(fd: int, index: PklIndex) -> bool:
+    """Every entry starts a raw-bytes value of its length that begins and ends like a JPEG (a few
+    bytes read per frame, not the frames)."""
+    for off, length in index.spans.tolist():
+        head = min(off, 9)
+        start, end = os.pread(fd, head + 2, off - head), os.pread(fd, min(length, 16), off + length - min(length, 16))
+        if not _bytes_opcode_at(start, head, length) or start[head:] != b"\xff\xd8" \
+                or end.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+            return False
+    return True
+
+
 def _bytes_opcode_at(data: bytes, head: int, length: int) -> bool:
     for opcode, width in _BYTES_OPCODES.items():
         if head > width and data[head - 1 - width] == opcode \
@@ -184,7 +204,8 @@ def index_pkl(path: str) -> str:
     is executed: it is read with the restricted unpickler and walked opcode by opcode."""
     with open(path, "rb") as f:
         try:
-            if read_pkl_index(f.fileno(), os.fstat(f.fileno()).st_size) is not None:
+            index = read_pkl_index(f.fileno(), os.fstat(f.fileno()).st_size)
+            if index is not None and _index_points_at_jpegs(f.fileno(), index):
                 return "indexed"
         except DataFormatError:
             pass  # a damaged index is replaced below

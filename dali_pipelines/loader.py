@@ -89,6 +89,7 @@ class _ClipSource:
         if info.iteration == 0:
             self._start_epoch()
         if self._batches >= self.num_batches:
+            self._save_facts()
             raise StopIteration
         rows, failures = [], 0
         while len(rows) < self.batch_size:
@@ -111,6 +112,7 @@ class _ClipSource:
                 raise DataFormatError(f"{failures} samples in a row could not be read (see the messages "
                                       "above); check the data and the list file")
         if not rows:
+            self._save_facts()
             raise StopIteration
         self._batches += 1
         return tuple(list(col) for col in zip(*rows))

@@ -1,10 +1,12 @@
 """Write the list file of a converted or raw dataset (DESIGN §4), one builder per source type.
 
-    python preprocessing/build_list.py pkl       DST_DIR  train_pkl.list
+    python preprocessing/build_list.py pkl       DST_DIR  train_pkl.list [--index 8]
     python preprocessing/build_list.py rawframes FRAMES   train_frames.list --csv k400_train.csv --label-file labels.txt
     python preprocessing/build_list.py videos    VIDEOS   train_videos.list [--label-file labels.txt] [--probe 8]
 
-pkl: every *.pkl below DST_DIR (the label is inside each pkl).
+pkl: every *.pkl below DST_DIR (the label is inside each pkl). --index N gives pkl files made
+    elsewhere (or before the index existed) the frame index that lets the loader read only the sampled
+    frames, with N processes, in place: resumable, and files already indexed are left as they are.
 rawframes: every folder holding img_00001.jpg; the label comes from --csv (Kinetics flat layout, by
     video id) or from the class folder above it (FRAMES/<class>/<clip>/img_*.jpg).
 videos: every video in FRAMES/<class>/; --probe N decodes each video once with N processes and writes
@@ -22,8 +24,8 @@ if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocessing.kinetics import UsageError, load_class_index, read_csv  # noqa: E402
-from preprocessing.lists import (class_folders, class_index_for, count_frames, video_entries,  # noqa: E402
-                                 videos_in, write_list)
+from preprocessing.lists import (class_folders, class_index_for, count_frames, index_pkls,  # noqa: E402
+                                 video_entries, videos_in, write_list)
 
 
 def pkl_entries(root: str):
@@ -73,11 +75,23 @@ def main(argv=None) -> int:
     p.add_argument("--csv", help="rawframes: Kinetics CSV giving each clip's label (flat layouts)")
     p.add_argument("--probe", type=int, default=0, metavar="N",
                    help="videos: count frames with N processes and write them into the list")
+    p.add_argument("--index", type=int, default=0, metavar="N",
+                   help="pkl: give each pkl its frame index (in place) with N processes")
     args = p.parse_args(argv)
-    bad = []
+    bad, note = [], ""
     try:
+        if args.probe < 0 or args.index < 0:
+            raise UsageError("--probe and --index take a number of processes >= 0")
+        if args.index and args.source != "pkl":
+            raise UsageError("--index applies to pkl lists only")
         if args.source == "pkl":
             entries = pkl_entries(args.root)
+            if args.index and entries:
+                done, bad = index_pkls([e[0] for e in entries], args.index)
+                failed = {path for path, _ in bad}
+                entries = [e for e in entries if e[0] not in failed]
+                note = (f"; frame index: {done['appended']} appended, {done['rewritten']} rewritten, "
+                        f"{done['indexed']} already indexed")
         elif args.source == "rawframes":
             entries = rawframe_entries(args.root, args.csv, args.label_file)
         else:
@@ -90,8 +104,8 @@ def main(argv=None) -> int:
     write_list(args.out, entries)
     for path, why in bad:
         print(f"build_list: skipped {path}: {why}", file=sys.stderr)
-    print(f"build_list: {len(entries)} {args.source} entries -> {args.out}"
-          + (f"; {len(bad)} unreadable videos skipped" if bad else ""))
+    print(f"build_list: {len(entries)} {args.source} entries -> {args.out}{note}"
+          + (f"; {len(bad)} unreadable {'files' if args.source == 'pkl' else 'videos'} skipped" if bad else ""))
     return 1 if bad else 0
 
 

@@ -59,6 +59,29 @@ def probe_counts(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tup
     return counts, bad
 
 
+def _index_one(path):
+    from dali_pipelines.formats import DataFormatError, index_pkl
+    try:
+        return path, index_pkl(path), None
+    except (DataFormatError, OSError) as e:
+        return path, None, str(e)
+
+
+def index_pkls(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Give every clip pkl its frame index in place, NPROC at once: how many were already indexed,
+    appended or rewritten, and (path, reason) for each file that is not a readable clip pkl. Rerunning
+    after an interruption redoes only what is not indexed yet."""
+    done, bad = {"indexed": 0, "appended": 0, "rewritten": 0}, []
+    with multiprocessing.get_context("fork").Pool(nproc) as pool, progress(len(paths), "index", "pkl") as bar:
+        for path, outcome, error in pool.imap_unordered(_index_one, paths, chunksize=8):
+            if error:
+                bad.append((path, error))
+            else:
+                done[outcome] += 1
+            bar.update()
+    return done, bad
+
+
 def count_frames(paths: list[str], nproc: int) -> tuple[dict[str, int] | None, list[tuple[str, str]]]:
     """Probed frame counts with NPROC processes (None when NPROC is 0: the list leaves counts out),
     and (path, reason) for each unreadable video."""

@@ -124,3 +124,18 @@ def test_a_schedule_or_sampling_typo_is_a_config_error(cfg_file):
         load_config(cfg_file("OPTIMIZER: {schedule: cosin}\n"))
     with pytest.raises(ConfigError, match="PIPELINE.sampling = 'uniform'.*one of segment, dense"):
         load_config(cfg_file(""), ["PIPELINE.sampling=uniform"])
+
+
+def test_feed_workers_default_to_auto_and_take_zero_or_more(cfg_file, monkeypatch):
+    from dali_pipelines.feed import default_num_workers
+    path = cfg_file("epochs: 5\n")
+    assert load_config(path).DATASET.num_workers is None  # auto: a share of the host's cores
+    assert load_config(path, ["DATASET.num_workers=0"]).DATASET.num_workers == 0
+    with pytest.raises(ConfigError, match=r"DATASET.num_workers = -1.*must be >= 0"):
+        load_config(path, ["DATASET.num_workers=-1"])
+    with pytest.raises(ConfigError, match=r"DATASET.num_workers = 'many'.*an integer or null"):
+        load_config(path, ["DATASET.num_workers=many"])
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    for local_ranks, workers in ((1, 15), (2, 7), (8, 1), (16, 1)):
+        monkeypatch.setenv("PADDLE_LOCAL_SIZE", str(local_ranks))
+        assert default_num_workers() == workers

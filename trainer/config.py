@@ -68,6 +68,8 @@ SCHEMA: dict = {
         "label_file": Opt(""),
         "batch_size": Opt(32, minimum=1),           # per rank
         "num_threads": Opt(4, minimum=1),           # DALI threads per rank
+        "num_workers": Opt(None, type=int, nullable=True, minimum=0),  # feed processes per rank; null: auto
+        "worker_timeout": Opt(120.0, minimum=1.0),  # seconds a feed worker may take for a few samples
         "prefetch": Opt(2, minimum=1),
     },
     "PIPELINE": {
