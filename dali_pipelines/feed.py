@@ -210,19 +210,20 @@ class ParallelMap:
         self._pending: collections.deque = collections.deque()  # (future, items)
         self._ready: collections.deque = collections.deque()    # (item, result) of the head chunk
         self._in_flight = 0
-        self._pool = None
+        self._pool, self._procs = None, []
         if num_workers:
             import multiprocessing
             # fork: the workers need no import of the training script and start in milliseconds;
             # they never touch CUDA or DALI, so forking after either is initialised is safe for them
             self._pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
                                              initializer=_worker_init)
-            self._finalizer = weakref.finalize(self, _kill_pool, self._pool)
+            self._finalizer = weakref.finalize(self, _kill_pool, self._pool, self._procs)
             self._pool.submit(int).result()  # start the workers now, before the DALI pipeline's threads
+            self._procs.extend(self._pool._processes.values())  # a broken pool forgets them
 
     @property
     def worker_pids(self) -> list[int]:
-        return list(getattr(self._pool, "_processes", None) or {})
+        return [p.pid for p in self._procs] if self._pool is not None else []
 
     @property
     def in_flight(self) -> int:
@@ -236,9 +237,25 @@ class ParallelMap:
     def submit(self, items: list[tuple]) -> None:
         for i in range(0, len(items), self.chunk):
             chunk = items[i:i + self.chunk]
-            fut = self._pool.submit(_run_chunk, self.fn, chunk) if self._pool else _Inline(self.fn, chunk)
+            if self._pool is None:
+                fut = _Inline(self.fn, chunk)
+            else:
+                try:
+                    fut = self._pool.submit(_run_chunk, self.fn, chunk)
+                except BrokenProcessPool:
+                    self._died(chunk)
             self._pending.append((fut, chunk))
             self._in_flight += len(chunk)
+
+    def _died(self, chunk):
+        """Stop the pool and raise the error that names the dead worker(s) and what was being read."""
+        dead = [p for p in self._procs if p.exitcode is not None]
+        if any(p.exitcode != -signal.SIGTERM for p in dead):  # the pool SIGTERMs the others when one dies
+            dead = [p for p in dead if p.exitcode != -signal.SIGTERM]
+        dead = [f"pid {p.pid} ({_how(p.exitcode)})" for p in dead]
+        self.close()
+        raise WorkerError(f"loader worker process {', '.join(dead) or ''} died while reading {_names(chunk)}; "
+                          "the run stops (if it was out of memory, lower DATASET.num_workers)".replace("  ", " "))
 
     def next(self):
         """(item, (status, value)) of the oldest submitted item."""
@@ -246,13 +263,12 @@ class ParallelMap:
             if not self._pending:
                 raise LookupError("ParallelMap.next: nothing submitted")
             fut, chunk = self._pending.popleft()
+            if self._pool is not None and any(p.exitcode is not None for p in self._procs):
+                self._died(chunk)  # checked here too: the pool notices a death only when it has no result to hand
             try:
                 results = fut.result(timeout=self.timeout)
             except BrokenProcessPool:
-                self.close()
-                raise WorkerError("a loader worker process died (killed, or out of memory) while reading "
-                                  f"{_names(chunk)}; the run stops. If memory is short, lower "
-                                  "DATASET.num_workers") from None
+                self._died(chunk)
             except FutureTimeout:
                 self.close()
                 raise WorkerError(f"a loader worker returned nothing for {self.timeout:g} s while reading "
@@ -281,8 +297,13 @@ def _names(chunk) -> str:
     return ", ".join(paths[:3]) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "") or "samples"
 
 
-def _kill_pool(pool: ProcessPoolExecutor) -> None:
-    processes = list((getattr(pool, "_processes", None) or {}).values())
+def _how(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit status {exitcode}"
+
+
+def _kill_pool(pool: ProcessPoolExecutor, processes: list) -> None:
     for p in processes:
         if p.is_alive():
             p.kill()

@@ -7,6 +7,7 @@ and fed into the same DALI graph as raw frames.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -17,7 +18,9 @@ class VideoError(RuntimeError):
     """A video that cannot be read; the message names the file."""
 
 
-def _open(path: str):
+def _open(path: str, threads: str = "AUTO"):
+    """The container and its first video stream; ``threads`` is PyAV's decoder thread_type (the loader's
+    workers decode with PyAV's default, SLICE: the workers are the parallelism, frame threads cost)."""
     import av
     try:
         container = av.open(path)
@@ -27,7 +30,7 @@ def _open(path: str):
         container.close()
         raise VideoError(f"{path}: no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type = threads
     return container, stream
 
 
@@ -110,24 +113,100 @@ def probe_cached(paths: list[str], cache_file: str | None, known: dict[str, Vide
 
 def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -> np.ndarray:
     """Decode the frames at ``indices`` (any order, repeats allowed) as RGB, shape [T, H, W, 3];
-    ``promised`` is the frame count the list gave, for the error when the video is shorter."""
+    ``promised`` is the frame count the list gave, for the error when the video is shorter.
+
+    An H.264 mp4 whose packets map one to one onto the ``promised`` frames is decoded sparsely: from the
+    last keyframe before the first wanted frame, and without the non-reference pictures nobody wants
+    (docs/design.md "Sparse decoding"). Anything else is decoded frame by frame from the start."""
     wanted = set(int(i) for i in indices)
-    last = max(wanted)
-    got: dict[int, np.ndarray] = {}
-    container, stream = _open(path)
+    container, stream = _open(path, "SLICE")
     try:
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
-            if i >= last:
-                break
-    except Exception as e:  # noqa: BLE001
-        raise VideoError(f"{path}: decoding failed at frame {len(got)} ({e})") from None
+        got = _decode_sparse(container, stream, wanted, promised)
+    except Exception:  # noqa: BLE001 - whatever went wrong, the in-order decode decides
+        got = None
     finally:
         container.close()
+    if got is None:
+        container, stream = _open(path, "SLICE")
+        try:
+            got = _decode_in_order(container, stream, wanted)
+        except Exception as e:  # noqa: BLE001
+            raise VideoError(f"{path}: decoding failed ({e})") from None
+        finally:
+            container.close()
     if len(got) != len(wanted):
-        raise VideoError(f"{path}: has fewer frames than the {promised or last + 1} the list promised")
+        raise VideoError(f"{path}: has fewer frames than the {promised or max(wanted) + 1} the list promised")
     return np.stack([got[int(i)] for i in indices])
+
+
+def _decode_in_order(container, stream, wanted: set[int]) -> dict[int, np.ndarray]:
+    got, last = {}, max(wanted)
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+            got[i] = frame.to_ndarray(format="rgb24")
+        if i >= last:
+            break
+    return got
+
+
+def _decode_sparse(container, stream, wanted: set[int], promised: int | None) -> dict[int, np.ndarray] | None:
+    """The wanted frames of an H.264 stream in an ISO/MP4 (avcC) container, decoding only what they need;
+    None when the stream does not allow it safely (then everything is decoded in order)."""
+    extradata = stream.codec_context.extradata or b""
+    if stream.codec_context.name != "h264" or len(extradata) < 7 or extradata[0] != 1 or not promised:
+        return None
+    length_size = (extradata[4] & 3) + 1
+    packets = [p for p in container.demux(stream) if p.size]
+    shown = [p for p in packets if not p.is_discard]
+    if any(p.pts is None for p in shown) or len(shown) != promised:
+        return None  # frames the decoder delivers are not the packets' timestamps one to one
+    order = sorted(p.pts for p in shown)
+    if len(set(order)) != len(order):
+        return None
+    index_of = {pts: i for i, pts in enumerate(order)}
+    wanted_pts = {order[i] for i in wanted if i < len(order)}
+    if len(wanted_pts) != len(wanted):
+        return None  # a wanted frame beyond the end: the in-order decode reports it
+    # start at the last keyframe shown no later than the first wanted frame, provided nothing decoded
+    # after it is shown before it (no leading pictures that would need what comes earlier)
+    first, start, later_min = min(wanted_pts), 0, math.inf
+    suffix_min = [0] * len(packets)
+    for k in range(len(packets) - 1, -1, -1):
+        later_min = min(later_min, packets[k].pts if packets[k].pts is not None else -math.inf)
+        suffix_min[k] = later_min
+    for k, p in enumerate(packets):
+        if p.is_keyframe and p.pts is not None and p.pts <= first and suffix_min[k] == p.pts:
+            start = k
+    got = {}
+    for p in packets[start:]:
+        if p.pts not in wanted_pts and _disposable(bytes(p), length_size):
+            continue  # a picture no other picture refers to, and not wanted
+        for frame in p.decode():
+            i = index_of.get(frame.pts)
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+        if len(got) == len(wanted):
+            return got
+    for frame in stream.codec_context.decode(None):  # drain the reorder buffer
+        i = index_of.get(frame.pts)
+        if i in wanted:
+            got[i] = frame.to_ndarray(format="rgb24")
+    return got if len(got) == len(wanted) else None
+
+
+def _disposable(data: bytes, length_size: int) -> bool:
+    """Whether an H.264 access unit (length-prefixed NAL units) holds only non-reference slices
+    (nal_ref_idc 0): no other picture is predicted from it, so leaving it out changes nothing else."""
+    pos, slices = 0, 0
+    while pos + length_size < len(data):
+        n = int.from_bytes(data[pos:pos + length_size], "big")
+        header = data[pos + length_size]
+        if 1 <= header & 0x1F <= 5:  # a coded slice
+            if header >> 5 & 3:
+                return False
+            slices += 1
+        pos += length_size + n
+    return slices > 0 and pos == len(data)
 
 
 def stream_info(data: bytes, name: str) -> tuple[int, int, int]:

@@ -110,8 +110,10 @@ def test_a_worker_that_dies_ends_the_run_with_a_clear_error(clips):
     pids = loader._source.feed.worker_pids
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
+    while os.path.exists(f"/proc/{pids[0]}") and open(f"/proc/{pids[0]}/stat").read().split(") ")[1][0] != "Z":
+        time.sleep(0.01)  # until it is dead (a zombie, or already reaped)
     t = time.time()
-    with pytest.raises(Exception, match="loader worker process died"):
+    with pytest.raises(Exception, match=r"loader worker process pid \d+ \(killed by SIGKILL\) died while reading .*c\d.pkl"):
         for _ in loader:
             pass
     assert time.time() - t < 30
