@@ -1,20 +1,22 @@
 """The loader's host-side feed rate: everything a sample costs before DALI decodes it.
 
-    python benchmarks/feed_bench.py [--clips 48] [--rounds 3] [--batches 40]
+    python benchmarks/feed_bench.py [--clips 24] [--copies 16] [--rounds 3] [--epochs 4] [--batches 48]
 
 Data, made once under --work: Kinetics-like 10 s clips, 340x256 H.264 with B-frames (300 frames), and
 their pkl files made by preprocessing/video2pkl.py (300 JPEGs each, with the frame index); a copy of
-the pkl files without the index stands for the files of before.
+the pkl files without the index stands for the files of before. Each clip is copied --copies times
+(distinct files, so a cold epoch reads each one from the disk).
 What is timed: the loader's external source (``_ClipSource``: the worker processes, the in-order
-gathering, the batch assembly) in train mode, 3 segments, batches of 8, for --batches batches. It
-stops where DALI starts: pkl -> the sampled JPEGs and the crop windows; videos -> what the GPU path
+gathering, the batch assembly) in train mode, 3 segments, batches of 8, --batches batches an epoch.
+It stops where DALI starts: pkl -> the sampled JPEGs and the crop windows; videos -> what the GPU path
 hands NVDEC (the file's bytes and the frame indices; the CPU path's PyAV decode is measured by
 loader_bench.py).
 Baseline, in the same run: the read of before, in the training process (0 workers): the whole pkl read
 and unpickled for its 3 frames; for videos the whole file demuxed on every read to count its packets.
-Warm: the files in the page cache. Cold: every file evicted with posix_fadvise(DONTNEED) before the
-round. Bytes read per clip: rchar of /proc/PID/io of the processes that read the files (the workers;
-without workers the training process), so the results the workers send back are not counted.
+Warm: --epochs epochs with the whole files in the page cache. Cold: one epoch after evicting every file with
+posix_fadvise(DONTNEED). Rounds alternate between the rows; the best round of each counts.
+Bytes read per clip: rchar of /proc/PID/io of the processes that read the files (the workers; without
+workers the training process), so the results the workers send back are not counted.
 Last line: `feed_speed_ratio: X` = pkl warm, 1 worker, indexed / whole-file read.
 """
 from __future__ import annotations
@@ -102,6 +104,14 @@ def rchar(pids) -> int:
     return total
 
 
+def cache(samples) -> None:
+    """Read every file whole, so that the page cache holds all of it (a sample reads parts)."""
+    for s in samples:
+        with open(s.path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
 def evict(samples) -> None:
     for s in samples:
         fd = os.open(s.path, os.O_RDONLY)
@@ -127,27 +137,15 @@ class _Forgetful(dict):
         pass
 
 
-def run_epoch(src, epoch: int) -> tuple[int, float, int]:
-    """(clips, seconds, bytes read) of one epoch of the external source."""
+def run_epochs(src, first: int, epochs: int) -> tuple[int, float, int]:
+    """(clips, seconds, bytes read) of ``epochs`` epochs of the external source."""
     pids = src.feed.worker_pids or [os.getpid()]  # the workers read the files, the trainer the results
-    src.epoch = epoch
     before, n, t = rchar(pids), 0, time.perf_counter()
-    for it in range(src.num_batches):
-        n += len(src(SimpleNamespace(iteration=it))[0])
+    for epoch in range(first, first + epochs):
+        src.epoch = epoch
+        for it in range(src.num_batches):
+            n += len(src(SimpleNamespace(iteration=it))[0])
     return n, time.perf_counter() - t, rchar(pids) - before
-
-
-def measure(src, rounds: int, cold: bool) -> tuple[float, float]:
-    """Best clips/s over ``rounds`` epochs (after one warm-up epoch), and bytes read per clip."""
-    run_epoch(src, 0)
-    best, per_clip = 0.0, 0.0
-    for r in range(rounds):
-        if cold:
-            evict(src.samples)
-        n, dt, nbytes = run_epoch(src, r + 1)
-        if n / dt > best:
-            best, per_clip = n / dt, nbytes / n
-    return best, per_clip
 
 
 def main() -> None:
@@ -155,6 +153,7 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=24, help="clips rendered")
     p.add_argument("--copies", type=int, default=16, help="distinct copies of each clip")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4, help="warm epochs per round")
     p.add_argument("--batches", type=int, default=48, help="batches of 8 per timed epoch")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "feed_bench"))
     p.add_argument("--clean", action="store_true", help="remove the generated data afterwards")
@@ -167,23 +166,35 @@ def main() -> None:
             ("videos", "demux per read (before)", "videos", 0, False),
             ("videos", "probe facts cached", "videos", 1, True),
             ("videos", "probe facts cached", "videos", 2, True)]
-    results = {}
-    print(f"{a.clips * a.copies} clips of {FRAMES} frames 340x256, {SEGMENTS} segments, batches of {BATCH}, "
-          f"{os.cpu_count()} cores; best of {a.rounds} epochs of {a.batches} batches")
-    print(f"{'source':7s} {'read':26s} {'workers':>7s} {'warm clips/s':>13s} {'cold clips/s':>13s} {'KB/clip':>8s}")
-    for source, what, list_name, workers, facts in rows:
-        src = source_for(lists[list_name], source, workers, a.batches, facts)
-        try:
-            warm, per_clip = measure(src, a.rounds, cold=False)
-            cold, _ = measure(src, a.rounds, cold=True)
-        finally:
+    sources = [source_for(lists[list_name], source, workers, a.batches, facts)
+               for source, _, list_name, workers, facts in rows]
+    warm, cold, per_clip = ([0.0] * len(rows) for _ in range(3))
+    try:
+        for src in sources:
+            run_epochs(src, 0, 1)  # workers started, video facts established, files in the page cache
+        for r in range(a.rounds):  # rounds alternate between the rows, so drift hits them alike
+            for i, src in enumerate(sources):
+                evict(src.samples)
+                n, dt, _ = run_epochs(src, 1 + r * (a.epochs + 1), 1)  # an epoch reads every file once
+                cold[i] = max(cold[i], n / dt)
+                cache(src.samples)
+                n, dt, nbytes = run_epochs(src, 2 + r * (a.epochs + 1), a.epochs)
+                warm[i], per_clip[i] = max(warm[i], n / dt), nbytes / n
+    finally:
+        for src in sources:
             src.feed.close()
-        results[(list_name, workers)] = warm
-        print(f"{source:7s} {what:26s} {workers:7d} {warm:13.0f} {cold:13.0f} {per_clip / 1024:8.1f}", flush=True)
+    print(f"{a.clips * a.copies} clips of {FRAMES} frames 340x256, {SEGMENTS} segments, batches of {BATCH}, "
+          f"{os.cpu_count()} cores; best of {a.rounds} rounds (warm: {a.epochs} epochs of {a.batches} batches; "
+          "cold: 1 epoch after evicting every file)")
+    print(f"{'source':7s} {'read':26s} {'workers':>7s} {'warm clips/s':>13s} {'cold clips/s':>13s} {'KB/clip':>8s}")
+    results = {}
+    for i, (source, what, list_name, workers, _) in enumerate(rows):
+        results[(list_name, workers)] = warm[i]
+        print(f"{source:7s} {what:26s} {workers:7d} {warm[i]:13.0f} {cold[i]:13.0f} {per_clip[i] / 1024:8.1f}")
         if list_name == "pkl" and workers == 1:
             index_kb = (FRAMES * 16 + 64) / 1024
             print(f"        (sampled JPEGs {sampled / 1024:.1f} KB + index {index_kb:.1f} KB per clip; "
-                  f"read {per_clip / (sampled + index_kb * 1024):.2f}x that)")
+                  f"read {per_clip[i] / (sampled + index_kb * 1024):.2f}x that)")
     for name in ("pkl", "videos"):
         print(f"{name}: 2 workers / 1 worker = {results[(name, 2)] / results[(name, 1)]:.2f}")
     print(f"videos_feed_ratio: {results[('videos', 1)] / results[('videos', 0)]:.3f}")
