@@ -44,8 +44,10 @@ def write_pkl(path: str, video_id: str, label: int, frames: list[bytes]) -> None
     if len({id(f) for f in frames}) < len(frames):  # the pickler would store a repeated object once
         frames = [bytes(bytearray(f)) for f in frames]
     data = pickle.dumps((video_id, int(label), frames), protocol=4)
-    spans, pickle_end = frame_spans(data, len(frames))
-    write_atomic(path, data + pkl_trailer(int(label), spans, pickle_end))
+    if frames:  # a clip without frames is unreadable anyway: no index to give it
+        spans, pickle_end = frame_spans(data, len(frames))
+        data += pkl_trailer(int(label), spans, pickle_end)
+    write_atomic(path, data)
 
 
 def write_atomic(path: str, data: bytes) -> None:

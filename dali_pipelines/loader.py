@@ -61,7 +61,7 @@ class _ClipSource:
         self._order = shard_indices(len(self.samples), self.rank, self.world_size, self.spec.mode,
                                     self.epoch, self.seed)
         self._rng = np.random.default_rng([self.seed, self.rank, self.epoch])  # draws top-up samples
-        self._batches, self._next, self._failures = 0, 0, 0
+        self._batches, self._next = 0, 0
         # candidates an epoch uses when every sample reads: each failure allows one more
         self._budget = min(self.shard_size, self.num_batches * self.batch_size)
         self.feed.drop()
@@ -202,6 +202,7 @@ class DALILoader:
 
     @property
     def num_workers(self) -> int:
+        """Feed worker processes of this loader (0: it reads in the training process)."""
         return self._source.feed.num_workers
 
     def close(self) -> None:

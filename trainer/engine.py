@@ -213,7 +213,8 @@ def train(cfg, env: dist.Env) -> dict:
     if scaler is not None and resume and scaler_state:
         scaler.load_state_dict(scaler_state)
     if env.is_main:
-        print(f"train: {env.world_size} rank(s) on {env.device}, {train_loader.num_samples} clips/rank/epoch, "
+        print(f"train: {env.world_size} rank(s) on {env.device}, {train_loader.num_samples} clips/rank/epoch "
+              f"read by {train_loader.num_workers} feed worker(s)/rank, "
               f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {lr.get_lr():.4g}"
               + (f"; resumed from {resume} at epoch {start_epoch}" if resume else ""), flush=True)
 
