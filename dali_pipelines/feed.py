@@ -166,6 +166,7 @@ def default_num_workers() -> int:
 
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides and stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler the training process may have set
     die_with_parent()
 
 

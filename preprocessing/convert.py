@@ -93,6 +93,10 @@ class Writer:
 
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; workers are terminated
+    # the main process's SIGTERM handler (raise KeyboardInterrupt) is inherited across the fork: a
+    # worker must die on pool.terminate(), not unwind into multiprocessing's exit handlers, where it
+    # can wait forever on a queue lock
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent()
 
 

@@ -126,7 +126,7 @@ def test_a_worker_that_hangs_on_a_file_ends_the_run_after_the_timeout(clips, tmp
     with open(clips, "a") as f:
         f.write("stuck.pkl\n")
     loader = build_loader(clips, "pkl", "val", batch_size=11, num_segments=2, target_size=16, short_size=16,
-                          num_workers=1, worker_timeout=2)
+                          num_workers=2, worker_timeout=2)
     pids = loader._source.feed.worker_pids
     t = time.time()
     with pytest.raises(Exception, match=r"returned nothing for 2 s while reading .*stuck.pkl"):
