@@ -177,3 +177,20 @@ def test_bad_num_crops_is_rejected(tmp_path):
     (tmp_path / "l.txt").write_text("c.pkl\n")
     with pytest.raises(ValueError, match="num_crops must be 1, 3 or 10"):
         build_loader(str(tmp_path / "l.txt"), "pkl", "test", num_crops=5)
+
+
+def test_ten_crop_views_five_to_nine_mirror_views_zero_to_four_on_a_gradient(tmp_path):
+    """A clip brightening left to right: the flipped views are the unflipped ones reversed along W,
+    the left corners are darker than the right ones, the centre lies between."""
+    ramp = np.linspace(10, 245, 96)
+    frame = np.broadcast_to(ramp[None, :, None], (64, 96, 3)).astype(np.uint8)
+    write_pkl(str(tmp_path / "g.pkl"), "g", 0, [jpeg(frame)] * 4)
+    (tmp_path / "g.txt").write_text("g.pkl\n")
+    loader = build_loader(str(tmp_path / "g.txt"), "pkl", "test", batch_size=1, num_segments=1, target_size=32,
+                          short_size=48, num_crops=10, num_workers=0)
+    views = next(iter(loader))[0].numpy()[0]  # [10, 3, 32, 32]
+    np.testing.assert_allclose(views[5:], views[:5, :, :, ::-1], atol=1e-6)
+    left_to_right = views[:5, :, :, -1].mean(axis=(1, 2)) - views[:5, :, :, 0].mean(axis=(1, 2))
+    assert (left_to_right > 0).all() and (views[5:, :, :, -1].mean() < views[5:, :, :, 0].mean())
+    top_left, top_right, bottom_left, bottom_right, centre = views[:5].mean(axis=(1, 2, 3))
+    assert top_left < centre < top_right and bottom_left < centre < bottom_right

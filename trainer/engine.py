@@ -61,6 +61,19 @@ def mixup(imgs, labels, alpha: float, rng: np.random.Generator):
     return imgs * lam + paddle.gather(imgs, perm) * (1 - lam), paddle.gather(labels, perm), lam
 
 
+def train_loss(net, imgs, labels, smoothing: float, mixup_alpha: float, rng: np.random.Generator):
+    """(loss, logits) of one training batch, exactly as the training loop computes them: with
+    ``mixup_alpha`` > 0 the clips are mixed and the loss is ``lam * L(y) + (1 - lam) * L(y_partner)``,
+    each ``L`` the cross-entropy against labels smoothed by ``smoothing``."""
+    if mixup_alpha > 0:
+        imgs, partners, lam = mixup(imgs, labels, mixup_alpha, rng)
+    logits = net(imgs)
+    loss = classification_loss(logits, labels, smoothing)
+    if mixup_alpha > 0:
+        loss = lam * loss + (1 - lam) * classification_loss(logits, partners, smoothing)
+    return loss, logits
+
+
 def evaluate(model, loader, env: dist.Env, num_classes: int | None = None) -> dict:
     """Top-1/top-5 (and, with ``num_classes``, the confusion matrix) over exactly the readable samples
     of the loader's list, summed over all ranks."""
@@ -136,13 +149,8 @@ def _train_epoch(cfg, env, epoch, net, opt, lr, scaler, loader, log, step, total
     win, steps, t_prev = _Window(), len(loader), time.time()
     for imgs, labels in loader:
         t_data = time.time()
-        if alpha > 0:
-            imgs, partners, lam = mixup(imgs, labels, alpha, mix_rng)
         with paddle.amp.auto_cast(enable=amp is not None, dtype=amp or "float16"):
-            logits = net(imgs)
-            loss = classification_loss(logits, labels, smoothing)
-            if alpha > 0:
-                loss = lam * loss + (1 - lam) * classification_loss(logits, partners, smoothing)
+            loss, logits = train_loss(net, imgs, labels, smoothing, alpha, mix_rng)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)
