@@ -116,3 +116,71 @@ def test_precise_bn_sets_running_stats_to_the_average_of_batch_statistics(tmp_pa
     np.testing.assert_allclose(first._variance.numpy(), variances.mean(0), rtol=1e-4, atol=1e-5)
     assert not np.allclose(before, first._mean.numpy())
     assert first._momentum == 0.9  # the layer's own momentum is restored
+
+
+def _tiny_model(tmp_path, seed=0):
+    p = tmp_path / "tiny.yaml"
+    p.write_text("MODEL:\n  backbone: {depth: 18, base_channels: 8}\n  head: {num_classes: 5}\n")
+    cfg = load_config(str(p))
+    paddle.seed(seed)
+    return cfg, build_model(cfg)
+
+
+def _bn_buffers(model):
+    return [b.numpy().copy() for bn in batch_norms(model) for b in (bn._mean, bn._variance)]
+
+
+def test_precise_bn_averages_the_statistics_over_ranks(tmp_path, monkeypatch):
+    """Rank 0 of two, in one process: the peer's contribution to each all-reduce is what rank 1's
+    precise-BN computed on its own batches, so the result must be the mean of both ranks' statistics."""
+    batches = {r: [(paddle.randn([2, 3, 3, 32, 32]) * (1 + 2 * r) + r, None) for _ in range(3)] for r in (0, 1)}
+    local = {}
+    for r in (0, 1):
+        _, model = _tiny_model(tmp_path)
+        precise_bn(model, batches[r], dist.Env(0, 1, "cpu", None))
+        local[r] = _bn_buffers(model)
+    peer = iter(local[1])
+    monkeypatch.setattr(dist.dist, "all_reduce", lambda t, *a, **k: t.set_value(t + paddle.to_tensor(next(peer))))
+    _, model = _tiny_model(tmp_path)
+    precise_bn(model, batches[0], dist.Env(0, 2, "cpu", None))
+    assert next(peer, None) is None  # every buffer was reduced
+    for got, a, b in zip(_bn_buffers(model), local[0], local[1]):
+        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(local[0][0], local[1][0])
+
+
+def test_restore_brings_back_the_optimizer_state_and_the_lr_schedule_position(tmp_path):
+    from trainer.engine import restore
+    from trainer.solver import build_lr, build_optimizer
+
+    def build():
+        cfg, model = _tiny_model(tmp_path)
+        lr = build_lr(cfg.OPTIMIZER, steps_per_epoch=4, epochs=3, global_batch=8)
+        return model, lr, build_optimizer(cfg.OPTIMIZER, lr, model)
+
+    def step(model, opt, lr, i):
+        paddle.seed(100 + i)  # the same dropout masks in both runs
+        x = paddle.to_tensor(np.random.default_rng(i).standard_normal((2, 3, 3, 32, 32)).astype(np.float32))
+        loss = model(x).mean()
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        lr.step()
+
+    # each run names its parameters and optimizer slots afresh, as a new process does (the optimizer's
+    # state is keyed by those names)
+    with paddle.utils.unique_name.guard():
+        model, lr, opt = build()
+        for i in range(5):  # past the first decay point (1/3 of 12 steps)
+            step(model, opt, lr, i)
+        checkpoint.save_state(str(tmp_path / "s.pdckpt"), model, opt, epoch=1, step=5)
+    with paddle.utils.unique_name.guard():
+        fresh_model, fresh_lr, fresh_opt = build()
+        meta, scaler = restore(str(tmp_path / "s.pdckpt"), fresh_model, fresh_opt)
+    assert meta == {"epoch": 1, "step": 5} and scaler is None
+    assert fresh_lr.last_epoch == lr.last_epoch == 5 and fresh_lr.get_lr() == lr.get_lr() < build()[1].get_lr()
+    for i in range(5, 8):  # momentum and the schedule carry on exactly as in the run that never stopped
+        step(model, opt, lr, i)
+        step(fresh_model, fresh_opt, fresh_lr, i)
+    for (name, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)

@@ -116,7 +116,8 @@ def test_tsm_cannot_test_on_another_segment_count_or_one_segment(cfg_file):
         load_config(cfg_file("MODEL: {name: TSM}\nPIPELINE: {num_segments: 8, test_num_segments: 25}\n"))
     with pytest.raises(ConfigError, match="needs at least 2"):
         load_config(cfg_file("MODEL: {name: PP-TSM}\n"), ["PIPELINE.num_segments=1"])
-    assert load_config(cfg_file("MODEL: {name: TSN}\nPIPELINE: {num_segments: 8, test_num_segments: 25}\n"))
+    tsn = load_config(cfg_file("MODEL: {name: TSN}\nPIPELINE: {num_segments: 8, test_num_segments: 25}\n"))
+    assert (tsn.PIPELINE.num_segments, tsn.PIPELINE.test_num_segments) == (8, 25)  # TSN may: no shift
 
 
 def test_a_schedule_or_sampling_typo_is_a_config_error(cfg_file):

@@ -36,3 +36,40 @@ def test_the_training_loss_is_cross_entropy_against_the_smoothed_mixed_target(sm
     expected = -(target * _log_softmax(expected_logits)).sum(axis=1).mean()
     np.testing.assert_allclose(logits.numpy(), expected_logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_evaluate_counts_every_sample_once_including_the_last_partial_batch(tmp_path):
+    """7 clips in batches of 3: the result covers exactly the 7, and matches scoring each clip alone."""
+    from dali_pipelines import build_loader
+    from dali_pipelines.formats import write_pkl
+    from trainer import dist
+    from trainer.config import load_config
+    from trainer.engine import evaluate
+    from trainer.models import build_model
+
+    from .media import index_frames, jpeg
+    lines = []
+    for i in range(7):
+        write_pkl(str(tmp_path / f"c{i}.pkl"), f"c{i}", i % K, [jpeg(f) for f in index_frames(6 + 5 * i)])
+        lines.append(f"c{i}.pkl")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "c.yaml").write_text("MODEL:\n  backbone: {depth: 18, base_channels: 8}\n  head: {num_classes: 5}\n")
+    paddle.seed(0)
+    model = build_model(load_config(str(tmp_path / "c.yaml")))
+    env = dist.Env(0, 1, "cpu", None)
+
+    def loader(batch_size):
+        return build_loader(str(tmp_path / "list.txt"), "pkl", "val", batch_size=batch_size, num_segments=2,
+                            target_size=32, short_size=32, num_workers=0)
+
+    result = evaluate(model, loader(3), env, num_classes=K)
+    model.eval()
+    hits, losses = [], []
+    with paddle.no_grad():
+        for imgs, labels in loader(1):
+            logits, label = model(imgs).numpy().astype(np.float64), int(labels.numpy()[0])
+            hits.append(int(logits.argmax() == label))
+            losses.append(-_log_softmax(logits)[0, label])
+    assert result["samples"] == len(hits) == 7 and int(result["confusion"].sum()) == 7
+    np.testing.assert_allclose(result["top1"], np.mean(hits))
+    np.testing.assert_allclose(result["loss"], np.mean(losses), rtol=1e-4)

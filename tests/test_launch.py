@@ -54,7 +54,10 @@ def test_mpirun_trains_exactly_like_run_dist(demo_dataset, tmp_path):
 @pytest.mark.slow
 @needs_mpirun
 def test_the_pp_tsm_recipe_trains_alike_under_mpirun_and_run_dist(demo_dataset, tmp_path):
-    """ResNet-vd + shift, dense sampling, label smoothing, mixup, cosine LR with warm-up, precise-BN."""
+    """The PP-TSM recipe's code paths (ResNet-vd + shift, dense sampling, label smoothing, mixup, cosine LR
+    with warm-up, Nesterov, precise-BN) run to the same weights on both ranks and under both launchers.
+    What each of them computes is tested on its own: test_engine (the loss), test_models and
+    test_solver_and_model (the model, the schedule), test_checkpoint_resume (precise-BN)."""
     outs = {}
     for name in ("mpi", "launch"):
         base = _config(tmp_path, demo_dataset, name, epochs=1)

@@ -83,12 +83,18 @@ def test_every_backbone_runs_forward_and_backward(cfg, depth):
 
 
 def test_head_averages_segments_before_the_classifier(cfg):
+    """Average consensus: the classifier of the mean of the segments' features, whatever their order."""
     cfg.MODEL.head["dropout"] = 0.0
     model = build_model(cfg)
     model.eval()
-    clip = paddle.randn([1, 1, 3, 32, 32])
-    same = paddle.concat([clip, clip, clip], axis=1)
-    np.testing.assert_allclose(model(same).numpy(), model(clip).numpy(), rtol=1e-4, atol=1e-5)
+    clip = paddle.randn([2, 3, 3, 32, 32])  # three distinct segments per clip
+    feats = model.backbone(clip.reshape([6, 3, 32, 32])).numpy().reshape(2, 3, -1)
+    weight, bias = model.head.fc.weight.numpy(), model.head.fc.bias.numpy()
+    expected = feats.mean(axis=1) @ weight + bias
+    np.testing.assert_allclose(model(clip).numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(feats.max(axis=1) @ weight + bias, expected, atol=1e-3)  # max consensus differs
+    reordered = paddle.concat([clip[:, 2:], clip[:, :1], clip[:, 1:2]], axis=1)
+    np.testing.assert_allclose(model(reordered).numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_pretrained_loads_backbone_and_skips_a_classifier_of_another_class_count(cfg, tmp_path):

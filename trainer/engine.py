@@ -112,6 +112,15 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
+def restore(path: str, model, opt) -> tuple[dict, dict | None]:
+    """Load a training checkpoint into ``model`` and ``opt`` (its state holds the LR schedule's position);
+    returns the checkpoint's metadata and the AMP loss scaler's state (None without AMP)."""
+    state = checkpoint.load_state(path)
+    model.set_state_dict(state["model"])
+    opt.set_state_dict(state["optimizer"])
+    return state["meta"], state.get("scaler")
+
+
 def _resume_path(cfg) -> str | None:
     if not cfg.resume:
         return None
@@ -199,11 +208,7 @@ def train(cfg, env: dist.Env) -> dict:
     if env.is_main:
         checkpoint.remove_stale_temporaries(out)
     if resume:
-        state = checkpoint.load_state(resume)
-        model.set_state_dict(state["model"])
-        opt.set_state_dict(state["optimizer"])  # restores the LR schedule's position too
-        scaler_state = state.get("scaler")
-        meta = state["meta"]
+        meta, scaler_state = restore(resume, model, opt)
         if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
             print(f"train: warning: {resume} was written with seed {meta.get('seed')} on "
                   f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly")
