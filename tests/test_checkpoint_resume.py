@@ -174,13 +174,14 @@ def test_restore_brings_back_the_optimizer_state_and_the_lr_schedule_position(tm
         for i in range(5):  # past the first decay point (1/3 of 12 steps)
             step(model, opt, lr, i)
         checkpoint.save_state(str(tmp_path / "s.pdckpt"), model, opt, epoch=1, step=5)
-    with paddle.utils.unique_name.guard():
+    with paddle.utils.unique_name.guard():  # the restored slots are created at its first step
         fresh_model, fresh_lr, fresh_opt = build()
         meta, scaler = restore(str(tmp_path / "s.pdckpt"), fresh_model, fresh_opt)
-    assert meta == {"epoch": 1, "step": 5} and scaler is None
-    assert fresh_lr.last_epoch == lr.last_epoch == 5 and fresh_lr.get_lr() == lr.get_lr() < build()[1].get_lr()
-    for i in range(5, 8):  # momentum and the schedule carry on exactly as in the run that never stopped
-        step(model, opt, lr, i)
-        step(fresh_model, fresh_opt, fresh_lr, i)
+        assert meta == {"epoch": 1, "step": 5} and scaler is None
+        assert fresh_lr.last_epoch == lr.last_epoch == 5 and fresh_lr.get_lr() == lr.get_lr()
+        for i in range(5, 8):  # momentum and the schedule carry on exactly as in the run that never stopped
+            step(model, opt, lr, i)
+            step(fresh_model, fresh_opt, fresh_lr, i)
+    assert lr.get_lr() < build()[1].get_lr()  # past a decay point
     for (name, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)

@@ -186,13 +186,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dali_pipelines.formats import DataFormatError
     from dali_pipelines.video import VideoError
+    from trainer.checkpoint import UnsafeFileError
     from trainer.config import ConfigError
     try:
         return run(args)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    except (DataFormatError, VideoError, FileNotFoundError) as e:
+    except (DataFormatError, VideoError, FileNotFoundError, UnsafeFileError) as e:
         print(f"{args.mode}: error: {e}", file=sys.stderr)
         return 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 
+from .checkpoint import load_file
 from .config import MODEL_NAMES
 
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
@@ -172,7 +173,7 @@ def load_pretrained(model: Recognizer2D, path: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.backbone.pretrained: {path} does not exist; give a local .pdparams "
                                 "file or set it to ''")
-    state = paddle.load(path)
+    state = load_file(path)
     if isinstance(state, dict) and {"model", "optimizer", "meta"} <= set(state):
         state = state["model"]
     unused = []
