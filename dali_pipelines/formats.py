@@ -50,10 +50,25 @@ def write_pkl(path: str, video_id: str, label: int, frames: list[bytes]) -> None
     write_atomic(path, data)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` under a temporary name, then rename it over ``path``: a reader sees the old file or
+    the whole new one. The file gets the permissions an ordinary open() would give it (mkstemp's are
+    0600, which would hide a dataset from the other accounts of a cluster)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -60,9 +60,18 @@ def read_csv(path: str) -> tuple[list[Clip], list[tuple[str, str]]]:
             if not yid or not label:
                 bad.append((where, f"malformed row (empty youtube_id or label): {','.join(row)}"))
                 continue
+            if not (_plain_name(yid) and _plain_name(label)):  # output and source paths are built from them
+                bad.append((where, f"youtube_id {yid!r} or label {label!r} is not a plain file name (a path "
+                                   "separator, or a leading '.'): it would lead outside the folders"))
+                continue
             split = row[col["split"]].strip() if "split" in col else ""
             clips.append(Clip(f"{yid}_{start:06d}_{end:06d}", yid, label, split, row_no))
     return clips, bad
+
+
+def _plain_name(name: str) -> bool:
+    """A name that stays inside the folder it is joined to: no separator, no NUL, not '.', '..' or hidden."""
+    return not (name.startswith(".") or "/" in name or "\\" in name or "\0" in name or os.sep in name)
 
 
 def find_clip(src_dir: str, clip: Clip, raw_label: str | None = None) -> str | None:

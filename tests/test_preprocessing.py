@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from dali_pipelines.formats import DataFormatError, read_label_file, read_pkl
+from dali_pipelines.formats import DataFormatError, read_label_file, read_pkl, write_pkl
 from dali_pipelines.video import probe
 from preprocessing import generate_label, video2pkl
 from preprocessing.frames import extract_jpegs, split_jpeg_stream
@@ -123,3 +123,39 @@ def test_find_clip_accepts_both_layouts_and_namings(tmp_path, rel):
     (tmp_path / rel).write_bytes(b"x")
     clip = Clip("abc_000001_000011", "abc", "air_drumming", "train", 2)
     assert find_clip(str(tmp_path), clip) == str(tmp_path / rel)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_get_the_permissions_of_an_ordinary_open(tmp_path, umask, mode):
+    """pkl clips, lists and probe caches are shared between the accounts of a cluster: mkstemp's 0600
+    must not leak into them."""
+    from dali_pipelines.formats import write_atomic
+    old = os.umask(umask)
+    try:
+        write_pkl(str(tmp_path / "c.pkl"), "c", 0, [b"\xff\xd8x\xff\xd9"])
+        write_atomic(str(tmp_path / "train.list"), b"c.pkl\n")
+    finally:
+        os.umask(old)
+    for name in ("c.pkl", "train.list"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == mode
+
+
+def test_csv_fields_that_would_lead_outside_the_folders_are_listed_failures(tmp_path):
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    write_video(src / "good0000001_000000_000010.mp4", index_frames(12))
+    (tmp_path / "src" / "zz_000000_000010.mp4").write_bytes((src / "good0000001_000000_000010.mp4").read_bytes())
+    csv = tmp_path / "k.csv"
+    csv.write_text(HEADER + "a,good0000001,0,10,train\na,../zz,0,10,train\n../src,good0000001,0,10,train\n"
+                   "a,..,0,10,train\n")
+    out = tmp_path / "deep" / "out"
+    assert video2pkl.main([str(csv), str(tmp_path / "src"), str(out), "1", "--label-file", str(_labels(tmp_path))]) == 1
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.pkl"))
+    assert written == ["deep/out/good0000001_000000_000010.pkl"]
+    failures = (tmp_path / "deep" / "out.failures.txt").read_text().splitlines()
+    assert len(failures) == 3 and all("not a plain file name" in f for f in failures)
+
+
+def _labels(tmp_path):
+    (tmp_path / "labels.txt").write_text("0 a\n")
+    return tmp_path / "labels.txt"

@@ -72,6 +72,17 @@ def test_eval_reports_top1_top5_of_the_best_checkpoint_over_the_whole_val_set(tr
 
 
 @pytest.mark.slow
+def test_eval_into_an_output_folder_that_does_not_exist_yet_keeps_its_results(trained):
+    work, cfg, _ = trained
+    fresh = work / "new" / "nested"
+    result = _run(["eval", "TSN", str(cfg), "--nproc", "2", "--weights", str(work / "out" / "best.pdparams"),
+                   "-o", f"output_dir={fresh}"], work, {"LOG_DIR": str(work / "log_eval_new")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"eval: top1 [\d.]+ top5 [\d.]+ .* on 12 clips", result.stdout)
+    assert (fresh / "eval_confusion.csv").is_file() and (fresh / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
 def test_predict_prints_top5_class_names_with_probabilities_for_an_mp4(trained, demo_dataset):
     work, cfg, _ = trained
     video = sorted((demo_dataset / "val" / "pulsing_ring").glob("*.mp4"))[0]

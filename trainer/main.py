@@ -126,20 +126,25 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
     from trainer import engine
     from trainer.config import segments_in_test
     from trainer.metrics import MetricsLog, write_test_report
+    names = _class_names(cfg)  # a label file that disagrees stops the run before the work, not after
+    if env.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)  # the report's folder, before a long evaluation
     loader = engine.make_loader(cfg, env, "val" if mode == "eval" else "test")
     result = engine.evaluate(model, loader, env, cfg.MODEL.head.num_classes)
     if env.is_main:
-        paths = write_test_report(cfg.output_dir, mode, result, _class_names(cfg))
+        p = cfg.PIPELINE
+        views = (f"{segments_in_test(cfg)} segment(s) x {p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), "
+                 if mode == "test" else "")
+        # the numbers first: nothing that fails writing the report can lose them
+        print(f"{mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
+              f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
+              f"({views}{weights})", flush=True)
+        paths = write_test_report(cfg.output_dir, mode, result, names)
         log = MetricsLog(cfg.output_dir)
         log.write(mode=mode, weights=weights,
                   **{k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")})
         log.close()
-        p = cfg.PIPELINE
-        views = (f"{segments_in_test(cfg)} segment(s) x {p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), "
-                 if mode == "test" else "")
-        print(f"{mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
-              f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
-              f"({views}{weights}); per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
+        print(f"{mode}: per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
     return 0
 
 
