@@ -94,6 +94,8 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
                              "the list promised")
         data = [encoded, _indices(spec, num_frames, rng)]
         width, height = current.width, current.height
+    if not (width > 0 and height > 0):  # the crop windows divide by them
+        raise DataFormatError(f"frames of {width}x{height} pixels")
     if spec.num_classes is not None and not 0 <= label < spec.num_classes:
         raise LabelError(f"{s.path} (list line {s.line}): label {label} is outside "
                          f"[0, {spec.num_classes}); check the list against the label file")

@@ -251,8 +251,13 @@ def check_jpeg(data: bytes) -> bytes:
     return data
 
 
+MAX_JPEG_SIDE = 16384  # beyond any video frame; a header claiming more is damaged, not a frame to decode
+
+
 def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a JPEG's SOF header, without decoding it."""
+    """(width, height) from a JPEG's SOF header, without decoding it; a size the decoder would fail on
+    (zero, or beyond MAX_JPEG_SIDE) raises DataFormatError here, before the DALI graph, so the sample is
+    skipped and named like any other unreadable one."""
     if data[:2] != b"\xff\xd8":
         raise DataFormatError("not a JPEG (no SOI marker)")
     i = 2
@@ -267,6 +272,8 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             h = int.from_bytes(data[i + 5:i + 7], "big")
             w = int.from_bytes(data[i + 7:i + 9], "big")
+            if not (0 < w <= MAX_JPEG_SIDE and 0 < h <= MAX_JPEG_SIDE):
+                raise DataFormatError(f"JPEG header says {w}x{h} pixels: damaged")
             return w, h
         i += 2 + length
     raise DataFormatError("JPEG without a frame header")

@@ -185,3 +185,43 @@ def test_restore_brings_back_the_optimizer_state_and_the_lr_schedule_position(tm
     assert lr.get_lr() < build()[1].get_lr()  # past a decay point
     for (name, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+
+
+def test_a_resume_with_another_batch_size_goes_on_from_the_same_epoch_of_the_schedule(tmp_path):
+    """4 epochs of 4 steps, then a resume at 4x the steps per epoch (a quarter of the batch) and 6
+    epochs: the LR is the new schedule's at the start of epoch 5, past both decay points (1/3, 2/3)."""
+    from trainer.engine import continue_schedule, restore
+    from trainer.solver import build_lr, build_optimizer, lr_at
+    with paddle.utils.unique_name.guard():
+        cfg, model = _tiny_model(tmp_path)
+        lr = build_lr(cfg.OPTIMIZER, steps_per_epoch=4, epochs=4, global_batch=8)
+        opt = build_optimizer(cfg.OPTIMIZER, lr, model)
+        for _ in range(16):
+            lr.step()
+        checkpoint.save_state(str(tmp_path / "s.pdckpt"), model, opt, epoch=4, step=16)  # no steps_per_epoch
+    with paddle.utils.unique_name.guard():
+        cfg, model = _tiny_model(tmp_path)
+        lr = build_lr(cfg.OPTIMIZER, steps_per_epoch=16, epochs=6, global_batch=2)
+        meta, _ = restore(str(tmp_path / "s.pdckpt"), model, build_optimizer(cfg.OPTIMIZER, lr, model))
+    assert continue_schedule(lr, meta, 16) == 64
+    assert lr.get_lr() == pytest.approx(lr_at(cfg.OPTIMIZER, 64, 16, 6, 2))
+    assert lr.get_lr() == pytest.approx(lr_at(cfg.OPTIMIZER, 0, 16, 6, 2) * 0.01)
+    assert continue_schedule(lr, {"epoch": 4, "step": 64, "steps_per_epoch": 16}, 16) == 64  # same batch: as saved
+
+
+def test_a_resume_with_another_model_names_what_differs(tmp_path):
+    from trainer.engine import restore
+    from trainer.config import to_plain
+    cfg, model = _tiny_model(tmp_path)
+    checkpoint.save_state(str(tmp_path / "s.pdckpt"), model, paddle.optimizer.SGD(parameters=model.parameters()),
+                          epoch=1, step=4, config=to_plain(cfg))
+    p = tmp_path / "six.yaml"
+    p.write_text("MODEL:\n  backbone: {depth: 18, base_channels: 8}\n  head: {num_classes: 6}\n")
+    other_cfg = load_config(str(p))
+    other = build_model(other_cfg)
+    from trainer.config import ConfigError
+    with pytest.raises(ConfigError, match=r"s.pdckpt holds another model \(MODEL.head.num_classes: 5 in the "
+                                          r"checkpoint, 6 here\)"):
+        restore(str(tmp_path / "s.pdckpt"), other, paddle.optimizer.SGD(parameters=other.parameters()), other_cfg.MODEL)
+    with pytest.raises(ConfigError, match=r"holds another model \(tensors \['head.fc"):
+        restore(str(tmp_path / "s.pdckpt"), other, paddle.optimizer.SGD(parameters=other.parameters()))

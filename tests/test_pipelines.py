@@ -194,3 +194,29 @@ def test_ten_crop_views_five_to_nine_mirror_views_zero_to_four_on_a_gradient(tmp
     assert (left_to_right > 0).all() and (views[5:, :, :, -1].mean() < views[5:, :, :, 0].mean())
     top_left, top_right, bottom_left, bottom_right, centre = views[:5].mean(axis=(1, 2, 3))
     assert top_left < centre < top_right and bottom_left < centre < bottom_right
+
+
+def _with_sof_size(jpeg_bytes, width, height):
+    """The JPEG with its frame header (SOF0) claiming another size; the entropy-coded data is unchanged."""
+    i = jpeg_bytes.index(b"\xff\xc0")
+    return jpeg_bytes[:i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg_bytes[i + 9:]
+
+
+def test_frames_whose_headers_the_decoder_cannot_trust_are_skipped_and_named(tmp_path, capfd):
+    """A SOF claiming 65000x65000 or a height of 0 would stop every rank inside the DALI graph; frames of
+    different sizes would be cut with one window: each such clip is skipped, named and counted."""
+    frames = [jpeg(f) for f in index_frames(12)]
+    clips = {"good": frames,
+             "huge": [_with_sof_size(f, 65000, 65000) for f in frames],
+             "flat": [_with_sof_size(f, 64, 0) for f in frames],
+             "mixed": frames[:6] + [jpeg(f) for f in index_frames(6, width=96, height=64)]}
+    for name, data in clips.items():
+        write_pkl(str(tmp_path / f"{name}.pkl"), name, 0, data)
+    (tmp_path / "list.txt").write_text("".join(f"{name}.pkl\n" for name in clips))
+    loader = build_loader(str(tmp_path / "list.txt"), "pkl", "val", batch_size=4, num_segments=4, target_size=16,
+                          short_size=16)
+    (imgs, labels), = list(loader)
+    assert imgs.shape[0] == 1 and loader.skipped == 3
+    err = capfd.readouterr().err
+    assert "huge.pkl" in err and "65000x65000" in err and "flat.pkl" in err and "64x0" in err
+    assert "mixed.pkl" in err and "differ in size" in err

@@ -112,13 +112,51 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def restore(path: str, model, opt) -> tuple[dict, dict | None]:
+def restore(path: str, model, opt, model_cfg=None) -> tuple[dict, dict | None]:
     """Load a training checkpoint into ``model`` and ``opt`` (its state holds the LR schedule's position);
-    returns the checkpoint's metadata and the AMP loss scaler's state (None without AMP)."""
+    returns the checkpoint's metadata and the AMP loss scaler's state (None without AMP). A checkpoint of
+    another model is a one-line ConfigError naming what differs (the MODEL keys, when the checkpoint
+    records its config and ``model_cfg`` is given; else the tensors)."""
     state = checkpoint.load_state(path)
-    model.set_state_dict(state["model"])
+    own, saved = model.state_dict(), state["model"]
+    differ = sorted(set(own) ^ set(saved)) + sorted(
+        k for k in set(own) & set(saved) if list(own[k].shape) != list(np.shape(saved[k])))
+    if differ:
+        keys = _differing_keys(state["meta"].get("config", {}).get("MODEL"), to_plain(model_cfg or {}), "MODEL")
+        what = "; ".join(keys) if keys else f"tensors {differ[:3]}{' ...' if len(differ) > 3 else ''} differ"
+        raise ConfigError(f"config error: resume: {path} holds another model ({what}); resume with the config "
+                          "it was trained with, or start a new output_dir")
+    model.set_state_dict(saved)
     opt.set_state_dict(state["optimizer"])
     return state["meta"], state.get("scaler")
+
+
+def _differing_keys(saved, current, prefix: str) -> list[str]:
+    if not isinstance(saved, dict) or not current:
+        return []
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_keys(a, b, f"{prefix}.{key}")
+        elif a != b and key != "pretrained":
+            out.append(f"{prefix}.{key}: {a!r} in the checkpoint, {b!r} here")
+    return out
+
+
+def continue_schedule(lr, meta: dict, steps_per_epoch: int) -> int:
+    """The global step to resume at. The LR schedule counts steps; when a resumed run has another number
+    of steps per epoch (another batch size or world size) it goes on from the same epoch of the new
+    schedule, not from the old step count, which would put it at the wrong place (or never decay)."""
+    epoch, step = meta["epoch"], meta["step"]
+    saved_steps = meta.get("steps_per_epoch") or (step // epoch if epoch else steps_per_epoch)
+    if saved_steps == steps_per_epoch:
+        return step
+    step = epoch * steps_per_epoch
+    lr.step(step)
+    print(f"train: resuming with {steps_per_epoch} steps/epoch where the checkpoint had {saved_steps}: the LR "
+          f"schedule goes on from epoch {epoch} (step {step} of the new schedule, lr {lr.get_lr():.4g})", flush=True)
+    return step
 
 
 def _resume_path(cfg) -> str | None:
@@ -208,11 +246,11 @@ def train(cfg, env: dist.Env) -> dict:
     if env.is_main:
         checkpoint.remove_stale_temporaries(out)
     if resume:
-        meta, scaler_state = restore(resume, model, opt)
+        meta, scaler_state = restore(resume, model, opt, cfg.MODEL)
         if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
             print(f"train: warning: {resume} was written with seed {meta.get('seed')} on "
                   f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly")
-        start_epoch, step, best = meta["epoch"], meta["step"], meta["best"]
+        start_epoch, step, best = meta["epoch"], continue_schedule(lr, meta, steps), meta["best"]
     elif env.is_main:
         log.start_new()  # a fresh run does not append to an earlier run's curves
     if env.is_main:
@@ -254,7 +292,7 @@ def train(cfg, env: dist.Env) -> dict:
                     checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), **best)
         if env.is_main:
             meta = dict(epoch=epoch + 1, step=step, best=best, seed=cfg.seed, world_size=env.world_size,
-                        config=to_plain(cfg))
+                        steps_per_epoch=steps, config=to_plain(cfg))
             checkpoint.save_state(os.path.join(out, "latest.pdckpt"), model, opt, scaler, **meta)
             if (epoch + 1) % cfg.save_interval == 0:
                 checkpoint.save_state(os.path.join(out, f"epoch_{epoch + 1}.pdckpt"), model, opt, scaler, **meta)
