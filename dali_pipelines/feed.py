@@ -53,6 +53,7 @@ class ClipSpec:
     sampling: str = "segment"
     dense_interval: int = 8
     num_classes: int | None = None
+    allow_partial_videos: bool = False  # keep the decodable part of a video damaged before its end
 
 
 def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None = None):
@@ -78,7 +79,7 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
     elif spec.kind == "frames":
         num_frames = s.num_frames
         if not num_frames:  # the count came from a probe: trust it only for the file it was taken of
-            current = _current(s.path, facts, os.stat(s.path), need_packets=False)
+            current = _current(s.path, facts, os.stat(s.path), spec, need_packets=False)
             new_facts, num_frames = (current if current is not facts else None), current.frames
         data = [decode_frames(s.path, _indices(spec, num_frames, rng), num_frames)]
         height, width = data[0].shape[1:3]
@@ -86,7 +87,7 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
         with open(s.path, "rb") as f:
             st = os.fstat(f.fileno())
             encoded = np.frombuffer(f.read(), np.uint8)
-        current = _current(s.path, facts, st, need_packets=True, data=encoded, listed=s.num_frames)
+        current = _current(s.path, facts, st, spec, need_packets=True, data=encoded, listed=s.num_frames)
         new_facts = current if current is not facts else None
         num_frames = s.num_frames or current.frames
         if current.packets < num_frames:  # NVDEC would pad silently: catch a wrong count here
@@ -139,17 +140,20 @@ def _frame_size(jpegs: list[bytes]) -> tuple[int, int]:
     return sizes.pop()
 
 
-def _current(path: str, facts: VideoFacts | None, st: os.stat_result, need_packets: bool,
+def _current(path: str, facts: VideoFacts | None, st: os.stat_result, spec: ClipSpec, need_packets: bool,
              data: np.ndarray | None = None, listed: int = 0) -> VideoFacts:
     """``facts`` if they were taken of this very file (size and mtime) and hold what is needed, else
-    what probing the file now establishes: a changed file is probed again, never trusted."""
+    what probing the file now establishes: a changed file is probed again, never trusted. Facts that
+    found the file unreadable raise its VideoError."""
     if facts is not None and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns) \
-            and (facts.packets is not None or not need_packets):
+            and (facts.packets is not None or facts.error or not need_packets):
+        if facts.error:
+            raise VideoError(facts.error)
         return facts
     if data is not None and listed:  # the list gives the count; the GPU path needs the packets only
         packets, width, height = stream_info(data.tobytes(), path)
         return VideoFacts(st.st_size, st.st_mtime_ns, listed, width, height, packets)
-    return probe(path)
+    return probe(path, spec.allow_partial_videos)
 
 
 def die_with_parent() -> None:

@@ -25,7 +25,7 @@ CROPS = ("multiscale", "random_resized")
 DEFAULT_OPTIONS = dict(num_clips=1, num_crops=1, crop="multiscale", flip=True, num_threads=2, prefetch=2,
                        dtype="float32", drop_last=None, device_id=None, num_classes=None, samples=None,
                        max_batches=None, sampling="segment", dense_interval=8, num_workers=None,
-                       worker_timeout=120.0)
+                       worker_timeout=120.0, allow_partial_videos=False)
 
 
 class _ClipSource:
@@ -274,7 +274,7 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
     if source == "videos":
         unknown = sorted({s.path for s in samples if not s.num_frames})
         if unknown:  # decoded once and cached beside the list
-            facts.update(probe_cached(unknown, cache_file, facts))
+            facts.update(probe_cached(unknown, cache_file, facts, opt["allow_partial_videos"]))
     elif source == "rawframes":
         check_rawframe_counts(samples, list_file)
     kind = "jpeg" if source != "videos" else ("video" if device == "gpu" else "frames")
@@ -285,7 +285,8 @@ def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segmen
         raise ValueError(f"num_workers must be an integer >= 0 (0: read in the training process), got {num_workers!r}")
     spec = ClipSpec(source, kind, mode, num_segments, target_size, short_size, num_clips=num_clips,
                     num_crops=num_crops, crop=opt["crop"], flip=opt["flip"], sampling=opt["sampling"],
-                    dense_interval=opt["dense_interval"], num_classes=opt["num_classes"])
+                    dense_interval=opt["dense_interval"], num_classes=opt["num_classes"],
+                    allow_partial_videos=bool(opt["allow_partial_videos"]))
     src = _ClipSource(samples, spec, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                       drop_last=drop_last, max_batches=opt["max_batches"], num_workers=num_workers,
                       worker_timeout=opt["worker_timeout"], facts=facts, cache_file=cache_file)

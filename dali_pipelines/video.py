@@ -43,13 +43,18 @@ class VideoFacts:
     width: int
     height: int
     packets: int | None      # video packets in the container: NVDEC pads silently past the last one
+    error: str | None = None  # why the file is unreadable (then the counts are 0): kept, not re-probed
 
 
-def probe(path: str) -> VideoFacts:
-    """Count frames by decoding (what every decoder will deliver) and packets by demuxing, once."""
+def probe(path: str, allow_partial: bool = False) -> VideoFacts:
+    """Count frames by decoding (what every decoder will deliver) and packets by demuxing, once.
+
+    A decode error before the end the container states (a damaged middle, a cut download) makes the
+    video unreadable: using the decodable part as the clip would score a fraction of it as the whole.
+    ``allow_partial`` keeps that part instead."""
     st = os.stat(path)
     container, stream = _open(path)
-    n, packets, size = 0, 0, None
+    n, packets, size, stated = 0, 0, None, stream.frames
     try:
         for packet in container.demux(stream):
             packets += 1 if packet.size else 0
@@ -59,12 +64,21 @@ def probe(path: str) -> VideoFacts:
     except Exception as e:  # noqa: BLE001
         if n == 0:
             raise VideoError(f"{path}: cannot decode ({e})") from None
-        # a truncated tail: the decodable prefix is the video
+        if stated > n and not allow_partial:
+            raise VideoError(f"{path}: decoding fails after {n} of the {stated} frames the container states "
+                             f"({e}); the file is damaged (DATASET.allow_partial_videos keeps the "
+                             "decodable part)") from None
     finally:
         container.close()
     if n == 0:
         raise VideoError(f"{path}: no decodable frames")
     return VideoFacts(st.st_size, st.st_mtime_ns, n, size[0], size[1], packets)
+
+
+def broken(path: str, why: VideoError) -> VideoFacts:
+    """The facts of an unreadable video: kept like any others, so it is not probed again until it changes."""
+    st = os.stat(path)
+    return VideoFacts(st.st_size, st.st_mtime_ns, 0, 0, 0, None, str(why))
 
 
 CACHE_VERSION = 2
@@ -90,21 +104,28 @@ def save_probe_cache(cache_file: str | None, facts: dict[str, VideoFacts]) -> No
     from .formats import write_atomic
     try:
         write_atomic(cache_file, json.dumps({"version": CACHE_VERSION, "videos": {
-            p: [f.size, f.mtime_ns, f.frames, f.width, f.height, f.packets] for p, f in merged.items()}}).encode())
+            p: [f.size, f.mtime_ns, f.frames, f.width, f.height, f.packets, f.error]
+            for p, f in merged.items()}}).encode())
     except OSError:
         pass  # a read-only data folder only costs a re-probe next time
 
 
-def probe_cached(paths: list[str], cache_file: str | None, known: dict[str, VideoFacts] | None = None
-                 ) -> dict[str, VideoFacts]:
+def probe_cached(paths: list[str], cache_file: str | None, known: dict[str, VideoFacts] | None = None,
+                 allow_partial: bool = False) -> dict[str, VideoFacts]:
     """Facts of each video, probed only where the cache holds none for the file as it is now (same
-    size and mtime); new facts are written back to ``cache_file``."""
+    size and mtime); new facts are written back to ``cache_file``. An unreadable video gets facts with
+    its ``error``: the loader skips and reports it when it comes up, instead of failing the start."""
     known = load_probe_cache(cache_file) if known is None else known
     out, new = {}, {}
     for p in paths:
         st, f = os.stat(p), known.get(p)
-        if f is None or (f.size, f.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            f = new[p] = probe(p)
+        if f is None or (f.size, f.mtime_ns) != (st.st_size, st.st_mtime_ns) or (allow_partial and f.error):
+            try:
+                f = probe(p, allow_partial)
+            except VideoError as e:
+                f = broken(p, e)
+            if not allow_partial:  # the cache holds strict verdicts only
+                new[p] = f
         out[p] = f
     if new:
         save_probe_cache(cache_file, new)

@@ -79,3 +79,41 @@ def test_a_wrong_promised_count_falls_back_and_names_the_shortfall(clips):
         assert video._decode_sparse(container, stream, {10}, 60) is None  # the packets are not the frames
     finally:
         container.close()
+
+
+def _damaged(path, frames=50):
+    """An H.264 mp4 whose middle third of coded data is garbage (the container still states every frame)."""
+    write_video(path, index_frames(frames))
+    data = bytearray(path.read_bytes())
+    start = data.index(b"mdat")
+    for k in range(start + (len(data) - start) // 3, start + (len(data) - start) // 2):
+        data[k] = (data[k] * 7 + 13) & 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_video_damaged_before_its_stated_end_is_unreadable_unless_partial_clips_are_allowed(tmp_path):
+    path = _damaged(tmp_path / "bad.mp4")
+    with pytest.raises(video.VideoError, match=r"bad.mp4: decoding fails after (\d+) of the 50 frames the container states"):
+        video.probe(str(path))
+    partial = video.probe(str(path), allow_partial=True)
+    assert 0 < partial.frames < 50
+
+
+def test_the_loader_skips_a_damaged_video_once_probed_and_keeps_the_verdict(tmp_path, capfd, monkeypatch):
+    from dali_pipelines import build_loader
+    write_video(tmp_path / "good.mp4", index_frames(30))
+    _damaged(tmp_path / "bad.mp4")
+    (tmp_path / "videos.txt").write_text("good.mp4 0\nbad.mp4 1\n")
+
+    def labels(**options):
+        loader = build_loader(str(tmp_path / "videos.txt"), "videos", "val", batch_size=2, num_segments=3,
+                              target_size=16, short_size=16, num_workers=1, **options)
+        return sorted(int(v) for _, y in loader for v in y.numpy()), loader.skipped
+
+    assert labels() == ([0], 1)
+    assert "bad.mp4" in capfd.readouterr().err
+    monkeypatch.setattr(video, "probe", lambda *a: pytest.fail("probed again"))  # the verdict is cached
+    assert labels() == ([0], 1)
+    monkeypatch.undo()
+    assert labels(allow_partial_videos=True) == ([0, 1], 0)

@@ -70,6 +70,7 @@ SCHEMA: dict = {
         "num_threads": Opt(4, minimum=1),           # DALI threads per rank
         "num_workers": Opt(None, type=int, nullable=True, minimum=0),  # feed processes per rank; null: auto
         "worker_timeout": Opt(120.0, minimum=1.0),  # seconds a feed worker may take for a few samples
+        "allow_partial_videos": Opt(False),         # keep the decodable part of a video damaged mid-way
         "prefetch": Opt(2, minimum=1),
     },
     "PIPELINE": {

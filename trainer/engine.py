@@ -30,6 +30,7 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
     opts = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip,
                 num_threads=d.num_threads, prefetch=d.prefetch, device_id=env.device_id,
                 num_workers=d.num_workers, worker_timeout=d.worker_timeout,
+                allow_partial_videos=d.allow_partial_videos,
                 num_classes=cfg.MODEL.head.num_classes, sampling=p.sampling, dense_interval=p.dense_interval,
                 dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32")
     opts.update(options)

@@ -8,6 +8,7 @@ import numpy as np
 import paddle
 
 from dali_pipelines.formats import Sample, read_label_file
+from dali_pipelines.video import VideoError
 
 from . import dist
 from .engine import make_loader
@@ -51,7 +52,10 @@ def predict(cfg, env: dist.Env, scorer, input_path: str, top_k: int = 5) -> list
     samples = [Sample(os.path.abspath(v), -1, 0, i + 1) for i, v in enumerate(videos)]
     loader = make_loader(cfg, dist.Env(0, 1, env.device, env.device_id), "test", source="videos",
                          samples=samples, num_classes=None)
-    logits = np.concatenate([scorer(imgs) for imgs, _ in loader])
+    logits = [scorer(imgs) for imgs, _ in loader]
+    if loader.skipped:  # the messages above name them; scores must never shift onto another video
+        raise VideoError(f"{loader.skipped} of {len(videos)} video(s) could not be read (see above)")
+    logits = np.concatenate(logits)
     probs = softmax(logits)
     k = min(top_k, len(names))
     out = []
