@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dali_pipelines.feed import ClipSpec  # noqa: E402
-from dali_pipelines.formats import frame_spans, read_list  # noqa: E402
+from dali_pipelines.formats import frame_spans, read_list, read_pkl  # noqa: E402
 from dali_pipelines.loader import _ClipSource  # noqa: E402
 
 SEGMENTS, BATCH, FRAMES, FPS = 3, 8, 300, 30
@@ -86,7 +86,6 @@ def _copy(src: str, dst: str, strip_index: bool) -> None:
     with open(src, "rb") as f:
         data = f.read()
     if strip_index:
-        from dali_pipelines.formats import read_pkl
         data = data[:frame_spans(data, len(read_pkl(src)[2]))[1]]
     with open(dst + ".tmp", "wb") as f:
         f.write(data)
@@ -205,7 +204,6 @@ def main() -> None:
 
 def _sampled_jpegs(list_file: str):
     """The JPEGs a train sample reads, for the bytes-per-clip figure (val sampling: the same sizes)."""
-    from dali_pipelines.formats import read_pkl
     from dali_pipelines.sampling import segment_indices
     for s in read_list(list_file, "pkl"):
         frames = read_pkl(s.path)[2]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import math
 import os
 import signal
 import sys
@@ -86,14 +85,14 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
     else:
         with open(s.path, "rb") as f:
             st = os.fstat(f.fileno())
-            encoded = np.frombuffer(f.read(), np.uint8)
-        current = _current(s.path, facts, st, spec, need_packets=True, data=encoded, listed=s.num_frames)
+            raw = f.read()
+        current = _current(s.path, facts, st, spec, need_packets=True, data=raw, listed=s.num_frames)
         new_facts = current if current is not facts else None
         num_frames = s.num_frames or current.frames
         if current.packets < num_frames:  # NVDEC would pad silently: catch a wrong count here
             raise VideoError(f"{s.path}: has {current.packets} frames, fewer than the {num_frames} "
                              "the list promised")
-        data = [encoded, _indices(spec, num_frames, rng)]
+        data = [np.frombuffer(raw, np.uint8), _indices(spec, num_frames, rng)]
         width, height = current.width, current.height
     if not (width > 0 and height > 0):  # the crop windows divide by them
         raise DataFormatError(f"frames of {width}x{height} pixels")
@@ -141,7 +140,7 @@ def _frame_size(jpegs: list[bytes]) -> tuple[int, int]:
 
 
 def _current(path: str, facts: VideoFacts | None, st: os.stat_result, spec: ClipSpec, need_packets: bool,
-             data: np.ndarray | None = None, listed: int = 0) -> VideoFacts:
+             data: bytes | None = None, listed: int = 0) -> VideoFacts:
     """``facts`` if they were taken of this very file (size and mtime) and hold what is needed, else
     what probing the file now establishes: a changed file is probed again, never trusted. Facts that
     found the file unreadable raise its VideoError."""
@@ -151,7 +150,7 @@ def _current(path: str, facts: VideoFacts | None, st: os.stat_result, spec: Clip
             raise VideoError(facts.error)
         return facts
     if data is not None and listed:  # the list gives the count; the GPU path needs the packets only
-        packets, width, height = stream_info(data.tobytes(), path)
+        packets, width, height = stream_info(data, path)
         return VideoFacts(st.st_size, st.st_mtime_ns, listed, width, height, packets)
     return probe(path, spec.allow_partial_videos)
 

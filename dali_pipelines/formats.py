@@ -116,8 +116,9 @@ _BYTES_OPCODES = {b"C"[0]: 1, b"B"[0]: 4, 0x8E: 8}
 
 def frame_spans(data: bytes, num_frames: int) -> tuple[np.ndarray, int]:
     """[num_frames, 2] (offset, length) of the raw frame bytes inside a clip pickle, found by walking
-    its opcodes (nothing is executed), and where the pickle ends. Raises DataFormatError when the frames are not stored as
-    contiguous raw bytes (protocol 2 spells them ``_codecs.encode(str)``; a memo may share one)."""
+    its opcodes (nothing is executed), and where the pickle ends. Raises DataFormatError when the frames
+    are not stored as contiguous raw bytes (protocol 2 spells them ``_codecs.encode(str)``; a memo may
+    share one)."""
     spans, stop = [], None
     try:
         for op, arg, pos in pickletools.genops(data):
@@ -198,10 +199,13 @@ def _index_points_at_jpegs(fd: int, index: PklIndex) -> bool:
     """Every entry starts a raw-bytes value of its length that begins and ends like a JPEG (a few
     bytes read per frame, not the frames)."""
     for off, length in index.spans.tolist():
-        head = min(off, 9)
-        start, end = os.pread(fd, head + 2, off - head), os.pread(fd, min(length, 16), off + length - min(length, 16))
-        if not _bytes_opcode_at(start, head, length) or start[head:] != b"\xff\xd8" \
-                or end.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        head, tail = min(off, 9), min(length, 16)
+        start, end = os.pread(fd, head + 2, off - head), os.pread(fd, tail, off + length - tail)
+        if not _bytes_opcode_at(start, head, length):
+            return False
+        try:
+            check_jpeg(start[head:] + end)  # the frame's first and last bytes: its markers
+        except DataFormatError:
             return False
     return True
 

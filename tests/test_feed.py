@@ -113,7 +113,7 @@ def test_a_worker_that_dies_ends_the_run_with_a_clear_error(clips):
     while os.path.exists(f"/proc/{pids[0]}") and open(f"/proc/{pids[0]}/stat").read().split(") ")[1][0] != "Z":
         time.sleep(0.01)  # until it is dead (a zombie, or already reaped)
     t = time.time()
-    with pytest.raises(Exception, match=r"loader worker process pid \d+ \(killed by SIGKILL\) died while reading .*c\d.pkl"):
+    with pytest.raises(WorkerError, match=r"loader worker process pid \d+ \(killed by SIGKILL\) died while reading .*c\d.pkl"):
         for _ in loader:
             pass
     assert time.time() - t < 30
@@ -129,7 +129,7 @@ def test_a_worker_that_hangs_on_a_file_ends_the_run_after_the_timeout(clips, tmp
                           num_workers=2, worker_timeout=2)
     pids = loader._source.feed.worker_pids
     t = time.time()
-    with pytest.raises(Exception, match=r"returned nothing for 2 s while reading .*stuck.pkl"):
+    with pytest.raises(WorkerError, match=r"returned nothing for 2 s while reading .*stuck.pkl"):
         next(iter(loader))
     assert time.time() - t < 20
     assert all(_gone(p) for p in pids)

@@ -137,6 +137,15 @@ def save_weights(model, path: str, **meta) -> None:
     save(state, path)
 
 
+def mismatch(model: paddle.nn.Layer, state: dict) -> tuple[list[str], list[str], list[str]]:
+    """The model's tensors ``state`` lacks, the ones it has beyond the model, and those of another shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if list(own[k].shape) != list(state[k].shape))
+    return missing, unexpected, wrong
+
+
 def load_weights(model: paddle.nn.Layer, path: str) -> dict:
     """Load model weights from a ``.pdparams`` or a training checkpoint; returns its metadata."""
     if not os.path.isfile(path):
@@ -149,10 +158,7 @@ def load_weights(model: paddle.nn.Layer, path: str) -> dict:
     from .paddlevideo_names import from_paddlevideo, looks_like_paddlevideo
     if looks_like_paddlevideo(state):  # a model trained by PaddleVideo
         state, _ = from_paddlevideo(state, model.backbone.depth, model.backbone.variant, path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if list(own[k].shape) != list(state[k].shape))
+    missing, unexpected, wrong = mismatch(model, state)
     if missing or unexpected or wrong:
         raise ValueError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"wrong shape {wrong[:3]}); check MODEL.* against the config it was trained with")

@@ -119,9 +119,8 @@ def restore(path: str, model, opt, model_cfg=None) -> tuple[dict, dict | None]:
     another model is a one-line ConfigError naming what differs (the MODEL keys, when the checkpoint
     records its config and ``model_cfg`` is given; else the tensors)."""
     state = checkpoint.load_state(path)
-    own, saved = model.state_dict(), state["model"]
-    differ = sorted(set(own) ^ set(saved)) + sorted(
-        k for k in set(own) & set(saved) if list(own[k].shape) != list(np.shape(saved[k])))
+    saved = state["model"]
+    differ = sum(checkpoint.mismatch(model, saved), [])
     if differ:
         keys = _differing_keys(state["meta"].get("config", {}).get("MODEL"), to_plain(model_cfg or {}), "MODEL")
         what = "; ".join(keys) if keys else f"tensors {differ[:3]}{' ...' if len(differ) > 3 else ''} differ"
