@@ -92,7 +92,9 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
         if current.packets < num_frames:  # NVDEC would pad silently: catch a wrong count here
             raise VideoError(f"{s.path}: has {current.packets} frames, fewer than the {num_frames} "
                              "the list promised")
-        data = [np.frombuffer(raw, np.uint8), _indices(spec, num_frames, rng)]
+        # NVDEC ignores the display matrix: the graph turns the frames upright (loader._upright)
+        data = [np.frombuffer(raw, np.uint8), _indices(spec, num_frames, rng),
+                np.array(current.mirror, np.int32), np.array(90.0 * current.turns, np.float32)]
         width, height = current.width, current.height
     if not (width > 0 and height > 0):  # the crop windows divide by them
         raise DataFormatError(f"frames of {width}x{height} pixels")
@@ -150,8 +152,8 @@ def _current(path: str, facts: VideoFacts | None, st: os.stat_result, spec: Clip
             raise VideoError(facts.error)
         return facts
     if data is not None and listed:  # the list gives the count; the GPU path needs the packets only
-        packets, width, height = stream_info(data, path)
-        return VideoFacts(st.st_size, st.st_mtime_ns, listed, width, height, packets)
+        packets, (width, height, turns, mirror) = stream_info(data, path)
+        return VideoFacts(st.st_size, st.st_mtime_ns, listed, width, height, packets, None, turns, mirror)
     return probe(path, spec.allow_partial_videos)
 
 
@@ -218,7 +220,11 @@ class ParallelMap:
         self._in_flight = 0
         self._pool, self._procs = None, []
         if num_workers:
+            import gc
             import multiprocessing
+            # native objects waiting in reference cycles (PyAV frames, whose side data refers back to
+            # them) must be freed here: a child that collects them hangs on the parent's thread state
+            gc.collect()
             # fork: the workers need no import of the training script and start in milliseconds;
             # they never touch CUDA or DALI, so forking after either is initialised is safe for them
             self._pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),

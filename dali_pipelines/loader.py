@@ -141,7 +141,7 @@ def _build_pipeline(src: _ClipSource, kind, frames_per_view, num_views, device, 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def graph():
-        n_data = {"jpeg": frames_per_view, "frames": 1, "video": 2}[kind]
+        n_data = {"jpeg": frames_per_view, "frames": 1, "video": 4}[kind]
         outs = fn.external_source(source=src, num_outputs=n_data + 3 * num_views + 1, batch=True,
                                   batch_info=True)
         data, views, label = outs[:n_data], outs[n_data:-1], outs[-1]
@@ -159,6 +159,7 @@ def _build_pipeline(src: _ClipSource, kind, frames_per_view, num_views, device, 
                 frames = fn.reshape(data[0], layout="FHWC")
             else:
                 frames = fn.decoders.video(data[0], frames=data[1], device=decode_device, pad_mode="edge")
+                frames = _upright(frames, mirror=data[2], angle=data[3])
             cropped = [fn.slice(frames, rel_start=views[3 * v], rel_shape=views[3 * v + 1], axis_names="WH",
                                 out_of_bounds_policy="trim_to_shape") for v in range(num_views)]
         out = []
@@ -173,6 +174,16 @@ def _build_pipeline(src: _ClipSource, kind, frames_per_view, num_views, device, 
     pipe = graph()
     pipe.build()
     return pipe
+
+
+def _upright(frames, *, mirror, angle):
+    """Decoded frames [F, H, W, C] turned upright as their display matrix says (per sample: mirror
+    left-right, then ``angle`` degrees counter-clockwise, a multiple of 90): what ffmpeg does for the
+    pkl and rawframe paths and PyAV's frames get in dali_pipelines.video, and NVDEC does not do.
+    Nearest-neighbour at right angles moves pixels exactly."""
+    from nvidia.dali import fn, types
+    frames = fn.flip(frames, horizontal=mirror)
+    return fn.rotate(frames, angle=angle, keep_size=False, interp_type=types.INTERP_NN)
 
 
 def _to_paddle(tensor_list):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,16 +35,59 @@ def _open(path: str, threads: str = "AUTO"):
     return container, stream
 
 
+# The 2x2 part of a display matrix (signs of a, b, c, d) -> (quarter turns counter-clockwise, mirrored
+# before turning): what ffmpeg's autorotate does with it, measured with ffmpeg's -display_rotation,
+# -display_hflip and -display_vflip (docs/design.md "Rotated videos").
+_ORIENTATIONS = {(1, 0, 0, 1): (0, False), (0, -1, 1, 0): (1, False), (-1, 0, 0, -1): (2, False),
+                 (0, 1, -1, 0): (3, False), (-1, 0, 0, 1): (0, True), (0, 1, 1, 0): (1, True),
+                 (1, 0, 0, -1): (2, True), (0, -1, -1, 0): (3, True)}
+
+
+def orientation(frame, name: str) -> tuple[int, bool]:
+    """(quarter turns counter-clockwise, mirror first) that make a decoded PyAV frame upright, from the
+    display matrix the container gives it; (0, False) without one. Other angles are a VideoError."""
+    matrix = frame.side_data.get("DISPLAYMATRIX")
+    if matrix is None:
+        return 0, False
+    a, b, _, c, d = struct.unpack("=9i", bytes(matrix))[:5]  # 16.16 fixed point
+    key = tuple(round(v / 65536) for v in (a, b, c, d))
+    if key not in _ORIENTATIONS or any(abs(v - k * 65536) > 655 for v, k in zip((a, b, c, d), key)):
+        raise VideoError(f"{name}: its display matrix turns it by {frame.rotation:g} degrees; only multiples "
+                         "of 90 (and mirrors) are supported: re-encode it upright (ffmpeg -i IN OUT)")
+    return _ORIENTATIONS[key]
+
+
+def upright(frames: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    """Frames [..., H, W, C] turned upright: mirrored left-right, then ``turns`` quarter turns counter-clockwise."""
+    if mirror:
+        frames = frames[..., ::-1, :]
+    return np.rot90(frames, turns, axes=(-3, -2)) if turns else frames
+
+
+def _to_rgb(name: str):
+    """A function turning a stream's decoded frames into upright RGB arrays [H, W, 3], as ffmpeg
+    (video2pkl, vid2img) shows them; the orientation is read once, from the first frame."""
+    layout = []
+
+    def rgb(frame) -> np.ndarray:
+        if not layout:
+            layout.append(orientation(frame, name))
+        return np.ascontiguousarray(upright(frame.to_ndarray(format="rgb24"), *layout[0]))
+    return rgb
+
+
 @dataclass(frozen=True)
 class VideoFacts:
     """What probing established about one version of a video file (its size and mtime)."""
     size: int
     mtime_ns: int
     frames: int              # frames the decoder delivers
-    width: int
+    width: int               # upright, as displayed (the decoder's frames turned by turns/mirror)
     height: int
     packets: int | None      # video packets in the container: NVDEC pads silently past the last one
     error: str | None = None  # why the file is unreadable (then the counts are 0): kept, not re-probed
+    turns: int = 0           # quarter turns counter-clockwise that make decoded frames upright
+    mirror: bool = False     # mirror left-right before turning
 
 
 def probe(path: str, allow_partial: bool = False) -> VideoFacts:
@@ -54,12 +98,12 @@ def probe(path: str, allow_partial: bool = False) -> VideoFacts:
     ``allow_partial`` keeps that part instead."""
     st = os.stat(path)
     container, stream = _open(path)
-    n, packets, size, stated = 0, 0, None, stream.frames
+    n, packets, first, stated = 0, 0, None, stream.frames
     try:
         for packet in container.demux(stream):
             packets += 1 if packet.size else 0
             for frame in packet.decode():
-                size = size or (frame.width, frame.height)
+                first = first or _layout(frame, path)
                 n += 1
     except Exception as e:  # noqa: BLE001
         if n == 0:
@@ -72,7 +116,15 @@ def probe(path: str, allow_partial: bool = False) -> VideoFacts:
         container.close()
     if n == 0:
         raise VideoError(f"{path}: no decodable frames")
-    return VideoFacts(st.st_size, st.st_mtime_ns, n, size[0], size[1], packets)
+    width, height, turns, mirror = first
+    return VideoFacts(st.st_size, st.st_mtime_ns, n, width, height, packets, None, turns, mirror)
+
+
+def _layout(frame, name: str) -> tuple[int, int, int, bool]:
+    """(upright width, upright height, turns, mirror) of a decoded frame."""
+    turns, mirror = orientation(frame, name)
+    w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+    return w, h, turns, mirror
 
 
 def broken(path: str, why: VideoError) -> VideoFacts:
@@ -81,7 +133,7 @@ def broken(path: str, why: VideoError) -> VideoFacts:
     return VideoFacts(st.st_size, st.st_mtime_ns, 0, 0, 0, None, str(why))
 
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def load_probe_cache(cache_file: str | None) -> dict[str, VideoFacts]:
@@ -104,7 +156,7 @@ def save_probe_cache(cache_file: str | None, facts: dict[str, VideoFacts]) -> No
     from .formats import write_atomic
     try:
         write_atomic(cache_file, json.dumps({"version": CACHE_VERSION, "videos": {
-            p: [f.size, f.mtime_ns, f.frames, f.width, f.height, f.packets, f.error]
+            p: [f.size, f.mtime_ns, f.frames, f.width, f.height, f.packets, f.error, f.turns, f.mirror]
             for p, f in merged.items()}}).encode())
     except OSError:
         pass  # a read-only data folder only costs a re-probe next time
@@ -133,7 +185,7 @@ def probe_cached(paths: list[str], cache_file: str | None, known: dict[str, Vide
 
 
 def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -> np.ndarray:
-    """Decode the frames at ``indices`` (any order, repeats allowed) as RGB, shape [T, H, W, 3];
+    """Decode the frames at ``indices`` (any order, repeats allowed) as upright RGB, shape [T, H, W, 3];
     ``promised`` is the frame count the list gave, for the error when the video is shorter.
 
     An H.264 mp4 whose packets map one to one onto the ``promised`` frames is decoded sparsely: from the
@@ -143,6 +195,8 @@ def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -
     container, stream = _open(path, "SLICE")
     try:
         got = _decode_sparse(container, stream, wanted, promised)
+    except VideoError:
+        raise
     except Exception:  # noqa: BLE001 - whatever went wrong, the in-order decode decides
         got = None
     finally:
@@ -151,6 +205,8 @@ def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -
         container, stream = _open(path, "SLICE")
         try:
             got = _decode_in_order(container, stream, wanted)
+        except VideoError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise VideoError(f"{path}: decoding failed ({e})") from None
         finally:
@@ -161,10 +217,11 @@ def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -
 
 
 def _decode_in_order(container, stream, wanted: set[int]) -> dict[int, np.ndarray]:
+    rgb = _to_rgb(container.name)
     got, last = {}, max(wanted)
     for i, frame in enumerate(container.decode(stream)):
         if i in wanted:
-            got[i] = frame.to_ndarray(format="rgb24")
+            got[i] = rgb(frame)
         if i >= last:
             break
     return got
@@ -176,7 +233,7 @@ def _decode_sparse(container, stream, wanted: set[int], promised: int | None) ->
     extradata = stream.codec_context.extradata or b""
     if stream.codec_context.name != "h264" or len(extradata) < 7 or extradata[0] != 1 or not promised:
         return None
-    length_size = (extradata[4] & 3) + 1
+    length_size, rgb = (extradata[4] & 3) + 1, _to_rgb(container.name)
     packets = [p for p in container.demux(stream) if p.size]
     shown = [p for p in packets if not p.is_discard]
     if any(p.pts is None for p in shown) or len(shown) != promised:
@@ -205,13 +262,13 @@ def _decode_sparse(container, stream, wanted: set[int], promised: int | None) ->
         for frame in p.decode():
             i = index_of.get(frame.pts)
             if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
+                got[i] = rgb(frame)
         if len(got) == len(wanted):
             return got
     for frame in stream.codec_context.decode(None):  # drain the reorder buffer
         i = index_of.get(frame.pts)
         if i in wanted:
-            got[i] = frame.to_ndarray(format="rgb24")
+            got[i] = rgb(frame)
     return got if len(got) == len(wanted) else None
 
 
@@ -230,8 +287,9 @@ def _disposable(data: bytes, length_size: int) -> bool:
     return slices > 0 and pos == len(data)
 
 
-def stream_info(data: bytes, name: str) -> tuple[int, int, int]:
-    """(packets, width, height) of an in-memory video's first video stream, demuxed without decoding."""
+def stream_info(data: bytes, name: str) -> tuple[int, tuple[int, int, int, bool]]:
+    """(packets, (upright width, upright height, turns, mirror)) of an in-memory video's first video
+    stream: demuxed, with only its first frame decoded (for the display matrix the frames carry)."""
     import io
     import av
     try:
@@ -239,8 +297,14 @@ def stream_info(data: bytes, name: str) -> tuple[int, int, int]:
             if not container.streams.video:
                 raise VideoError(f"{name}: no video stream")
             stream = container.streams.video[0]
-            packets = sum(1 for p in container.demux(stream) if p.size)
-            return packets, stream.codec_context.width, stream.codec_context.height
+            packets, layout = 0, None
+            for packet in container.demux(stream):
+                packets += 1 if packet.size else 0
+                if layout is None:
+                    layout = next((_layout(f, name) for f in packet.decode()), None)
+            if layout is None:
+                raise VideoError(f"{name}: no decodable frames")
+            return packets, layout
     except VideoError:
         raise
     except Exception as e:  # noqa: BLE001 - PyAV raises many types for broken files

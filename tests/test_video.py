@@ -117,3 +117,98 @@ def test_the_loader_skips_a_damaged_video_once_probed_and_keeps_the_verdict(tmp_
     assert labels() == ([0], 1)
     monkeypatch.undo()
     assert labels(allow_partial_videos=True) == ([0, 1], 0)
+
+
+# Rotated videos: phones store portrait clips as landscape pictures plus a display matrix. ffmpeg
+# (video2pkl, vid2img) applies it; every other path must show the same upright frames.
+ROTATIONS = {"rot90": ["-display_rotation", "90"], "rot180": ["-display_rotation", "180"],
+             "rot270": ["-display_rotation", "270"], "hflip": ["-display_hflip"],
+             "rot90_hflip": ["-display_rotation", "90", "-display_hflip"]}
+
+
+def _quadrants(n=12, w=64, h=48):
+    """Frames whose four quadrants have four colours: any turn or mirror changes them."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:h // 2, :w // 2] = (230, 230, 230)
+    img[:h // 2, w // 2:] = (200, 30, 30)
+    img[h // 2:, :w // 2] = (30, 200, 30)
+    img[h // 2:, w // 2:] = (30, 30, 200)
+    return np.stack([img] * n)
+
+
+def _remux(src, dst, args):
+    """The same coded pictures with a display matrix set (no re-encoding)."""
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", *args, "-i", str(src), "-c", "copy", str(dst)],
+                   check=True)
+
+
+def _ffmpeg_rgb(path, width, height):
+    """Every frame as ffmpeg shows it (it applies the display matrix), [N, height, width, 3]."""
+    out = subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], check=True, capture_output=True).stdout
+    return np.frombuffer(out, np.uint8).reshape(-1, height, width, 3)
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rotated")
+    write_video(d / "upright.mp4", _quadrants())
+    for name, args in ROTATIONS.items():
+        _remux(d / "upright.mp4", d / f"{name}.mp4", args)
+    return d
+
+
+@pytest.mark.parametrize("name", sorted(ROTATIONS))
+def test_decoded_frames_are_upright_exactly_as_ffmpeg_shows_them(rotated, name):
+    path = rotated / f"{name}.mp4"
+    facts = video.probe(str(path))
+    assert (facts.width, facts.height) == ((48, 64) if "90" in name or "270" in name else (64, 48))
+    shown = _ffmpeg_rgb(path, facts.width, facts.height)
+    got = video.decode_frames(str(path), np.arange(12), 12)
+    assert got.shape == shown.shape == (12, facts.height, facts.width, 3)
+    assert np.abs(got.astype(int) - shown).max() <= 2  # swscale builds may round a level apart
+    with open(path, "rb") as f:
+        packets, layout = video.stream_info(f.read(), str(path))
+    assert layout == (facts.width, facts.height, facts.turns, facts.mirror) and packets == 12
+    # the coded pictures are the upright clip's: turning them back must give those
+    plain = video.decode_frames(str(rotated / "upright.mp4"), np.arange(12), 12)
+    np.testing.assert_array_equal(got, video.upright(plain, facts.turns, facts.mirror))
+
+
+def test_a_display_matrix_at_another_angle_is_an_unreadable_video_naming_it(rotated):
+    _remux(rotated / "upright.mp4", rotated / "rot45.mp4", ["-display_rotation", "45"])
+    with pytest.raises(video.VideoError, match=r"rot45.mp4: .*45 degrees.*re-encode it upright"):
+        video.probe(str(rotated / "rot45.mp4"))
+
+
+@pytest.mark.parametrize("mirror,turns", [(m, t) for m in (0, 1) for t in range(4)])
+def test_the_gpu_graph_turns_frames_upright_like_the_cpu_path(mirror, turns):
+    """loader._upright is what the GPU graph runs on NVDEC's frames; DALI's CPU operators compute the
+    same, so it is checked here on odd sizes, exactly, against video.upright."""
+    from nvidia.dali import fn, pipeline_def
+    from dali_pipelines.loader import _upright
+    frames = np.random.default_rng(turns).integers(0, 255, (3, 5, 7, 3), dtype=np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def graph():
+        x = fn.external_source(source=lambda: [frames], batch=True, layout="FHWC")
+        m = fn.external_source(source=lambda: [np.array(mirror, np.int32)], batch=True)
+        a = fn.external_source(source=lambda: [np.array(90.0 * turns, np.float32)], batch=True)
+        return _upright(x, mirror=m, angle=a)
+    pipe = graph()
+    pipe.build()
+    out, = pipe.run()
+    np.testing.assert_array_equal(np.array(out[0]), video.upright(frames, turns, bool(mirror)))
+
+
+def test_the_gpu_feed_passes_the_turn_and_upright_size_of_a_rotated_video(rotated):
+    """The GPU path's host side (NVDEC decodes in the graph): crop windows are taken in the upright
+    frame and the graph is told how to turn."""
+    from dali_pipelines.feed import ClipSpec, load_sample
+    from dali_pipelines.formats import Sample
+    spec = ClipSpec("videos", "video", "test", 3, 32, 32)
+    row, facts = load_sample(spec, Sample(str(rotated / "rot90.mp4"), 0, 12, 1), (0, 0, 0, 0))
+    raw, indices, mirror, angle, start, shape = row[:6]
+    assert (facts.width, facts.height, facts.turns) == (48, 64, 1)
+    assert (int(mirror), float(angle)) == (0, 90.0)
+    assert start[0] + shape[0] <= 48 and start[1] + shape[1] <= 64  # (x, y) within the upright frame
