@@ -10,7 +10,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 [ $# -ge 3 ] || usage
@@ -33,6 +33,9 @@ while [ $# -gt 0 ]; do
         *) args+=("$1"); shift ;;
     esac
 done
+if [ -n "$nproc" ] && ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+    echo "run_dist.sh: --nproc must be a number of processes >= 1, got '$nproc'" >&2; exit 2
+fi
 main=("$here/trainer/main.py" "$mode" --model "$model" -c "$config" "${args[@]}")
 
 if [ "$mode" = predict ] || [ "$mode" = export ]; then

@@ -300,10 +300,10 @@ def _resolve(path: str, data_prefix: str | None, list_dir: str) -> str:
 
 
 def _int(field: str, what: str, where: str, fmt: str) -> int:
-    try:
-        return int(field)
-    except ValueError:
-        raise DataFormatError(f"{where}: {what} {field!r} is not an integer; expected '{fmt}'") from None
+    """A list line's count or label: an integer >= 0 in plain digits."""
+    if not _decimal(field):
+        raise DataFormatError(f"{where}: {what} {field!r} is not an integer >= 0; expected '{fmt}'")
+    return int(field)
 
 
 LINE_FORMATS = {
@@ -313,13 +313,33 @@ LINE_FORMATS = {
 }
 
 
+def read_text(path: str) -> str:
+    """A user's text file (list, label file, CSV, config) as str. UTF-8, with or without the byte-order
+    mark Notepad and Excel write; callers split lines with universal newlines (LF, CRLF or CR). Another
+    encoding is a DataFormatError naming the line and the fix, not a UnicodeDecodeError."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                              "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def text_lines(path: str) -> list[str]:
+    """The lines of ``read_text(path)``, split at LF, CRLF or CR only (not at the other characters
+    str.splitlines takes for line breaks, which a file name may hold)."""
+    return io.StringIO(read_text(path), newline=None).read().split("\n")
+
+
 def parse_list_line(line: str, source: str, where: str) -> tuple[str, int, int]:
     """(path, num_frames or 0, label or -1) from one list line; paths may contain spaces."""
     fmt = LINE_FORMATS[source]
     if source == "pkl":
         return line, 0, -1
     parts = line.rsplit(maxsplit=2)
-    if source == "videos" and (len(parts) < 3 or not parts[-2].lstrip("-").isdigit()):
+    if source == "videos" and (len(parts) < 3 or not _decimal(parts[-2].lstrip("-"))):
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise DataFormatError(f"{where}: expected '{fmt}', got {line!r}")
@@ -342,17 +362,16 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None,
         raise DataFormatError(f"list file {list_file} does not exist")
     list_dir = os.path.dirname(os.path.abspath(list_file))
     samples, missing = [], []
-    with open(list_file, encoding="utf-8") as f:
-        for no, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            where = f"{list_file}:{no}"
-            path, n, label = parse_list_line(line, source, where)
-            path = _resolve(path, data_prefix, list_dir)
-            if check_exists and not os.path.exists(path):
-                missing.append(f"{where}: {path}")
-            samples.append(Sample(path, label, n, no))
+    for no, raw in enumerate(text_lines(list_file), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_file}:{no}"
+        path, n, label = parse_list_line(line, source, where)
+        path = _resolve(path, data_prefix, list_dir)
+        if check_exists and not os.path.exists(path):
+            missing.append(f"{where}: {path}")
+        samples.append(Sample(path, label, n, no))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise DataFormatError(f"{len(missing)} file(s) in {list_file} do not exist: " + "; ".join(missing[:5])
@@ -362,25 +381,29 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None,
     return samples
 
 
+def _decimal(text: str) -> bool:
+    """Digits 0-9 only (str.isdigit also takes the likes of '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def read_label_file(path: str) -> list[str]:
     """Class names by index from ``index name`` lines (``name index`` is accepted too)."""
     if not os.path.isfile(path):
         raise DataFormatError(f"label file {path} does not exist; write it with preprocessing/generate_label.py")
     names: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for no, raw in enumerate(f, 1):
-            parts = raw.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
-            a, b = parts
-            idx, name = (int(a), b) if a.isdigit() else (int(b), a) if b.isdigit() else (None, None)
-            if idx is None:
-                raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
-            if idx in names:
-                raise DataFormatError(f"{path}:{no}: index {idx} appears twice")
-            names[idx] = name
+    for no, raw in enumerate(text_lines(path), 1):
+        parts = raw.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
+        a, b = parts
+        idx, name = (int(a), b) if _decimal(a) else (int(b), a) if _decimal(b) else (None, None)
+        if idx is None:
+            raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
+        if idx in names:
+            raise DataFormatError(f"{path}:{no}: index {idx} appears twice")
+        names[idx] = name
     if sorted(names) != list(range(len(names))):
         raise DataFormatError(f"{path}: class indices must be 0..{len(names) - 1} without gaps")
     return [names[i] for i in range(len(names))]

@@ -8,6 +8,7 @@ orphans either (children die with their parents on Linux).
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import shutil
@@ -127,6 +128,10 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
             raise UsageError(f"NPROC must be >= 1, got {args.nproc}")
         if not 2 <= args.jpeg_quality <= 31:
             raise UsageError(f"--jpeg-quality must be in 2..31, got {args.jpeg_quality}")
+        if args.short_side is not None and args.short_side < 2:
+            raise UsageError(f"--short-side must be a number of pixels >= 2, got {args.short_side}")
+        if args.fps is not None and not 0 < args.fps < math.inf:
+            raise UsageError(f"--fps must be a number of frames per second > 0, got {args.fps}")
         clips, failures = read_csv(args.csv)
         if not os.path.isdir(args.src_dir):
             raise UsageError(f"SRC_DIR {args.src_dir} is not a folder")

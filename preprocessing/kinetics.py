@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 
@@ -31,8 +32,13 @@ def read_csv(path: str) -> tuple[list[Clip], list[tuple[str, str]]]:
     """Clips of a Kinetics CSV and (row id, reason) for each malformed row."""
     if not os.path.isfile(path):
         raise UsageError(f"CSV file {path} does not exist")
+    from dali_pipelines.formats import DataFormatError, read_text
     clips, bad = [], []
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        text = read_text(path)
+    except DataFormatError as e:
+        raise UsageError(str(e)) from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

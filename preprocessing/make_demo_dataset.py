@@ -222,6 +222,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not 1 <= a.min_frames <= a.max_frames:
         p.error("need 1 <= --min-frames <= --max-frames")
+    if a.train_per_class < 1 or a.val_per_class < 1 or (a.jobs is not None and a.jobs < 1):
+        p.error("--train-per-class, --val-per-class and --jobs take a number >= 1")
     make_dataset(a.out_dir, a.seed, a.train_per_class, a.val_per_class, a.min_frames, a.max_frames, a.jobs, a.task)
     return 0
 

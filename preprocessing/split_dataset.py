@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     try:
         if not 2 <= len(args.ratios) <= 3:
             raise UsageError("give two (train val) or three (train val test) --ratios")
+        if args.probe < 0:
+            raise UsageError(f"--probe takes a number of processes >= 0, got {args.probe}")
         folders = class_folders(args.root)
         index = class_index_for(folders, None)
         by_class = {f: videos_in(os.path.join(args.root, f)) for f in folders}

@@ -18,20 +18,27 @@ if __package__ in (None, ""):  # run by path: make the repo importable
 
 from preprocessing.kinetics import UsageError, write_label_file  # noqa: E402
 from preprocessing.lists import count_frames, video_entries, write_list  # noqa: E402
+from dali_pipelines.formats import DataFormatError, text_lines  # noqa: E402
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return text_lines(path)
+    except DataFormatError as e:
+        raise UsageError(str(e)) from None
 
 
 def read_class_ind(path: str) -> dict[str, int]:
     if not os.path.isfile(path):
         raise UsageError(f"{path} does not exist; SPLITS_DIR must hold classInd.txt")
     index = {}
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2 or not parts[0].isdigit():
-                raise UsageError(f"{path}:{no}: expected '<1-based index> <ClassName>', got {line.strip()!r}")
-            index[parts[1]] = int(parts[0]) - 1
+    for no, line in enumerate(_lines(path), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not (parts[0].isascii() and parts[0].isdigit()):
+            raise UsageError(f"{path}:{no}: expected '<1-based index> <ClassName>', got {line.strip()!r}")
+        index[parts[1]] = int(parts[0]) - 1
     if sorted(index.values()) != list(range(len(index))):
         raise UsageError(f"{path}: class indices must be 1..{len(index)} without gaps")
     return index
@@ -42,18 +49,17 @@ def read_split(path: str, index: dict[str, int]) -> list[tuple[str, int]]:
     if not os.path.isfile(path):
         raise UsageError(f"{path} does not exist")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            rel, cls = parts[0], parts[0].split("/")[0]
-            if len(parts) > 2 or cls not in index:
-                raise UsageError(f"{path}:{no}: expected '<Class>/<video>.avi [label]' with a class of "
-                                 f"classInd.txt, got {line.strip()!r}")
-            if len(parts) == 2 and (not parts[1].isdigit() or int(parts[1]) - 1 != index[cls]):
-                raise UsageError(f"{path}:{no}: label {parts[1]} disagrees with class {cls} in classInd.txt")
-            out.append((rel, index[cls]))
+    for no, line in enumerate(_lines(path), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        rel, cls = parts[0], parts[0].split("/")[0]
+        if len(parts) > 2 or cls not in index:
+            raise UsageError(f"{path}:{no}: expected '<Class>/<video>.avi [label]' with a class of "
+                             f"classInd.txt, got {line.strip()!r}")
+        if len(parts) == 2 and (not (parts[1].isascii() and parts[1].isdigit()) or int(parts[1]) - 1 != index[cls]):
+            raise UsageError(f"{path}:{no}: label {parts[1]} disagrees with class {cls} in classInd.txt")
+        out.append((rel, index[cls]))
     return out
 
 

@@ -140,3 +140,31 @@ def test_feed_workers_default_to_auto_and_take_zero_or_more(cfg_file, monkeypatc
     for local_ranks, workers in ((1, 15), (2, 7), (8, 1), (16, 1)):
         monkeypatch.setenv("PADDLE_LOCAL_SIZE", str(local_ranks))
         assert default_num_workers() == workers
+
+
+@pytest.mark.parametrize("override,message", [
+    ("OPTIMIZER.base_lr=.nan", "must be a finite number"),
+    ("OPTIMIZER.weight_decay=.inf", "must be a finite number"),
+    ("MODEL.head.dropout=1", "must be < 1.0"),
+    ("MODEL.head.label_smoothing=1.5", "must be < 1.0"),
+    ("OPTIMIZER.momentum=1.0", "must be < 1.0"),
+    ("OPTIMIZER.decay_factor=2", "must be < 1.0"),
+    ("OPTIMIZER.decay_points=[0.8,0.4]", "must be increasing fractions"),
+    ("OPTIMIZER.decay_points=[0.5,1.0]", "must be increasing fractions"),
+    ("OPTIMIZER.grad_clip=0", "must be > 0 .null disables"),
+    ("PIPELINE.target_size=300", "target_size must be <= short_size"),
+])
+def test_values_outside_their_meaningful_range_are_one_line_errors(cfg_file, override, message):
+    path = cfg_file("MODEL:\n  head:\n    num_classes: 5\n")
+    with pytest.raises(ConfigError, match=r"config error: .*" + message):
+        load_config(path, [override])
+    assert load_config(path, ["OPTIMIZER.grad_clip=null", "OPTIMIZER.decay_points=[]"]).OPTIMIZER.grad_clip is None
+
+
+def test_a_config_from_an_editor_reads_and_another_encoding_is_named(cfg_file, tmp_path):
+    p = tmp_path / "win.yaml"
+    p.write_bytes("\ufeffMODEL:\r\n  head:\r\n    num_classes: 7\r\n".encode())
+    assert load_config(str(p)).MODEL.head.num_classes == 7
+    p.write_bytes("# caf\u00e9\nepochs: 3\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"win.yaml:1: not UTF-8 text"):
+        load_config(str(p))

@@ -38,21 +38,29 @@ def test_split_rejects_bad_ratios_and_empty_classes(tmp_path, capsys):
     _touch_videos(tmp_path / "clips", {"cat": 3})
     assert split_dataset.main([str(tmp_path / "clips"), str(tmp_path / "o"), "--ratios", "0.9", "0.2"]) == 2
     assert "add up to 1" in capsys.readouterr().err
+    assert split_dataset.main([str(tmp_path / "clips"), str(tmp_path / "o"), "--probe", "-1"]) == 2
+    assert "--probe takes a number of processes >= 0" in capsys.readouterr().err
+    assert build_list.main(["videos", str(tmp_path / "clips"), str(tmp_path / "l.list"), "--probe", "-2"]) == 2
+    assert "--probe and --index take a number of processes >= 0" in capsys.readouterr().err
     (tmp_path / "clips" / "empty").mkdir()
     assert split_dataset.main([str(tmp_path / "clips"), str(tmp_path / "o")]) == 2
     assert "hold no videos" in capsys.readouterr().err
 
 
-def test_video_list_with_probed_frame_counts(tmp_path):
+def test_video_list_with_probed_frame_counts(tmp_path, capsys):
+    from .test_video import _damaged
     for cls, n in (("b", 9), ("a", 14)):
         (tmp_path / "v" / cls).mkdir(parents=True)
         write_video(tmp_path / "v" / cls / "x.mp4", index_frames(n))
     (tmp_path / "v" / "a" / "broken.mp4").write_bytes(b"garbage" * 10)
+    _damaged(tmp_path / "v" / "b" / "cut.mp4")  # decodes, then fails mid-way: not a whole clip
     out = tmp_path / "videos.list"
-    assert build_list.main(["videos", str(tmp_path / "v"), str(out), "--probe", "2"]) == 1  # broken.mp4
+    assert build_list.main(["videos", str(tmp_path / "v"), str(out), "--probe", "2"]) == 1
     assert _lines(out) == ["v/a/x.mp4 14 0", "v/b/x.mp4 9 1"]
+    err = capsys.readouterr().err
+    assert "skipped" in err and "cut.mp4: decoding fails after" in err and "broken.mp4" in err
     assert build_list.main(["videos", str(tmp_path / "v"), str(out)]) == 0
-    assert _lines(out) == ["v/a/broken.mp4 0", "v/a/x.mp4 0", "v/b/x.mp4 1"]
+    assert _lines(out) == ["v/a/broken.mp4 0", "v/a/x.mp4 0", "v/b/cut.mp4 1", "v/b/x.mp4 1"]
 
 
 def test_pkl_and_rawframes_lists(tmp_path, demo_dataset):

@@ -128,3 +128,45 @@ def test_unknown_loader_option_is_rejected(tmp_path):
     lst = _pkl_list(tmp_path, [12], [0])
     with pytest.raises(TypeError, match="num_clip"):
         build_loader(lst, "pkl", "val", num_clip=2)
+
+
+def test_lists_and_label_files_from_editors_read_alike(tmp_path):
+    """A byte-order mark (Notepad, Excel) and Windows or old-Mac line ends change nothing."""
+    from dali_pipelines.formats import read_label_file, read_list
+    write_pkl(str(tmp_path / "a b.pkl"), "a", 0, [jpeg(index_frames(1)[0])])
+    for name, text in [("plain", "a b.pkl\n"), ("bom_crlf", "\ufeffa b.pkl\r\n\r\n"), ("cr", "a b.pkl\r")]:
+        (tmp_path / f"{name}.list").write_bytes(text.encode())
+        assert [s.path for s in read_list(str(tmp_path / f"{name}.list"), "pkl")] == [str(tmp_path / "a b.pkl")]
+    (tmp_path / "labels.txt").write_bytes("\ufeff0 walking\r\n1 running\r\n".encode())
+    assert read_label_file(str(tmp_path / "labels.txt")) == ["walking", "running"]
+
+
+def test_a_list_or_label_file_in_another_encoding_names_the_line_and_the_fix(tmp_path):
+    from dali_pipelines.formats import read_label_file
+    (tmp_path / "raw.txt").write_bytes("frames/a 12 0\nframes/caf\u00e9 12 1\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"raw.txt:2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        build_loader(str(tmp_path / "raw.txt"), "rawframes", "val", batch_size=1)
+    (tmp_path / "labels.txt").write_bytes("0 caf\u00e9\n".encode("cp1252"))
+    with pytest.raises(DataFormatError, match=r"labels.txt:1: not UTF-8"):
+        read_label_file(str(tmp_path / "labels.txt"))
+
+
+@pytest.mark.parametrize("line,what", [("frames/a 12 -1", "label '-1'"), ("frames/a 12 +1", "label '+1'"),
+                                       ("frames/a 1\u00b2 0", "frame count '1\u00b2'"),
+                                       ("frames/a 0 1", "frame count 0 must be >= 1")])
+def test_list_counts_and_labels_are_plain_non_negative_integers(tmp_path, line, what):
+    (tmp_path / "frames" / "a").mkdir(parents=True)
+    (tmp_path / "raw.txt").write_text(line + "\n")
+    with pytest.raises(DataFormatError, match=f"raw.txt:1: {what.replace('+', '[+]')}"):
+        build_loader(str(tmp_path / "raw.txt"), "rawframes", "val", batch_size=1)
+
+
+@pytest.mark.parametrize("text,message", [("0 a\n2 b\n", "class indices must be 0..1 without gaps"),
+                                          ("0 a\n0 b\n", ":2: index 0 appears twice"),
+                                          ("0 a b\n", ":1: expected 'index name'"),
+                                          ("a b\n", ":1: expected 'index name'")])
+def test_a_wrong_label_file_names_the_line_and_the_rule(tmp_path, text, message):
+    from dali_pipelines.formats import read_label_file
+    (tmp_path / "labels.txt").write_text(text)
+    with pytest.raises(DataFormatError, match=message):
+        read_label_file(str(tmp_path / "labels.txt"))

@@ -159,3 +159,33 @@ def test_csv_fields_that_would_lead_outside_the_folders_are_listed_failures(tmp_
 def _labels(tmp_path):
     (tmp_path / "labels.txt").write_text("0 a\n")
     return tmp_path / "labels.txt"
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--short-side", "0"], "--short-side must be a number of pixels >= 2, got 0"),
+    (["--fps", "0"], "--fps must be a number of frames per second > 0"),
+    (["--fps", "nan"], "--fps must be"),
+    (["--jpeg-quality", "1"], "--jpeg-quality must be in 2..31"),
+])
+def test_numeric_options_out_of_range_exit_2_before_any_work(tmp_path, capsys, option, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_video(src / "vid00000001_000000_000010.mp4", index_frames(6))
+    csv = tmp_path / "k.csv"
+    csv.write_text(HEADER + "a,vid00000001,0,10,train\n")
+    assert video2pkl.main([str(csv), str(src), str(tmp_path / "o"), "1", *option]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.list").exists()
+
+
+def test_a_csv_saved_by_excel_converts_and_another_encoding_names_the_line(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_video(src / "vid00000001_000000_000010.mp4", index_frames(6))
+    csv = tmp_path / "k.csv"
+    csv.write_bytes(("\ufeff" + HEADER + "a,vid00000001,0,10,train\n").replace("\n", "\r\n").encode())
+    assert video2pkl.main([str(csv), str(src), str(tmp_path / "o"), "1"]) == 0
+    assert (tmp_path / "o" / "vid00000001_000000_000010.pkl").exists()
+    csv.write_bytes((HEADER + "caf\u00e9,vid00000001,0,10,train\n").encode("latin-1"))
+    assert video2pkl.main([str(csv), str(src), str(tmp_path / "o2"), "1"]) == 2
+    assert "k.csv:2: not UTF-8 text (byte 0xe9); save the file as UTF-8" in capsys.readouterr().err

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from dali_pipelines.formats import DataFormatError, read_text
 from dali_pipelines.sampling import SAMPLINGS
 
 
@@ -27,7 +29,8 @@ class Opt:
     choices: tuple | None = None
     type: type | None = None       # defaults to type(default); float accepts int
     nullable: bool = False
-    minimum: float | None = None
+    minimum: float | None = None   # lowest allowed value
+    below: float | None = None     # values must be less than this
 
 
 MODEL_NAMES = ("TSN", "TSM", "PP-TSN", "PP-TSM")
@@ -54,9 +57,9 @@ SCHEMA: dict = {
         },
         "head": {
             "num_classes": Opt(400, minimum=2),
-            "dropout": Opt(0.4, minimum=0.0),
+            "dropout": Opt(0.4, minimum=0.0, below=1.0),
             "init_std": Opt(0.01, minimum=0.0),
-            "label_smoothing": Opt(0.0, minimum=0.0),
+            "label_smoothing": Opt(0.0, minimum=0.0, below=1.0),
         },
     },
     "DATASET": {
@@ -91,14 +94,14 @@ SCHEMA: dict = {
         "num_iters": Opt(200, minimum=1),           # training batches per rank before each evaluation
     },
     "OPTIMIZER": {
-        "momentum": Opt(0.9, minimum=0.0),
+        "momentum": Opt(0.9, minimum=0.0, below=1.0),
         "nesterov": Opt(False),
         "weight_decay": Opt(1e-4, minimum=0.0),
         "base_lr": Opt(0.01, minimum=0.0),           # for a global batch of base_batch_size
         "base_batch_size": Opt(256, minimum=1),
         "schedule": Opt("step", choices=("step", "cosine")),
         "decay_points": Opt([1 / 3, 2 / 3]),         # step: fractions of the total iterations
-        "decay_factor": Opt(0.1, minimum=0.0),
+        "decay_factor": Opt(0.1, minimum=0.0, below=1.0),
         "warmup_epochs": Opt(0.0, minimum=0.0),
         "grad_clip": Opt(40.0, nullable=True),       # global-norm clip; null disables
     },
@@ -140,8 +143,12 @@ def _check(key: str, value, opt: Opt, origin: str):
         raise ConfigError(bad)
     if opt.choices and value not in opt.choices:
         raise ConfigError(bad)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config error: {key} = {value!r} ({origin}): must be a finite number")
     if opt.minimum is not None and not isinstance(value, (str, list)) and value < opt.minimum:
         raise ConfigError(f"config error: {key} = {value!r} ({origin}): must be >= {opt.minimum}")
+    if opt.below is not None and value >= opt.below:
+        raise ConfigError(f"config error: {key} = {value!r} ({origin}): must be < {opt.below}")
     return value
 
 
@@ -183,11 +190,12 @@ def _deep_update(base: dict, new: dict) -> dict:
 def _read_yaml(path: str, seen=()) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config error: config file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config error: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        data = yaml.safe_load(read_text(path)) or {}
+    except DataFormatError as e:
+        raise ConfigError(f"config error: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config error: {path} must hold a mapping of sections")
     base = data.pop("_base_", None)
@@ -235,8 +243,19 @@ def load_config(path: str, overrides: list[str] | tuple = ()) -> Config:
 
 
 def _check_combination(cfg, origin: str) -> None:
-    """Rules that involve more than one key."""
-    p = cfg.PIPELINE
+    """Rules that involve more than one key, or the values of a list."""
+    p, o = cfg.PIPELINE, cfg.OPTIMIZER
+    points = o.decay_points
+    if not all(0 < x < 1 for x in points) or any(a >= b for a, b in zip(points, points[1:])):
+        raise ConfigError(f"config error: OPTIMIZER.decay_points = {points} ({origin}): must be increasing "
+                          "fractions of training, each in (0, 1), e.g. [0.333, 0.667]")
+    if o.grad_clip is not None and not o.grad_clip > 0:
+        raise ConfigError(f"config error: OPTIMIZER.grad_clip = {o.grad_clip} ({origin}): must be > 0 "
+                          "(null disables clipping)")
+    if p.target_size > p.short_size:
+        raise ConfigError(f"config error: PIPELINE.target_size = {p.target_size} ({origin}): crops of "
+                          f"target_size are cut from frames whose short side is short_size = {p.short_size}; "
+                          "target_size must be <= short_size")
     if cfg.MODEL.name in SHIFT_MODELS:
         if p.num_segments < 2:
             raise ConfigError(f"config error: PIPELINE.num_segments = {p.num_segments} ({origin}): "

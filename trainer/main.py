@@ -26,6 +26,12 @@ warnings.filterwarnings("ignore", message="Current global rank .* is not in grou
 MODES = ("train", "eval", "test", "predict", "export", "summary")
 
 
+def _positive_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -35,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--model", help="model name; must match MODEL.name of the config (run_dist.sh passes it)")
     p.add_argument("--weights", help="weights for eval/test/predict (default: OUTPUT_DIR/best.pdparams)")
     p.add_argument("--input", help="predict: a video file, or a text file listing one video a line")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5, help="predict: classes shown per video (default 5)")
     p.add_argument("--output", help="predict: also write the predictions to this CSV file; "
                    "export: the folder (default OUTPUT_DIR/inference)")
     p.add_argument("--onnx", action="store_true", help="export: also write model.onnx (needs paddle2onnx)")

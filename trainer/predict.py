@@ -18,10 +18,19 @@ from .metrics import softmax
 def _inputs(path: str) -> list[str]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--input {path} does not exist")
-    if path.endswith((".txt", ".list")):
-        with open(path, encoding="utf-8") as f:
-            return [line.split()[0] for line in f if line.strip()]
+    if path.endswith((".txt", ".list")):  # a list file: 'path', 'path label' or 'path num_frames label' lines
+        from dali_pipelines.formats import text_lines
+        return [_video_path(line) for line in map(str.strip, text_lines(path)) if line and not line.startswith("#")]
     return [path]
+
+
+def _video_path(line: str) -> str:
+    """The path of a list line (it may hold spaces) without its trailing label / frame count."""
+    for _ in range(2):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) == 2 and parts[1].isascii() and parts[1].isdigit():
+            line = parts[0]
+    return line
 
 
 def dynamic_scorer(model):
