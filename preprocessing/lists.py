@@ -38,25 +38,30 @@ def videos_in(folder: str) -> list[str]:
     return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(VIDEO_EXTENSIONS))
 
 
-def _probe_one(path):
-    from dali_pipelines.video import VideoError, probe
+def _facts_one(path):
+    from dali_pipelines.video import VideoError, broken, probe
     try:
-        return path, probe(path).frames, None
+        return path, probe(path)
     except VideoError as e:
-        return path, None, str(e)
+        return path, broken(path, e)
+
+
+def probe_facts(paths: list[str], nproc: int, what: str = "probe") -> dict:
+    """VideoFacts of each video by decoding it once (unreadable ones carry their error), NPROC at once."""
+    facts = {}
+    with multiprocessing.get_context("fork").Pool(nproc) as pool, progress(len(paths), what, "video") as bar:
+        for path, f in pool.imap_unordered(_facts_one, paths, chunksize=4):
+            facts[path] = f
+            bar.update()
+    return facts
 
 
 def probe_counts(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Frame counts by decoding each video (what every decoder will deliver), NPROC at once."""
-    counts, bad = {}, []
-    with multiprocessing.get_context("fork").Pool(nproc) as pool, progress(len(paths), "probe", "video") as bar:
-        for path, n, error in pool.imap_unordered(_probe_one, paths, chunksize=4):
-            if error:
-                bad.append((path, error))
-            else:
-                counts[path] = n
-            bar.update()
-    return counts, bad
+    """Frame counts by decoding each video (what every decoder will deliver), NPROC at once, and
+    (path, reason) for each unreadable video."""
+    facts = probe_facts(paths, nproc)
+    return ({p: f.frames for p, f in facts.items() if not f.error},
+            sorted((p, f.error) for p, f in facts.items() if f.error))
 
 
 def _index_one(path):

@@ -212,3 +212,28 @@ def test_the_gpu_feed_passes_the_turn_and_upright_size_of_a_rotated_video(rotate
     assert (facts.width, facts.height, facts.turns) == (48, 64, 1)
     assert (int(mirror), float(angle)) == (0, 90.0)
     assert start[0] + shape[0] <= 48 and start[1] + shape[1] <= 64  # (x, y) within the upright frame
+
+
+def test_a_checked_list_keeps_a_damaged_video_with_a_listed_count_from_nvdec(tmp_path, capsys):
+    """Lines with counts are only demuxed on the GPU path; check_videos decodes them once and the
+    loader then skips the damaged one there too."""
+    from dali_pipelines.feed import ClipSpec, load_sample
+    from dali_pipelines.formats import read_list
+    from preprocessing import check_videos
+    write_video(tmp_path / "good.mp4", index_frames(50))
+    _damaged(tmp_path / "bad.mp4")
+    lst = str(tmp_path / "v.list")
+    (tmp_path / "v.list").write_text("good.mp4 50 0\nbad.mp4 50 1\ngood.mp4 55 0\n")
+    good, bad, _ = read_list(lst, "videos")
+    spec = ClipSpec("videos", "video", "val", 3, 16, 16)
+    load_sample(spec, bad, (0, 0, 0, 1))  # unchecked: the demux looks fine, NVDEC would get it
+    assert check_videos.main([lst, "--nproc", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "v.list:2: " in err and "bad.mp4: decoding fails after" in err
+    assert "v.list:3: the list says 55 frames, " in err and "decodes to 50" in err
+    cache = video.load_probe_cache(lst + ".probe.json")
+    with pytest.raises(video.VideoError, match="decoding fails after"):
+        load_sample(spec, bad, (0, 0, 0, 1), cache[bad.path])
+    assert load_sample(spec, good, (0, 0, 0, 0), cache[good.path])[1] is None  # trusted, not probed again
+    assert check_videos.main([lst]) == 1
+    assert "0 decoded now, 2 unchanged since checked" in capsys.readouterr().out

@@ -1,0 +1,69 @@
+"""Decode every video of a videos list once, so that no training trusts a video it has not seen whole.
+
+    python preprocessing/check_videos.py train_videos.list --nproc 8 [--data-prefix DIR]
+
+The loader decodes (probes) the videos whose list line gives no frame count. A line that gives a count
+is trusted on the GPU path after a demux check only (NVDEC gets the file's bytes), so a video damaged
+mid-way in a list made elsewhere would reach NVDEC. This decodes each video of LIST once with NPROC
+processes and writes what it found, per version of each file (size, mtime), into LIST.probe.json, the
+cache the loader reads: a damaged or unreadable video is then skipped, named and counted on every
+path. A count in the list that the video does not reach is reported too. Files already checked and
+unchanged since are not decoded again, so an interrupted check resumes.
+Exit status: 0 every video whole, 1 some unreadable or shorter than listed (named), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run by path: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dali_pipelines.formats import DataFormatError, read_list  # noqa: E402
+from dali_pipelines.video import load_probe_cache, save_probe_cache  # noqa: E402
+from preprocessing.lists import probe_facts  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("list_file", help="a videos list ('path label' or 'path num_frames label' lines)")
+    p.add_argument("--nproc", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    p.add_argument("--data-prefix", help="folder relative paths in the list resolve against "
+                   "(DATASET.data_prefix; default: the list's folder)")
+    args = p.parse_args(argv)
+    try:
+        if args.nproc < 1:
+            raise DataFormatError(f"--nproc must be >= 1, got {args.nproc}")
+        samples = read_list(args.list_file, "videos", args.data_prefix)
+    except DataFormatError as e:
+        print(f"check_videos: error: {e}", file=sys.stderr)
+        return 2
+    cache_file = f"{args.list_file}.probe.json"
+    known = load_probe_cache(cache_file)
+    paths = sorted({s.path for s in samples})
+    todo = []
+    for path in paths:
+        st, f = os.stat(path), known.get(path)
+        if f is None or (f.size, f.mtime_ns) != (st.st_size, st.st_mtime_ns) or (f.packets is None and not f.error):
+            todo.append(path)
+    facts = {**known, **probe_facts(todo, args.nproc, "check")} if todo else known
+    save_probe_cache(cache_file, {p: facts[p] for p in todo})
+    problems = []
+    for s in samples:
+        f = facts[s.path]
+        if f.error:
+            problems.append(f"{args.list_file}:{s.line}: {f.error}")
+        elif s.num_frames > f.frames:
+            problems.append(f"{args.list_file}:{s.line}: the list says {s.num_frames} frames, {s.path} decodes "
+                            f"to {f.frames}; rebuild the list (build_list.py videos --probe N)")
+    for line in problems:
+        print(f"check_videos: {line}", file=sys.stderr)
+    print(f"check_videos: {len(paths)} videos ({len(todo)} decoded now, {len(paths) - len(todo)} unchanged since "
+          f"checked), {len(problems)} problem(s); verdicts in {cache_file}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
