@@ -122,8 +122,8 @@ def evict(samples) -> None:
 
 def source_for(list_file: str, source: str, workers: int, batches: int, facts: bool):
     samples = read_list(list_file, "pkl" if source == "legacy" else source)
-    kind = "video" if source == "videos" else "jpeg"
-    spec = ClipSpec("videos" if source == "videos" else "pkl", kind, "train", SEGMENTS, 224, 256)
+    spec = ClipSpec(source="videos" if source == "videos" else "pkl", decode="video" if source == "videos" else "jpeg",
+                    mode="train", num_segments=SEGMENTS, target_size=224, short_size=256)
     src = _ClipSource(samples, spec, batch_size=BATCH, rank=0, world_size=1, seed=0, drop_last=True,
                       max_batches=batches, num_workers=workers)
     if not facts:  # before: nothing established about a video is kept between reads

@@ -36,11 +36,12 @@ class WorkerError(RuntimeError):
     """A loader worker process died or hung; the run stops rather than wait or train on less."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClipSpec:
     """How every sample of one loader is read and cut: the source, the frames and the views."""
-    source: str                 # "pkl" | "rawframes" | "videos"
-    kind: str                   # what DALI decodes: "jpeg", "frames" (decoded here) or "video" (NVDEC)
+    source: str                 # the list's format: "pkl" | "rawframes" | "videos"
+    decode: str                 # what the DALI graph decodes: "jpeg" (nvJPEG / libjpeg), "video" (NVDEC)
+                                # or "frames" (nothing: PyAV decoded them here, the CPU path for videos)
     mode: str                   # "train" | "val" | "test"
     num_segments: int
     target_size: int
@@ -75,7 +76,7 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
             except FileNotFoundError:
                 raise DataFormatError(f"the list says {s.num_frames} frames but {path} is missing") from None
         width, height = _frame_size(data)
-    elif spec.kind == "frames":
+    elif spec.decode == "frames":
         num_frames = s.num_frames
         if not num_frames:  # the count came from a probe: trust it only for the file it was taken of
             current = _current(s.path, facts, os.stat(s.path), spec, need_packets=False)
@@ -109,7 +110,7 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
         views = [(win, spec.flip and rng.random() < 0.5)]
     else:
         views = crops.test_windows(width, height, spec.target_size, spec.short_size, spec.num_crops)
-    if spec.kind == "jpeg":
+    if spec.decode == "jpeg":
         data = [np.frombuffer(d, np.uint8) for d in data]
     args = [a for win, flip in views for a in (win[:2], win[2:], np.array(flip, np.int32))]
     return (*data, *args, np.array(label, np.int64)), new_facts

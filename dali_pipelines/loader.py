@@ -131,31 +131,36 @@ class _ClipSource:
             self._new_facts = {}
 
 
-def _build_pipeline(src: _ClipSource, kind, frames_per_view, num_views, device, device_id, batch_size,
-                    num_threads, prefetch, target_size, dtype):
+def _build_pipeline(src: _ClipSource, *, device: str, device_id: int | None, num_threads: int, prefetch: int,
+                    dtype: str):
+    """The DALI graph of a loader: what it decodes, the frames and views per sample, the batch size and
+    the output size come from ``src`` (its ClipSpec); the rest is how and where it runs."""
     from nvidia.dali import fn, pipeline_def, types
 
+    spec, batch_size = src.spec, src.batch_size
+    decode, target_size = spec.decode, spec.target_size
+    frames_per_view, num_views = spec.num_clips * spec.num_segments, spec.num_crops
     decode_device = "mixed" if device == "gpu" else "cpu"
     out_type = types.FLOAT16 if dtype == "float16" else types.FLOAT
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def graph():
-        n_data = {"jpeg": frames_per_view, "frames": 1, "video": 4}[kind]
+        n_data = {"jpeg": frames_per_view, "frames": 1, "video": 4}[decode]
         outs = fn.external_source(source=src, num_outputs=n_data + 3 * num_views + 1, batch=True,
                                   batch_info=True)
         data, views, label = outs[:n_data], outs[n_data:-1], outs[-1]
-        if kind == "jpeg" and num_views == 1:
+        if decode == "jpeg" and num_views == 1:
             # decode only the crop window of each frame (one window for the whole clip)
             start, shape = views[0], views[1]
             frames = fn.stack(*[fn.decoders.image_slice(d, start, shape, device=decode_device,
                                                         output_type=types.RGB) for d in data], axis_name="F")
             cropped = [frames]
         else:
-            if kind == "jpeg":
+            if decode == "jpeg":
                 frames = fn.stack(*[fn.decoders.image(d, device=decode_device, output_type=types.RGB)
                                     for d in data], axis_name="F")
-            elif kind == "frames":
+            elif decode == "frames":
                 frames = fn.reshape(data[0], layout="FHWC")
             else:
                 frames = fn.decoders.video(data[0], frames=data[1], device=decode_device, pad_mode="edge")
@@ -258,59 +263,60 @@ def check_rawframe_counts(samples, list_file) -> None:
                               + ". Rebuild the list with preprocessing/build_list.py rawframes.")
 
 
-def build_loader(list_file, source="pkl", mode="train", batch_size=8, num_segments=3, target_size=224,
+def build_loader(list_file, source="pkl", mode="train", *, batch_size=8, num_segments=3, target_size=224,
                  short_size=256, device="cpu", rank=0, world_size=1, seed=0, data_prefix=None, **options):
     """A DALI loader over ``list_file`` (DESIGN §4 formats). See README "The loader API"."""
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
     if unknown:
         raise TypeError(f"build_loader: unknown option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")
-    opt = {**DEFAULT_OPTIONS, **options}
+    options = {**DEFAULT_OPTIONS, **options}
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if opt["crop"] not in CROPS:
-        raise ValueError(f"crop must be one of {CROPS}, got {opt['crop']!r}")
-    if opt["dtype"] not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16', got {opt['dtype']!r}")
-    if opt["sampling"] not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {opt['sampling']!r}")
-    if opt["num_crops"] not in (1, 3, 10):
-        raise ValueError(f"num_crops must be 1, 3 or 10, got {opt['num_crops']!r}")
-    samples = opt["samples"] or read_list(list_file, source, data_prefix)
+    if options["crop"] not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {options['crop']!r}")
+    if options["dtype"] not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {options['dtype']!r}")
+    if options["sampling"] not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {options['sampling']!r}")
+    if options["num_crops"] not in (1, 3, 10):
+        raise ValueError(f"num_crops must be 1, 3 or 10, got {options['num_crops']!r}")
+    samples = options["samples"] or read_list(list_file, source, data_prefix)
     cache_file = f"{list_file}.probe.json" if list_file and source == "videos" else None
     facts = load_probe_cache(cache_file) if cache_file else {}
     if source == "videos":
         unknown = sorted({s.path for s in samples if not s.num_frames})
         if unknown:  # decoded once and cached beside the list
-            facts.update(probe_cached(unknown, cache_file, facts, opt["allow_partial_videos"]))
+            facts.update(probe_cached(unknown, cache_file, facts, options["allow_partial_videos"]))
     elif source == "rawframes":
         check_rawframe_counts(samples, list_file)
-    kind = "jpeg" if source != "videos" else ("video" if device == "gpu" else "frames")
-    num_clips, num_crops = (opt["num_clips"], opt["num_crops"]) if mode == "test" else (1, 1)
-    drop_last = (mode == "train") if opt["drop_last"] is None else bool(opt["drop_last"])
-    num_workers = default_num_workers() if opt["num_workers"] is None else opt["num_workers"]
+    decode = "jpeg" if source != "videos" else ("video" if device == "gpu" else "frames")
+    num_clips, num_crops = (options["num_clips"], options["num_crops"]) if mode == "test" else (1, 1)
+    drop_last = (mode == "train") if options["drop_last"] is None else bool(options["drop_last"])
+    num_workers = default_num_workers() if options["num_workers"] is None else options["num_workers"]
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0 (0: read in the training process), got {num_workers!r}")
-    spec = ClipSpec(source, kind, mode, num_segments, target_size, short_size, num_clips=num_clips,
-                    num_crops=num_crops, crop=opt["crop"], flip=opt["flip"], sampling=opt["sampling"],
-                    dense_interval=opt["dense_interval"], num_classes=opt["num_classes"],
-                    allow_partial_videos=bool(opt["allow_partial_videos"]))
+    spec = ClipSpec(source=source, decode=decode, mode=mode, num_segments=num_segments, target_size=target_size,
+                    short_size=short_size, num_clips=num_clips,
+                    num_crops=num_crops, crop=options["crop"], flip=options["flip"], sampling=options["sampling"],
+                    dense_interval=options["dense_interval"], num_classes=options["num_classes"],
+                    allow_partial_videos=bool(options["allow_partial_videos"]))
     src = _ClipSource(samples, spec, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                      drop_last=drop_last, max_batches=opt["max_batches"], num_workers=num_workers,
-                      worker_timeout=opt["worker_timeout"], facts=facts, cache_file=cache_file)
+                      drop_last=drop_last, max_batches=options["max_batches"], num_workers=num_workers,
+                      worker_timeout=options["worker_timeout"], facts=facts, cache_file=cache_file)
     if src.num_batches == 0:
         src.feed.close()
         raise DataFormatError(f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
                               f"each of {world_size} rank(s); lower the batch size")
-    device_id = opt["device_id"]
+    device_id = options["device_id"]
     if device == "gpu" and device_id is None:
         device_id = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = _build_pipeline(src, kind, num_clips * num_segments, num_crops, device,
-                               device_id if device == "gpu" else None, batch_size, opt["num_threads"],
-                               opt["prefetch"], target_size, opt["dtype"])
+        pipe = _build_pipeline(src, device=device, device_id=device_id if device == "gpu" else None,
+                               num_threads=options["num_threads"], prefetch=options["prefetch"],
+                               dtype=options["dtype"])
     return DALILoader(src, pipe)

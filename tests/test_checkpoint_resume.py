@@ -151,11 +151,11 @@ def test_precise_bn_averages_the_statistics_over_ranks(tmp_path, monkeypatch):
 
 def test_restore_brings_back_the_optimizer_state_and_the_lr_schedule_position(tmp_path):
     from trainer.engine import restore
-    from trainer.solver import build_lr, build_optimizer
+    from trainer.solver import build_scheduler, build_optimizer
 
     def build():
         cfg, model = _tiny_model(tmp_path)
-        lr = build_lr(cfg.OPTIMIZER, steps_per_epoch=4, epochs=3, global_batch=8)
+        lr = build_scheduler(cfg.OPTIMIZER, steps_per_epoch=4, epochs=3, global_batch=8)
         return model, lr, build_optimizer(cfg.OPTIMIZER, lr, model)
 
     def step(model, opt, lr, i):
@@ -191,17 +191,17 @@ def test_a_resume_with_another_batch_size_goes_on_from_the_same_epoch_of_the_sch
     """4 epochs of 4 steps, then a resume at 4x the steps per epoch (a quarter of the batch) and 6
     epochs: the LR is the new schedule's at the start of epoch 5, past both decay points (1/3, 2/3)."""
     from trainer.engine import continue_schedule, restore
-    from trainer.solver import build_lr, build_optimizer, lr_at
+    from trainer.solver import build_scheduler, build_optimizer, lr_at
     with paddle.utils.unique_name.guard():
         cfg, model = _tiny_model(tmp_path)
-        lr = build_lr(cfg.OPTIMIZER, steps_per_epoch=4, epochs=4, global_batch=8)
+        lr = build_scheduler(cfg.OPTIMIZER, steps_per_epoch=4, epochs=4, global_batch=8)
         opt = build_optimizer(cfg.OPTIMIZER, lr, model)
         for _ in range(16):
             lr.step()
         checkpoint.save_state(str(tmp_path / "s.pdckpt"), model, opt, epoch=4, step=16)  # no steps_per_epoch
     with paddle.utils.unique_name.guard():
         cfg, model = _tiny_model(tmp_path)
-        lr = build_lr(cfg.OPTIMIZER, steps_per_epoch=16, epochs=6, global_batch=2)
+        lr = build_scheduler(cfg.OPTIMIZER, steps_per_epoch=16, epochs=6, global_batch=2)
         meta, _ = restore(str(tmp_path / "s.pdckpt"), model, build_optimizer(cfg.OPTIMIZER, lr, model))
     assert continue_schedule(lr, meta, 16) == 64
     assert lr.get_lr() == pytest.approx(lr_at(cfg.OPTIMIZER, 64, 16, 6, 2))

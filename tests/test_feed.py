@@ -152,7 +152,7 @@ def test_a_video_is_demuxed_once_not_on_every_read_and_again_when_it_changes(tmp
         samples = read_list(list_file, "videos")
         facts = load_probe_cache(list_file + ".probe.json")
         facts.update(probe_cached([s.path for s in samples if not s.num_frames], list_file + ".probe.json", facts))
-        spec = ClipSpec("videos", "video", "val", 3, 16, 16)
+        spec = ClipSpec(source="videos", decode="video", mode="val", num_segments=3, target_size=16, short_size=16)
         return _ClipSource(samples, spec, batch_size=2, rank=0, world_size=1, seed=0, drop_last=False,
                            facts=facts, cache_file=list_file + ".probe.json")
 
@@ -174,7 +174,7 @@ def test_a_video_shorter_than_its_listed_count_is_skipped_before_nvdec(tmp_path,
     write_video(tmp_path / "v.mp4", index_frames(20))
     (tmp_path / "videos.txt").write_text("v.mp4 30 0\n")
     samples = read_list(str(tmp_path / "videos.txt"), "videos")
-    src = _ClipSource(samples, ClipSpec("videos", "video", "val", 3, 16, 16), batch_size=1, rank=0,
+    src = _ClipSource(samples, ClipSpec(source="videos", decode="video", mode="val", num_segments=3, target_size=16, short_size=16), batch_size=1, rank=0,
                       world_size=1, seed=0, drop_last=False, num_workers=1)
     with pytest.raises(StopIteration):
         src(SimpleNamespace(iteration=0))

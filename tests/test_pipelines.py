@@ -270,10 +270,10 @@ def test_the_gpu_paths_graph_gives_the_cpu_paths_views_with_dalis_cpu_video_deco
     cpu = build_loader(str(tmp_path / "vid.list"), "videos", "test", batch_size=1, num_segments=3, target_size=32,
                        short_size=32, num_workers=0)
     expected = next(iter(cpu))[0].numpy()[0]
-    spec = ClipSpec("videos", "video", "test", 3, 32, 32)
+    spec = ClipSpec(source="videos", decode="video", mode="test", num_segments=3, target_size=32, short_size=32)
     src = _ClipSource(read_list(str(tmp_path / "vid.list"), "videos"), spec, batch_size=1, rank=0, world_size=1,
                       seed=0, drop_last=False)
-    pipe = _build_pipeline(src, "video", 3, 1, "cpu", None, 1, 1, 1, 32, "float32")
+    pipe = _build_pipeline(src, device="cpu", device_id=None, num_threads=1, prefetch=1, dtype="float32")
     got = next(iter(DALILoader(src, pipe)))[0].numpy()[0]
     assert got.shape == expected.shape
     assert _levels_diff(got, expected).mean() < 4.0  # 2.2 measured (two YUV->RGB conversions); unturned >100

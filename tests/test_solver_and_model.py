@@ -4,7 +4,7 @@ import pytest
 
 from trainer.config import load_config
 from trainer.models import build_model
-from trainer.solver import build_lr, build_optimizer, lr_at, lr_milestones
+from trainer.solver import build_scheduler, build_optimizer, lr_at, lr_milestones
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def cfg(tmp_path):
 def test_lr_scales_with_global_batch_and_drops_at_a_third_and_two_thirds_of_iterations(cfg):
     steps, epochs = 10, 9
     assert lr_milestones(cfg.OPTIMIZER, steps * epochs) == [30, 60]
-    sched = build_lr(cfg.OPTIMIZER, steps, epochs, global_batch=512)
+    sched = build_scheduler(cfg.OPTIMIZER, steps, epochs, global_batch=512)
     seen = []
     for step in range(steps * epochs):
         seen.append(sched.get_lr())
@@ -29,7 +29,7 @@ def test_lr_scales_with_global_batch_and_drops_at_a_third_and_two_thirds_of_iter
 
 def test_warmup_ramps_linearly_then_keeps_the_absolute_milestones(cfg):
     cfg.OPTIMIZER["warmup_epochs"] = 1.0
-    sched = build_lr(cfg.OPTIMIZER, 10, 9, 256)
+    sched = build_scheduler(cfg.OPTIMIZER, 10, 9, 256)
     lrs = []
     for _ in range(90):
         lrs.append(sched.get_lr())
@@ -44,7 +44,7 @@ def test_warmup_ramps_linearly_then_keeps_the_absolute_milestones(cfg):
 def test_cosine_schedule_warms_up_then_anneals_to_zero(cfg):
     cfg.OPTIMIZER.update(schedule="cosine", warmup_epochs=2.0)
     steps, epochs = 10, 10
-    sched = build_lr(cfg.OPTIMIZER, steps, epochs, 256)
+    sched = build_scheduler(cfg.OPTIMIZER, steps, epochs, 256)
     lrs = []
     for step in range(steps * epochs):
         lrs.append(sched.get_lr())
@@ -56,7 +56,7 @@ def test_cosine_schedule_warms_up_then_anneals_to_zero(cfg):
 
 def test_nesterov_reaches_the_optimizer(cfg):
     cfg.OPTIMIZER["nesterov"] = True
-    opt = build_optimizer(cfg.OPTIMIZER, build_lr(cfg.OPTIMIZER, 10, 2, 256), build_model(cfg))
+    opt = build_optimizer(cfg.OPTIMIZER, build_scheduler(cfg.OPTIMIZER, 10, 2, 256), build_model(cfg))
     assert opt._use_nesterov
 
 

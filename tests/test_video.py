@@ -206,7 +206,7 @@ def test_the_gpu_feed_passes_the_turn_and_upright_size_of_a_rotated_video(rotate
     frame and the graph is told how to turn."""
     from dali_pipelines.feed import ClipSpec, load_sample
     from dali_pipelines.formats import Sample
-    spec = ClipSpec("videos", "video", "test", 3, 32, 32)
+    spec = ClipSpec(source="videos", decode="video", mode="test", num_segments=3, target_size=32, short_size=32)
     row, facts = load_sample(spec, Sample(str(rotated / "rot90.mp4"), 0, 12, 1), (0, 0, 0, 0))
     raw, indices, mirror, angle, start, shape = row[:6]
     assert (facts.width, facts.height, facts.turns) == (48, 64, 1)
@@ -225,7 +225,7 @@ def test_a_checked_list_keeps_a_damaged_video_with_a_listed_count_from_nvdec(tmp
     lst = str(tmp_path / "v.list")
     (tmp_path / "v.list").write_text("good.mp4 50 0\nbad.mp4 50 1\ngood.mp4 55 0\n")
     good, bad, _ = read_list(lst, "videos")
-    spec = ClipSpec("videos", "video", "val", 3, 16, 16)
+    spec = ClipSpec(source="videos", decode="video", mode="val", num_segments=3, target_size=16, short_size=16)
     load_sample(spec, bad, (0, 0, 0, 1))  # unchecked: the demux looks fine, NVDEC would get it
     assert check_videos.main([lst, "--nproc", "2"]) == 1
     err = capsys.readouterr().err

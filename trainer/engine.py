@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import paddle
@@ -15,7 +17,7 @@ from .config import ConfigError, segments_in_test, to_plain
 from .metrics import MetricsLog, topk_correct
 from .models import build_model
 from .precise_bn import precise_bn
-from .solver import build_lr, build_optimizer
+from .solver import build_optimizer, build_scheduler
 
 
 def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, source: str | None = None,
@@ -113,8 +115,8 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def restore(path: str, model, opt, model_cfg=None) -> tuple[dict, dict | None]:
-    """Load a training checkpoint into ``model`` and ``opt`` (its state holds the LR schedule's position);
+def restore(path: str, model, optimizer, model_cfg=None) -> tuple[dict, dict | None]:
+    """Load a training checkpoint into ``model`` and ``optimizer`` (its state holds the LR schedule's position);
     returns the checkpoint's metadata and the AMP loss scaler's state (None without AMP). A checkpoint of
     another model is a one-line ConfigError naming what differs (the MODEL keys, when the checkpoint
     records its config and ``model_cfg`` is given; else the tensors)."""
@@ -127,7 +129,7 @@ def restore(path: str, model, opt, model_cfg=None) -> tuple[dict, dict | None]:
         raise ConfigError(f"config error: resume: {path} holds another model ({what}); resume with the config "
                           "it was trained with, or start a new output_dir")
     model.set_state_dict(saved)
-    opt.set_state_dict(state["optimizer"])
+    optimizer.set_state_dict(state["optimizer"])
     return state["meta"], state.get("scaler")
 
 
@@ -144,7 +146,7 @@ def _differing_keys(saved, current, prefix: str) -> list[str]:
     return out
 
 
-def continue_schedule(lr, meta: dict, steps_per_epoch: int) -> int:
+def continue_schedule(scheduler, meta: dict, steps_per_epoch: int) -> int:
     """The global step to resume at. The LR schedule counts steps; when a resumed run has another number
     of steps per epoch (another batch size or world size) it goes on from the same epoch of the new
     schedule, not from the old step count, which would put it at the wrong place (or never decay)."""
@@ -153,9 +155,9 @@ def continue_schedule(lr, meta: dict, steps_per_epoch: int) -> int:
     if saved_steps == steps_per_epoch:
         return step
     step = epoch * steps_per_epoch
-    lr.step(step)
+    scheduler.step(step)
     print(f"train: resuming with {steps_per_epoch} steps/epoch where the checkpoint had {saved_steps}: the LR "
-          f"schedule goes on from epoch {epoch} (step {step} of the new schedule, lr {lr.get_lr():.4g})", flush=True)
+          f"schedule goes on from epoch {epoch} (step {step} of the new schedule, lr {scheduler.get_lr():.4g})", flush=True)
     return step
 
 
@@ -188,44 +190,60 @@ class _Window:
         self.hits += (logits.argmax(axis=1) == labels).astype("int64").sum()
 
 
-def _train_epoch(cfg, env, epoch, net, opt, lr, scaler, loader, log, step, totals) -> int:
+@dataclass(kw_only=True)
+class _Run:
+    """What the epochs of one training run work with; ``step`` and ``totals`` grow as it goes."""
+    cfg: Any
+    env: dist.Env
+    net: paddle.nn.Layer          # the model as trained (wrapped for data parallelism on several ranks)
+    optimizer: Any
+    scheduler: Any                # the LR schedule, stepped once per batch
+    scaler: Any                   # the AMP loss scaler; None without float16 AMP
+    loader: Any
+    log: MetricsLog
+    step: int = 0
+    totals: dict = field(default_factory=lambda: {"data": 0.0, "batch": 0.0, "samples": 0})
+
+
+def _train_epoch(run: _Run, epoch: int) -> None:
+    cfg, env, loader, optimizer = run.cfg, run.env, run.loader, run.optimizer
     amp = _amp_dtype(cfg, env)
     smoothing, alpha = cfg.MODEL.head.label_smoothing, cfg.PIPELINE.mixup_alpha
     mix_rng = np.random.default_rng([cfg.seed, env.rank, epoch, 7])
-    net.train()
+    run.net.train()
     win, steps, t_prev = _Window(), len(loader), time.time()
     for imgs, labels in loader:
         t_data = time.time()
         with paddle.amp.auto_cast(enable=amp is not None, dtype=amp or "float16"):
-            loss, logits = train_loss(net, imgs, labels, smoothing, alpha, mix_rng)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            loss, logits = train_loss(run.net, imgs, labels, smoothing, alpha, mix_rng)
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
         else:
             loss.backward()
-            opt.step()
-        opt.clear_grad()
-        lr.step()
-        step += 1
+            optimizer.step()
+        optimizer.clear_grad()
+        run.scheduler.step()
+        run.step += 1
         t_end = time.time()
         win.add(t_data - t_prev, t_end - t_prev, loss, logits, labels)
         t_prev = t_end
-        if step % cfg.log_interval == 0 or step % steps == 0:
+        if run.step % cfg.log_interval == 0 or run.step % steps == 0:
             per_batch = win.batch / win.steps
-            rec = dict(mode="train", epoch=epoch + 1, step=step, lr=lr.get_lr(), loss=float(win.loss) / win.samples,
-                       top1=float(win.hits) / win.samples, samples_per_s=win.samples * env.world_size / win.batch,
+            rec = dict(mode="train", epoch=epoch + 1, step=run.step, lr=run.scheduler.get_lr(),
+                       loss=float(win.loss) / win.samples, top1=float(win.hits) / win.samples,
+                       samples_per_s=win.samples * env.world_size / win.batch,
                        data_time=win.data / win.steps, batch_time=per_batch, skipped=loader.skipped)
-            log.write(**rec)
+            run.log.write(**rec)
             if env.is_main:
-                print(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {rec['loss']:.4f} top1 {rec['top1']:.3f} "
+                print(f"epoch {epoch + 1}/{cfg.epochs} step {run.step} loss {rec['loss']:.4f} top1 {rec['top1']:.3f} "
                       f"lr {rec['lr']:.4g} {rec['samples_per_s']:.1f} clips/s data {rec['data_time'] * 1000:.0f}ms "
                       f"batch {rec['batch_time'] * 1000:.0f}ms", flush=True)
-            totals["data"] += win.data
-            totals["batch"] += win.batch
-            totals["samples"] += win.samples
+            run.totals["data"] += win.data
+            run.totals["batch"] += win.batch
+            run.totals["samples"] += win.samples
             win = _Window()
-    return step
 
 
 def train(cfg, env: dist.Env) -> dict:
@@ -240,17 +258,17 @@ def train(cfg, env: dist.Env) -> dict:
         if val_loader is not None and cfg.PRECISE_BN.enabled else None
     steps = len(train_loader)
     global_batch = cfg.DATASET.batch_size * env.world_size
-    lr = build_lr(cfg.OPTIMIZER, steps, cfg.epochs, global_batch)
-    opt = build_optimizer(cfg.OPTIMIZER, lr, model)
+    scheduler = build_scheduler(cfg.OPTIMIZER, steps, cfg.epochs, global_batch)
+    optimizer = build_optimizer(cfg.OPTIMIZER, scheduler, model)
     start_epoch, step, best, scaler_state = 0, 0, {"top1": -1.0}, None
     if env.is_main:
         checkpoint.remove_stale_temporaries(out)
     if resume:
-        meta, scaler_state = restore(resume, model, opt, cfg.MODEL)
+        meta, scaler_state = restore(resume, model, optimizer, cfg.MODEL)
         if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
             print(f"train: warning: {resume} was written with seed {meta.get('seed')} on "
                   f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly")
-        start_epoch, step, best = meta["epoch"], continue_schedule(lr, meta, steps), meta["best"]
+        start_epoch, step, best = meta["epoch"], continue_schedule(scheduler, meta, steps), meta["best"]
     elif env.is_main:
         log.start_new()  # a fresh run does not append to an earlier run's curves
     if env.is_main:
@@ -259,22 +277,24 @@ def train(cfg, env: dist.Env) -> dict:
     net = model
     if env.world_size > 1:
         from paddle.distributed import fleet
-        net, opt = fleet.distributed_model(model), fleet.distributed_optimizer(opt)
+        net, optimizer = fleet.distributed_model(model), fleet.distributed_optimizer(optimizer)
     scaler = paddle.amp.GradScaler() if _amp_dtype(cfg, env) == "float16" else None  # bf16 needs no scaling
     if scaler is not None and resume and scaler_state:
         scaler.load_state_dict(scaler_state)
     if env.is_main:
         print(f"train: {env.world_size} rank(s) on {env.device}, {train_loader.num_samples} clips/rank/epoch "
               f"read by {train_loader.num_workers} feed worker(s)/rank, "
-              f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {lr.get_lr():.4g}"
+              f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {scheduler.get_lr():.4g}"
               + (f"; resumed from {resume} at epoch {start_epoch}" if resume else ""), flush=True)
 
-    t_start, totals, last_eval = time.time(), {"data": 0.0, "batch": 0.0, "samples": 0}, {}
+    run = _Run(cfg=cfg, env=env, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+               loader=train_loader, log=log, step=step)
+    t_start, last_eval = time.time(), {}
     for epoch in range(start_epoch, cfg.epochs):
         # everything random in an epoch derives from (seed, rank, epoch): a resumed run repeats it
         paddle.seed(cfg.seed + 1000 * (env.rank + 1) + epoch)
         train_loader.set_epoch(epoch)
-        step = _train_epoch(cfg, env, epoch, net, opt, lr, scaler, train_loader, log, step, totals)
+        _train_epoch(run, epoch)
         dist.average_bn_buffers(model, env)  # every rank: it is a collective
         last = epoch + 1 == cfg.epochs
         if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or last):
@@ -282,7 +302,7 @@ def train(cfg, env: dist.Env) -> dict:
                 bn_loader.set_epoch(epoch)
                 precise_bn(net, bn_loader, env)
             last_eval = evaluate(net, val_loader, env)
-            log.write(mode="val", epoch=epoch + 1, step=step, **last_eval)
+            log.write(mode="val", epoch=epoch + 1, step=run.step, **last_eval)
             if env.is_main:
                 print(f"epoch {epoch + 1} val top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f} "
                       f"loss {last_eval['loss']:.4f} ({last_eval['samples']} clips)", flush=True)
@@ -291,11 +311,11 @@ def train(cfg, env: dist.Env) -> dict:
                 if env.is_main:
                     checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), **best)
         if env.is_main:
-            meta = dict(epoch=epoch + 1, step=step, best=best, seed=cfg.seed, world_size=env.world_size,
+            meta = dict(epoch=epoch + 1, step=run.step, best=best, seed=cfg.seed, world_size=env.world_size,
                         steps_per_epoch=steps, config=to_plain(cfg))
-            checkpoint.save_state(os.path.join(out, "latest.pdckpt"), model, opt, scaler, **meta)
+            checkpoint.save_state(os.path.join(out, "latest.pdckpt"), model, optimizer, scaler, **meta)
             if (epoch + 1) % cfg.save_interval == 0:
-                checkpoint.save_state(os.path.join(out, f"epoch_{epoch + 1}.pdckpt"), model, opt, scaler, **meta)
+                checkpoint.save_state(os.path.join(out, f"epoch_{epoch + 1}.pdckpt"), model, optimizer, scaler, **meta)
             if val_loader is None and last:
                 checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), epoch=epoch + 1)
     wall = time.time() - t_start
@@ -303,8 +323,8 @@ def train(cfg, env: dist.Env) -> dict:
     print(f"rank {env.rank}: weights digest {weights_digest(model)}", flush=True)
     summary = {"val_top1": last_eval.get("top1"), "best_val_top1": best["top1"] if best["top1"] >= 0 else None,
                "best_epoch": best.get("epoch"), "wall_s": wall,
-               "train_samples_per_s": totals["samples"] * env.world_size / max(totals["batch"], 1e-9),
-               "data_wait_share": totals["data"] / max(totals["batch"], 1e-9)}
+               "train_samples_per_s": run.totals["samples"] * env.world_size / max(run.totals["batch"], 1e-9),
+               "data_wait_share": run.totals["data"] / max(run.totals["batch"], 1e-9)}
     log.write(mode="summary", **summary)
     log.close()
     if env.is_main:

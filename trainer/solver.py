@@ -34,7 +34,8 @@ def lr_at(opt_cfg, step: int, steps_per_epoch: int, epochs: int, global_batch: i
     return lr * opt_cfg.decay_factor ** drops
 
 
-def build_lr(opt_cfg, steps_per_epoch: int, epochs: int, global_batch: int) -> paddle.optimizer.lr.LRScheduler:
+def build_scheduler(opt_cfg, steps_per_epoch: int, epochs: int, global_batch: int) -> paddle.optimizer.lr.LRScheduler:
+    """The LR schedule of ``lr_at`` as a Paddle scheduler, stepped once per iteration."""
     lr = scaled_lr(opt_cfg, global_batch)
     warmup = int(round(opt_cfg.warmup_epochs * steps_per_epoch))
     total = steps_per_epoch * epochs
@@ -51,12 +52,12 @@ def build_lr(opt_cfg, steps_per_epoch: int, epochs: int, global_batch: int) -> p
     return sched
 
 
-def build_optimizer(opt_cfg, lr, model: paddle.nn.Layer) -> paddle.optimizer.Optimizer:
+def build_optimizer(opt_cfg, scheduler, model: paddle.nn.Layer) -> paddle.optimizer.Optimizer:
     """Momentum; L2 decay on conv/linear weights only (not on BatchNorm or biases)."""
     decay = [p for p in model.parameters() if not p.stop_gradient and p.ndim > 1]
     no_decay = [p for p in model.parameters() if not p.stop_gradient and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": paddle.regularizer.L2Decay(opt_cfg.weight_decay)},
               {"params": no_decay, "weight_decay": 0.0}]
     clip = paddle.nn.ClipGradByGlobalNorm(opt_cfg.grad_clip) if opt_cfg.grad_clip else None
-    return paddle.optimizer.Momentum(learning_rate=lr, momentum=opt_cfg.momentum, parameters=groups,
+    return paddle.optimizer.Momentum(learning_rate=scheduler, momentum=opt_cfg.momentum, parameters=groups,
                                      use_nesterov=opt_cfg.nesterov, grad_clip=clip)
