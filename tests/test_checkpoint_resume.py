@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 import pytest
 
-from trainer import checkpoint, dist
+from trainer import checkpoint, dist, weights
 from trainer.config import load_config
 from trainer.models import build_model
 from trainer.precise_bn import batch_norms, precise_bn
@@ -52,7 +52,7 @@ def test_resume_after_kill_minus_9_gives_the_same_weights_as_training_straight(d
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = checkpoint.load_state(str(tmp_path / "b" / "latest.pdckpt"))["meta"]["epoch"]
+    done = weights.load_checkpoint(str(tmp_path / "b" / "latest.pdckpt"))["meta"]["epoch"]
     assert 1 <= done < 4
     resumed = _train(cfg, "resume=auto")
     assert f"resumed from {tmp_path / 'b' / 'latest.pdckpt'} at epoch {done}" in resumed
@@ -94,7 +94,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert path.read_bytes() == before
-    assert checkpoint.load_state(str(path))["meta"]["epoch"] == 3
+    assert weights.load_checkpoint(str(path))["meta"]["epoch"] == 3
     checkpoint.remove_stale_temporaries(str(tmp_path))
     assert os.listdir(tmp_path) == ["latest.pdckpt"]
 

@@ -154,7 +154,7 @@ def _paddlevideo_vd_state(model, rng):
 
 @pytest.mark.parametrize("config", ["pptsn.yaml", "pptsm.yaml"])
 def test_imagenet_resnet50_vd_weights_named_as_paddlevideo_fill_the_pp_backbones(tmp_path, config):
-    from trainer.models import load_pretrained
+    from trainer.weights import load_pretrained
     cfg = load_config(os.path.join(ROOT, "configs", config), ["MODEL.head.num_classes=5"])
     model = build_model(cfg)
     state, pairs = _paddlevideo_vd_state(model, np.random.default_rng(0))

@@ -98,7 +98,7 @@ def test_head_averages_segments_before_the_classifier(cfg):
 
 
 def test_pretrained_loads_backbone_and_skips_a_classifier_of_another_class_count(cfg, tmp_path):
-    from trainer.models import load_pretrained
+    from trainer.weights import load_pretrained
     source = build_model(cfg)  # 5 classes
     paddle.save(source.state_dict(), str(tmp_path / "k400.pdparams"))
     paddle.save(source.backbone.state_dict(), str(tmp_path / "imagenet.pdparams"))
@@ -144,13 +144,13 @@ def _paddlevideo_tsn_state(depth, num_classes, rng):
 
 @pytest.mark.parametrize("depth", [50, 101])
 def test_a_tsn_checkpoint_trained_by_paddlevideo_loads(cfg, tmp_path, depth):
-    from trainer import checkpoint
+    from trainer import checkpoint, weights
     rng = np.random.default_rng(depth)
     pv = _paddlevideo_tsn_state(depth, 5, rng)
     paddle.save({k: paddle.to_tensor(v) for k, v in pv.items()}, str(tmp_path / "pv.pdparams"))
     cfg.MODEL.backbone.update(depth=depth, base_channels=64)
     model = build_model(cfg)
-    checkpoint.load_weights(model, str(tmp_path / "pv.pdparams"))  # raises unless every tensor has a place
+    weights.load_weights(model, str(tmp_path / "pv.pdparams"))  # raises unless every tensor has a place
     ours = model.state_dict()
     first_of_stage3 = 3 + 4  # ResNet-50/101: stages of 3 and 4 blocks come before res4a
     pairs = {"backbone.conv._conv.weight": "backbone.stem.0.0.weight",

@@ -33,8 +33,29 @@ class Opt:
     below: float | None = None     # values must be less than this
 
 
-MODEL_NAMES = ("TSN", "TSM", "PP-TSN", "PP-TSM")
-SHIFT_MODELS = ("TSM", "PP-TSM")  # their backbone is built for exactly PIPELINE.num_segments frames
+@dataclass(frozen=True)
+class Depth:
+    """A ResNet depth: its residual block and the number of blocks in each of its four stages."""
+    block: str                  # "basic" (two 3x3 convs) or "bottleneck" (1x1, 3x3, 1x1)
+    stage_blocks: tuple[int, int, int, int]
+
+
+DEPTHS = {18: Depth("basic", (2, 2, 2, 2)), 34: Depth("basic", (3, 4, 6, 3)),
+          50: Depth("bottleneck", (3, 4, 6, 3)), 101: Depth("bottleneck", (3, 4, 23, 3))}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The network behind a model name; the training recipe (loss, schedule, sampling) is its config's."""
+    resnet: str                 # "b": the standard ResNet; "vd": deep 3x3 stem, average-pool shortcuts
+    temporal_shift: bool        # TSM's shift of channels between segments in every residual branch
+    activation: str             # "relu", or "leaky_relu" as PaddleVideo's PP-TSM has it
+
+
+ARCHITECTURES = {"TSN": Architecture("b", False, "relu"), "TSM": Architecture("b", True, "relu"),
+                 "PP-TSN": Architecture("vd", False, "relu"), "PP-TSM": Architecture("vd", True, "leaky_relu")}
+MODEL_NAMES = tuple(ARCHITECTURES)
+SHIFT_MODELS = tuple(n for n, a in ARCHITECTURES.items() if a.temporal_shift)  # built for num_segments frames
 
 SCHEMA: dict = {
     "epochs": Opt(100, minimum=1),
@@ -50,7 +71,7 @@ SCHEMA: dict = {
     "MODEL": {
         "name": Opt("TSN", choices=MODEL_NAMES),
         "backbone": {
-            "depth": Opt(50, choices=(18, 34, 50, 101)),
+            "depth": Opt(50, choices=tuple(DEPTHS)),
             "base_channels": Opt(64, minimum=8),    # 64 is the standard ResNet; smaller for demos
             "pretrained": Opt("", nullable=True),  # local ImageNet .pdparams
             "shift_div": Opt(8, minimum=2),         # TSM: 1/shift_div of the channels shift each way

@@ -12,7 +12,7 @@ import paddle
 import paddle.nn.functional as F
 import yaml
 
-from . import checkpoint, dist
+from . import checkpoint, dist, weights
 from .config import ConfigError, segments_in_test, to_plain
 from .metrics import MetricsLog, topk_correct
 from .models import build_model
@@ -120,9 +120,9 @@ def restore(path: str, model, optimizer, model_cfg=None) -> tuple[dict, dict | N
     returns the checkpoint's metadata and the AMP loss scaler's state (None without AMP). A checkpoint of
     another model is a one-line ConfigError naming what differs (the MODEL keys, when the checkpoint
     records its config and ``model_cfg`` is given; else the tensors)."""
-    state = checkpoint.load_state(path)
+    state = weights.load_checkpoint(path)
     saved = state["model"]
-    differ = sum(checkpoint.mismatch(model, saved), [])
+    differ = sum(weights.mismatch(model, saved), [])
     if differ:
         keys = _differing_keys(state["meta"].get("config", {}).get("MODEL"), to_plain(model_cfg or {}), "MODEL")
         what = "; ".join(keys) if keys else f"tensors {differ[:3]}{' ...' if len(differ) > 3 else ''} differ"

@@ -103,11 +103,11 @@ def run(args) -> int:
 
     if args.mode == "predict" and args.exported:
         return _predict_exported(cfg, env, args)
-    from trainer import checkpoint
+    from trainer.weights import load_weights
     from trainer.models import build_model
     weights = args.weights or os.path.join(cfg.output_dir, "best.pdparams")
     model = build_model(cfg)
-    checkpoint.load_weights(model, weights)
+    load_weights(model, weights)
     if args.mode in ("eval", "test"):
         return _evaluate(cfg, env, model, args.mode, weights)
     if args.mode == "export":
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dali_pipelines.formats import DataFormatError
     from dali_pipelines.video import VideoError
-    from trainer.checkpoint import UnsafeFileError
+    from trainer.weights import UnsafeFileError
     from trainer.config import ConfigError
     try:
         return run(args)

@@ -10,16 +10,8 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 
-from .checkpoint import load_file
-from .config import MODEL_NAMES
-
-DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-          50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
-# the architecture behind each model name (ResNet variant, temporal shift, activation as in PaddleVideo,
-# whose PP-TSM uses leaky ReLU); the training recipe (loss, schedule, sampling) is its config's
-ARCHITECTURES = {"TSN": ("b", False, "relu"), "TSM": ("b", True, "relu"),
-                 "PP-TSN": ("vd", False, "relu"), "PP-TSM": ("vd", True, "leaky_relu")}
-assert set(ARCHITECTURES) == set(MODEL_NAMES)
+from .config import ARCHITECTURES, DEPTHS
+from .weights import load_pretrained
 
 
 def temporal_shift(x, num_segments: int, shift_div: int = 8):
@@ -94,12 +86,12 @@ class ResNet(nn.Layer):
     ``variant`` "b" is the standard ResNet, "vd" ResNet-vd; ``num_segments`` (with ``shift_div``) adds
     TSM's temporal shift, the batch then holding consecutive groups of ``num_segments`` frames."""
 
-    def __init__(self, depth: int = 50, base_channels: int = 64, variant: str = "b",
+    def __init__(self, depth: int = 50, base_channels: int = 64, variant: str = "b", *,
                  num_segments: int | None = None, shift_div: int = 8, act: str = "relu"):
         super().__init__()
-        kind, blocks = DEPTHS[depth]
+        blocks = DEPTHS[depth].stage_blocks
         self.depth, self.variant = depth, variant
-        block = BasicBlock if kind == "basic" else Bottleneck
+        block = BasicBlock if DEPTHS[depth].block == "basic" else Bottleneck
         c = base_channels
         if variant == "vd":
             self.stem = nn.Sequential(_conv_bn(3, c // 2, 3, 2, act), _conv_bn(c // 2, c // 2, 3, 1, act),
@@ -155,50 +147,10 @@ class Recognizer2D(nn.Layer):
 
 def build_model(cfg) -> Recognizer2D:
     b, h = cfg.MODEL.backbone, cfg.MODEL.head
-    variant, shift, act = ARCHITECTURES[cfg.MODEL.name]
-    backbone = ResNet(b.depth, b.base_channels, variant, cfg.PIPELINE.num_segments if shift else None,
-                      b.shift_div, act)
+    arch = ARCHITECTURES[cfg.MODEL.name]
+    backbone = ResNet(b.depth, b.base_channels, arch.resnet, shift_div=b.shift_div, act=arch.activation,
+                      num_segments=cfg.PIPELINE.num_segments if arch.temporal_shift else None)
     model = Recognizer2D(backbone, ConsensusHead(backbone.out_channels, h.num_classes, h.dropout, h.init_std))
     if b.pretrained:
         print(load_pretrained(model, b.pretrained))
     return model
-
-
-def load_pretrained(model: Recognizer2D, path: str) -> str:
-    """Initialise from a local file: ImageNet backbone weights (with or without the ``backbone.``
-    prefix), a whole TSN checkpoint (``.pdparams`` / ``.pdckpt``), or either saved by PaddleVideo (its
-    layer names are translated). Tensors whose shape differs (the classifier of another class count)
-    are skipped; returns a one-line report of what was loaded."""
-    import os
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MODEL.backbone.pretrained: {path} does not exist; give a local .pdparams "
-                                "file or set it to ''")
-    state = load_file(path)
-    if isinstance(state, dict) and {"model", "optimizer", "meta"} <= set(state):
-        state = state["model"]
-    unused = []
-    from .paddlevideo_names import from_paddlevideo, looks_like_paddlevideo
-    if looks_like_paddlevideo(state):
-        state, unused = from_paddlevideo(state, model.backbone.depth, model.backbone.variant, path)
-    own = model.state_dict()
-    usable, skipped = {}, []
-    for key, value in state.items():
-        target = key if key in own else f"backbone.{key}" if f"backbone.{key}" in own else None
-        if target is None:
-            unused.append(key)
-        elif list(value.shape) != list(own[target].shape):
-            skipped.append(target)
-        else:
-            usable[target] = value
-    import warnings
-    with warnings.catch_warnings():  # Paddle warns per absent key; the report below lists them once
-        warnings.simplefilter("ignore")
-        model.set_state_dict(usable)
-    missing = sorted(set(own) - set(usable) - set(skipped))
-
-    def few(keys):
-        return f"{keys[:4]}{' ...' if len(keys) > 4 else ''}"
-    return (f"pretrained: loaded {len(usable)}/{len(own)} tensors from {path}"
-            + (f"; skipped (shape differs) {few(sorted(skipped))}" if skipped else "")
-            + (f"; not in the file {few(missing)}" if missing else "")
-            + (f"; unused {few(sorted(unused))}" if unused else ""))

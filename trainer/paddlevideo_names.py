@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import re
 
-from .config import ConfigError
-from .models import DEPTHS
+from .config import DEPTHS, ConfigError
 
 _BN_FIELDS = {"weight": "weight", "bias": "bias", "_mean": "_mean", "_variance": "_variance",
               "scale": "weight", "offset": "bias", "mean": "_mean", "variance": "_variance"}
@@ -24,7 +23,7 @@ _BRANCH = {"2a": 0, "2b": 1, "2c": 2}
 
 def _flat_block(depth: int, stage: int, j: int | None) -> int | None:
     """Flat index in this project's ResNet of block ``j`` of stage ``stage`` (0-based), if it exists."""
-    blocks = DEPTHS[depth][1]
+    blocks = DEPTHS[depth].stage_blocks
     if j is None or not 0 <= stage < len(blocks) or not 0 <= j < blocks[stage]:
         return None
     return sum(blocks[:stage]) + j
@@ -83,7 +82,7 @@ def _dygraph_key(key: str, depth: int) -> str | None:
     m = re.fullmatch(r"blocks\.(\d+)\.(?:conv([012])|(short))\.(conv|bn)\.(\w+)", key)
     if m:
         k = int(m.group(1))
-        block = k if k < sum(DEPTHS[depth][1]) else None
+        block = k if k < sum(DEPTHS[depth].stage_blocks) else None
         return _conv_bn_key(_block_prefix(block, m.group(2) or m.group(3)), m.group(4), m.group(5))
     return {"head.fc.weight": "head.fc.weight", "head.fc.bias": "head.fc.bias"}.get(key)
 

@@ -9,8 +9,8 @@ import numpy as np
 import paddle
 import pytest
 
-from trainer import checkpoint
-from trainer.checkpoint import UnsafeFileError, load_file
+from trainer import weights
+from trainer.weights import UnsafeFileError, load_file
 from trainer.config import load_config
 from trainer.models import build_model
 
@@ -100,7 +100,7 @@ def test_an_eval_that_is_not_paddles_lod_tensor_is_refused(tmp_path):
 def test_predict_weights_refuse_a_file_that_would_run_code(tmp_path, evil):
     model = build_model(_tiny_cfg(tmp_path))
     with pytest.raises(UnsafeFileError, match=r"evil.pdparams: refused to load: it asks for global '(posix|os).system'"):
-        checkpoint.load_weights(model, str(evil))
+        weights.load_weights(model, str(evil))
     assert not (tmp_path / "ran").exists()
 
 
