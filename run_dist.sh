@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run the trainer in fleet collective mode: one process per visible GPU, or --nproc CPU processes
-# (default 2) on a machine without GPUs; predict and export run as a single process.
+# (default 2) on a machine without GPUs; predict, export and summary run as a single process.
 #
-#   bash run_dist.sh {train|eval|test|predict|export} MODEL CONFIG [--nproc N] [--ips IP1,IP2,...]
+#   bash run_dist.sh {train|eval|test|predict|export|summary} MODEL CONFIG [--nproc N] [--ips IP1,IP2,...]
 #                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--output FILE] [--onnx]
 #
 # Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
@@ -16,14 +16,16 @@ usage() {
 [ $# -ge 3 ] || usage
 mode=$1 model=$2 config=$3
 shift 3
-case "$mode" in train|eval|test|predict|export) ;; *) echo "run_dist.sh: unknown mode '$mode'" >&2; usage ;; esac
-[ -f "$config" ] || { echo "run_dist.sh: config file $config does not exist" >&2; exit 2; }
-
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 py=${PYTHON:-}
 if [ -z "$py" ]; then
     if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
 fi
+# the modes are trainer/main.py's (one list); the single-process ones run without a launcher
+{ read -r all_modes; read -r single_modes; } < <(cd "$here" && "$py" -c 'from trainer.main import MODES, SINGLE_PROCESS_MODES
+print(*MODES); print(*SINGLE_PROCESS_MODES)')
+[[ " $all_modes " == *" $mode "* ]] || { echo "run_dist.sh: unknown mode '$mode' (modes: $all_modes)" >&2; usage; }
+[ -f "$config" ] || { echo "run_dist.sh: config file $config does not exist" >&2; exit 2; }
 
 nproc="" ips="" args=()
 while [ $# -gt 0 ]; do
@@ -38,7 +40,7 @@ if [ -n "$nproc" ] && ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
 fi
 main=("$here/trainer/main.py" "$mode" --model "$model" -c "$config" "${args[@]}")
 
-if [ "$mode" = predict ] || [ "$mode" = export ]; then
+if [[ " $single_modes " == *" $mode "* ]]; then
     exec "$py" "${main[@]}"
 fi
 

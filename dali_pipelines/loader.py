@@ -16,7 +16,7 @@ import numpy as np
 
 from .feed import ClipSpec, LabelError, ParallelMap, default_num_workers, load_sample
 from .formats import SOURCES, DataFormatError, Sample, read_list
-from .sampling import MODES, SAMPLINGS, shard_indices
+from .sampling import LOADER_MODES, SAMPLINGS, shard_indices
 from .video import load_probe_cache, probe_cached, save_probe_cache
 
 MEAN = (0.485, 0.456, 0.406)
@@ -272,8 +272,8 @@ def build_loader(list_file, source="pkl", mode="train", *, batch_size=8, num_seg
     options = {**DEFAULT_OPTIONS, **options}
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in LOADER_MODES:
+        raise ValueError(f"mode must be one of {LOADER_MODES}, got {mode!r}")
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if options["crop"] not in CROPS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MODES = ("train", "val", "test")
+LOADER_MODES = ("train", "val", "test")  # random segments and crops | one centre view | multi-view test
 SAMPLINGS = ("segment", "dense")
 
 
@@ -24,8 +24,8 @@ def segment_indices(num_frames: int, num_segments: int, mode: str,
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if num_segments < 1:
         raise ValueError(f"num_segments must be >= 1, got {num_segments}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in LOADER_MODES:
+        raise ValueError(f"mode must be one of {LOADER_MODES}, got {mode!r}")
     seg = np.arange(num_segments)
     if mode == "train":
         if rng is None:
@@ -59,8 +59,8 @@ def dense_indices(num_frames: int, num_segments: int, mode: str, rng: np.random.
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if num_segments < 1 or interval < 1:
         raise ValueError(f"num_segments and interval must be >= 1, got {num_segments} and {interval}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in LOADER_MODES:
+        raise ValueError(f"mode must be one of {LOADER_MODES}, got {mode!r}")
     last_start = max(0, num_frames - num_segments * interval)
     if mode == "train":
         starts = np.array([(rng or np.random.default_rng()).integers(0, last_start + 1)])

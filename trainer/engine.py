@@ -29,19 +29,19 @@ def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, sou
     if not list_file and not options.get("samples"):
         raise ConfigError(f"config error: DATASET.{mode}_list is empty; set it in the config or with "
                           f"-o DATASET.{mode}_list=PATH")
-    opts = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip,
+    settings = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip,
                 num_threads=d.num_threads, prefetch=d.prefetch, device_id=env.device_id,
                 num_workers=d.num_workers, worker_timeout=d.worker_timeout,
                 allow_partial_videos=d.allow_partial_videos,
                 num_classes=cfg.MODEL.head.num_classes, sampling=p.sampling, dense_interval=p.dense_interval,
                 dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32")
-    opts.update(options)
+    settings.update(options)
     segments = segments_in_test(cfg) if mode == "test" else p.num_segments
     return build_loader(
         list_file, source=source or d.source, mode=mode, batch_size=d.batch_size,
         num_segments=segments, target_size=p.target_size, short_size=p.short_size,
         device=env.device, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-        data_prefix=d.data_prefix or None, **opts)
+        data_prefix=d.data_prefix or None, **settings)
 
 
 def _amp_dtype(cfg, env) -> str | None:

@@ -23,7 +23,10 @@ warnings.filterwarnings("ignore", message="No ccache found")
 warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 warnings.filterwarnings("ignore", message="Current global rank .* is not in group")
 
+# the one list of run modes (run_dist.sh and launch/mpi_train.py read it from here); the last
+# three run as one process
 MODES = ("train", "eval", "test", "predict", "export", "summary")
+SINGLE_PROCESS_MODES = ("predict", "export", "summary")
 
 
 def _positive_int(text: str) -> int:
