@@ -1,5 +1,5 @@
 # make demo: set up .venv and run the whole system on the embedded demo dataset (CPU is enough).
-# make test: set up .venv and run the test suite.
+# make test: set up .venv and run the test suite; make lint: ruff's checks and formatting.
 # make motion-demo: the motion task (direction of motion only): TSM learns it, TSN stays at chance.
 # EXTRAS=gpu,dev,onnx,vdl selects the GPU wheels of Paddle (paddlepaddle-gpu) instead of the CPU ones.
 PYTHON ?= python3
@@ -12,7 +12,7 @@ DEMO := data/demo
 MOTION := data/motion
 NPROC ?= 2
 
-.PHONY: setup demo motion-demo test clean-demo
+.PHONY: setup demo motion-demo test lint clean-demo
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ motion-demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# ruff's lint rules and formatting (pyproject.toml); `$(VENV)/bin/ruff format .` applies the formatting
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-demo:
 	rm -rf $(DEMO) $(MOTION) output/demo output/motion_tsm output/motion_tsn log

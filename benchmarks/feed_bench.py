@@ -19,6 +19,7 @@ Bytes read per clip: rchar of /proc/PID/io of the processes that read the files 
 workers the training process), so the results the workers send back are not counted.
 Last line: `feed_speed_ratio: X` = pkl warm, 1 worker, indexed / whole-file read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,21 +47,29 @@ def make_data(work: str, n: int, copies: int) -> dict[str, str]:
     rendered and converted once, then copied (distinct files, so a cold round reads each from disk)."""
     from preprocessing import video2pkl
     from preprocessing.make_demo_dataset import CLASSES, render_clip, write_mp4
+
     src = os.path.join(work, "videos", "demo")
     os.makedirs(src, exist_ok=True)
     rows = []
     for i in range(n):
         path = os.path.join(src, f"clip{i:04d}_000000_000010.mp4")
         if not os.path.exists(path):
-            write_mp4(path, render_clip(CLASSES[i % len(CLASSES)], FRAMES, 340, 256, np.random.default_rng(i)),
-                      fps=FPS)
+            write_mp4(path, render_clip(CLASSES[i % len(CLASSES)], FRAMES, 340, 256, np.random.default_rng(i)), fps=FPS)
         rows.append(f"demo,clip{i:04d},0,10,train\n")
     csv = os.path.join(work, "clips.csv")
     with open(csv, "w") as f:
         f.write("label,youtube_id,time_start,time_end,split\n" + "".join(rows))
     pkl_dir = os.path.join(work, "pkl")
-    rc = video2pkl.main([csv, os.path.join(work, "videos"), pkl_dir, str(os.cpu_count()),
-                         "--list-out", os.path.join(work, "unique_pkl.list")])
+    rc = video2pkl.main(
+        [
+            csv,
+            os.path.join(work, "videos"),
+            pkl_dir,
+            str(os.cpu_count()),
+            "--list-out",
+            os.path.join(work, "unique_pkl.list"),
+        ]
+    )
     assert rc == 0, "video2pkl failed"
     sets = {"pkl": [], "legacy": [], "videos": []}
     for name, folder, ext in (("pkl", pkl_dir, ".pkl"), ("videos", src, ".mp4"), ("legacy", None, ".pkl")):
@@ -86,7 +95,7 @@ def _copy(src: str, dst: str, strip_index: bool) -> None:
     with open(src, "rb") as f:
         data = f.read()
     if strip_index:
-        data = data[:frame_spans(data, len(read_pkl(src)[2]))[1]]
+        data = data[: frame_spans(data, len(read_pkl(src)[2]))[1]]
     with open(dst + ".tmp", "wb") as f:
         f.write(data)
     os.replace(dst + ".tmp", dst)
@@ -122,10 +131,25 @@ def evict(samples) -> None:
 
 def source_for(list_file: str, source: str, workers: int, batches: int, facts: bool):
     samples = read_list(list_file, "pkl" if source == "legacy" else source)
-    spec = ClipSpec(source="videos" if source == "videos" else "pkl", decode="video" if source == "videos" else "jpeg",
-                    mode="train", num_segments=SEGMENTS, target_size=224, short_size=256)
-    src = _ClipSource(samples, spec, batch_size=BATCH, rank=0, world_size=1, seed=0, drop_last=True,
-                      max_batches=batches, num_workers=workers)
+    spec = ClipSpec(
+        source="videos" if source == "videos" else "pkl",
+        decode="video" if source == "videos" else "jpeg",
+        mode="train",
+        num_segments=SEGMENTS,
+        target_size=224,
+        short_size=256,
+    )
+    src = _ClipSource(
+        samples,
+        spec,
+        batch_size=BATCH,
+        rank=0,
+        world_size=1,
+        seed=0,
+        drop_last=True,
+        max_batches=batches,
+        num_workers=workers,
+    )
     if not facts:  # before: nothing established about a video is kept between reads
         src._new_facts = src.facts = _Forgetful()
     return src
@@ -158,15 +182,20 @@ def main() -> None:
     p.add_argument("--clean", action="store_true", help="remove the generated data afterwards")
     a = p.parse_args()
     lists = make_data(a.work, a.clips, a.copies)
-    sampled = np.mean([sum(len(f) for f in frames) for frames in _sampled_jpegs(os.path.join(a.work, "unique_pkl.list"))])
-    rows = [("pkl", "whole file read (before)", "legacy", 0, False),
-            ("pkl", "frame index", "pkl", 1, True),
-            ("pkl", "frame index", "pkl", 2, True),
-            ("videos", "demux per read (before)", "videos", 0, False),
-            ("videos", "probe facts cached", "videos", 1, True),
-            ("videos", "probe facts cached", "videos", 2, True)]
-    sources = [source_for(lists[list_name], source, workers, a.batches, facts)
-               for source, _, list_name, workers, facts in rows]
+    sampled = np.mean(
+        [sum(len(f) for f in frames) for frames in _sampled_jpegs(os.path.join(a.work, "unique_pkl.list"))]
+    )
+    rows = [
+        ("pkl", "whole file read (before)", "legacy", 0, False),
+        ("pkl", "frame index", "pkl", 1, True),
+        ("pkl", "frame index", "pkl", 2, True),
+        ("videos", "demux per read (before)", "videos", 0, False),
+        ("videos", "probe facts cached", "videos", 1, True),
+        ("videos", "probe facts cached", "videos", 2, True),
+    ]
+    sources = [
+        source_for(lists[list_name], source, workers, a.batches, facts) for source, _, list_name, workers, facts in rows
+    ]
     warm, cold, per_clip = ([0.0] * len(rows) for _ in range(3))
     try:
         for src in sources:
@@ -182,9 +211,11 @@ def main() -> None:
     finally:
         for src in sources:
             src.feed.close()
-    print(f"{a.clips * a.copies} clips of {FRAMES} frames 340x256, {SEGMENTS} segments, batches of {BATCH}, "
-          f"{os.cpu_count()} cores; best of {a.rounds} rounds (warm: {a.epochs} epochs of {a.batches} batches; "
-          "cold: 1 epoch after evicting every file)")
+    print(
+        f"{a.clips * a.copies} clips of {FRAMES} frames 340x256, {SEGMENTS} segments, batches of {BATCH}, "
+        f"{os.cpu_count()} cores; best of {a.rounds} rounds (warm: {a.epochs} epochs of {a.batches} batches; "
+        "cold: 1 epoch after evicting every file)"
+    )
     print(f"{'source':7s} {'read':26s} {'workers':>7s} {'warm clips/s':>13s} {'cold clips/s':>13s} {'KB/clip':>8s}")
     results = {}
     for i, (source, what, list_name, workers, _) in enumerate(rows):
@@ -192,8 +223,10 @@ def main() -> None:
         print(f"{source:7s} {what:26s} {workers:7d} {warm[i]:13.0f} {cold[i]:13.0f} {per_clip[i] / 1024:8.1f}")
         if list_name == "pkl" and workers == 1:
             index_kb = (FRAMES * 16 + 64) / 1024
-            print(f"        (sampled JPEGs {sampled / 1024:.1f} KB + index {index_kb:.1f} KB per clip; "
-                  f"read {per_clip[i] / (sampled + index_kb * 1024):.2f}x that)")
+            print(
+                f"        (sampled JPEGs {sampled / 1024:.1f} KB + index {index_kb:.1f} KB per clip; "
+                f"read {per_clip[i] / (sampled + index_kb * 1024):.2f}x that)"
+            )
     for name in ("pkl", "videos"):
         print(f"{name}: 2 workers / 1 worker = {results[(name, 2)] / results[(name, 1)]:.2f}")
     print(f"videos_feed_ratio: {results[('videos', 1)] / results[('videos', 0)]:.3f}")
@@ -205,6 +238,7 @@ def main() -> None:
 def _sampled_jpegs(list_file: str):
     """The JPEGs a train sample reads, for the bytes-per-clip figure (val sampling: the same sizes)."""
     from dali_pipelines.sampling import segment_indices
+
     for s in read_list(list_file, "pkl"):
         frames = read_pkl(s.path)[2]
         yield [frames[i] for i in segment_indices(len(frames), SEGMENTS, "val")]

@@ -9,6 +9,7 @@ Inference and onnxruntime on this machine's CPU. Rounds alternate between the th
 shared machine slows all of them alike; each figure is the median over rounds. The last line is
 `infer_speed_ratio: X` = dynamic latency / best exported latency (above 1: exporting pays).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,19 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     import paddle
+
     from trainer.config import load_config
     from trainer.export import InferenceModel, export
     from trainer.models import build_model
-    overrides = [f"PIPELINE.num_segments={a.segments}", f"PIPELINE.target_size={a.size}",
-                 "PIPELINE.test_num_clips=1", "PIPELINE.test_num_crops=1", "PIPELINE.test_num_segments=null",
-                 "MODEL.backbone.pretrained=''"] + ([f"MODEL.backbone.base_channels={a.width}"] if a.width else [])
+
+    overrides = [
+        f"PIPELINE.num_segments={a.segments}",
+        f"PIPELINE.target_size={a.size}",
+        "PIPELINE.test_num_clips=1",
+        "PIPELINE.test_num_crops=1",
+        "PIPELINE.test_num_segments=null",
+        "MODEL.backbone.pretrained=''",
+    ] + ([f"MODEL.backbone.base_channels={a.width}"] if a.width else [])
     cfg = load_config(a.config, overrides)
     paddle.seed(0)
     model = build_model(cfg)
@@ -48,19 +56,24 @@ def main(argv=None) -> int:
     clip = np.random.default_rng(0).standard_normal([1, a.segments, 3, a.size, a.size]).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         report = export(cfg, model, tmp, [str(i) for i in range(cfg.MODEL.head.num_classes)], sample=clip, onnx=True)
-        print(f"exported {cfg.MODEL.name} ResNet-{cfg.MODEL.backbone.depth}; score difference against the dynamic "
-              f"model (export fails beyond 1e-4): Paddle Inference {report['paddle_inference_max_diff']:.1e}, "
-              f"onnxruntime {report.get('onnx_max_diff', float('nan')):.1e}")
+        print(
+            f"exported {cfg.MODEL.name} ResNet-{cfg.MODEL.backbone.depth}; score difference against the dynamic "
+            f"model (export fails beyond 1e-4): Paddle Inference {report['paddle_inference_max_diff']:.1e}, "
+            f"onnxruntime {report.get('onnx_max_diff', float('nan')):.1e}"
+        )
         engines = {}
         tensor = paddle.to_tensor(clip)
 
         def dynamic():
             with paddle.no_grad():
                 return model(tensor).numpy()
+
         engines["dynamic"] = dynamic
-        engines["paddle_inference"] = lambda predictor=InferenceModel.from_folder(tmp): predictor.scores(clip)
+        predictor = InferenceModel.from_folder(tmp)
+        engines["paddle_inference"] = lambda: predictor.scores(clip)
         if "onnx" in report:
             import onnxruntime
+
             session = onnxruntime.InferenceSession(report["onnx"], providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
             engines["onnxruntime"] = lambda: session.run(None, {name: clip})[0]
@@ -73,8 +86,10 @@ def main(argv=None) -> int:
                 fn()
                 times[k].append(time.perf_counter() - t)
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    print(f"{cfg.MODEL.name} ResNet-{cfg.MODEL.backbone.depth}, 1 clip of {a.segments} frames at {a.size}x{a.size}, "
-          f"{os.cpu_count()} CPU cores, median of {a.rounds} alternating rounds:")
+    print(
+        f"{cfg.MODEL.name} ResNet-{cfg.MODEL.backbone.depth}, 1 clip of {a.segments} frames at {a.size}x{a.size}, "
+        f"{os.cpu_count()} CPU cores, median of {a.rounds} alternating rounds:"
+    )
     for k, v in ms.items():
         print(f"  {k:<17s} {v:8.1f} ms/clip  ({ms['dynamic'] / v:.2f}x dynamic)")
     best = min((k for k in ms if k != "dynamic"), key=ms.get)

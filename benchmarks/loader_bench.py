@@ -8,10 +8,11 @@ one), resizes the short side, cuts the TSN multi-scale crop, resizes it, flips a
 Pillow/NumPy (PaddleVideo's Scale, MultiScaleCrop, RandomFlip, Image2Array, Normalization). Ours:
 build_loader with `--workers` DALI threads and `--workers` feed worker processes (file reads; on the
 CPU the sparse PyAV decode of mp4). Both: train mode, TSN sampling, 3 segments, 224x224 from frames
-whose short side is 256, the same crop windows, batches of [N, 3, 3, 224, 224] float32. Clips are Kinetics-like: 340x256,
-250 frames. Rounds alternate between the two; the best round of each counts.
+whose short side is 256, the same crop windows, batches of [N, 3, 3, 224, 224] float32. Clips are
+Kinetics-like: 340x256, 250 frames. Rounds alternate between the two; the best round of each counts.
 Last line: `loader_speed_ratio: X` = ours / baseline clips per second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ SEGMENTS, TARGET, SHORT = 3, 224, 256
 def make_data(work: str, source: str, n: int, frames: int) -> str:
     """n Kinetics-like clips in the source's format, and their list file (kept for reruns)."""
     from PIL import Image
+
     from preprocessing.make_demo_dataset import CLASSES, render_clip, write_mp4
+
     os.makedirs(work, exist_ok=True)
     lines = []
     for i in range(n):
@@ -75,6 +78,7 @@ def decode_in_order(path: str, indices) -> list[np.ndarray]:
     """PyAV as PaddleVideo's decoders use it (default threading): every frame in order, up to the last
     sampled one (PaddleVideo's own decoders even decode the whole clip), the sampled ones as RGB."""
     import av
+
     wanted, got = set(int(i) for i in indices), {}
     with av.open(path) as container:
         for i, frame in enumerate(container.decode(video=0)):
@@ -97,6 +101,7 @@ class PaddleVideoStyleDataset:
 
     def _frames(self, s, rng):
         from PIL import Image
+
         if self.source == "videos":
             idx = segment_indices(s.num_frames, SEGMENTS, "train", rng)
             return [Image.fromarray(f) for f in decode_in_order(s.path, idx)], s.label
@@ -109,6 +114,7 @@ class PaddleVideoStyleDataset:
 
     def __getitem__(self, i):
         from PIL import Image
+
         rng = np.random.default_rng([i, os.getpid(), int(time.time() * 1e6) % 2**31])
         imgs, label = self._frames(self.samples[i], rng)
         w, h = imgs[0].size
@@ -146,32 +152,55 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per round")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help="baseline worker processes = our feed workers = DALI threads")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count(),
+        help="baseline worker processes = our feed workers = DALI threads",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"))
     a = p.parse_args()
     import paddle
+
     from dali_pipelines import build_loader
+
     list_file = make_data(os.path.join(a.work, a.source), a.source, a.clips, a.frames)
 
     def ours():
-        return build_loader(list_file, a.source, "train", batch_size=a.batch_size, num_segments=SEGMENTS,
-                            target_size=TARGET, short_size=SHORT, device=a.device, num_threads=a.workers,
-                            num_workers=a.workers)
+        return build_loader(
+            list_file,
+            a.source,
+            "train",
+            batch_size=a.batch_size,
+            num_segments=SEGMENTS,
+            target_size=TARGET,
+            short_size=SHORT,
+            device=a.device,
+            num_threads=a.workers,
+            num_workers=a.workers,
+        )
 
     def baseline():
-        return paddle.io.DataLoader(PaddleVideoStyleDataset(list_file, a.source), batch_size=a.batch_size,
-                                    shuffle=True, drop_last=True, num_workers=a.workers, persistent_workers=True)
+        return paddle.io.DataLoader(
+            PaddleVideoStyleDataset(list_file, a.source),
+            batch_size=a.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=a.workers,
+            persistent_workers=True,
+        )
 
     best = {"baseline": 0.0, "dali": 0.0}
     for r in range(a.rounds):
-        for name in (["baseline", "dali"] if r % 2 == 0 else ["dali", "baseline"]):
+        for name in ["baseline", "dali"] if r % 2 == 0 else ["dali", "baseline"]:
             rate = clips_per_second(ours() if name == "dali" else baseline(), a.epochs, a.batch_size)
             best[name] = max(best[name], rate)
             print(f"round {r + 1} {name:<8s} {rate:7.1f} clips/s", flush=True)
-    print(f"source {a.source}, device {a.device}, {a.workers} workers/threads, batch {a.batch_size}, "
-          f"{SEGMENTS} segments, {TARGET}x{TARGET} from 340x256, best of {a.rounds}:")
+    print(
+        f"source {a.source}, device {a.device}, {a.workers} workers/threads, batch {a.batch_size}, "
+        f"{SEGMENTS} segments, {TARGET}x{TARGET} from 340x256, best of {a.rounds}:"
+    )
     print(f"  baseline (paddle.io.DataLoader + Pillow) {best['baseline']:7.1f} clips/s")
     print(f"  ours (DALI)                              {best['dali']:7.1f} clips/s")
     print(f"loader_speed_ratio: {best['dali'] / best['baseline']:.3f}")

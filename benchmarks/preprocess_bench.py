@@ -8,6 +8,7 @@ its figure includes Python start-up, CSV reading, pickling, atomic renames and t
 Rounds alternate between the two and the best round of each counts (the machine is shared and noisy).
 Last line: `preprocess_speed_ratio: X` = ours / plain ffmpeg frames per second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ from preprocessing.make_demo_dataset import CLASSES, render_clip, write_mp4  # n
 def make_clips(work: str, n: int, frames: int) -> str:
     """Kinetics-like clips (340x256, H.264 with B-frames) and their CSV; kept for reruns."""
     import numpy as np
+
     src = os.path.join(work, "src")
     os.makedirs(src, exist_ok=True)
     rows = ["label,youtube_id,time_start,time_end,split"]
@@ -50,8 +52,20 @@ def plain_ffmpeg(src: str, out: str, nproc: int, q: int) -> tuple[float, int]:
     def one(name):
         folder = os.path.join(out, name[:-4])
         os.makedirs(folder)
-        subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-i", os.path.join(src, name),
-                        "-q:v", str(q), os.path.join(folder, "%05d.jpg")], check=True)
+        subprocess.run(
+            [
+                ffmpeg_exe(),
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-i",
+                os.path.join(src, name),
+                "-q:v",
+                str(q),
+                os.path.join(folder, "%05d.jpg"),
+            ],
+            check=True,
+        )
         return len(os.listdir(folder))
 
     t = time.perf_counter()
@@ -62,8 +76,20 @@ def plain_ffmpeg(src: str, out: str, nproc: int, q: int) -> tuple[float, int]:
 
 def ours(csv: str, src: str, out: str, nproc: int, q: int) -> tuple[float, int]:
     t = time.perf_counter()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "preprocessing", "video2pkl.py"), csv, src, out,
-                             str(nproc), "--jpeg-quality", str(q)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "preprocessing", "video2pkl.py"),
+            csv,
+            src,
+            out,
+            str(nproc),
+            "--jpeg-quality",
+            str(q),
+        ],
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - t
     if result.returncode != 0:
         raise SystemExit(f"video2pkl failed:\n{result.stdout}\n{result.stderr}")
@@ -90,15 +116,19 @@ def main() -> None:
             out = os.path.join(a.work, "out")
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(out + ".list", ignore_errors=True)
-            t, n = plain_ffmpeg(src, out, a.nproc, a.quality) if name == "plain ffmpeg" else \
-                ours(csv, src, out, a.nproc, a.quality)
+            t, n = (
+                plain_ffmpeg(src, out, a.nproc, a.quality)
+                if name == "plain ffmpeg"
+                else ours(csv, src, out, a.nproc, a.quality)
+            )
             best[name], frames[name] = min(best[name], t), n
             print(f"round {r + 1} {name:<13s} {n} frames in {t:6.2f}s = {n / t:7.0f} frames/s", flush=True)
     if frames["plain ffmpeg"] != frames["video2pkl"]:
         raise SystemExit(f"frame counts differ: {frames}")
     fps = {k: frames[k] / v for k, v in best.items()}
-    print(f"{a.clips} clips x {a.frames} frames, 340x256 H.264, {a.nproc} processes, q:v {a.quality}; "
-          f"best of {a.rounds}:")
+    print(
+        f"{a.clips} clips x {a.frames} frames, 340x256 H.264, {a.nproc} processes, q:v {a.quality}; best of {a.rounds}:"
+    )
     for k, v in fps.items():
         print(f"  {k:<13s} {v:7.0f} frames/s")
     print(f"preprocess_speed_ratio: {fps['video2pkl'] / fps['plain ffmpeg']:.3f}")

@@ -10,6 +10,7 @@ data wait at all). Each prints samples/s and the share of step time spent waitin
 Last line: `train_speed_ratio: X` = ours / baseline samples per second. On a GPU the goal is that ours
 reaches >= 0.95 of the synthetic ceiling (data wait <= 5%).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ def endless(loader):
 def run(model, opt, batches, steps: int, warmup: int = 3) -> tuple[float, float]:
     """(samples/s, data-wait share) over ``steps`` steps after ``warmup``."""
     import paddle.nn.functional as F
+
     data_s = total_s = 0.0
     n = 0
     for i in range(warmup + steps):
@@ -62,9 +64,10 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"))
     a = p.parse_args()
+    import loader_bench
     import numpy as np
     import paddle
-    import loader_bench
+
     from dali_pipelines import build_loader
     from trainer.config import load_config
     from trainer.models import build_model
@@ -86,23 +89,48 @@ def main() -> None:
 
     feeds = {
         "synthetic": lambda: iter(lambda: synthetic, None),
-        "baseline": lambda: endless(paddle.io.DataLoader(
-            loader_bench.PaddleVideoStyleDataset(list_file, "pkl"), batch_size=a.batch_size, shuffle=True,
-            drop_last=True, num_workers=a.workers, persistent_workers=True)),
-        "dali": lambda: endless(build_loader(list_file, "pkl", "train", batch_size=a.batch_size, num_segments=3,
-                                             target_size=a.size, short_size=short, device=a.device,
-                                             num_threads=a.workers)),
+        "baseline": lambda: endless(
+            paddle.io.DataLoader(
+                loader_bench.PaddleVideoStyleDataset(list_file, "pkl"),
+                batch_size=a.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=a.workers,
+                persistent_workers=True,
+            )
+        ),
+        "dali": lambda: endless(
+            build_loader(
+                list_file,
+                "pkl",
+                "train",
+                batch_size=a.batch_size,
+                num_segments=3,
+                target_size=a.size,
+                short_size=short,
+                device=a.device,
+                num_threads=a.workers,
+            )
+        ),
     }
-    synthetic = (paddle.to_tensor(np.random.default_rng(0).standard_normal(
-        [a.batch_size, 3, 3, a.size, a.size]).astype("float32")), paddle.to_tensor(np.arange(a.batch_size) % 6))
+    synthetic = (
+        paddle.to_tensor(
+            np.random.default_rng(0).standard_normal([a.batch_size, 3, 3, a.size, a.size]).astype("float32")
+        ),
+        paddle.to_tensor(np.arange(a.batch_size) % 6),
+    )
     results = {}
     for name, feed in feeds.items():
         model, opt = fresh()
         results[name] = run(model, opt, feed(), a.steps)
-        print(f"{name:<9s} {results[name][0]:7.1f} samples/s, data wait {100 * results[name][1]:5.1f}% of step time",
-              flush=True)
-    print(f"TSN ResNet-{a.depth} (width {a.width}) at {a.size}x{a.size}, 3 segments, batch {a.batch_size}, "
-          f"{a.steps} steps, device {a.device}, {a.workers} loader workers/threads")
+        print(
+            f"{name:<9s} {results[name][0]:7.1f} samples/s, data wait {100 * results[name][1]:5.1f}% of step time",
+            flush=True,
+        )
+    print(
+        f"TSN ResNet-{a.depth} (width {a.width}) at {a.size}x{a.size}, 3 segments, batch {a.batch_size}, "
+        f"{a.steps} steps, device {a.device}, {a.workers} loader workers/threads"
+    )
     print(f"ours / synthetic ceiling: {results['dali'][0] / results['synthetic'][0]:.3f}")
     print(f"train_speed_ratio: {results['dali'][0] / results['baseline'][0]:.3f}")
 

@@ -5,4 +5,5 @@ def build_loader(*args, **kwargs):
     """See :func:`dali_pipelines.loader.build_loader`; imported lazily so that the formats and
     sampling helpers load without DALI or Paddle."""
     from .loader import build_loader as _build
+
     return _build(*args, **kwargs)

@@ -5,6 +5,7 @@ window from every frame of the clip and resizes it to ``target_size`` squared, s
 flip) applies to the whole clip. Cropping before resizing is equivalent to TSN's "resize the short side
 to ``short_size``, then crop ``target_size``" and touches fewer pixels.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,15 @@ def center_window(width: int, height: int, target_size: int, short_size: int) ->
     return _relative((width - side) / 2, (height - side) / 2, side, side, width, height)
 
 
-def multiscale_window(width: int, height: int, rng: np.random.Generator, target_size: int,
-                      short_size: int, scales=TSN_SCALES, max_distort: int = 1) -> np.ndarray:
+def multiscale_window(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    target_size: int,
+    short_size: int,
+    scales=TSN_SCALES,
+    max_distort: int = 1,
+) -> np.ndarray:
     """TSN's multi-scale crop: crop sides drawn from ``scales`` x short side (aspect distortion at most
     ``max_distort`` scale steps), placed at one of 13 fixed offsets of a 5x5 grid."""
     k = short_size / min(width, height)
@@ -37,14 +45,14 @@ def multiscale_window(width: int, height: int, rng: np.random.Generator, target_
     cw, ch = pairs[rng.integers(len(pairs))]
     cw, ch = min(cw, rw), min(ch, rh)
     sx, sy = (rw - cw) / 4, (rh - ch) / 4
-    grid = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2),
-            (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)]
+    grid = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)]
     gx, gy = grid[rng.integers(len(grid))]
     return _relative(gx * sx, gy * sy, cw, ch, rw, rh)
 
 
-def random_resized_window(width: int, height: int, rng: np.random.Generator,
-                          area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+def random_resized_window(
+    width: int, height: int, rng: np.random.Generator, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> np.ndarray:
     """Inception-style random-resized crop; falls back to the largest centred crop of legal aspect."""
     total = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -64,8 +72,9 @@ def random_resized_window(width: int, height: int, rng: np.random.Generator,
     return _relative((width - w) / 2, (height - h) / 2, w, h, width, height)
 
 
-def test_windows(width: int, height: int, target_size: int, short_size: int,
-                 num_crops: int) -> list[tuple[np.ndarray, bool]]:
+def test_windows(
+    width: int, height: int, target_size: int, short_size: int, num_crops: int
+) -> list[tuple[np.ndarray, bool]]:
     """(window, flip) of each test crop, on the frame whose short side is resized to ``short_size``.
 
     1: the centre crop. 3: three ``target_size`` squares spread along the long side (start, centre,

@@ -7,6 +7,7 @@ window and flip. ``ParallelMap`` runs such calls in worker processes and hands t
 order, so what a batch holds never depends on the number of workers or on their timing.
 docs/design.md "The host-side feed" says why this is not DALI's parallel external source.
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,10 +40,12 @@ class WorkerError(RuntimeError):
 @dataclass(frozen=True, kw_only=True)
 class ClipSpec:
     """How every sample of one loader is read and cut: the source, the frames and the views."""
-    source: str                 # the list's format: "pkl" | "rawframes" | "videos"
-    decode: str                 # what the DALI graph decodes: "jpeg" (nvJPEG / libjpeg), "video" (NVDEC)
-                                # or "frames" (nothing: PyAV decoded them here, the CPU path for videos)
-    mode: str                   # "train" | "val" | "test"
+
+    source: str  # the list's format: "pkl" | "rawframes" | "videos"
+    # what the DALI graph decodes: "jpeg" (nvJPEG / libjpeg), "video" (NVDEC), or "frames" (nothing:
+    # PyAV decoded them in the feed, the CPU path for videos)
+    decode: str
+    mode: str  # "train" | "val" | "test"
     num_segments: int
     target_size: int
     short_size: int
@@ -91,17 +94,22 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
         new_facts = current if current is not facts else None
         num_frames = s.num_frames or current.frames
         if current.packets < num_frames:  # NVDEC would pad silently: catch a wrong count here
-            raise VideoError(f"{s.path}: has {current.packets} frames, fewer than the {num_frames} "
-                             "the list promised")
+            raise VideoError(f"{s.path}: has {current.packets} frames, fewer than the {num_frames} the list promised")
         # NVDEC ignores the display matrix: the graph turns the frames upright (loader._upright)
-        data = [np.frombuffer(raw, np.uint8), _indices(spec, num_frames, rng),
-                np.array(current.mirror, np.int32), np.array(90.0 * current.turns, np.float32)]
+        data = [
+            np.frombuffer(raw, np.uint8),
+            _indices(spec, num_frames, rng),
+            np.array(current.mirror, np.int32),
+            np.array(90.0 * current.turns, np.float32),
+        ]
         width, height = current.width, current.height
     if not (width > 0 and height > 0):  # the crop windows divide by them
         raise DataFormatError(f"frames of {width}x{height} pixels")
     if spec.num_classes is not None and not 0 <= label < spec.num_classes:
-        raise LabelError(f"{s.path} (list line {s.line}): label {label} is outside "
-                         f"[0, {spec.num_classes}); check the list against the label file")
+        raise LabelError(
+            f"{s.path} (list line {s.line}): label {label} is outside "
+            f"[0, {spec.num_classes}); check the list against the label file"
+        )
     if spec.mode == "train":
         if spec.crop == "multiscale":
             win = crops.multiscale_window(width, height, rng, spec.target_size, spec.short_size)
@@ -117,8 +125,9 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
 
 
 def _indices(spec: ClipSpec, num_frames: int, rng) -> np.ndarray:
-    return sample_indices(num_frames, spec.num_segments, spec.mode, rng, spec.num_clips, spec.sampling,
-                          spec.dense_interval)
+    return sample_indices(
+        num_frames, spec.num_segments, spec.mode, rng, spec.num_clips, spec.sampling, spec.dense_interval
+    )
 
 
 def _pkl_frames(path: str, spec: ClipSpec, rng) -> tuple[int, list[bytes]]:
@@ -142,13 +151,23 @@ def _frame_size(jpegs: list[bytes]) -> tuple[int, int]:
     return sizes.pop()
 
 
-def _current(path: str, facts: VideoFacts | None, st: os.stat_result, spec: ClipSpec, need_packets: bool,
-             data: bytes | None = None, listed: int = 0) -> VideoFacts:
+def _current(
+    path: str,
+    facts: VideoFacts | None,
+    st: os.stat_result,
+    spec: ClipSpec,
+    need_packets: bool,
+    data: bytes | None = None,
+    listed: int = 0,
+) -> VideoFacts:
     """``facts`` if they were taken of this very file (size and mtime) and hold what is needed, else
     what probing the file now establishes: a changed file is probed again, never trusted. Facts that
     found the file unreadable raise its VideoError."""
-    if facts is not None and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns) \
-            and (facts.packets is not None or facts.error or not need_packets):
+    if (
+        facts is not None
+        and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns)
+        and (facts.packets is not None or facts.error or not need_packets)
+    ):
         if facts.error:
             raise VideoError(facts.error)
         return facts
@@ -217,19 +236,21 @@ class ParallelMap:
         self.chunk = chunk if num_workers else 1  # in this process, load nothing before it is asked for
         self.ahead = max(ahead, 2 * num_workers * self.chunk, self.chunk)
         self._pending: collections.deque = collections.deque()  # (future, items)
-        self._ready: collections.deque = collections.deque()    # (item, result) of the head chunk
+        self._ready: collections.deque = collections.deque()  # (item, result) of the head chunk
         self._in_flight = 0
         self._pool, self._procs = None, []
         if num_workers:
             import gc
             import multiprocessing
+
             # native objects waiting in reference cycles (PyAV frames, whose side data refers back to
             # them) must be freed here: a child that collects them hangs on the parent's thread state
             gc.collect()
             # fork: the workers need no import of the training script and start in milliseconds;
             # they never touch CUDA or DALI, so forking after either is initialised is safe for them
-            self._pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_worker_init)
+            self._pool = ProcessPoolExecutor(
+                num_workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init
+            )
             self._finalizer = weakref.finalize(self, _kill_pool, self._pool, self._procs)
             self._pool.submit(int).result()  # start the workers now, before the DALI pipeline's threads
             self._procs.extend(self._pool._processes.values())  # a broken pool forgets them
@@ -249,7 +270,7 @@ class ParallelMap:
 
     def submit(self, items: list[tuple]) -> None:
         for i in range(0, len(items), self.chunk):
-            chunk = items[i:i + self.chunk]
+            chunk = items[i : i + self.chunk]
             if self._pool is None:
                 fut = _Inline(self.fn, chunk)
             else:
@@ -267,8 +288,10 @@ class ParallelMap:
             dead = [p for p in dead if p.exitcode != -signal.SIGTERM]
         dead = [f"pid {p.pid} ({_how(p.exitcode)})" for p in dead]
         self.close()
-        raise WorkerError(f"loader worker process {', '.join(dead) or ''} died while reading {_names(chunk)}; "
-                          "the run stops (if it was out of memory, lower DATASET.num_workers)".replace("  ", " "))
+        raise WorkerError(
+            f"loader worker process {', '.join(dead) or ''} died while reading {_names(chunk)}; "
+            "the run stops (if it was out of memory, lower DATASET.num_workers)".replace("  ", " ")
+        )
 
     def next(self):
         """(item, (status, value)) of the oldest submitted item."""
@@ -284,9 +307,11 @@ class ParallelMap:
                 self._died(chunk)
             except FutureTimeout:
                 self.close()
-                raise WorkerError(f"a loader worker returned nothing for {self.timeout:g} s while reading "
-                                  f"{_names(chunk)}; a file or the filesystem hangs. The workers were "
-                                  "stopped (raise DATASET.worker_timeout if reads are this slow)") from None
+                raise WorkerError(
+                    f"a loader worker returned nothing for {self.timeout:g} s while reading "
+                    f"{_names(chunk)}; a file or the filesystem hangs. The workers were "
+                    "stopped (raise DATASET.worker_timeout if reads are this slow)"
+                ) from None
             self._ready.extend(zip(chunk, results))
         self._in_flight -= 1
         return self._ready.popleft()

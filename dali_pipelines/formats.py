@@ -1,4 +1,5 @@
-"""On-disk formats shared by preprocessing and the pipelines (DESIGN §4): pkl clips and list files.
+"""On-disk formats shared by preprocessing and the pipelines: pkl clips and list files
+(docs/design.md "Data formats").
 
 A pkl clip is a pickled tuple ``(video_id, label_index, [jpeg_bytes, ...])``. It is only ever read
 through a restricted unpickler, so a pkl from elsewhere cannot run code when loaded.
@@ -7,6 +8,7 @@ A clip pkl may carry a frame index after the pickle's STOP opcode (``pickle.load
 that follow, so such a file still loads anywhere as the legacy layout). The index lets a sample read
 only the JPEGs it uses: docs/design.md "The pkl frame index" gives the layout and the checks.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,6 +35,7 @@ class _ClipUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == ("_codecs", "encode"):
             import _codecs
+
             return _codecs.encode
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a clip pkl")
 
@@ -89,10 +92,15 @@ def _unpickle_clip(path: str, data: bytes) -> tuple[str, int, list[bytes]]:
         obj = _ClipUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
         raise DataFormatError(f"{path}: not a clip pkl ({e}); regenerate it with preprocessing/video2pkl.py") from None
-    if not (isinstance(obj, (tuple, list)) and len(obj) == 3 and isinstance(obj[2], list)
-            and all(isinstance(b, bytes) for b in obj[2])):
-        raise DataFormatError(f"{path}: expected (video_id, label, [jpeg bytes]); regenerate it with "
-                              "preprocessing/video2pkl.py")
+    if not (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 3
+        and isinstance(obj[2], list)
+        and all(isinstance(b, bytes) for b in obj[2])
+    ):
+        raise DataFormatError(
+            f"{path}: expected (video_id, label, [jpeg bytes]); regenerate it with preprocessing/video2pkl.py"
+        )
     vid, label, frames = obj
     if isinstance(vid, bytes):
         vid = vid.decode("utf-8", "replace")
@@ -105,8 +113,8 @@ def _unpickle_clip(path: str, data: bytes) -> tuple[str, int, list[bytes]]:
 
 # The frame index: HEADER, then (offset, length) uint64 pairs, then FOOTER. The CRC covers header and
 # entries, so a half-appended or damaged index is never taken for a valid one.
-INDEX_HEADER = struct.Struct("<8sIIqQ")   # magic, version, num_frames, label, pickle_end
-INDEX_FOOTER = struct.Struct("<QI8s")     # size of header + entries, crc32 of them, magic
+INDEX_HEADER = struct.Struct("<8sIIqQ")  # magic, version, num_frames, label, pickle_end
+INDEX_FOOTER = struct.Struct("<QI8s")  # size of header + entries, crc32 of them, magic
 INDEX_MAGIC, INDEX_END, INDEX_VERSION = b"TSNPKIDX", b"TSNIDX\x00\x01", 1
 # at most this many bytes of opcodes (memo, appends, tuple, stop) follow the last frame of a clip pickle
 _MAX_TAIL_OPCODES = 16
@@ -132,20 +140,19 @@ def frame_spans(data: bytes, num_frames: int) -> tuple[np.ndarray, int]:
         raise DataFormatError(f"not a clip pkl ({e})") from None
     if stop is None or len(spans) < num_frames or num_frames < 1:
         raise DataFormatError("the frames are not stored as raw bytes; the file must be rewritten")
-    return np.array(spans[len(spans) - num_frames:], dtype=np.uint64), stop + 1
+    return np.array(spans[len(spans) - num_frames :], dtype=np.uint64), stop + 1
 
 
 def pkl_trailer(label: int, spans: np.ndarray, pickle_end: int) -> bytes:
     """The frame index that follows a clip pickle of ``pickle_end`` bytes."""
-    body = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, len(spans), label, pickle_end) \
-        + spans.astype("<u8").tobytes()
+    body = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, len(spans), label, pickle_end) + spans.astype("<u8").tobytes()
     return body + INDEX_FOOTER.pack(len(body), zlib.crc32(body), INDEX_END)
 
 
 @dataclass(frozen=True)
 class PklIndex:
     label: int
-    spans: np.ndarray    # [num_frames, 2] uint64 (offset, length)
+    spans: np.ndarray  # [num_frames, 2] uint64 (offset, length)
 
     @property
     def num_frames(self) -> int:
@@ -174,8 +181,12 @@ def read_pkl_index(fd: int, size: int) -> PklIndex | None:
         raise DataFormatError("the frame index does not match the file")
     spans = np.frombuffer(body, "<u8", 2 * n, INDEX_HEADER.size).reshape(n, 2)
     ends = spans[:, 0] + spans[:, 1]
-    if (spans[0, 0] < 2 or (spans[:, 1] < 4).any() or not pickle_end - _MAX_TAIL_OPCODES <= ends[-1] <= pickle_end
-            or (spans[1:, 0] < ends[:-1]).any()):
+    if (
+        spans[0, 0] < 2
+        or (spans[:, 1] < 4).any()
+        or not pickle_end - _MAX_TAIL_OPCODES <= ends[-1] <= pickle_end
+        or (spans[1:, 0] < ends[:-1]).any()
+    ):
         raise DataFormatError("the frame index has offsets outside the pickle's frames or out of order")
     return PklIndex(int(label), spans)
 
@@ -189,8 +200,10 @@ def read_indexed_frames(fd: int, index: PklIndex, indices) -> list[bytes]:
         head = min(off, 9)
         data = os.pread(fd, head + length, off - head)
         if len(data) != head + length or not _bytes_opcode_at(data, head, length):
-            raise DataFormatError(f"the frame index points frame {i} at no frame; re-index the file with "
-                                  "preprocessing/build_list.py pkl --index")
+            raise DataFormatError(
+                f"the frame index points frame {i} at no frame; re-index the file with "
+                "preprocessing/build_list.py pkl --index"
+            )
         out.append(check_jpeg(data[head:]))
     return out
 
@@ -212,8 +225,11 @@ def _index_points_at_jpegs(fd: int, index: PklIndex) -> bool:
 
 def _bytes_opcode_at(data: bytes, head: int, length: int) -> bool:
     for opcode, width in _BYTES_OPCODES.items():
-        if head > width and data[head - 1 - width] == opcode \
-                and int.from_bytes(data[head - width:head], "little") == length:
+        if (
+            head > width
+            and data[head - 1 - width] == opcode
+            and int.from_bytes(data[head - width : head], "little") == length
+        ):
             return True
     return False
 
@@ -238,7 +254,7 @@ def index_pkl(path: str) -> str:
         spans, pickle_end = frame_spans(data, len(frames))
     except DataFormatError:
         spans = None
-    if spans is not None and all(data[o:o + n] == fr for (o, n), fr in zip(spans.tolist(), frames)):
+    if spans is not None and all(data[o : o + n] == fr for (o, n), fr in zip(spans.tolist(), frames)):
         with open(path, "r+b") as f:  # a torn append fails the CRC and reads as "no index"
             f.truncate(pickle_end)
             f.seek(pickle_end)
@@ -272,10 +288,10 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
         if marker == 0xFF:
             i += 1
             continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h = int.from_bytes(data[i + 5:i + 7], "big")
-            w = int.from_bytes(data[i + 7:i + 9], "big")
+            h = int.from_bytes(data[i + 5 : i + 7], "big")
+            w = int.from_bytes(data[i + 7 : i + 9], "big")
             if not (0 < w <= MAX_JPEG_SIDE and 0 < h <= MAX_JPEG_SIDE):
                 raise DataFormatError(f"JPEG header says {w}x{h} pixels: damaged")
             return w, h
@@ -285,10 +301,10 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Sample:
-    path: str            # pkl file, rawframe folder or video file, resolved
-    label: int           # -1 for pkl until read (the label lives inside the pkl)
-    num_frames: int      # 0 when the list does not say (pkl, or videos to probe)
-    line: int            # 1-based line in the list file, for error messages
+    path: str  # pkl file, rawframe folder or video file, resolved
+    label: int  # -1 for pkl until read (the label lives inside the pkl)
+    num_frames: int  # 0 when the list does not say (pkl, or videos to probe)
+    line: int  # 1-based line in the list file, for error messages
 
 
 def _resolve(path: str, data_prefix: str | None, list_dir: str) -> str:
@@ -322,9 +338,11 @@ def read_text(path: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
-                              "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def text_lines(path: str) -> list[str]:
@@ -352,9 +370,9 @@ def parse_list_line(line: str, source: str, where: str) -> tuple[str, int, int]:
     return parts[0], n, _int(parts[2], "label", where, fmt)
 
 
-def read_list(list_file: str, source: str, data_prefix: str | None = None,
-              check_exists: bool = True) -> list[Sample]:
-    """Parse a list file (DESIGN §4). Relative paths resolve against ``data_prefix``, else the list's
+def read_list(list_file: str, source: str, data_prefix: str | None = None, check_exists: bool = True) -> list[Sample]:
+    """Parse a list file (docs/design.md "Data formats"). Relative paths resolve against ``data_prefix``, else the
+    list's
     folder. Malformed lines and missing files are reported with their line numbers."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -374,8 +392,12 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None,
         samples.append(Sample(path, label, n, no))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise DataFormatError(f"{len(missing)} file(s) in {list_file} do not exist: " + "; ".join(missing[:5])
-                              + more + ". Fix the paths or set data_prefix to the folder they are relative to.")
+        raise DataFormatError(
+            f"{len(missing)} file(s) in {list_file} do not exist: "
+            + "; ".join(missing[:5])
+            + more
+            + ". Fix the paths or set data_prefix to the folder they are relative to."
+        )
     if not samples:
         raise DataFormatError(f"list file {list_file} has no samples")
     return samples

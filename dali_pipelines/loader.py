@@ -4,6 +4,7 @@ Python reads what each sample needs (the sampled JPEGs of a pkl, rawframe files,
 and computes the sampling and crop window; DALI decodes (nvJPEG / NVDEC on GPU), crops, resizes,
 flips and normalises. Outputs reach Paddle through DLPack without a copy.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,10 +23,25 @@ from .video import load_probe_cache, probe_cached, save_probe_cache
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 CROPS = ("multiscale", "random_resized")
-DEFAULT_OPTIONS = dict(num_clips=1, num_crops=1, crop="multiscale", flip=True, num_threads=2, prefetch=2,
-                       dtype="float32", drop_last=None, device_id=None, num_classes=None, samples=None,
-                       max_batches=None, sampling="segment", dense_interval=8, num_workers=None,
-                       worker_timeout=120.0, allow_partial_videos=False)
+DEFAULT_OPTIONS = dict(
+    num_clips=1,
+    num_crops=1,
+    crop="multiscale",
+    flip=True,
+    num_threads=2,
+    prefetch=2,
+    dtype="float32",
+    drop_last=None,
+    device_id=None,
+    num_classes=None,
+    samples=None,
+    max_batches=None,
+    sampling="segment",
+    dense_interval=8,
+    num_workers=None,
+    worker_timeout=120.0,
+    allow_partial_videos=False,
+)
 
 
 class _ClipSource:
@@ -43,8 +59,22 @@ class _ClipSource:
 
     MAX_CONSECUTIVE_FAILURES = 64
 
-    def __init__(self, samples, spec: ClipSpec, *, batch_size, rank, world_size, seed, drop_last,
-                 max_batches=None, num_workers=0, worker_timeout=120.0, facts=None, cache_file=None):
+    def __init__(
+        self,
+        samples,
+        spec: ClipSpec,
+        *,
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        drop_last,
+        max_batches=None,
+        num_workers=0,
+        worker_timeout=120.0,
+        facts=None,
+        cache_file=None,
+    ):
         self.samples, self.spec, self.batch_size = samples, spec, batch_size
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.facts, self.cache_file, self._new_facts = dict(facts or {}), cache_file, {}
@@ -54,12 +84,14 @@ class _ClipSource:
         self.shard_size = len(shard_indices(len(samples), rank, world_size, spec.mode))
         batches = self.shard_size // batch_size if drop_last else math.ceil(self.shard_size / batch_size)
         self.num_batches = min(batches, max_batches) if max_batches else batches
-        self.feed = ParallelMap(functools.partial(load_sample, spec), num_workers, ahead=2 * batch_size,
-                                timeout=worker_timeout)
+        self.feed = ParallelMap(
+            functools.partial(load_sample, spec), num_workers, ahead=2 * batch_size, timeout=worker_timeout
+        )
 
     def _start_epoch(self):
-        self._order = shard_indices(len(self.samples), self.rank, self.world_size, self.spec.mode,
-                                    self.epoch, self.seed)
+        self._order = shard_indices(
+            len(self.samples), self.rank, self.world_size, self.spec.mode, self.epoch, self.seed
+        )
         self._rng = np.random.default_rng([self.seed, self.rank, self.epoch])  # draws top-up samples
         self._batches, self._next = 0, 0
         # candidates an epoch uses when every sample reads: each failure allows one more
@@ -109,8 +141,10 @@ class _ClipSource:
             self._skip(s, value)
             failures += 1
             if failures >= self.MAX_CONSECUTIVE_FAILURES:
-                raise DataFormatError(f"{failures} samples in a row could not be read (see the messages "
-                                      "above); check the data and the list file")
+                raise DataFormatError(
+                    f"{failures} samples in a row could not be read (see the messages "
+                    "above); check the data and the list file"
+                )
         if not rows:
             self._save_facts()
             raise StopIteration
@@ -131,8 +165,9 @@ class _ClipSource:
             self._new_facts = {}
 
 
-def _build_pipeline(src: _ClipSource, *, device: str, device_id: int | None, num_threads: int, prefetch: int,
-                    dtype: str):
+def _build_pipeline(
+    src: _ClipSource, *, device: str, device_id: int | None, num_threads: int, prefetch: int, dtype: str
+):
     """The DALI graph of a loader: what it decodes, the frames and views per sample, the batch size and
     the output size come from ``src`` (its ClipSpec); the rest is how and where it runs."""
     from nvidia.dali import fn, pipeline_def, types
@@ -143,36 +178,58 @@ def _build_pipeline(src: _ClipSource, *, device: str, device_id: int | None, num
     decode_device = "mixed" if device == "gpu" else "cpu"
     out_type = types.FLOAT16 if dtype == "float16" else types.FLOAT
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, exec_dynamic=True)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,
+    )
     def graph():
         n_data = {"jpeg": frames_per_view, "frames": 1, "video": 4}[decode]
-        outs = fn.external_source(source=src, num_outputs=n_data + 3 * num_views + 1, batch=True,
-                                  batch_info=True)
+        outs = fn.external_source(source=src, num_outputs=n_data + 3 * num_views + 1, batch=True, batch_info=True)
         data, views, label = outs[:n_data], outs[n_data:-1], outs[-1]
         if decode == "jpeg" and num_views == 1:
             # decode only the crop window of each frame (one window for the whole clip)
             start, shape = views[0], views[1]
-            frames = fn.stack(*[fn.decoders.image_slice(d, start, shape, device=decode_device,
-                                                        output_type=types.RGB) for d in data], axis_name="F")
+            frames = fn.stack(
+                *[fn.decoders.image_slice(d, start, shape, device=decode_device, output_type=types.RGB) for d in data],
+                axis_name="F",
+            )
             cropped = [frames]
         else:
             if decode == "jpeg":
-                frames = fn.stack(*[fn.decoders.image(d, device=decode_device, output_type=types.RGB)
-                                    for d in data], axis_name="F")
+                frames = fn.stack(
+                    *[fn.decoders.image(d, device=decode_device, output_type=types.RGB) for d in data], axis_name="F"
+                )
             elif decode == "frames":
                 frames = fn.reshape(data[0], layout="FHWC")
             else:
                 frames = fn.decoders.video(data[0], frames=data[1], device=decode_device, pad_mode="edge")
                 frames = _upright(frames, mirror=data[2], angle=data[3])
-            cropped = [fn.slice(frames, rel_start=views[3 * v], rel_shape=views[3 * v + 1], axis_names="WH",
-                                out_of_bounds_policy="trim_to_shape") for v in range(num_views)]
+            cropped = [
+                fn.slice(
+                    frames,
+                    rel_start=views[3 * v],
+                    rel_shape=views[3 * v + 1],
+                    axis_names="WH",
+                    out_of_bounds_policy="trim_to_shape",
+                )
+                for v in range(num_views)
+            ]
         out = []
         for v, frames in enumerate(cropped):
             frames = fn.resize(frames, resize_x=target_size, resize_y=target_size, antialias=True)
-            out.append(fn.crop_mirror_normalize(
-                frames, dtype=out_type, output_layout="FCHW", mean=[m * 255 for m in MEAN],
-                std=[s * 255 for s in STD], mirror=views[3 * v + 2]))
+            out.append(
+                fn.crop_mirror_normalize(
+                    frames,
+                    dtype=out_type,
+                    output_layout="FCHW",
+                    mean=[m * 255 for m in MEAN],
+                    std=[s * 255 for s in STD],
+                    mirror=views[3 * v + 2],
+                )
+            )
         frames = out[0] if num_views == 1 else fn.cat(*out, axis=0)
         return frames, (label.gpu() if device == "gpu" else label)  # the whole batch on one device
 
@@ -187,12 +244,14 @@ def _upright(frames, *, mirror, angle):
     pkl and rawframe paths and PyAV's frames get in dali_pipelines.video, and NVDEC does not do.
     Nearest-neighbour at right angles moves pixels exactly."""
     from nvidia.dali import fn, types
+
     frames = fn.flip(frames, horizontal=mirror)
     return fn.rotate(frames, angle=angle, keep_size=False, interp_type=types.INTERP_NN)
 
 
 def _to_paddle(tensor_list):
     import paddle
+
     t = tensor_list.as_tensor()
     try:
         return paddle.utils.dlpack.from_dlpack(t)
@@ -259,13 +318,31 @@ def check_rawframe_counts(samples, list_file) -> None:
             wrong.append(f"{list_file}:{s.line}: {s.path} has {have} frames, the list says {s.num_frames}")
     if wrong:
         more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
-        raise DataFormatError(f"{len(wrong)} wrong frame count(s): " + "; ".join(wrong[:5]) + more
-                              + ". Rebuild the list with preprocessing/build_list.py rawframes.")
+        raise DataFormatError(
+            f"{len(wrong)} wrong frame count(s): "
+            + "; ".join(wrong[:5])
+            + more
+            + ". Rebuild the list with preprocessing/build_list.py rawframes."
+        )
 
 
-def build_loader(list_file, source="pkl", mode="train", *, batch_size=8, num_segments=3, target_size=224,
-                 short_size=256, device="cpu", rank=0, world_size=1, seed=0, data_prefix=None, **options):
-    """A DALI loader over ``list_file`` (DESIGN §4 formats). See README "The loader API"."""
+def build_loader(
+    list_file,
+    source="pkl",
+    mode="train",
+    *,
+    batch_size=8,
+    num_segments=3,
+    target_size=224,
+    short_size=256,
+    device="cpu",
+    rank=0,
+    world_size=1,
+    seed=0,
+    data_prefix=None,
+    **options,
+):
+    """A DALI loader over ``list_file`` (docs/design.md "Data formats"). See README "Stage 2: the loader API"."""
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
     if unknown:
         raise TypeError(f"build_loader: unknown option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")
@@ -299,24 +376,53 @@ def build_loader(list_file, source="pkl", mode="train", *, batch_size=8, num_seg
     num_workers = default_num_workers() if options["num_workers"] is None else options["num_workers"]
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0 (0: read in the training process), got {num_workers!r}")
-    spec = ClipSpec(source=source, decode=decode, mode=mode, num_segments=num_segments, target_size=target_size,
-                    short_size=short_size, num_clips=num_clips,
-                    num_crops=num_crops, crop=options["crop"], flip=options["flip"], sampling=options["sampling"],
-                    dense_interval=options["dense_interval"], num_classes=options["num_classes"],
-                    allow_partial_videos=bool(options["allow_partial_videos"]))
-    src = _ClipSource(samples, spec, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                      drop_last=drop_last, max_batches=options["max_batches"], num_workers=num_workers,
-                      worker_timeout=options["worker_timeout"], facts=facts, cache_file=cache_file)
+    spec = ClipSpec(
+        source=source,
+        decode=decode,
+        mode=mode,
+        num_segments=num_segments,
+        target_size=target_size,
+        short_size=short_size,
+        num_clips=num_clips,
+        num_crops=num_crops,
+        crop=options["crop"],
+        flip=options["flip"],
+        sampling=options["sampling"],
+        dense_interval=options["dense_interval"],
+        num_classes=options["num_classes"],
+        allow_partial_videos=bool(options["allow_partial_videos"]),
+    )
+    src = _ClipSource(
+        samples,
+        spec,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        drop_last=drop_last,
+        max_batches=options["max_batches"],
+        num_workers=num_workers,
+        worker_timeout=options["worker_timeout"],
+        facts=facts,
+        cache_file=cache_file,
+    )
     if src.num_batches == 0:
         src.feed.close()
-        raise DataFormatError(f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
-                              f"each of {world_size} rank(s); lower the batch size")
+        raise DataFormatError(
+            f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
+            f"each of {world_size} rank(s); lower the batch size"
+        )
     device_id = options["device_id"]
     if device == "gpu" and device_id is None:
         device_id = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = _build_pipeline(src, device=device, device_id=device_id if device == "gpu" else None,
-                               num_threads=options["num_threads"], prefetch=options["prefetch"],
-                               dtype=options["dtype"])
+        pipe = _build_pipeline(
+            src,
+            device=device,
+            device_id=device_id if device == "gpu" else None,
+            num_threads=options["num_threads"],
+            prefetch=options["prefetch"],
+            dtype=options["dtype"],
+        )
     return DALILoader(src, pipe)

@@ -7,6 +7,7 @@ pixels); ``eval_views_crop_first`` is that computation in Pillow. The two defini
 a sub-pixel registration of the crop when the scale is not a round ratio; tests hold the pipeline to
 both, with the tolerances stated there.
 """
+
 from __future__ import annotations
 
 import numpy as np

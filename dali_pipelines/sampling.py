@@ -1,6 +1,7 @@
-"""Which frames of a video a sample uses: TSN sparse segment sampling (DESIGN §5) and TSM's dense
-sampling. Pure functions serve the DALI path, the CPU reference path and the tests.
+"""Which frames of a video a sample uses: TSN sparse segment sampling and TSM's dense sampling
+(docs/design.md "Sampling"). Pure functions serve the DALI path, the CPU reference path and the tests.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,9 @@ LOADER_MODES = ("train", "val", "test")  # random segments and crops | one centr
 SAMPLINGS = ("segment", "dense")
 
 
-def segment_indices(num_frames: int, num_segments: int, mode: str,
-                    rng: np.random.Generator | None = None, num_clips: int = 1) -> np.ndarray:
+def segment_indices(
+    num_frames: int, num_segments: int, mode: str, rng: np.random.Generator | None = None, num_clips: int = 1
+) -> np.ndarray:
     """Return 0-based frame indices (int32) for one sample.
 
     train: one uniformly random frame inside each of ``num_segments`` equal segments.
@@ -46,8 +48,14 @@ def segment_indices(num_frames: int, num_segments: int, mode: str,
     return np.clip(idx, 0, num_frames - 1).astype(np.int32)
 
 
-def dense_indices(num_frames: int, num_segments: int, mode: str, rng: np.random.Generator | None = None,
-                  num_clips: int = 1, interval: int = 8) -> np.ndarray:
+def dense_indices(
+    num_frames: int,
+    num_segments: int,
+    mode: str,
+    rng: np.random.Generator | None = None,
+    num_clips: int = 1,
+    interval: int = 8,
+) -> np.ndarray:
     """TSM's dense sampling: ``num_segments`` frames ``interval`` apart from one window of
     ``num_segments * interval`` frames.
 
@@ -72,8 +80,15 @@ def dense_indices(num_frames: int, num_segments: int, mode: str, rng: np.random.
     return idx.reshape(-1).astype(np.int32)
 
 
-def sample_indices(num_frames: int, num_segments: int, mode: str, rng: np.random.Generator | None = None,
-                   num_clips: int = 1, sampling: str = "segment", interval: int = 8) -> np.ndarray:
+def sample_indices(
+    num_frames: int,
+    num_segments: int,
+    mode: str,
+    rng: np.random.Generator | None = None,
+    num_clips: int = 1,
+    sampling: str = "segment",
+    interval: int = 8,
+) -> np.ndarray:
     """The frame indices of one sample under ``sampling`` ("segment" or "dense")."""
     if sampling == "dense":
         return dense_indices(num_frames, num_segments, mode, rng, num_clips, interval)
@@ -82,8 +97,7 @@ def sample_indices(num_frames: int, num_segments: int, mode: str, rng: np.random
     return segment_indices(num_frames, num_segments, mode, rng, num_clips)
 
 
-def shard_indices(num_samples: int, rank: int, world_size: int, mode: str, epoch: int = 0,
-                  seed: int = 0) -> np.ndarray:
+def shard_indices(num_samples: int, rank: int, world_size: int, mode: str, epoch: int = 0, seed: int = 0) -> np.ndarray:
     """Which samples (indices into the list) this rank visits in this epoch.
 
     train: a permutation drawn from ``(seed, epoch)``, the same on every rank, cut into ``world_size``
@@ -96,5 +110,5 @@ def shard_indices(num_samples: int, rank: int, world_size: int, mode: str, epoch
     if mode == "train":
         per_rank = num_samples // world_size
         order = np.random.default_rng([seed, epoch]).permutation(num_samples)
-        return order[rank * per_rank:(rank + 1) * per_rank]
+        return order[rank * per_rank : (rank + 1) * per_rank]
     return np.arange(rank, num_samples, world_size)

@@ -1,9 +1,10 @@
 """Video probing and CPU-side decoding with PyAV.
 
 DALI has no operator that returns a frame count, and from DALI 2.1.1 its CPU decoder refuses H.264
-(DESIGN §3). Counts come from here; on a machine without a GPU the sampled frames are decoded here too
-and fed into the same DALI graph as raw frames.
+(docs/design.md "Dependencies and the facts they rest on"). Counts come from here; on a machine
+without a GPU the sampled frames are decoded here too and fed into the same DALI graph as raw frames.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ def _open(path: str, threads: str = "AUTO"):
     """The container and its first video stream; ``threads`` is PyAV's decoder thread_type (the loader's
     workers decode with PyAV's default, SLICE: the workers are the parallelism, frame threads cost)."""
     import av
+
     try:
         container = av.open(path)
     except Exception as e:  # noqa: BLE001 - PyAV raises many types for broken files
@@ -38,9 +40,16 @@ def _open(path: str, threads: str = "AUTO"):
 # The 2x2 part of a display matrix (signs of a, b, c, d) -> (quarter turns counter-clockwise, mirrored
 # before turning): what ffmpeg's autorotate does with it, measured with ffmpeg's -display_rotation,
 # -display_hflip and -display_vflip (docs/design.md "Rotated videos").
-_ORIENTATIONS = {(1, 0, 0, 1): (0, False), (0, -1, 1, 0): (1, False), (-1, 0, 0, -1): (2, False),
-                 (0, 1, -1, 0): (3, False), (-1, 0, 0, 1): (0, True), (0, 1, 1, 0): (1, True),
-                 (1, 0, 0, -1): (2, True), (0, -1, -1, 0): (3, True)}
+_ORIENTATIONS = {
+    (1, 0, 0, 1): (0, False),
+    (0, -1, 1, 0): (1, False),
+    (-1, 0, 0, -1): (2, False),
+    (0, 1, -1, 0): (3, False),
+    (-1, 0, 0, 1): (0, True),
+    (0, 1, 1, 0): (1, True),
+    (1, 0, 0, -1): (2, True),
+    (0, -1, -1, 0): (3, True),
+}
 
 
 def orientation(frame, name: str) -> tuple[int, bool]:
@@ -52,8 +61,10 @@ def orientation(frame, name: str) -> tuple[int, bool]:
     a, b, _, c, d = struct.unpack("=9i", bytes(matrix))[:5]  # 16.16 fixed point
     key = tuple(round(v / 65536) for v in (a, b, c, d))
     if key not in _ORIENTATIONS or any(abs(v - k * 65536) > 655 for v, k in zip((a, b, c, d), key)):
-        raise VideoError(f"{name}: its display matrix turns it by {frame.rotation:g} degrees; only multiples "
-                         "of 90 (and mirrors) are supported: re-encode it upright (ffmpeg -i IN OUT)")
+        raise VideoError(
+            f"{name}: its display matrix turns it by {frame.rotation:g} degrees; only multiples "
+            "of 90 (and mirrors) are supported: re-encode it upright (ffmpeg -i IN OUT)"
+        )
     return _ORIENTATIONS[key]
 
 
@@ -73,21 +84,23 @@ def _to_rgb(name: str):
         if not layout:
             layout.append(orientation(frame, name))
         return np.ascontiguousarray(upright(frame.to_ndarray(format="rgb24"), *layout[0]))
+
     return rgb
 
 
 @dataclass(frozen=True)
 class VideoFacts:
     """What probing established about one version of a video file (its size and mtime)."""
+
     size: int
     mtime_ns: int
-    frames: int              # frames the decoder delivers
-    width: int               # upright, as displayed (the decoder's frames turned by turns/mirror)
+    frames: int  # frames the decoder delivers
+    width: int  # upright, as displayed (the decoder's frames turned by turns/mirror)
     height: int
-    packets: int | None      # video packets in the container: NVDEC pads silently past the last one
+    packets: int | None  # video packets in the container: NVDEC pads silently past the last one
     error: str | None = None  # why the file is unreadable (then the counts are 0): kept, not re-probed
-    turns: int = 0           # quarter turns counter-clockwise that make decoded frames upright
-    mirror: bool = False     # mirror left-right before turning
+    turns: int = 0  # quarter turns counter-clockwise that make decoded frames upright
+    mirror: bool = False  # mirror left-right before turning
 
 
 def probe(path: str, allow_partial: bool = False) -> VideoFacts:
@@ -109,9 +122,11 @@ def probe(path: str, allow_partial: bool = False) -> VideoFacts:
         if n == 0:
             raise VideoError(f"{path}: cannot decode ({e})") from None
         if stated > n and not allow_partial:
-            raise VideoError(f"{path}: decoding fails after {n} of the {stated} frames the container states "
-                             f"({e}); the file is damaged (DATASET.allow_partial_videos keeps the "
-                             "decodable part)") from None
+            raise VideoError(
+                f"{path}: decoding fails after {n} of the {stated} frames the container states "
+                f"({e}); the file is damaged (DATASET.allow_partial_videos keeps the "
+                "decodable part)"
+            ) from None
     finally:
         container.close()
     if n == 0:
@@ -154,16 +169,27 @@ def save_probe_cache(cache_file: str | None, facts: dict[str, VideoFacts]) -> No
         return
     merged = {**load_probe_cache(cache_file), **facts}
     from .formats import write_atomic
+
     try:
-        write_atomic(cache_file, json.dumps({"version": CACHE_VERSION, "videos": {
-            p: [f.size, f.mtime_ns, f.frames, f.width, f.height, f.packets, f.error, f.turns, f.mirror]
-            for p, f in merged.items()}}).encode())
+        write_atomic(
+            cache_file,
+            json.dumps(
+                {
+                    "version": CACHE_VERSION,
+                    "videos": {
+                        p: [f.size, f.mtime_ns, f.frames, f.width, f.height, f.packets, f.error, f.turns, f.mirror]
+                        for p, f in merged.items()
+                    },
+                }
+            ).encode(),
+        )
     except OSError:
         pass  # a read-only data folder only costs a re-probe next time
 
 
-def probe_cached(paths: list[str], cache_file: str | None, known: dict[str, VideoFacts] | None = None,
-                 allow_partial: bool = False) -> dict[str, VideoFacts]:
+def probe_cached(
+    paths: list[str], cache_file: str | None, known: dict[str, VideoFacts] | None = None, allow_partial: bool = False
+) -> dict[str, VideoFacts]:
     """Facts of each video, probed only where the cache holds none for the file as it is now (same
     size and mtime); new facts are written back to ``cache_file``. An unreadable video gets facts with
     its ``error``: the loader skips and reports it when it comes up, instead of failing the start."""
@@ -277,7 +303,7 @@ def _disposable(data: bytes, length_size: int) -> bool:
     (nal_ref_idc 0): no other picture is predicted from it, so leaving it out changes nothing else."""
     pos, slices = 0, 0
     while pos + length_size < len(data):
-        n = int.from_bytes(data[pos:pos + length_size], "big")
+        n = int.from_bytes(data[pos : pos + length_size], "big")
         header = data[pos + length_size]
         if 1 <= header & 0x1F <= 5:  # a coded slice
             if header >> 5 & 3:
@@ -291,7 +317,9 @@ def stream_info(data: bytes, name: str) -> tuple[int, tuple[int, int, int, bool]
     """(packets, (upright width, upright height, turns, mirror)) of an in-memory video's first video
     stream: demuxed, with only its first frame decoded (for the display matrix the frames carry)."""
     import io
+
     import av
+
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:

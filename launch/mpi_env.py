@@ -1,4 +1,5 @@
-"""Turn an MPI job's rank variables into the ones Paddle's collective mode reads (DESIGN §3).
+"""Turn an MPI job's rank variables into the ones Paddle's collective mode reads
+(docs/design.md "Dependencies and the facts they rest on").
 
 Paddle does not read Open MPI's variables. Under mpirun each rank finds its rank, world size and
 node-local rank (Open MPI, MPICH/Hydra, Slurm or PMIx spellings), opens a free port on its host,
@@ -7,6 +8,7 @@ would: PADDLE_TRAINER_ID, PADDLE_TRAINERS_NUM, PADDLE_TRAINER_ENDPOINTS, PADDLE_
 PADDLE_MASTER (rank 0's rendezvous store), PADDLE_LOCAL_RANK, the backend (gloo on CPU, nccl on GPU)
 and, on GPU hosts, FLAGS_selected_gpus.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,14 +49,18 @@ def paddle_env(env=None, gpus_per_node: int = 0) -> dict:
     env = os.environ if env is None else env
     rank, size = _first(RANK_VARS, env), _first(SIZE_VARS, env)
     if rank is None or size is None:
-        raise RuntimeError("launch.mpi_env: no MPI rank variables (OMPI_COMM_WORLD_RANK, PMI_RANK, ...); "
-                           "start this under mpirun/srun, or use run_dist.sh")
+        raise RuntimeError(
+            "launch.mpi_env: no MPI rank variables (OMPI_COMM_WORLD_RANK, PMI_RANK, ...); "
+            "start this under mpirun/srun, or use run_dist.sh"
+        )
     local_rank = _first(LOCAL_RANK_VARS, env) or 0
     from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     if comm.Get_rank() != rank or comm.Get_size() != size:
-        raise RuntimeError(f"launch.mpi_env: environment says rank {rank}/{size}, MPI says "
-                           f"{comm.Get_rank()}/{comm.Get_size()}")
+        raise RuntimeError(
+            f"launch.mpi_env: environment says rank {rank}/{size}, MPI says {comm.Get_rank()}/{comm.Get_size()}"
+        )
     host = "127.0.0.1" if size == 1 else _host_address()
     endpoints = comm.allgather(f"{host}:{_free_port()}")
     master = comm.bcast(f"{host}:{_free_port()}" if rank == 0 else None, root=0)  # rank 0's TCP store

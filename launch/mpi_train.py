@@ -8,6 +8,7 @@ The first argument is a config (train) or a trainer mode followed by the trainer
 Every rank maps its MPI rank to Paddle's variables (launch/mpi_env.py) before Paddle starts; rank 0
 prints, every rank's errors reach mpirun, and a rank that dies makes mpirun end the whole job.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ def _gpus_on_this_node() -> int:
         return len([d for d in visible.split(",") if d.strip()])
     try:
         import paddle
+
         return paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
     except Exception:  # noqa: BLE001 - no usable CUDA means CPU ranks
         return 0
@@ -31,14 +33,17 @@ def _gpus_on_this_node() -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from trainer.main import MODES
+
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
     if argv[0] not in MODES:
         argv = ["train", "-c", argv[0], *argv[1:]]
     from launch.mpi_env import paddle_env
+
     os.environ.update(paddle_env(gpus_per_node=_gpus_on_this_node()))
     from trainer.main import main as trainer_main
+
     return trainer_main(argv)
 
 

@@ -1,4 +1,4 @@
-"""Write the list file of a converted or raw dataset (DESIGN §4), one builder per source type.
+"""Write the list file of a converted or raw dataset (docs/design.md "Data formats"), one builder per source type.
 
     python preprocessing/build_list.py pkl       DST_DIR  train_pkl.list [--index 8]
     python preprocessing/build_list.py rawframes FRAMES   train_frames.list --csv k400_train.csv --label-file labels.txt
@@ -14,6 +14,7 @@ videos: every video in FRAMES/<class>/; --probe N decodes each video once with N
 Class folders are mapped to indices through --label-file, or sorted when it is not given.
 Paths are written relative to the list file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,15 @@ if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocessing.kinetics import UsageError, load_class_index, read_csv  # noqa: E402
-from preprocessing.lists import (class_folders, class_index_for, count_frames, index_pkls,  # noqa: E402
-                                 video_entries, videos_in, write_list)
+from preprocessing.lists import (  # noqa: E402
+    class_folders,
+    class_index_for,
+    count_frames,
+    index_pkls,
+    video_entries,
+    videos_in,
+    write_list,
+)
 
 
 def pkl_entries(root: str):
@@ -36,12 +44,18 @@ def pkl_entries(root: str):
 
 
 def rawframe_entries(root: str, csv: str | None, label_file: str | None):
-    dirs = sorted(folder for folder, _, files in os.walk(root)
-                  if "img_00001.jpg" in files and not os.path.basename(folder).startswith("."))
+    dirs = sorted(
+        folder
+        for folder, _, files in os.walk(root)
+        if "img_00001.jpg" in files and not os.path.basename(folder).startswith(".")
+    )
     if csv:
         clips, _ = read_csv(csv)
-        index = load_class_index(label_file) if label_file else {
-            n: i for i, n in enumerate(sorted({c.label for c in clips}))}
+        index = (
+            load_class_index(label_file)
+            if label_file
+            else {n: i for i, n in enumerate(sorted({c.label for c in clips}))}
+        )
         label_of = {c.video_id: index[c.label] for c in clips if c.label in index}
         missing = [d for d in dirs if os.path.basename(d) not in label_of]
         if missing:
@@ -66,17 +80,28 @@ def class_video_entries(root: str, label_file: str | None, probe: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("source", choices=("pkl", "rawframes", "videos"))
     p.add_argument("root", help="folder to scan")
     p.add_argument("out", help="list file to write")
     p.add_argument("--label-file", help="'index name' lines mapping class names to indices")
     p.add_argument("--csv", help="rawframes: Kinetics CSV giving each clip's label (flat layouts)")
-    p.add_argument("--probe", type=int, default=0, metavar="N",
-                   help="videos: count frames with N processes and write them into the list")
-    p.add_argument("--index", type=int, default=0, metavar="N",
-                   help="pkl: give each pkl its frame index (in place) with N processes")
+    p.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        metavar="N",
+        help="videos: count frames with N processes and write them into the list",
+    )
+    p.add_argument(
+        "--index",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pkl: give each pkl its frame index (in place) with N processes",
+    )
     args = p.parse_args(argv)
     bad, note = [], ""
     try:
@@ -90,8 +115,10 @@ def main(argv=None) -> int:
                 done, bad = index_pkls([e[0] for e in entries], args.index)
                 failed = {path for path, _ in bad}
                 entries = [e for e in entries if e[0] not in failed]
-                note = (f"; frame index: {done['appended']} appended, {done['rewritten']} rewritten, "
-                        f"{done['indexed']} already indexed")
+                note = (
+                    f"; frame index: {done['appended']} appended, {done['rewritten']} rewritten, "
+                    f"{done['indexed']} already indexed"
+                )
         elif args.source == "rawframes":
             entries = rawframe_entries(args.root, args.csv, args.label_file)
         else:
@@ -104,8 +131,10 @@ def main(argv=None) -> int:
     write_list(args.out, entries)
     for path, why in bad:
         print(f"build_list: skipped {path}: {why}", file=sys.stderr)
-    print(f"build_list: {len(entries)} {args.source} entries -> {args.out}{note}"
-          + (f"; {len(bad)} unreadable {'files' if args.source == 'pkl' else 'videos'} skipped" if bad else ""))
+    print(
+        f"build_list: {len(entries)} {args.source} entries -> {args.out}{note}"
+        + (f"; {len(bad)} unreadable {'files' if args.source == 'pkl' else 'videos'} skipped" if bad else "")
+    )
     return 1 if bad else 0
 
 

@@ -11,6 +11,7 @@ path. A count in the list that the video does not reach is reported too. Files a
 unchanged since are not decoded again, so an interrupted check resumes.
 Exit status: 0 every video whole, 1 some unreadable or shorter than listed (named), 2 usage error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,15 @@ from preprocessing.lists import probe_facts  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("list_file", help="a videos list ('path label' or 'path num_frames label' lines)")
     p.add_argument("--nproc", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
-    p.add_argument("--data-prefix", help="folder relative paths in the list resolve against "
-                   "(DATASET.data_prefix; default: the list's folder)")
+    p.add_argument(
+        "--data-prefix",
+        help="folder relative paths in the list resolve against (DATASET.data_prefix; default: the list's folder)",
+    )
     args = p.parse_args(argv)
     try:
         if args.nproc < 1:
@@ -56,12 +60,16 @@ def main(argv=None) -> int:
         if f.error:
             problems.append(f"{args.list_file}:{s.line}: {f.error}")
         elif s.num_frames > f.frames:
-            problems.append(f"{args.list_file}:{s.line}: the list says {s.num_frames} frames, {s.path} decodes "
-                            f"to {f.frames}; rebuild the list (build_list.py videos --probe N)")
+            problems.append(
+                f"{args.list_file}:{s.line}: the list says {s.num_frames} frames, {s.path} decodes "
+                f"to {f.frames}; rebuild the list (build_list.py videos --probe N)"
+            )
     for line in problems:
         print(f"check_videos: {line}", file=sys.stderr)
-    print(f"check_videos: {len(paths)} videos ({len(todo)} decoded now, {len(paths) - len(todo)} unchanged since "
-          f"checked), {len(problems)} problem(s); verdicts in {cache_file}")
+    print(
+        f"check_videos: {len(paths)} videos ({len(todo)} decoded now, {len(paths) - len(todo)} unchanged since "
+        f"checked), {len(problems)} problem(s); verdicts in {cache_file}"
+    )
     return 1 if problems else 0
 
 

@@ -5,6 +5,7 @@ and renamed when complete, so a rerun skips finished clips and never trusts a ha
 SIGINT / SIGTERM stop the workers and their ffmpeg children at once; a SIGKILL'd run leaves no
 orphans either (children die with their parents on Linux).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,22 +28,29 @@ EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser(prog: str, doc: str, output: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    p = argparse.ArgumentParser(
+        prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc
+    )
     p.add_argument("csv", help="Kinetics CSV: label,youtube_id,time_start,time_end,split")
     p.add_argument("src_dir", help="folder of the videos (flat, or one sub-folder per label)")
     p.add_argument("dst_dir", help=f"folder for the {output} (created)")
     p.add_argument("nproc", type=int, nargs="?", default=os.cpu_count(), help="parallel ffmpeg processes")
-    p.add_argument("--label-file", help="'index name' lines (preprocessing/generate_label.py); "
-                   "default: the classes of this CSV, sorted")
+    p.add_argument(
+        "--label-file",
+        help="'index name' lines (preprocessing/generate_label.py); default: the classes of this CSV, sorted",
+    )
     p.add_argument("--list-out", help="list file to write (default: DST_DIR.list)")
     p.add_argument("--failures", help="failed clips, one 'id<TAB>reason' a line (default: DST_DIR.failures.txt)")
-    p.add_argument("--jpeg-quality", type=int, default=4, metavar="Q",
-                   help="ffmpeg -q:v of the JPEGs, 2 (best) .. 31 (default 4)")
+    p.add_argument(
+        "--jpeg-quality", type=int, default=4, metavar="Q", help="ffmpeg -q:v of the JPEGs, 2 (best) .. 31 (default 4)"
+    )
     p.add_argument("--short-side", type=int, metavar="N", help="resize so the short side is N pixels (default: keep)")
     p.add_argument("--fps", type=float, metavar="N", help="resample to N frames/s (default: native rate)")
-    p.add_argument("--allow-decode-errors", action="store_true",
-                   help="keep clips whose decoding reported errors (default: record them as failed)")
+    p.add_argument(
+        "--allow-decode-errors",
+        action="store_true",
+        help="keep clips whose decoding reported errors (default: record them as failed)",
+    )
     return p
 
 
@@ -139,8 +147,10 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
             class_index = load_class_index(args.label_file)
         else:
             class_index = {name: i for i, name in enumerate(sorted({c.label for c in clips}))}
-            print(f"{prog}: no --label-file: {len(class_index)} classes taken from {args.csv} "
-                  "(pass the training label file when converting a val/test CSV)")
+            print(
+                f"{prog}: no --label-file: {len(class_index)} classes taken from {args.csv} "
+                "(pass the training label file when converting a val/test CSV)"
+            )
         try:
             os.makedirs(dst_dir, exist_ok=True)
             probe = os.path.join(dst_dir, TMP_PREFIX + "write-test")
@@ -154,8 +164,9 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
 
     writer = Writer(fmt, dst_dir, os.path.dirname(list_out))
     stale = writer.remove_stale_temporaries()
-    opts = dict(qscale=args.jpeg_quality, short_side=args.short_side, fps=args.fps,
-                allow_decode_errors=args.allow_decode_errors)
+    opts = dict(
+        qscale=args.jpeg_quality, short_side=args.short_side, fps=args.fps, allow_decode_errors=args.allow_decode_errors
+    )
     jobs, lines, seen = [], {}, set()
     for c in clips:
         if c.video_id in seen:
@@ -190,8 +201,9 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
                     converted += 1
                     n_frames += frames
                     lines[video_id] = writer.list_line(video_id, frames, label)
-                bar.set_postfix(failed=len(failures), fps=f"{n_frames / max(time.time() - t0, 1e-9):.0f}",
-                                refresh=False)
+                bar.set_postfix(
+                    failed=len(failures), fps=f"{n_frames / max(time.time() - t0, 1e-9):.0f}", refresh=False
+                )
                 bar.update()
         pool.close()
     except KeyboardInterrupt:
@@ -204,12 +216,17 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
     write_atomic(list_out, "".join(lines[v] + "\n" for v in sorted(lines)).encode())
     write_atomic(failures_out, "".join(f"{vid}\t{why}\n" for vid, why in failures).encode())
     elapsed = time.time() - t0
-    print(f"{prog}: {len(lines)} clips ready ({skipped} already done, {converted} converted, {n_frames} frames "
-          f"in {elapsed:.1f}s = {n_frames / max(elapsed, 1e-9):.0f} frames/s), {len(failures)} failed; "
-          f"list: {list_out}" + (f"; failures: {failures_out}" if failures else "")
-          + (f"; removed {stale} half-written output(s) of an earlier run" if stale else ""))
+    print(
+        f"{prog}: {len(lines)} clips ready ({skipped} already done, {converted} converted, {n_frames} frames "
+        f"in {elapsed:.1f}s = {n_frames / max(elapsed, 1e-9):.0f} frames/s), {len(failures)} failed; "
+        f"list: {list_out}"
+        + (f"; failures: {failures_out}" if failures else "")
+        + (f"; removed {stale} half-written output(s) of an earlier run" if stale else "")
+    )
     if interrupted:
-        print(f"{prog}: interrupted; run the same command again to convert the remaining "
-              f"{len(jobs) - processed} clip(s)", file=sys.stderr)
+        print(
+            f"{prog}: interrupted; run the same command again to convert the remaining {len(jobs) - processed} clip(s)",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     return EXIT_FAILURES if failures else EXIT_OK

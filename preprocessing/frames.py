@@ -2,6 +2,7 @@
 
 ffmpeg writes an MJPEG stream to a pipe (no temporary files); we split it into one JPEG per frame.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,6 +23,7 @@ def ffmpeg_exe() -> str:
     if exe:
         return exe
     import imageio_ffmpeg
+
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
@@ -30,10 +32,10 @@ def short_side_scale(n: int) -> dict:
     return {"w": f"if(gt(iw,ih),-2,{n})", "h": f"if(gt(iw,ih),{n},-2)"}
 
 
-def ffmpeg_command(path: str, qscale: int = 4, short_side: int | None = None,
-                   fps: float | None = None) -> list[str]:
+def ffmpeg_command(path: str, qscale: int = 4, short_side: int | None = None, fps: float | None = None) -> list[str]:
     """The ffmpeg command line that writes every frame of ``path`` as MJPEG to stdout."""
     import ffmpeg
+
     stream = ffmpeg.input(path)
     if short_side:
         stream = stream.filter("scale", **short_side_scale(short_side))
@@ -46,15 +48,21 @@ def ffmpeg_command(path: str, qscale: int = 4, short_side: int | None = None,
     return out.compile(cmd=ffmpeg_exe())
 
 
-def extract_jpegs(path: str, qscale: int = 4, short_side: int | None = None, fps: float | None = None,
-                  allow_decode_errors: bool = False) -> list[bytes]:
+def extract_jpegs(
+    path: str,
+    qscale: int = 4,
+    short_side: int | None = None,
+    fps: float | None = None,
+    allow_decode_errors: bool = False,
+) -> list[bytes]:
     """All frames of ``path`` in decode order as JPEG bytes (``qscale``: ffmpeg's -q:v, 2 best .. 31).
 
     ffmpeg exits 0 on a truncated or damaged stream and decodes what it can; any error it reports
     fails the clip unless ``allow_decode_errors`` (a half-decoded clip must not pass as complete).
     """
-    proc = subprocess.run(ffmpeg_command(path, qscale, short_side, fps), capture_output=True,
-                          preexec_fn=die_with_parent)
+    proc = subprocess.run(
+        ffmpeg_command(path, qscale, short_side, fps), capture_output=True, preexec_fn=die_with_parent
+    )
     errors = proc.stderr.decode("utf-8", "replace").strip().splitlines()
     if proc.returncode != 0 or (errors and not allow_decode_errors):
         reason = errors[-1] if proc.returncode != 0 and errors else (errors[0] if errors else "no message")
@@ -71,16 +79,16 @@ def split_jpeg_stream(data: bytes) -> list[bytes]:
     stuffs every FF with 00), so a plain search finds each image's end."""
     frames, i, n = [], 0, len(data)
     while i < n:
-        if data[i:i + 2] != b"\xff\xd8":
+        if data[i : i + 2] != b"\xff\xd8":
             raise ConversionError(f"corrupt MJPEG stream at byte {i}")
         j = i + 2
         while j + 4 <= n and data[j + 1] != 0xDA:  # header segments up to SOS
             if data[j] != 0xFF:
                 raise ConversionError(f"corrupt JPEG header at byte {j}")
-            j += 2 + int.from_bytes(data[j + 2:j + 4], "big")
+            j += 2 + int.from_bytes(data[j + 2 : j + 4], "big")
         end = data.find(b"\xff\xd9", j)
         if end < 0:
             raise ConversionError("truncated MJPEG stream")
-        frames.append(data[i:end + 2])
+        frames.append(data[i : end + 2])
         i = end + 2
     return frames

@@ -5,6 +5,7 @@
 Class names with spaces are written with underscores ("air drumming" -> "air_drumming") so that every
 line splits into exactly two fields.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
-"""Kinetics CSVs, label files and clip lookup (DESIGN §4), shared by the preprocessing scripts."""
+"""Kinetics CSVs, label files and clip lookup (docs/design.md "Data formats"), shared by the preprocessing scripts."""
+
 from __future__ import annotations
 
 import csv
@@ -16,11 +17,11 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class Clip:
-    video_id: str        # file stem: {youtube_id}_{start:06d}_{end:06d}
+    video_id: str  # file stem: {youtube_id}_{start:06d}_{end:06d}
     youtube_id: str
-    label: str           # class name as written in the label file (spaces -> underscores)
+    label: str  # class name as written in the label file (spaces -> underscores)
     split: str
-    row: int             # line number in the CSV
+    row: int  # line number in the CSV
 
 
 def class_name(label: str) -> str:
@@ -33,6 +34,7 @@ def read_csv(path: str) -> tuple[list[Clip], list[tuple[str, str]]]:
     if not os.path.isfile(path):
         raise UsageError(f"CSV file {path} does not exist")
     from dali_pipelines.formats import DataFormatError, read_text
+
     clips, bad = [], []
     try:
         text = read_text(path)
@@ -46,8 +48,10 @@ def read_csv(path: str) -> tuple[list[Clip], list[tuple[str, str]]]:
         header = [h.strip() for h in header]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
-            raise UsageError(f"{path}: header {header} lacks column(s) {missing}; expected "
-                             "'label,youtube_id,time_start,time_end,split'")
+            raise UsageError(
+                f"{path}: header {header} lacks column(s) {missing}; expected "
+                "'label,youtube_id,time_start,time_end,split'"
+            )
         col = {name: header.index(name) for name in header}
         for row_no, row in enumerate(reader, 2):
             if not row or not "".join(row).strip():
@@ -67,8 +71,13 @@ def read_csv(path: str) -> tuple[list[Clip], list[tuple[str, str]]]:
                 bad.append((where, f"malformed row (empty youtube_id or label): {','.join(row)}"))
                 continue
             if not (_plain_name(yid) and _plain_name(label)):  # output and source paths are built from them
-                bad.append((where, f"youtube_id {yid!r} or label {label!r} is not a plain file name (a path "
-                                   "separator, or a leading '.'): it would lead outside the folders"))
+                bad.append(
+                    (
+                        where,
+                        f"youtube_id {yid!r} or label {label!r} is not a plain file name (a path "
+                        "separator, or a leading '.'): it would lead outside the folders",
+                    )
+                )
                 continue
             split = row[col["split"]].strip() if "split" in col else ""
             clips.append(Clip(f"{yid}_{start:06d}_{end:06d}", yid, label, split, row_no))
@@ -80,13 +89,10 @@ def _plain_name(name: str) -> bool:
     return not (name.startswith(".") or "/" in name or "\\" in name or "\0" in name or os.sep in name)
 
 
-def find_clip(src_dir: str, clip: Clip, raw_label: str | None = None) -> str | None:
-    """The clip's video file under either Kinetics layout (label sub-folders or flat) and either
-    naming (``{id}_{start}_{end}`` or bare ``{id}``); None when absent."""
-    folders = [src_dir, os.path.join(src_dir, clip.label)]
-    if raw_label and raw_label != clip.label:
-        folders.append(os.path.join(src_dir, raw_label))
-    folders.append(os.path.join(src_dir, clip.label.replace("_", " ")))
+def find_clip(src_dir: str, clip: Clip) -> str | None:
+    """The clip's video file under either Kinetics layout (label sub-folders, named with underscores or
+    spaces, or flat) and either naming (``{id}_{start}_{end}`` or bare ``{id}``); None when absent."""
+    folders = [src_dir, os.path.join(src_dir, clip.label), os.path.join(src_dir, clip.label.replace("_", " "))]
     for stem in (clip.video_id, clip.youtube_id):
         for folder in folders:
             for ext in VIDEO_EXTENSIONS:
@@ -98,11 +104,13 @@ def find_clip(src_dir: str, clip: Clip, raw_label: str | None = None) -> str | N
 
 def write_label_file(path: str, classes: list[str]) -> None:
     from dali_pipelines.formats import write_atomic
+
     write_atomic(path, "".join(f"{i} {name}\n" for i, name in enumerate(classes)).encode())
 
 
 def load_class_index(label_file: str) -> dict[str, int]:
     from dali_pipelines.formats import DataFormatError, read_label_file
+
     try:
         return {name: i for i, name in enumerate(read_label_file(label_file))}
     except DataFormatError as e:

@@ -1,4 +1,6 @@
-"""Building list files (DESIGN §4): scanning folders, naming labels, probing frame counts, splitting."""
+"""Building list files (docs/design.md "Data formats"): scanning folders, naming labels, probing frame
+counts, splitting."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -40,6 +42,7 @@ def videos_in(folder: str) -> list[str]:
 
 def _facts_one(path):
     from dali_pipelines.video import VideoError, broken, probe
+
     try:
         return path, probe(path)
     except VideoError as e:
@@ -60,12 +63,15 @@ def probe_counts(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tup
     """Frame counts by decoding each video (what every decoder will deliver), NPROC at once, and
     (path, reason) for each unreadable video."""
     facts = probe_facts(paths, nproc)
-    return ({p: f.frames for p, f in facts.items() if not f.error},
-            sorted((p, f.error) for p, f in facts.items() if f.error))
+    return (
+        {p: f.frames for p, f in facts.items() if not f.error},
+        sorted((p, f.error) for p, f in facts.items() if f.error),
+    )
 
 
 def _index_one(path):
     from dali_pipelines.formats import DataFormatError, index_pkl
+
     try:
         return path, index_pkl(path), None
     except (DataFormatError, OSError) as e:

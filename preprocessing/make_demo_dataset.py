@@ -14,6 +14,7 @@ OUT/{train,val}/<label>/<id>_<start>_<end>.mp4 and OUT/kinetics_demo_{train,val}
 (label,youtube_id,time_start,time_end,split). Deterministic from the seed; a second run with the same
 arguments does nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,14 @@ import numpy as np
 if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CLASSES = ("bouncing ball", "sliding square", "pulsing ring", "spinning bar", "blinking dots",
-           "scrolling stripes")
+CLASSES = ("bouncing ball", "sliding square", "pulsing ring", "spinning bar", "blinking dots", "scrolling stripes")
 BASE_COLOURS = {  # RGB of each class's object; jittered per clip
-    "bouncing ball": (220, 50, 40), "sliding square": (40, 80, 220), "pulsing ring": (40, 200, 60),
-    "spinning bar": (230, 210, 40), "blinking dots": (230, 230, 230), "scrolling stripes": (200, 50, 200),
+    "bouncing ball": (220, 50, 40),
+    "sliding square": (40, 80, 220),
+    "pulsing ring": (40, 200, 60),
+    "spinning bar": (230, 210, 40),
+    "blinking dots": (230, 230, 230),
+    "scrolling stripes": (200, 50, 200),
 }
 MOTION_CLASSES = ("moving right", "moving left")
 TASKS = {"appearance": CLASSES, "motion": MOTION_CLASSES}
@@ -77,10 +81,17 @@ def _clip_params(cls: str, w: int, h: int, rng: np.random.Generator) -> dict:
     # (x0 +- amp, y0 +- amp) stays within the central 80% of the short side, so that a moving object
     # never leaves the crops of the pipelines
     r = float(rng.uniform(16, 26))
-    p = dict(r=r, x0=float(w / 2 + rng.uniform(-0.12, 0.12) * h), y0=float(h / 2 + rng.uniform(-0.08, 0.08) * h),
-             omega=float(rng.uniform(0.08, 0.2)), phase=float(rng.uniform(0, 2 * np.pi)),
-             speed=float(rng.uniform(2, 6)) * rng.choice([-1, 1]), amp=float(rng.uniform(0.15, 0.22) * h),
-             slope=float(rng.uniform(-1, 1)), period=float(rng.uniform(18, 40)))
+    p = dict(
+        r=r,
+        x0=float(w / 2 + rng.uniform(-0.12, 0.12) * h),
+        y0=float(h / 2 + rng.uniform(-0.08, 0.08) * h),
+        omega=float(rng.uniform(0.08, 0.2)),
+        phase=float(rng.uniform(0, 2 * np.pi)),
+        speed=float(rng.uniform(2, 6)) * rng.choice([-1, 1]),
+        amp=float(rng.uniform(0.15, 0.22) * h),
+        slope=float(rng.uniform(-1, 1)),
+        period=float(rng.uniform(18, 40)),
+    )
     if cls == "blinking dots":
         gap = rng.uniform(24, 34)
         p["grid"] = [(p["y0"] + i * gap, p["x0"] + j * gap) for i in (-1, 0, 1) for j in (-1, 0, 1)]
@@ -122,8 +133,7 @@ def render_motion_clip(cls: str, num_frames: int, width: int, height: int, rng: 
         r = rng.uniform(14, 24)
         x0 = rng.uniform(width / 2 - 0.35 * height, width / 2 + 0.35 * height - travel)
         y0 = rng.uniform(height / 2 - 0.3 * height, height / 2 + 0.3 * height)
-        objects.append((r, x0, y0, rng.uniform(-0.05, 0.05) * height, bool(rng.integers(2)),
-                        rng.uniform(120, 255, 3)))
+        objects.append((r, x0, y0, rng.uniform(-0.05, 0.05) * height, bool(rng.integers(2)), rng.uniform(120, 255, 3)))
     grain = rng.normal(0, 3, (4, height, width, 1)).astype(np.float32)
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     for t in range(num_frames):
@@ -140,6 +150,7 @@ def render_motion_clip(cls: str, num_frames: int, width: int, height: int, rng: 
 def write_mp4(path: str, frames: np.ndarray, fps: int = FPS) -> None:
     """Encode RGB frames as H.264 (x264 defaults, so with B-frames) into ``path`` atomically."""
     import av
+
     tmp = path + ".tmp.mp4"
     with av.open(tmp, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast"})
@@ -160,13 +171,27 @@ def _make_clip(job) -> None:
 ALPHABET = np.array(list(string.ascii_letters + string.digits + "-_"))
 
 
-def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per_class: int = 8,
-                 min_frames: int = 40, max_frames: int = 200, jobs: int | None = None,
-                 task: str = "appearance") -> dict:
+def make_dataset(
+    out_dir: str,
+    seed: int = 0,
+    train_per_class: int = 20,
+    val_per_class: int = 8,
+    min_frames: int = 40,
+    max_frames: int = 200,
+    jobs: int | None = None,
+    task: str = "appearance",
+) -> dict:
     """Write the dataset; returns {split: csv path}. Skips work already done with the same arguments."""
     classes = TASKS[task]
-    config = dict(version=GENERATOR_VERSION, seed=seed, train_per_class=train_per_class,
-                  val_per_class=val_per_class, min_frames=min_frames, max_frames=max_frames, classes=classes)
+    config = dict(
+        version=GENERATOR_VERSION,
+        seed=seed,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        min_frames=min_frames,
+        max_frames=max_frames,
+        classes=classes,
+    )
     marker = os.path.join(out_dir, ".complete.json")
     csvs = {s: os.path.join(out_dir, f"kinetics_demo_{s}.csv") for s in ("train", "val")}
     try:
@@ -177,8 +202,10 @@ def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per
     except (OSError, ValueError):
         pass
     import multiprocessing
+
     from dali_pipelines.formats import write_atomic
     from preprocessing.progress import progress
+
     counts = {"train": train_per_class, "val": val_per_class}
     todo = []
     for si, split in enumerate(("train", "val")):
@@ -198,8 +225,10 @@ def make_dataset(out_dir: str, seed: int = 0, train_per_class: int = 20, val_per
                     todo.append((path, cls, n, width, height, [seed, si, ci, k, 1]))
         write_atomic(csvs[split], ("\n".join(rows) + "\n").encode())
     total = len(classes) * (train_per_class + val_per_class)
-    with multiprocessing.get_context("fork").Pool(jobs or os.cpu_count()) as pool, \
-            progress(total, "make_demo_dataset", initial=total - len(todo)) as bar:
+    with (
+        multiprocessing.get_context("fork").Pool(jobs or os.cpu_count()) as pool,
+        progress(total, "make_demo_dataset", initial=total - len(todo)) as bar,
+    ):
         for _ in pool.imap_unordered(_make_clip, todo):
             bar.update()
     write_atomic(marker, json.dumps(config).encode())
@@ -216,9 +245,13 @@ def main(argv=None) -> int:
     p.add_argument("--min-frames", type=int, default=40)
     p.add_argument("--max-frames", type=int, default=200)
     p.add_argument("--jobs", type=int, default=None, help="parallel encoder processes (default: all cores)")
-    p.add_argument("--task", choices=sorted(TASKS), default="appearance",
-                   help="appearance: 6 classes told apart by any frame; motion: 2 classes told apart only by "
-                   "the direction of motion")
+    p.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="appearance",
+        help="appearance: 6 classes told apart by any frame; motion: 2 classes told apart only by "
+        "the direction of motion",
+    )
     a = p.parse_args(argv)
     if not 1 <= a.min_frames <= a.max_frames:
         p.error("need 1 <= --min-frames <= --max-frames")

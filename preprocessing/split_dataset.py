@@ -7,6 +7,7 @@ data/mine/{train,val,test}.list ('path label', or 'path num_frames label' with -
 is shuffled with the seed and cut by the ratios, so every split keeps the class balance; the same seed
 gives the same split. Two ratios give train and val only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,15 +18,23 @@ if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocessing.kinetics import UsageError, class_name, write_label_file  # noqa: E402
-from preprocessing.lists import (class_folders, class_index_for, count_frames, stratified_split,  # noqa: E402
-                                 video_entries, videos_in, write_list)
+from preprocessing.lists import (  # noqa: E402
+    class_folders,
+    class_index_for,
+    count_frames,
+    stratified_split,
+    video_entries,
+    videos_in,
+    write_list,
+)
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("root", help="dataset folder: ROOT/<class>/<clip>")
     p.add_argument("out_dir", help="folder for label.txt and the split lists")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.15, 0.15])

@@ -7,6 +7,7 @@ testlist0N.txt ('ApplyEyeMakeup/v_..._c01.avi'); writes data/ucf101/ucf101_label
 ucf101_{train,test}_split_N_videos.list ('path label', or 'path num_frames label' with --probe N).
 Videos named by the split files but missing under UCF-101/ are left out and reported (exit status 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,9 @@ import sys
 if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dali_pipelines.formats import DataFormatError, text_lines  # noqa: E402
 from preprocessing.kinetics import UsageError, write_label_file  # noqa: E402
 from preprocessing.lists import count_frames, video_entries, write_list  # noqa: E402
-from dali_pipelines.formats import DataFormatError, text_lines  # noqa: E402
 
 
 def _lines(path: str) -> list[str]:
@@ -55,8 +56,10 @@ def read_split(path: str, index: dict[str, int]) -> list[tuple[str, int]]:
             continue
         rel, cls = parts[0], parts[0].split("/")[0]
         if len(parts) > 2 or cls not in index:
-            raise UsageError(f"{path}:{no}: expected '<Class>/<video>.avi [label]' with a class of "
-                             f"classInd.txt, got {line.strip()!r}")
+            raise UsageError(
+                f"{path}:{no}: expected '<Class>/<video>.avi [label]' with a class of "
+                f"classInd.txt, got {line.strip()!r}"
+            )
         if len(parts) == 2 and (not (parts[1].isascii() and parts[1].isdigit()) or int(parts[1]) - 1 != index[cls]):
             raise UsageError(f"{path}:{no}: label {parts[1]} disagrees with class {cls} in classInd.txt")
         out.append((rel, index[cls]))
@@ -64,8 +67,9 @@ def read_split(path: str, index: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("ucf_dir", help="the UCF-101 video folder (UCF-101/<Class>/v_*.avi)")
     p.add_argument("splits_dir", help="the folder of classInd.txt, trainlist0N.txt, testlist0N.txt")
     p.add_argument("out_dir")
@@ -74,8 +78,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         index = read_class_ind(os.path.join(args.splits_dir, "classInd.txt"))
-        splits = {name: read_split(os.path.join(args.splits_dir, f"{name}list0{args.split}.txt"), index)
-                  for name in ("train", "test")}
+        splits = {
+            name: read_split(os.path.join(args.splits_dir, f"{name}list0{args.split}.txt"), index)
+            for name in ("train", "test")
+        }
     except UsageError as e:
         print(f"ucf101_lists: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ written under a temporary name and renamed when complete, so a rerun skips finis
 the rest. Bad clips are recorded in DST_DIR.failures.txt and the run goes on.
 Exit status: 0 all clips converted or already done, 1 some clips failed, 2 usage error, 130 interrupted.
 """
+
 import os
 import sys
 

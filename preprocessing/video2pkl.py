@@ -9,6 +9,7 @@ Missing, empty, truncated or undecodable videos, labels not in the label file an
 are recorded in DST_DIR.failures.txt and the run goes on.
 Exit status: 0 all clips converted or already done, 1 some clips failed, 2 usage error, 130 interrupted.
 """
+
 import os
 import sys
 

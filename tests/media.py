@@ -1,4 +1,5 @@
 """Tiny media for tests: videos and JPEG sequences whose frames carry their own index."""
+
 from __future__ import annotations
 
 import io
@@ -26,10 +27,12 @@ def jpeg(img: np.ndarray, quality: int = 95) -> bytes:
 def write_video(path: str, frames: np.ndarray) -> None:
     """H.264 mp4; with x264's defaults the stream has B-frames (reordered decode)."""
     from preprocessing.make_demo_dataset import write_mp4
+
     write_mp4(str(path), frames)
 
 
 def has_bframes(path: str) -> bool:
     import av
+
     with av.open(str(path)) as c:
         return any(int(getattr(f.pict_type, "value", f.pict_type)) == 3 for f in c.decode(video=0))  # AV_PICTURE_TYPE_B

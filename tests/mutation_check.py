@@ -6,6 +6,7 @@ Each mutant is a bug a user would fear (a wrong loss, lost flips, a skipped all-
 ...). A line per mutant says CAUGHT (the tests failed, with the first failing test) or MISSED. The fast
 tier (-m "not slow") is the default and must catch every one; exit status 1 if any is missed.
 """
+
 import argparse
 import os
 import shutil
@@ -16,48 +17,79 @@ import time
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUTANTS = {
-    "mixup partner loss without (1 - lam)": ("trainer/engine.py",
+    "mixup partner loss without (1 - lam)": (
+        "trainer/engine.py",
         "loss = lam * loss + (1 - lam) * classification_loss(logits, partners, smoothing)",
-        "loss = lam * loss + classification_loss(logits, partners, smoothing)"),
-    "label smoothing applied twice in the loop (0.1 -> 0.19)": ("trainer/engine.py",
+        "loss = lam * loss + classification_loss(logits, partners, smoothing)",
+    ),
+    "label smoothing applied twice in the loop (0.1 -> 0.19)": (
+        "trainer/engine.py",
         "    loss = classification_loss(logits, labels, smoothing)\n",
-        "    loss = classification_loss(logits, labels, 1 - (1 - smoothing) ** 2)\n"),
-    "10-crop test views lose their flips": ("dali_pipelines/crops.py",
-        "[(w, True) for w in windows]", "[(w, False) for w in windows]"),
-    "precise-BN without the cross-rank average": ("trainer/precise_bn.py",
-        "    dist.average_bn_buffers(model, env)\n", "\n"),
-    "eval counts every sample twice": ("trainer/engine.py",
-        "counts += (c1, c5, truth.shape[0], float(loss))", "counts += (c1, c5, 2 * truth.shape[0], float(loss))"),
-    "eval skips the last partial batch": ("dali_pipelines/loader.py",
-        'drop_last = (mode == "train") if opt["drop_last"] is None', 'drop_last = True if opt["drop_last"] is None'),
-    "resume without optimizer state": ("trainer/engine.py",
-        '    opt.set_state_dict(state["optimizer"])\n', "\n"),
-    "resume without the LR scheduler position": ("trainer/engine.py",
+        "    loss = classification_loss(logits, labels, 1 - (1 - smoothing) ** 2)\n",
+    ),
+    "10-crop test views lose their flips": (
+        "dali_pipelines/crops.py",
+        "[(w, True) for w in windows]",
+        "[(w, False) for w in windows]",
+    ),
+    "precise-BN without the cross-rank average": (
+        "trainer/precise_bn.py",
+        "    dist.average_bn_buffers(model, env)\n",
+        "\n",
+    ),
+    "eval counts every sample twice": (
+        "trainer/engine.py",
+        "counts += (c1, c5, truth.shape[0], float(loss))",
+        "counts += (c1, c5, 2 * truth.shape[0], float(loss))",
+    ),
+    "eval skips the last partial batch": (
+        "dali_pipelines/loader.py",
+        'drop_last = (mode == "train") if opt["drop_last"] is None',
+        'drop_last = True if opt["drop_last"] is None',
+    ),
+    "resume without optimizer state": ("trainer/engine.py", '    opt.set_state_dict(state["optimizer"])\n', "\n"),
+    "resume without the LR scheduler position": (
+        "trainer/engine.py",
         '    opt.set_state_dict(state["optimizer"])\n',
-        '    opt.set_state_dict({k: v for k, v in state["optimizer"].items() if k != "LR_Scheduler"})\n'),
-    "consensus max instead of mean": ("trainer/models.py",
+        '    opt.set_state_dict({k: v for k, v in state["optimizer"].items() if k != "LR_Scheduler"})\n',
+    ),
+    "consensus max instead of mean": (
+        "trainer/models.py",
         "feats.reshape([-1, num_views, feats.shape[-1]]).mean(axis=1)",
-        "feats.reshape([-1, num_views, feats.shape[-1]]).max(axis=1)"),
-    "feed: a skipped training sample is not replaced (no top-up)": ("dali_pipelines/loader.py",
-        "        self._budget += 1  #", "        self._budget += 0  #"),
-    "video probe facts trusted after the file changed": ("dali_pipelines/feed.py",
+        "feats.reshape([-1, num_views, feats.shape[-1]]).max(axis=1)",
+    ),
+    "feed: a skipped training sample is not replaced (no top-up)": (
+        "dali_pipelines/loader.py",
+        "        self._budget += 1  #",
+        "        self._budget += 0  #",
+    ),
+    "video probe facts trusted after the file changed": (
+        "dali_pipelines/feed.py",
         "if facts is not None and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns) \\",
-        "if facts is not None and True \\"),
-    "sparse decode without the frame-count consistency check": ("dali_pipelines/video.py",
+        "if facts is not None and True \\",
+    ),
+    "sparse decode without the frame-count consistency check": (
+        "dali_pipelines/video.py",
         "if any(p.pts is None for p in shown) or len(shown) != promised:",
-        "if any(p.pts is None for p in shown):"),
-    "pkl index without the end anchor (a frame left out goes unnoticed)": ("dali_pipelines/formats.py",
-        "not pickle_end - _MAX_TAIL_OPCODES <= ends[-1] <= pickle_end", "not ends[-1] <= pickle_end"),
-    "weights loaded with a plain unpickler": ("trainer/checkpoint.py",
-        "            return _ALLOWED[(module, name)]\n", "            return super().find_class(module, name)\n"),
+        "if any(p.pts is None for p in shown):",
+    ),
+    "pkl index without the end anchor (a frame left out goes unnoticed)": (
+        "dali_pipelines/formats.py",
+        "not pickle_end - _MAX_TAIL_OPCODES <= ends[-1] <= pickle_end",
+        "not ends[-1] <= pickle_end",
+    ),
+    "weights loaded with a plain unpickler": (
+        "trainer/checkpoint.py",
+        "            return _ALLOWED[(module, name)]\n",
+        "            return super().find_class(module, name)\n",
+    ),
 }
 
 
 def run(name: str, tier: str, work: str) -> tuple[int, list[str], float]:
     path, old, new = MUTANTS[name]
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(SRC, work, ignore=shutil.ignore_patterns(".venv", "data", "output", "log", ".git",
-                                                             "__pycache__"))
+    shutil.copytree(SRC, work, ignore=shutil.ignore_patterns(".venv", "data", "output", "log", ".git", "__pycache__"))
     text = open(os.path.join(work, path)).read()
     assert text.count(old) == 1, f"{name}: the code to mutate changed; update the mutant"
     with open(os.path.join(work, path), "w") as f:

@@ -12,12 +12,14 @@ def cfg_file(tmp_path):
         p = tmp_path / "c.yaml"
         p.write_text(text)
         return str(p)
+
     return write
 
 
 @pytest.mark.parametrize("path", ROOT_CONFIGS)
 def test_shipped_configs_load(path):
     import os
+
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), path))
     assert cfg.MODEL.name == "TSN"
     assert cfg.OPTIMIZER.momentum == 0.9
@@ -25,6 +27,7 @@ def test_shipped_configs_load(path):
 
 def test_production_configs_keep_the_kinetics_recipe():
     import os
+
     root = os.path.dirname(os.path.dirname(__file__))
     for path in ROOT_CONFIGS[:2]:
         cfg = load_config(os.path.join(root, path))
@@ -60,8 +63,16 @@ def test_defaults_fill_missing_keys_and_ints_are_accepted_as_floats(cfg_file):
 
 def test_overrides_are_parsed_as_yaml_and_validated(cfg_file):
     path = cfg_file("epochs: 5\n")
-    cfg = load_config(path, ["OPTIMIZER.base_lr=0.02", "PIPELINE.flip=false", "epochs=7",
-                             "OPTIMIZER.decay_points=[0.5, 0.75]", "output_dir=out dir"])
+    cfg = load_config(
+        path,
+        [
+            "OPTIMIZER.base_lr=0.02",
+            "PIPELINE.flip=false",
+            "epochs=7",
+            "OPTIMIZER.decay_points=[0.5, 0.75]",
+            "output_dir=out dir",
+        ],
+    )
     assert cfg.OPTIMIZER.base_lr == 0.02 and cfg.PIPELINE.flip is False and cfg.epochs == 7
     assert cfg.OPTIMIZER.decay_points == [0.5, 0.75] and cfg.output_dir == "out dir"
     with pytest.raises(ConfigError, match="unknown key 'OPTIMIZER.lr'.*-o OPTIMIZER.lr=1"):
@@ -94,6 +105,7 @@ def test_the_pp_and_tsm_configs_keep_their_recipes():
 
     def cfg(name):
         return load_config(os.path.join(ROOT, "configs", name))
+
     tsm, pptsn, pptsm, dense = cfg("tsm.yaml"), cfg("pptsn.yaml"), cfg("pptsm.yaml"), cfg("pptsm_dense.yaml")
     assert (tsm.MODEL.name, tsm.PIPELINE.num_segments, tsm.MODEL.backbone.shift_div) == ("TSM", 8, 8)
     assert tsm.OPTIMIZER.schedule == "step" and tsm.MODEL.head.label_smoothing == 0
@@ -112,7 +124,9 @@ def test_a_model_name_typo_lists_the_models(cfg_file):
 
 
 def test_tsm_cannot_test_on_another_segment_count_or_one_segment(cfg_file):
-    with pytest.raises(ConfigError, match="PIPELINE.test_num_segments = 25 .*TSM is built for PIPELINE.num_segments = 8"):
+    with pytest.raises(
+        ConfigError, match="PIPELINE.test_num_segments = 25 .*TSM is built for PIPELINE.num_segments = 8"
+    ):
         load_config(cfg_file("MODEL: {name: TSM}\nPIPELINE: {num_segments: 8, test_num_segments: 25}\n"))
     with pytest.raises(ConfigError, match="needs at least 2"):
         load_config(cfg_file("MODEL: {name: PP-TSM}\n"), ["PIPELINE.num_segments=1"])
@@ -129,6 +143,7 @@ def test_a_schedule_or_sampling_typo_is_a_config_error(cfg_file):
 
 def test_feed_workers_default_to_auto_and_take_zero_or_more(cfg_file, monkeypatch):
     from dali_pipelines.feed import default_num_workers
+
     path = cfg_file("epochs: 5\n")
     assert load_config(path).DATASET.num_workers is None  # auto: a share of the host's cores
     assert load_config(path, ["DATASET.num_workers=0"]).DATASET.num_workers == 0
@@ -142,18 +157,21 @@ def test_feed_workers_default_to_auto_and_take_zero_or_more(cfg_file, monkeypatc
         assert default_num_workers() == workers
 
 
-@pytest.mark.parametrize("override,message", [
-    ("OPTIMIZER.base_lr=.nan", "must be a finite number"),
-    ("OPTIMIZER.weight_decay=.inf", "must be a finite number"),
-    ("MODEL.head.dropout=1", "must be < 1.0"),
-    ("MODEL.head.label_smoothing=1.5", "must be < 1.0"),
-    ("OPTIMIZER.momentum=1.0", "must be < 1.0"),
-    ("OPTIMIZER.decay_factor=2", "must be < 1.0"),
-    ("OPTIMIZER.decay_points=[0.8,0.4]", "must be increasing fractions"),
-    ("OPTIMIZER.decay_points=[0.5,1.0]", "must be increasing fractions"),
-    ("OPTIMIZER.grad_clip=0", "must be > 0 .null disables"),
-    ("PIPELINE.target_size=300", "target_size must be <= short_size"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("OPTIMIZER.base_lr=.nan", "must be a finite number"),
+        ("OPTIMIZER.weight_decay=.inf", "must be a finite number"),
+        ("MODEL.head.dropout=1", "must be < 1.0"),
+        ("MODEL.head.label_smoothing=1.5", "must be < 1.0"),
+        ("OPTIMIZER.momentum=1.0", "must be < 1.0"),
+        ("OPTIMIZER.decay_factor=2", "must be < 1.0"),
+        ("OPTIMIZER.decay_points=[0.8,0.4]", "must be increasing fractions"),
+        ("OPTIMIZER.decay_points=[0.5,1.0]", "must be increasing fractions"),
+        ("OPTIMIZER.grad_clip=0", "must be > 0 .null disables"),
+        ("PIPELINE.target_size=300", "target_size must be <= short_size"),
+    ],
+)
 def test_values_outside_their_meaningful_range_are_one_line_errors(cfg_file, override, message):
     path = cfg_file("MODEL:\n  head:\n    num_classes: 5\n")
     with pytest.raises(ConfigError, match=r"config error: .*" + message):

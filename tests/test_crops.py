@@ -1,4 +1,5 @@
 """Crop windows against the published TSN protocols, written out here independently of crops.py."""
+
 import numpy as np
 import pytest
 
@@ -15,8 +16,13 @@ def test_ten_crops_are_the_four_corners_and_the_centre_then_the_same_mirrored(wi
     k = short / min(width, height)
     rw, rh = width * k, height * k
     s = 224
-    corners_and_centre = [[0, 0, s, s], [rw - s, 0, s, s], [0, rh - s, s, s], [rw - s, rh - s, s, s],
-                          [(rw - s) / 2, (rh - s) / 2, s, s]]
+    corners_and_centre = [
+        [0, 0, s, s],
+        [rw - s, 0, s, s],
+        [0, rh - s, s, s],
+        [rw - s, rh - s, s, s],
+        [(rw - s) / 2, (rh - s) / 2, s, s],
+    ]
     got = crops.test_windows(width, height, s, short, 10)
     assert [bool(f) for _, f in got] == [False] * 5 + [True] * 5
     np.testing.assert_allclose([_pixels(w, rw, rh) for w, _ in got], corners_and_centre * 2, atol=1e-3)
@@ -25,10 +31,11 @@ def test_ten_crops_are_the_four_corners_and_the_centre_then_the_same_mirrored(wi
 def test_three_crops_run_along_the_long_side_and_one_crop_is_the_centre():
     rw, rh = 340, 256
     three = crops.test_windows(340, 256, 224, 256, 3)
-    np.testing.assert_allclose([_pixels(w, rw, rh) for w, _ in three],
-                               [[0, 16, 224, 224], [58, 16, 224, 224], [116, 16, 224, 224]], atol=1e-3)
+    np.testing.assert_allclose(
+        [_pixels(w, rw, rh) for w, _ in three], [[0, 16, 224, 224], [58, 16, 224, 224], [116, 16, 224, 224]], atol=1e-3
+    )
     assert not any(f for _, f in three)
-    (centre, flip), = crops.test_windows(340, 256, 224, 256, 1)
+    ((centre, flip),) = crops.test_windows(340, 256, 224, 256, 1)
     np.testing.assert_allclose(_pixels(centre, rw, rh), [58, 16, 224, 224], atol=1e-3)
     assert not flip
 
@@ -40,8 +47,7 @@ def test_multiscale_crops_take_tsn_sizes_at_the_thirteen_fixed_offsets():
     # the four quarter points
     sides = [256, 224, 192, 168]
     sizes = {(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1}
-    grid = {(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
-            (1, 1), (3, 1), (1, 3), (3, 3)}
+    grid = {(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)}
     rng = np.random.default_rng(0)
     seen_sizes, seen_spots = set(), set()
     for _ in range(3000):

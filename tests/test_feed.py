@@ -1,5 +1,6 @@
 """The loader's host side in worker processes: the same batches whatever the workers, every guarantee kept,
 and a worker that dies or hangs ends the run with a clear error."""
+
 import os
 import signal
 import time
@@ -76,8 +77,18 @@ def test_training_batches_are_topped_up_and_skips_reported_once_and_counted(clip
 def test_evaluation_visits_every_readable_sample_once_with_workers(clips):
     seen, skipped = [], 0
     for rank in range(2):
-        loader = build_loader(clips, "pkl", "val", batch_size=2, num_segments=2, target_size=16, short_size=16,
-                              rank=rank, world_size=2, num_workers=2)
+        loader = build_loader(
+            clips,
+            "pkl",
+            "val",
+            batch_size=2,
+            num_segments=2,
+            target_size=16,
+            short_size=16,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+        )
         epochs = [[int(v) for _, labels in loader for v in labels.numpy()] for _ in range(2)]
         assert epochs[0] == epochs[1]
         seen += epochs[0]
@@ -105,15 +116,18 @@ def _gone(pid: int, within: float = 10.0) -> bool:
 
 @pytest.mark.timeout(60)
 def test_a_worker_that_dies_ends_the_run_with_a_clear_error(clips):
-    loader = build_loader(clips, "pkl", "train", batch_size=3, num_segments=2, target_size=16, short_size=16,
-                          num_workers=2)
+    loader = build_loader(
+        clips, "pkl", "train", batch_size=3, num_segments=2, target_size=16, short_size=16, num_workers=2
+    )
     pids = loader._source.feed.worker_pids
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
     while os.path.exists(f"/proc/{pids[0]}") and open(f"/proc/{pids[0]}/stat").read().split(") ")[1][0] != "Z":
         time.sleep(0.01)  # until it is dead (a zombie, or already reaped)
     t = time.time()
-    with pytest.raises(WorkerError, match=r"loader worker process pid \d+ \(killed by SIGKILL\) died while reading .*c\d.pkl"):
+    with pytest.raises(
+        WorkerError, match=r"loader worker process pid \d+ \(killed by SIGKILL\) died while reading .*c\d.pkl"
+    ):
         for _ in loader:
             pass
     assert time.time() - t < 30
@@ -125,8 +139,17 @@ def test_a_worker_that_hangs_on_a_file_ends_the_run_after_the_timeout(clips, tmp
     os.mkfifo(tmp_path / "stuck.pkl")  # open() blocks forever: a hung filesystem
     with open(clips, "a") as f:
         f.write("stuck.pkl\n")
-    loader = build_loader(clips, "pkl", "val", batch_size=11, num_segments=2, target_size=16, short_size=16,
-                          num_workers=2, worker_timeout=2)
+    loader = build_loader(
+        clips,
+        "pkl",
+        "val",
+        batch_size=11,
+        num_segments=2,
+        target_size=16,
+        short_size=16,
+        num_workers=2,
+        worker_timeout=2,
+    )
     pids = loader._source.feed.worker_pids
     t = time.time()
     with pytest.raises(WorkerError, match=r"returned nothing for 2 s while reading .*stuck.pkl"):
@@ -138,6 +161,7 @@ def test_a_worker_that_hangs_on_a_file_ends_the_run_after_the_timeout(clips, tmp
 def test_a_video_is_demuxed_once_not_on_every_read_and_again_when_it_changes(tmp_path, monkeypatch):
     """The GPU path's host side (the bytes NVDEC gets, and its packet check) runs without a GPU."""
     import dali_pipelines.feed as feed
+
     for i in range(2):
         write_video(tmp_path / f"v{i}.mp4", index_frames(20 + 5 * i))
     (tmp_path / "videos.txt").write_text("v0.mp4 20 0\nv1.mp4 1\n")  # a listed count, and one to probe
@@ -148,13 +172,23 @@ def test_a_video_is_demuxed_once_not_on_every_read_and_again_when_it_changes(tmp
 
     def source():
         from dali_pipelines.video import load_probe_cache, probe_cached
+
         list_file = str(tmp_path / "videos.txt")
         samples = read_list(list_file, "videos")
         facts = load_probe_cache(list_file + ".probe.json")
         facts.update(probe_cached([s.path for s in samples if not s.num_frames], list_file + ".probe.json", facts))
         spec = ClipSpec(source="videos", decode="video", mode="val", num_segments=3, target_size=16, short_size=16)
-        return _ClipSource(samples, spec, batch_size=2, rank=0, world_size=1, seed=0, drop_last=False,
-                           facts=facts, cache_file=list_file + ".probe.json")
+        return _ClipSource(
+            samples,
+            spec,
+            batch_size=2,
+            rank=0,
+            world_size=1,
+            seed=0,
+            drop_last=False,
+            facts=facts,
+            cache_file=list_file + ".probe.json",
+        )
 
     src = source()
     for epoch in range(3):
@@ -174,8 +208,16 @@ def test_a_video_shorter_than_its_listed_count_is_skipped_before_nvdec(tmp_path,
     write_video(tmp_path / "v.mp4", index_frames(20))
     (tmp_path / "videos.txt").write_text("v.mp4 30 0\n")
     samples = read_list(str(tmp_path / "videos.txt"), "videos")
-    src = _ClipSource(samples, ClipSpec(source="videos", decode="video", mode="val", num_segments=3, target_size=16, short_size=16), batch_size=1, rank=0,
-                      world_size=1, seed=0, drop_last=False, num_workers=1)
+    src = _ClipSource(
+        samples,
+        ClipSpec(source="videos", decode="video", mode="val", num_segments=3, target_size=16, short_size=16),
+        batch_size=1,
+        rank=0,
+        world_size=1,
+        seed=0,
+        drop_last=False,
+        num_workers=1,
+    )
     with pytest.raises(StopIteration):
         src(SimpleNamespace(iteration=0))
     assert src.skipped == 1 and "has 20 frames, fewer than the 30 the list promised" in capfd.readouterr().err

@@ -1,4 +1,5 @@
 """Both launchers with real processes: paddle.distributed.launch (run_dist.sh) and mpirun."""
+
 import os
 import re
 import shutil
@@ -23,15 +24,37 @@ def _config(tmp_path, demo_dataset, name, epochs=2, train_list=None):
 
 
 def _run_dist(cfg, log_dir, *extra, model="TSN"):
-    return subprocess.Popen(["bash", os.path.join(ROOT, "run_dist.sh"), "train", model, cfg, "--nproc", "2", *extra],
-                            cwd=ROOT, env={**os.environ, "PYTHON": sys.executable, "LOG_DIR": str(log_dir)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["bash", os.path.join(ROOT, "run_dist.sh"), "train", model, cfg, "--nproc", "2", *extra],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable, "LOG_DIR": str(log_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _mpirun(cfg, *extra, console=None):
-    return subprocess.Popen([MPIRUN, "-np", "2", "--oversubscribe", "--allow-run-as-root", "-x", "OMP_NUM_THREADS=1",
-                             sys.executable, "-m", "launch.mpi_train", cfg, *extra], cwd=ROOT,
-                            stdout=console or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            MPIRUN,
+            "-np",
+            "2",
+            "--oversubscribe",
+            "--allow-run-as-root",
+            "-x",
+            "OMP_NUM_THREADS=1",
+            sys.executable,
+            "-m",
+            "launch.mpi_train",
+            cfg,
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=console or subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _digests(text):
@@ -56,15 +79,17 @@ def test_mpirun_trains_exactly_like_run_dist(demo_dataset, tmp_path):
 def test_the_pp_tsm_recipe_trains_alike_under_mpirun_and_run_dist(demo_dataset, tmp_path):
     """The PP-TSM recipe's code paths (ResNet-vd + shift, dense sampling, label smoothing, mixup, cosine LR
     with warm-up, Nesterov, precise-BN) run to the same weights on both ranks and under both launchers.
-    What each of them computes is tested on its own: test_engine (the loss), test_models and
-    test_solver_and_model (the model, the schedule), test_checkpoint_resume (precise-BN)."""
+    What each of them computes is tested on its own: test_engine (the loss), test_models (the model),
+    test_solver (the schedule), test_precise_bn (precise-BN)."""
     outs = {}
     for name in ("mpi", "launch"):
         base = _config(tmp_path, demo_dataset, name, epochs=1)
         cfg = tmp_path / f"{name}_pptsm.yaml"
-        cfg.write_text(f"_base_: {base}\nMODEL: {{name: PP-TSM, head: {{label_smoothing: 0.1}}}}\n"
-                       "PIPELINE: {num_segments: 4, sampling: dense, dense_interval: 2, mixup_alpha: 0.2}\n"
-                       "OPTIMIZER: {schedule: cosine, warmup_epochs: 0.5, nesterov: true}\n")
+        cfg.write_text(
+            f"_base_: {base}\nMODEL: {{name: PP-TSM, head: {{label_smoothing: 0.1}}}}\n"
+            "PIPELINE: {num_segments: 4, sampling: dense, dense_interval: 2, mixup_alpha: 0.2}\n"
+            "OPTIMIZER: {schedule: cosine, warmup_epochs: 0.5, nesterov: true}\n"
+        )
         if name == "mpi":
             out, _ = _mpirun(str(cfg)).communicate(timeout=600)
         else:

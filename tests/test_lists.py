@@ -49,6 +49,7 @@ def test_split_rejects_bad_ratios_and_empty_classes(tmp_path, capsys):
 
 def test_video_list_with_probed_frame_counts(tmp_path, capsys):
     from .test_video import _damaged
+
     for cls, n in (("b", 9), ("a", 14)):
         (tmp_path / "v" / cls).mkdir(parents=True)
         write_video(tmp_path / "v" / cls / "x.mp4", index_frames(n))
@@ -70,25 +71,34 @@ def test_pkl_and_rawframes_lists(tmp_path, demo_dataset):
     assert len(samples) == 12 and all(s.path.endswith(".pkl") for s in samples)
     label_file = str(demo_dataset / "label.txt")
     csv = str(demo_dataset / "kinetics_demo_val.csv")
-    assert vid2img.main([csv, str(demo_dataset / "val"), str(tmp_path / "frames"), "2", "--label-file", label_file]) == 0
+    assert (
+        vid2img.main([csv, str(demo_dataset / "val"), str(tmp_path / "frames"), "2", "--label-file", label_file]) == 0
+    )
     out = tmp_path / "frames_rebuilt.list"
-    assert build_list.main(["rawframes", str(tmp_path / "frames"), str(out), "--csv", csv,
-                            "--label-file", label_file]) == 0
+    assert (
+        build_list.main(["rawframes", str(tmp_path / "frames"), str(out), "--csv", csv, "--label-file", label_file])
+        == 0
+    )
     assert sorted(_lines(out)) == sorted(_lines(tmp_path / "frames.list"))
 
 
 def test_ucf101_official_splits_become_lists(tmp_path, capsys):
     ucf, splits = tmp_path / "UCF-101", tmp_path / "ucfTrainTestlist"
     _touch_videos(ucf, {"ApplyEyeMakeup": 0, "Archery": 0})
-    for rel in ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi",
-                "Archery/v_Archery_g08_c01.avi"):
+    for rel in (
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi",
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi",
+        "Archery/v_Archery_g08_c01.avi",
+    ):
         (ucf / rel).write_bytes(b"x")
     splits.mkdir()
     (splits / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n")
-    (splits / "trainlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\n"
-                                            "Archery/v_Archery_g08_c01.avi 2\n")
-    (splits / "testlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\n"
-                                           "Archery/v_Archery_g01_c01.avi\n")
+    (splits / "trainlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nArchery/v_Archery_g08_c01.avi 2\n"
+    )
+    (splits / "testlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\nArchery/v_Archery_g01_c01.avi\n"
+    )
     out = tmp_path / "lists"
     assert ucf101_lists.main([str(ucf), str(splits), str(out)]) == 1  # one test video is missing
     assert "missing" in capsys.readouterr().err
@@ -96,7 +106,9 @@ def test_ucf101_official_splits_become_lists(tmp_path, capsys):
     train = read_list(str(out / "ucf101_train_split_1_videos.list"), "videos")
     test = read_list(str(out / "ucf101_test_split_1_videos.list"), "videos")
     assert [(os.path.basename(s.path), s.label) for s in train] == [
-        ("v_ApplyEyeMakeup_g08_c01.avi", 0), ("v_Archery_g08_c01.avi", 1)]
+        ("v_ApplyEyeMakeup_g08_c01.avi", 0),
+        ("v_Archery_g08_c01.avi", 1),
+    ]
     assert [(os.path.basename(s.path), s.label) for s in test] == [("v_ApplyEyeMakeup_g01_c01.avi", 0)]
     (splits / "trainlist01.txt").write_text("Archery/v_Archery_g08_c01.avi 1\n")
     assert ucf101_lists.main([str(ucf), str(splits), str(out)]) == 2

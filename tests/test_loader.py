@@ -12,8 +12,7 @@ from .media import index_frames, jpeg, level_to_index, write_video
 def _pkl_list(tmp_path, frames_per_clip, labels, colour=None):
     lines = []
     for i, (n, label) in enumerate(zip(frames_per_clip, labels)):
-        frames = index_frames(n) if colour is None else np.broadcast_to(
-            np.array(colour, np.uint8), (n, 48, 64, 3))
+        frames = index_frames(n) if colour is None else np.broadcast_to(np.array(colour, np.uint8), (n, 48, 64, 3))
         write_pkl(str(tmp_path / f"c{i}.pkl"), f"c{i}", label, [jpeg(f) for f in frames])
         lines.append(f"c{i}.pkl")
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
@@ -53,8 +52,16 @@ def test_pkl_frames_are_the_frames_at_the_sampled_indices(tmp_path):
 def test_h264_video_with_bframes_decodes_the_sampled_frames_on_cpu(tmp_path):
     write_video(tmp_path / "v.mp4", index_frames(40))
     (tmp_path / "videos.txt").write_text("v.mp4 1\n")
-    loader = build_loader(str(tmp_path / "videos.txt"), "videos", "test", batch_size=2, num_segments=3,
-                          target_size=32, short_size=32, num_clips=2)
+    loader = build_loader(
+        str(tmp_path / "videos.txt"),
+        "videos",
+        "test",
+        batch_size=2,
+        num_segments=3,
+        target_size=32,
+        short_size=32,
+        num_clips=2,
+    )
     imgs, labels = next(iter(loader))
     assert list(imgs.shape) == [1, 6, 3, 32, 32] and labels.numpy().tolist() == [1]
     got = [level_to_index(v) for v in _frame_levels(imgs)[0]]
@@ -64,9 +71,20 @@ def test_h264_video_with_bframes_decodes_the_sampled_frames_on_cpu(tmp_path):
 
 def test_dense_sampling_reaches_the_decoded_frames(tmp_path):
     from dali_pipelines.sampling import dense_indices
+
     lst = _pkl_list(tmp_path, [50], [0])
-    loader = build_loader(lst, "pkl", "test", batch_size=1, num_segments=4, target_size=32, short_size=32,
-                          num_clips=2, sampling="dense", dense_interval=5)
+    loader = build_loader(
+        lst,
+        "pkl",
+        "test",
+        batch_size=1,
+        num_segments=4,
+        target_size=32,
+        short_size=32,
+        num_clips=2,
+        sampling="dense",
+        dense_interval=5,
+    )
     imgs, _ = next(iter(loader))
     got = [level_to_index(v) for v in _frame_levels(imgs)[0]]
     assert got == dense_indices(50, 4, "test", num_clips=2, interval=5).tolist() == [0, 5, 10, 15, 30, 35, 40, 45]
@@ -77,8 +95,9 @@ def test_eval_visits_every_sample_once_across_ranks_with_uneven_shards(tmp_path)
     lst = _pkl_list(tmp_path, [12] * n, list(range(n)))
     seen = []
     for rank in range(2):
-        loader = build_loader(lst, "pkl", "val", batch_size=2, num_segments=2, target_size=16,
-                              short_size=16, rank=rank, world_size=2)
+        loader = build_loader(
+            lst, "pkl", "val", batch_size=2, num_segments=2, target_size=16, short_size=16, rank=rank, world_size=2
+        )
         assert len(loader) == 2
         for epoch in range(2):
             got = [int(v) for _, labels in loader for v in labels.numpy()]
@@ -92,8 +111,21 @@ def test_eval_visits_every_sample_once_across_ranks_with_uneven_shards(tmp_path)
 def test_train_ranks_see_disjoint_samples_reshuffled_each_epoch(tmp_path):
     n = 8
     lst = _pkl_list(tmp_path, [12] * n, list(range(n)))
-    loaders = [build_loader(lst, "pkl", "train", batch_size=2, num_segments=2, target_size=16,
-                            short_size=16, rank=r, world_size=2, seed=4) for r in range(2)]
+    loaders = [
+        build_loader(
+            lst,
+            "pkl",
+            "train",
+            batch_size=2,
+            num_segments=2,
+            target_size=16,
+            short_size=16,
+            rank=r,
+            world_size=2,
+            seed=4,
+        )
+        for r in range(2)
+    ]
     epochs = [[[int(v) for _, y in ld for v in y.numpy()] for _ in range(2)] for ld in loaders]
     assert not set(epochs[0][0]) & set(epochs[1][0])
     assert sorted(epochs[0][0] + epochs[1][0]) == list(range(n))
@@ -133,6 +165,7 @@ def test_unknown_loader_option_is_rejected(tmp_path):
 def test_lists_and_label_files_from_editors_read_alike(tmp_path):
     """A byte-order mark (Notepad, Excel) and Windows or old-Mac line ends change nothing."""
     from dali_pipelines.formats import read_label_file, read_list
+
     write_pkl(str(tmp_path / "a b.pkl"), "a", 0, [jpeg(index_frames(1)[0])])
     for name, text in [("plain", "a b.pkl\n"), ("bom_crlf", "\ufeffa b.pkl\r\n\r\n"), ("cr", "a b.pkl\r")]:
         (tmp_path / f"{name}.list").write_bytes(text.encode())
@@ -143,6 +176,7 @@ def test_lists_and_label_files_from_editors_read_alike(tmp_path):
 
 def test_a_list_or_label_file_in_another_encoding_names_the_line_and_the_fix(tmp_path):
     from dali_pipelines.formats import read_label_file
+
     (tmp_path / "raw.txt").write_bytes("frames/a 12 0\nframes/caf\u00e9 12 1\n".encode("latin-1"))
     with pytest.raises(DataFormatError, match=r"raw.txt:2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
         build_loader(str(tmp_path / "raw.txt"), "rawframes", "val", batch_size=1)
@@ -151,9 +185,15 @@ def test_a_list_or_label_file_in_another_encoding_names_the_line_and_the_fix(tmp
         read_label_file(str(tmp_path / "labels.txt"))
 
 
-@pytest.mark.parametrize("line,what", [("frames/a 12 -1", "label '-1'"), ("frames/a 12 +1", "label '+1'"),
-                                       ("frames/a 1\u00b2 0", "frame count '1\u00b2'"),
-                                       ("frames/a 0 1", "frame count 0 must be >= 1")])
+@pytest.mark.parametrize(
+    "line,what",
+    [
+        ("frames/a 12 -1", "label '-1'"),
+        ("frames/a 12 +1", "label '+1'"),
+        ("frames/a 1\u00b2 0", "frame count '1\u00b2'"),
+        ("frames/a 0 1", "frame count 0 must be >= 1"),
+    ],
+)
 def test_list_counts_and_labels_are_plain_non_negative_integers(tmp_path, line, what):
     (tmp_path / "frames" / "a").mkdir(parents=True)
     (tmp_path / "raw.txt").write_text(line + "\n")
@@ -161,12 +201,18 @@ def test_list_counts_and_labels_are_plain_non_negative_integers(tmp_path, line, 
         build_loader(str(tmp_path / "raw.txt"), "rawframes", "val", batch_size=1)
 
 
-@pytest.mark.parametrize("text,message", [("0 a\n2 b\n", "class indices must be 0..1 without gaps"),
-                                          ("0 a\n0 b\n", ":2: index 0 appears twice"),
-                                          ("0 a b\n", ":1: expected 'index name'"),
-                                          ("a b\n", ":1: expected 'index name'")])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("0 a\n2 b\n", "class indices must be 0..1 without gaps"),
+        ("0 a\n0 b\n", ":2: index 0 appears twice"),
+        ("0 a b\n", ":1: expected 'index name'"),
+        ("a b\n", ":1: expected 'index name'"),
+    ],
+)
 def test_a_wrong_label_file_names_the_line_and_the_rule(tmp_path, text, message):
     from dali_pipelines.formats import read_label_file
+
     (tmp_path / "labels.txt").write_text(text)
     with pytest.raises(DataFormatError, match=message):
         read_label_file(str(tmp_path / "labels.txt"))

@@ -1,4 +1,5 @@
 """The pkl frame index: legacy-compatible both ways, read by offset, validated, added in place by a tool."""
+
 import os
 import pickle
 import zlib
@@ -7,8 +8,16 @@ import numpy as np
 import pytest
 
 from dali_pipelines import build_loader
-from dali_pipelines.formats import (INDEX_FOOTER, INDEX_HEADER, DataFormatError, index_pkl, read_indexed_frames,
-                                    read_pkl, read_pkl_index, write_pkl)
+from dali_pipelines.formats import (
+    INDEX_FOOTER,
+    INDEX_HEADER,
+    DataFormatError,
+    index_pkl,
+    read_indexed_frames,
+    read_pkl,
+    read_pkl_index,
+    write_pkl,
+)
 from dali_pipelines.sampling import segment_indices
 from preprocessing import build_list
 
@@ -26,8 +35,16 @@ def _index(path):
 def _val_levels(tmp_path, pkl_path):
     """The frame index each output frame shows, per sample, through the loader in val mode (5 segments)."""
     (tmp_path / "list.txt").write_text(f"{pkl_path}\n")
-    loader = build_loader(str(tmp_path / "list.txt"), "pkl", "val", batch_size=1, num_segments=5, target_size=16,
-                          short_size=16, num_workers=0)
+    loader = build_loader(
+        str(tmp_path / "list.txt"),
+        "pkl",
+        "val",
+        batch_size=1,
+        num_segments=5,
+        target_size=16,
+        short_size=16,
+        num_workers=0,
+    )
     return [[level_to_index(v) for v in _frame_levels(imgs)[0]] for imgs, _ in loader]
 
 
@@ -67,7 +84,7 @@ def test_legacy_pkls_load_and_get_their_index_in_place(tmp_path, protocol, outco
     assert index_pkl(str(path)) == outcome
     assert index_pkl(str(path)) == "indexed"  # a rerun leaves it alone
     if outcome == "appended":
-        assert path.read_bytes()[:len(legacy)] == legacy
+        assert path.read_bytes()[: len(legacy)] == legacy
     with open(path, "rb") as f:
         assert pickle.load(f) == ("legacy", 2, FRAMES)
     assert _index(path).num_frames == 30
@@ -87,9 +104,9 @@ def test_a_cut_off_index_append_leaves_a_legacy_pkl(tmp_path):
 def _rewrite_index(path, change):
     """Rewrite the index's entries with ``change(spans)`` and a valid checksum (a consistent but wrong index)."""
     data = path.read_bytes()
-    body_size, _, end = INDEX_FOOTER.unpack(data[-INDEX_FOOTER.size:])
+    body_size, _, end = INDEX_FOOTER.unpack(data[-INDEX_FOOTER.size :])
     start = len(data) - INDEX_FOOTER.size - body_size
-    head = data[start:start + INDEX_HEADER.size]
+    head = data[start : start + INDEX_HEADER.size]
     spans = np.frombuffer(data, "<u8", (body_size - INDEX_HEADER.size) // 8, start + INDEX_HEADER.size).reshape(-1, 2)
     body = head + change(spans.copy()).astype("<u8").tobytes()
     path.write_bytes(data[:start] + body + INDEX_FOOTER.pack(len(body), zlib.crc32(body), end))
@@ -103,8 +120,9 @@ def _shift_into_frames(s):
 
 BAD_INDEXES = {
     "damaged (bit flip)": lambda path: path.write_bytes(
-        (lambda d: d[:-40] + bytes([d[-40] ^ 0xFF]) + d[-39:])(path.read_bytes())),
-    "offset past the pickle": lambda path: _rewrite_index(path, lambda s: s + np.array([10 ** 6, 0], np.uint64)),
+        (lambda d: d[:-40] + bytes([d[-40] ^ 0xFF]) + d[-39:])(path.read_bytes())
+    ),
+    "offset past the pickle": lambda path: _rewrite_index(path, lambda s: s + np.array([10**6, 0], np.uint64)),
     "frames swapped": lambda path: _rewrite_index(path, lambda s: s[[1, 0] + list(range(2, len(s)))]),
     "offsets inside frames": lambda path: _rewrite_index(path, _shift_into_frames),
     "a frame left out": lambda path: _rewrite_index(path, lambda s: s[:-1]),
@@ -118,18 +136,26 @@ def test_a_bad_index_is_a_skipped_reported_sample_never_a_wrong_frame(tmp_path, 
     write_pkl(str(bad), "bad", 1, FRAMES)
     if damage == "a frame left out":  # a consistent header for 29 frames
         data = bad.read_bytes()
-        body_size, _, end = INDEX_FOOTER.unpack(data[-INDEX_FOOTER.size:])
+        body_size, _, end = INDEX_FOOTER.unpack(data[-INDEX_FOOTER.size :])
         start = len(data) - INDEX_FOOTER.size - body_size
         magic, version, n, label, pickle_end = INDEX_HEADER.unpack_from(data, start)
         head = INDEX_HEADER.pack(magic, version, n - 1, label, pickle_end)
-        body = head + data[start + INDEX_HEADER.size:start + body_size - 16]
+        body = head + data[start + INDEX_HEADER.size : start + body_size - 16]
         bad.write_bytes(data[:start] + body + INDEX_FOOTER.pack(len(body), zlib.crc32(body), end))
     else:
         BAD_INDEXES[damage](bad)
     (tmp_path / "list.txt").write_text("good.pkl\nbad.pkl\n")
-    loader = build_loader(str(tmp_path / "list.txt"), "pkl", "val", batch_size=2, num_segments=5, target_size=16,
-                          short_size=16, num_workers=1)
-    (imgs, labels), = list(loader)
+    loader = build_loader(
+        str(tmp_path / "list.txt"),
+        "pkl",
+        "val",
+        batch_size=2,
+        num_segments=5,
+        target_size=16,
+        short_size=16,
+        num_workers=1,
+    )
+    ((imgs, labels),) = list(loader)
     assert labels.numpy().tolist() == [0] and loader.skipped == 1
     assert "bad.pkl" in capfd.readouterr().err
     assert index_pkl(str(bad)) == "appended"  # the tool replaces a bad index

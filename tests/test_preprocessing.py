@@ -17,7 +17,9 @@ HEADER = "label,youtube_id,time_start,time_end,split\n"
 
 def _decode_level(jpeg_bytes):
     import io
+
     from PIL import Image
+
     return float(np.asarray(Image.open(io.BytesIO(jpeg_bytes))).mean())
 
 
@@ -47,6 +49,7 @@ def test_restricted_unpickler_rejects_code_and_accepts_legacy_protocol_2(tmp_pat
     class Evil:
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(pickle.dumps(("v", 0, [Evil()])))
     with pytest.raises(DataFormatError, match="not a clip pkl.*not allowed"):
@@ -69,9 +72,16 @@ def test_bad_clips_are_recorded_and_the_run_goes_on(tmp_path):
     (src / "empty000000_000000_000010.mp4").write_bytes(b"")
     (src / "notvideo000_000000_000010.mp4").write_bytes(b"this is not a video" * 50)
     csv = tmp_path / "k.csv"
-    csv.write_text(HEADER + "a,good0000000,0,10,train\n" + "a,empty000000,0,10,train\n"
-                   + "a,notvideo000,0,10,train\n" + "a,missing0000,0,10,train\n"
-                   + "zz,badlabel000,0,10,train\n" + "a,broken,row\n" + "a,good0000000,0,10,train\n")
+    csv.write_text(
+        HEADER
+        + "a,good0000000,0,10,train\n"
+        + "a,empty000000,0,10,train\n"
+        + "a,notvideo000,0,10,train\n"
+        + "a,missing0000,0,10,train\n"
+        + "zz,badlabel000,0,10,train\n"
+        + "a,broken,row\n"
+        + "a,good0000000,0,10,train\n"
+    )
     labels = tmp_path / "labels.txt"
     labels.write_text("0 a\n")
     out = tmp_path / "out"
@@ -105,6 +115,7 @@ def test_extract_jpegs_can_resize_the_short_side(tmp_path):
     write_video(tmp_path / "v.mp4", index_frames(10, 64, 48))
     frames = extract_jpegs(str(tmp_path / "v.mp4"), short_side=24)
     from dali_pipelines.formats import jpeg_size
+
     assert len(frames) == 10 and jpeg_size(frames[0]) == (32, 24)
 
 
@@ -116,8 +127,16 @@ def test_generate_label_sorts_classes_and_writes_spaces_as_underscores(tmp_path)
     assert read_label_file(str(tmp_path / "l.txt")) == ["air_drumming", "zumba"]
 
 
-@pytest.mark.parametrize("rel", ["air_drumming/abc_000001_000011.mp4", "air drumming/abc_000001_000011.mp4",
-                                 "abc_000001_000011.mp4", "abc.mp4", "air_drumming/abc.mkv"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "air_drumming/abc_000001_000011.mp4",
+        "air drumming/abc_000001_000011.mp4",
+        "abc_000001_000011.mp4",
+        "abc.mp4",
+        "air_drumming/abc.mkv",
+    ],
+)
 def test_find_clip_accepts_both_layouts_and_namings(tmp_path, rel):
     (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / rel).write_bytes(b"x")
@@ -130,6 +149,7 @@ def test_written_files_get_the_permissions_of_an_ordinary_open(tmp_path, umask, 
     """pkl clips, lists and probe caches are shared between the accounts of a cluster: mkstemp's 0600
     must not leak into them."""
     from dali_pipelines.formats import write_atomic
+
     old = os.umask(umask)
     try:
         write_pkl(str(tmp_path / "c.pkl"), "c", 0, [b"\xff\xd8x\xff\xd9"])
@@ -146,8 +166,9 @@ def test_csv_fields_that_would_lead_outside_the_folders_are_listed_failures(tmp_
     write_video(src / "good0000001_000000_000010.mp4", index_frames(12))
     (tmp_path / "src" / "zz_000000_000010.mp4").write_bytes((src / "good0000001_000000_000010.mp4").read_bytes())
     csv = tmp_path / "k.csv"
-    csv.write_text(HEADER + "a,good0000001,0,10,train\na,../zz,0,10,train\n../src,good0000001,0,10,train\n"
-                   "a,..,0,10,train\n")
+    csv.write_text(
+        HEADER + "a,good0000001,0,10,train\na,../zz,0,10,train\n../src,good0000001,0,10,train\na,..,0,10,train\n"
+    )
     out = tmp_path / "deep" / "out"
     assert video2pkl.main([str(csv), str(tmp_path / "src"), str(out), "1", "--label-file", str(_labels(tmp_path))]) == 1
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.pkl"))
@@ -161,12 +182,15 @@ def _labels(tmp_path):
     return tmp_path / "labels.txt"
 
 
-@pytest.mark.parametrize("option,message", [
-    (["--short-side", "0"], "--short-side must be a number of pixels >= 2, got 0"),
-    (["--fps", "0"], "--fps must be a number of frames per second > 0"),
-    (["--fps", "nan"], "--fps must be"),
-    (["--jpeg-quality", "1"], "--jpeg-quality must be in 2..31"),
-])
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--short-side", "0"], "--short-side must be a number of pixels >= 2, got 0"),
+        (["--fps", "0"], "--fps must be a number of frames per second > 0"),
+        (["--fps", "nan"], "--fps must be"),
+        (["--jpeg-quality", "1"], "--jpeg-quality must be in 2..31"),
+    ],
+)
 def test_numeric_options_out_of_range_exit_2_before_any_work(tmp_path, capsys, option, message):
     src = tmp_path / "src"
     src.mkdir()

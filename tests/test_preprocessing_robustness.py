@@ -1,4 +1,5 @@
 """Interruptions and broken inputs at scale: what a multi-hour Kinetics conversion must survive."""
+
 import os
 import signal
 import subprocess
@@ -20,8 +21,11 @@ HEADER = "label,youtube_id,time_start,time_end,split\n"
 
 def _ffmpeg_frame_count(path):
     """Frames ffmpeg itself decodes (edit lists applied), for comparison."""
-    out = subprocess.run([ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0", "-fps_mode", "passthrough",
-                          "-f", "null", "-"], capture_output=True, text=True).stderr
+    out = subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0", "-fps_mode", "passthrough", "-f", "null", "-"],
+        capture_output=True,
+        text=True,
+    ).stderr
     return int(out.rsplit("frame=", 1)[1].split()[0])
 
 
@@ -30,9 +34,22 @@ def test_frame_count_matches_ffmpeg_for_bframes_and_an_edit_list(tmp_path):
     src.mkdir()
     write_video(src / "full0000000_000000_000010.mp4", index_frames(50))
     # a stream copy cut at a non-key frame: the mp4 gets an edit list hiding the decoded pre-roll
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-ss", "0.7", "-i",
-                    str(src / "full0000000_000000_000010.mp4"), "-c", "copy",
-                    str(src / "edit0000000_000000_000010.mp4")], check=True)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-v",
+            "error",
+            "-ss",
+            "0.7",
+            "-i",
+            str(src / "full0000000_000000_000010.mp4"),
+            "-c",
+            "copy",
+            str(src / "edit0000000_000000_000010.mp4"),
+        ],
+        check=True,
+    )
     assert has_bframes(src / "edit0000000_000000_000010.mp4")
     csv = tmp_path / "k.csv"
     csv.write_text(HEADER + "a,full0000000,0,10,train\na,edit0000000,0,10,train\n")
@@ -48,8 +65,22 @@ def _truncated_and_undecodable(src):
     full = src / "full.mp4"
     noise = np.random.default_rng(0).integers(0, 255, (40, 120, 160, 3), dtype=np.uint8)
     write_video(full, noise)  # every frame costs bytes, so a truncated file keeps a decodable prefix
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(full), "-c", "copy", "-movflags",
-                    "+faststart", str(src / "fs.mp4")], check=True)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            str(full),
+            "-c",
+            "copy",
+            "-movflags",
+            "+faststart",
+            str(src / "fs.mp4"),
+        ],
+        check=True,
+    )
     data = (src / "fs.mp4").read_bytes()
     (src / "trunc000000_000000_000010.mp4").write_bytes(data[: len(data) * 2 // 3])
     data = bytearray(full.read_bytes())
@@ -122,8 +153,14 @@ def _processes_mentioning(text):
 
 
 def _start(slow_clips, out):
-    cmd = [sys.executable, os.path.join(ROOT, "preprocessing", "video2pkl.py"), str(slow_clips / "k.csv"),
-           str(slow_clips / "src"), str(out), "2"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "preprocessing", "video2pkl.py"),
+        str(slow_clips / "k.csv"),
+        str(slow_clips / "src"),
+        str(out),
+        "2",
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

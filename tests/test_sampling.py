@@ -82,7 +82,10 @@ def test_dense_sampling_takes_frames_a_fixed_interval_apart_from_one_window():
 def test_dense_test_clips_spread_their_windows_over_the_video():
     idx = dense_indices(200, 4, "test", num_clips=3, interval=8).reshape(3, 4)
     assert idx[:, 0].tolist() == [0, 84, 168] and (np.diff(idx, axis=1) == 8).all()
-    assert dense_indices(200, 4, "test", num_clips=1, interval=8).tolist() == dense_indices(200, 4, "val", interval=8).tolist()
+    assert (
+        dense_indices(200, 4, "test", num_clips=1, interval=8).tolist()
+        == dense_indices(200, 4, "val", interval=8).tolist()
+    )
 
 
 def test_dense_sampling_wraps_around_a_video_shorter_than_its_window():
@@ -92,7 +95,9 @@ def test_dense_sampling_wraps_around_a_video_shorter_than_its_window():
 
 def test_sample_indices_dispatches_on_the_sampling_and_rejects_others():
     assert sample_indices(30, 3, "val").tolist() == segment_indices(30, 3, "val").tolist()
-    assert sample_indices(100, 8, "val", sampling="dense", interval=4).tolist() == \
-        dense_indices(100, 8, "val", interval=4).tolist()
+    assert (
+        sample_indices(100, 8, "val", sampling="dense", interval=4).tolist()
+        == dense_indices(100, 8, "val", interval=4).tolist()
+    )
     with pytest.raises(ValueError, match="sampling must be one of"):
         sample_indices(30, 3, "val", sampling="uniform")

@@ -1,4 +1,5 @@
 """Real processes: run_dist.sh -> paddle.distributed.launch -> 2 CPU ranks in fleet collective mode."""
+
 import json
 import os
 import re
@@ -14,8 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(args, cwd, env_extra=None, timeout=600):
     env = {**os.environ, "PYTHON": sys.executable, **(env_extra or {})}
-    return subprocess.run(["bash", os.path.join(ROOT, "run_dist.sh"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", os.path.join(ROOT, "run_dist.sh"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,9 @@ def test_training_writes_metrics_jsonl_and_checkpoints(trained):
     work, _, _ = trained
     records = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["mode"] == "train"]
-    assert train and {"epoch", "step", "lr", "loss", "top1", "samples_per_s", "data_time",
-                      "batch_time"} <= set(train[0])
+    assert train and {"epoch", "step", "lr", "loss", "top1", "samples_per_s", "data_time", "batch_time"} <= set(
+        train[0]
+    )
     val = [r for r in records if r["mode"] == "val"]
     assert [r["epoch"] for r in val] == [1, 2] and all(r["samples"] == 12 for r in val)
     summary = [r for r in records if r["mode"] == "summary"][0]
@@ -53,6 +61,7 @@ def test_training_writes_metrics_jsonl_and_checkpoints(trained):
     for name in ("best.pdparams", "latest.pdckpt", "config.yaml", "curves.png"):
         assert (work / "out" / name).is_file()
     import importlib.util
+
     if importlib.util.find_spec("visualdl"):
         assert any(f.startswith("vdlrecords") for f in os.listdir(work / "out" / "vdl"))
 
@@ -75,8 +84,21 @@ def test_eval_reports_top1_top5_of_the_best_checkpoint_over_the_whole_val_set(tr
 def test_eval_into_an_output_folder_that_does_not_exist_yet_keeps_its_results(trained):
     work, cfg, _ = trained
     fresh = work / "new" / "nested"
-    result = _run(["eval", "TSN", str(cfg), "--nproc", "2", "--weights", str(work / "out" / "best.pdparams"),
-                   "-o", f"output_dir={fresh}"], work, {"LOG_DIR": str(work / "log_eval_new")})
+    result = _run(
+        [
+            "eval",
+            "TSN",
+            str(cfg),
+            "--nproc",
+            "2",
+            "--weights",
+            str(work / "out" / "best.pdparams"),
+            "-o",
+            f"output_dir={fresh}",
+        ],
+        work,
+        {"LOG_DIR": str(work / "log_eval_new")},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"eval: top1 [\d.]+ top5 [\d.]+ .* on 12 clips", result.stdout)
     assert (fresh / "eval_confusion.csv").is_file() and (fresh / "metrics.jsonl").is_file()
@@ -107,18 +129,28 @@ def test_config_typo_stops_run_dist_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"config error: unknown key 'OPTIMIZER.momentm' ({cfg}); did you mean 'momentum'? known keys here: "
         "momentum, nesterov, weight_decay, base_lr, base_batch_size, schedule, decay_points, decay_factor, "
-        "warmup_epochs, grad_clip"]
+        "warmup_epochs, grad_clip"
+    ]
 
 
-def test_predict_on_a_missing_video_names_it(trained):
-    work, cfg, _ = trained
-    result = _run(["predict", "TSN", str(cfg), "--input", str(work / "nope.mp4")], work)
-    assert result.returncode == 1 and "nope.mp4 does not exist" in result.stderr
+def test_predict_on_a_missing_video_names_it(tmp_path, capsys):
+    from trainer import checkpoint, main
+
+    from .tiny import tiny_model
+
+    cfg, model = tiny_model(tmp_path)
+    checkpoint.save_weights(model, str(tmp_path / "w.pdparams"))
+    (tmp_path / "labels.txt").write_text("".join(f"{i} class{i}\n" for i in range(5)))
+    argv = ["predict", "-c", str(tmp_path / "tiny.yaml"), "--weights", str(tmp_path / "w.pdparams")]
+    argv += ["-o", f"DATASET.label_file={tmp_path / 'labels.txt'}"]
+    assert main.main([*argv, "--input", str(tmp_path / "nope.mp4")]) == 1
+    assert "nope.mp4 does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_predict_on_a_video_damaged_mid_way_is_an_error_not_a_confident_answer(trained, tmp_path):
     from .test_video import _damaged
+
     work, cfg, _ = trained
     result = _run(["predict", "TSN", str(cfg), "--input", str(_damaged(tmp_path / "bad.mp4"))], work)
     assert result.returncode == 1, result.stdout[-2000:]
@@ -129,12 +161,29 @@ def test_predict_on_a_video_damaged_mid_way_is_an_error_not_a_confident_answer(t
 @pytest.mark.slow
 def test_multi_view_test_writes_per_class_accuracy_and_a_confusion_matrix(trained):
     work, cfg, _ = trained
-    result = _run(["test", "TSN", str(cfg), "--nproc", "2", "-o", "PIPELINE.test_num_clips=2",
-                   "-o", "PIPELINE.test_num_crops=3", "-o", "PIPELINE.test_num_segments=5"], work,
-                  {"LOG_DIR": str(work / "log_test")})
+    result = _run(
+        [
+            "test",
+            "TSN",
+            str(cfg),
+            "--nproc",
+            "2",
+            "-o",
+            "PIPELINE.test_num_clips=2",
+            "-o",
+            "PIPELINE.test_num_crops=3",
+            "-o",
+            "PIPELINE.test_num_segments=5",
+        ],
+        work,
+        {"LOG_DIR": str(work / "log_test")},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    m = re.search(r"test: top1 ([\d.]+) top5 [\d.]+ mean class accuracy ([\d.]+) .* on 12 clips "
-                  r"\(5 segment\(s\) x 2 clip\(s\) x 3 crop\(s\)", result.stdout)
+    m = re.search(
+        r"test: top1 ([\d.]+) top5 [\d.]+ mean class accuracy ([\d.]+) .* on 12 clips "
+        r"\(5 segment\(s\) x 2 clip\(s\) x 3 crop\(s\)",
+        result.stdout,
+    )
     assert m, result.stdout[-2000:]
     rows = (work / "out" / "test_confusion.csv").read_text().splitlines()
     names = rows[0].split(",")[1:]
@@ -152,6 +201,7 @@ def test_multi_view_test_writes_per_class_accuracy_and_a_confusion_matrix(traine
 def test_export_writes_an_inference_model_whose_scores_match_predict(trained, demo_dataset):
     work, cfg, _ = trained
     import importlib.util
+
     onnx = all(importlib.util.find_spec(m) for m in ("paddle2onnx", "onnxruntime"))
     result = _run(["export", "TSN", str(cfg), "--output", str(work / "exported")] + (["--onnx"] if onnx else []), work)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -165,8 +215,11 @@ def test_export_writes_an_inference_model_whose_scores_match_predict(trained, de
     video = sorted((demo_dataset / "val" / "spinning_bar").glob("*.mp4"))[0]
     probs = {}
     for name, extra in (("dynamic", []), ("exported", ["--exported", str(work / "exported")])):
-        result = _run(["predict", "TSN", str(cfg), "--input", str(video), "--top-k", "6",
-                       "--output", str(work / f"{name}.csv")] + extra, work)
+        result = _run(
+            ["predict", "TSN", str(cfg), "--input", str(video), "--top-k", "6", "--output", str(work / f"{name}.csv")]
+            + extra,
+            work,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         rows = (work / f"{name}.csv").read_text().splitlines()[1:]
         probs[name] = {row.split(",")[2]: float(row.split(",")[3]) for row in rows}
@@ -186,9 +239,12 @@ def test_predict_with_an_exported_folder_that_holds_no_model_says_how_to_export(
     assert "run_dist.sh export" in result.stderr
 
 
-def test_an_empty_list_setting_is_a_one_line_config_error(tmp_path):
+def test_an_empty_list_setting_is_a_one_line_config_error(tmp_path, capsys):
+    from trainer import main
+
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"_base_: {ROOT}/configs/tsn_demo.yaml\nDATASET:\n  train_list: ''\n")
-    result = _run(["train", "TSN", str(cfg), "--nproc", "1"], tmp_path, {"LOG_DIR": str(tmp_path / "log")})
-    assert result.returncode != 0
-    assert "config error: DATASET.train_list is empty" in result.stdout + result.stderr
+    cfg.write_text(
+        f"_base_: {ROOT}/configs/tsn_demo.yaml\noutput_dir: {tmp_path / 'out'}\nDATASET:\n  train_list: ''\n"
+    )
+    assert main.main(["train", "-c", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip().startswith("config error: DATASET.train_list is empty")

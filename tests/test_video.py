@@ -1,4 +1,5 @@
 """CPU video decoding: the sparse decode returns exactly the frames the in-order decode returns."""
+
 import subprocess
 
 import av
@@ -14,8 +15,11 @@ from .media import has_bframes, index_frames, level_to_index, write_video
 def _encode(path, frames, gop):
     """H.264 with B-frames and a keyframe every ``gop`` frames."""
     with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=25, options={"crf": "18", "preset": "veryfast", "g": str(gop),
-                                                             "keyint_min": str(gop), "bf": "3"})
+        stream = out.add_stream(
+            "libx264",
+            rate=25,
+            options={"crf": "18", "preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "bf": "3"},
+        )
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for img in frames:
@@ -38,8 +42,22 @@ def clips(tmp_path_factory):
     write_video(root / "bframes.mp4", index_frames(50))
     _encode(root / "gop10.mp4", index_frames(50), gop=10)
     # a stream copy cut at a non-key frame: the mp4 gets an edit list hiding the decoded pre-roll
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-ss", "0.7", "-i", str(root / "gop10.mp4"), "-c",
-                    "copy", str(root / "edit.mp4")], check=True)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-v",
+            "error",
+            "-ss",
+            "0.7",
+            "-i",
+            str(root / "gop10.mp4"),
+            "-c",
+            "copy",
+            str(root / "edit.mp4"),
+        ],
+        check=True,
+    )
     return root
 
 
@@ -94,7 +112,9 @@ def _damaged(path, frames=50):
 
 def test_a_video_damaged_before_its_stated_end_is_unreadable_unless_partial_clips_are_allowed(tmp_path):
     path = _damaged(tmp_path / "bad.mp4")
-    with pytest.raises(video.VideoError, match=r"bad.mp4: decoding fails after (\d+) of the 50 frames the container states"):
+    with pytest.raises(
+        video.VideoError, match=r"bad.mp4: decoding fails after (\d+) of the 50 frames the container states"
+    ):
         video.probe(str(path))
     partial = video.probe(str(path), allow_partial=True)
     assert 0 < partial.frames < 50
@@ -102,13 +122,23 @@ def test_a_video_damaged_before_its_stated_end_is_unreadable_unless_partial_clip
 
 def test_the_loader_skips_a_damaged_video_once_probed_and_keeps_the_verdict(tmp_path, capfd, monkeypatch):
     from dali_pipelines import build_loader
+
     write_video(tmp_path / "good.mp4", index_frames(30))
     _damaged(tmp_path / "bad.mp4")
     (tmp_path / "videos.txt").write_text("good.mp4 0\nbad.mp4 1\n")
 
     def labels(**options):
-        loader = build_loader(str(tmp_path / "videos.txt"), "videos", "val", batch_size=2, num_segments=3,
-                              target_size=16, short_size=16, num_workers=1, **options)
+        loader = build_loader(
+            str(tmp_path / "videos.txt"),
+            "videos",
+            "val",
+            batch_size=2,
+            num_segments=3,
+            target_size=16,
+            short_size=16,
+            num_workers=1,
+            **options,
+        )
         return sorted(int(v) for _, y in loader for v in y.numpy()), loader.skipped
 
     assert labels() == ([0], 1)
@@ -121,31 +151,39 @@ def test_the_loader_skips_a_damaged_video_once_probed_and_keeps_the_verdict(tmp_
 
 # Rotated videos: phones store portrait clips as landscape pictures plus a display matrix. ffmpeg
 # (video2pkl, vid2img) applies it; every other path must show the same upright frames.
-ROTATIONS = {"rot90": ["-display_rotation", "90"], "rot180": ["-display_rotation", "180"],
-             "rot270": ["-display_rotation", "270"], "hflip": ["-display_hflip"],
-             "rot90_hflip": ["-display_rotation", "90", "-display_hflip"]}
+ROTATIONS = {
+    "rot90": ["-display_rotation", "90"],
+    "rot180": ["-display_rotation", "180"],
+    "rot270": ["-display_rotation", "270"],
+    "hflip": ["-display_hflip"],
+    "rot90_hflip": ["-display_rotation", "90", "-display_hflip"],
+}
 
 
 def _quadrants(n=12, w=64, h=48):
     """Frames whose four quadrants have four colours: any turn or mirror changes them."""
     img = np.zeros((h, w, 3), np.uint8)
-    img[:h // 2, :w // 2] = (230, 230, 230)
-    img[:h // 2, w // 2:] = (200, 30, 30)
-    img[h // 2:, :w // 2] = (30, 200, 30)
-    img[h // 2:, w // 2:] = (30, 30, 200)
+    img[: h // 2, : w // 2] = (230, 230, 230)
+    img[: h // 2, w // 2 :] = (200, 30, 30)
+    img[h // 2 :, : w // 2] = (30, 200, 30)
+    img[h // 2 :, w // 2 :] = (30, 30, 200)
     return np.stack([img] * n)
 
 
 def _remux(src, dst, args):
     """The same coded pictures with a display matrix set (no re-encoding)."""
-    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", *args, "-i", str(src), "-c", "copy", str(dst)],
-                   check=True)
+    subprocess.run(
+        [ffmpeg_exe(), "-y", "-loglevel", "error", *args, "-i", str(src), "-c", "copy", str(dst)], check=True
+    )
 
 
 def _ffmpeg_rgb(path, width, height):
     """Every frame as ffmpeg shows it (it applies the display matrix), [N, height, width, 3]."""
-    out = subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt",
-                          "rgb24", "-"], check=True, capture_output=True).stdout
+    out = subprocess.run(
+        [ffmpeg_exe(), "-loglevel", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+        check=True,
+        capture_output=True,
+    ).stdout
     return np.frombuffer(out, np.uint8).reshape(-1, height, width, 3)
 
 
@@ -186,7 +224,9 @@ def test_the_gpu_graph_turns_frames_upright_like_the_cpu_path(mirror, turns):
     """loader._upright is what the GPU graph runs on NVDEC's frames; DALI's CPU operators compute the
     same, so it is checked here on odd sizes, exactly, against video.upright."""
     from nvidia.dali import fn, pipeline_def
+
     from dali_pipelines.loader import _upright
+
     frames = np.random.default_rng(turns).integers(0, 255, (3, 5, 7, 3), dtype=np.uint8)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
@@ -195,9 +235,10 @@ def test_the_gpu_graph_turns_frames_upright_like_the_cpu_path(mirror, turns):
         m = fn.external_source(source=lambda: [np.array(mirror, np.int32)], batch=True)
         a = fn.external_source(source=lambda: [np.array(90.0 * turns, np.float32)], batch=True)
         return _upright(x, mirror=m, angle=a)
+
     pipe = graph()
     pipe.build()
-    out, = pipe.run()
+    (out,) = pipe.run()
     np.testing.assert_array_equal(np.array(out[0]), video.upright(frames, turns, bool(mirror)))
 
 
@@ -206,6 +247,7 @@ def test_the_gpu_feed_passes_the_turn_and_upright_size_of_a_rotated_video(rotate
     frame and the graph is told how to turn."""
     from dali_pipelines.feed import ClipSpec, load_sample
     from dali_pipelines.formats import Sample
+
     spec = ClipSpec(source="videos", decode="video", mode="test", num_segments=3, target_size=32, short_size=32)
     row, facts = load_sample(spec, Sample(str(rotated / "rot90.mp4"), 0, 12, 1), (0, 0, 0, 0))
     raw, indices, mirror, angle, start, shape = row[:6]
@@ -220,6 +262,7 @@ def test_a_checked_list_keeps_a_damaged_video_with_a_listed_count_from_nvdec(tmp
     from dali_pipelines.feed import ClipSpec, load_sample
     from dali_pipelines.formats import read_list
     from preprocessing import check_videos
+
     write_video(tmp_path / "good.mp4", index_frames(50))
     _damaged(tmp_path / "bad.mp4")
     lst = str(tmp_path / "v.list")

@@ -1,4 +1,5 @@
 """The tiny training config the multi-process tests share: the demo recipe, a width-8 ResNet-18 at 32x32."""
+
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,12 +14,32 @@ output_dir: {output_dir}
 MODEL:
   backbone: {{depth: 18, base_channels: 8}}
 DATASET:
-  train_list: {train_list or demo_dataset / 'train_pkl.list'}
-  val_list: {demo_dataset / 'val_pkl.list'}
-  test_list: {demo_dataset / 'val_pkl.list'}
-  label_file: {demo_dataset / 'label.txt'}
+  train_list: {train_list or demo_dataset / "train_pkl.list"}
+  val_list: {demo_dataset / "val_pkl.list"}
+  test_list: {demo_dataset / "val_pkl.list"}
+  label_file: {demo_dataset / "label.txt"}
   batch_size: {batch_size}
 PIPELINE: {{target_size: 32, short_size: 40}}
 PRECISE_BN: {{num_iters: 3}}
 """)
     return str(path)
+
+
+def tiny_cfg(tmp_path, *overrides, num_classes=5, name="tiny.yaml"):
+    """The config of a width-8 ResNet-18 TSN with ``num_classes`` classes, for tests without data."""
+    from trainer.config import load_config
+
+    p = tmp_path / name
+    p.write_text(f"MODEL:\n  backbone: {{depth: 18, base_channels: 8}}\n  head: {{num_classes: {num_classes}}}\n")
+    return load_config(str(p), list(overrides))
+
+
+def tiny_model(tmp_path, num_classes=5, seed=0, name="tiny.yaml"):
+    """(config, model) of ``tiny_cfg``, the model's weights drawn from ``seed``."""
+    import paddle
+
+    from trainer.models import build_model
+
+    cfg = tiny_cfg(tmp_path, num_classes=num_classes, name=name)
+    paddle.seed(seed)
+    return cfg, build_model(cfg)

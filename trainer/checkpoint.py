@@ -5,6 +5,7 @@ scheduler), epoch, step, best metric, seed and config. ``best.pdparams`` holds t
 (plus a ``__meta__`` entry) for eval, test, predict and export. Reading any of them (and weights from
 elsewhere) is ``trainer.weights``.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Every key a config may hold is declared in SCHEMA with its default; an unknown k
 value outside its choices stops the run with one line naming the key, the value and what was expected.
 A config may start from another with ``_base_: other.yaml`` (a path relative to the config).
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,33 +28,43 @@ class ConfigError(ValueError):
 class Opt:
     default: Any
     choices: tuple | None = None
-    type: type | None = None       # defaults to type(default); float accepts int
+    type: type | None = None  # defaults to type(default); float accepts int
     nullable: bool = False
-    minimum: float | None = None   # lowest allowed value
-    below: float | None = None     # values must be less than this
+    minimum: float | None = None  # lowest allowed value
+    below: float | None = None  # values must be less than this
 
 
 @dataclass(frozen=True)
 class Depth:
     """A ResNet depth: its residual block and the number of blocks in each of its four stages."""
-    block: str                  # "basic" (two 3x3 convs) or "bottleneck" (1x1, 3x3, 1x1)
+
+    block: str  # "basic" (two 3x3 convs) or "bottleneck" (1x1, 3x3, 1x1)
     stage_blocks: tuple[int, int, int, int]
 
 
-DEPTHS = {18: Depth("basic", (2, 2, 2, 2)), 34: Depth("basic", (3, 4, 6, 3)),
-          50: Depth("bottleneck", (3, 4, 6, 3)), 101: Depth("bottleneck", (3, 4, 23, 3))}
+DEPTHS = {
+    18: Depth("basic", (2, 2, 2, 2)),
+    34: Depth("basic", (3, 4, 6, 3)),
+    50: Depth("bottleneck", (3, 4, 6, 3)),
+    101: Depth("bottleneck", (3, 4, 23, 3)),
+}
 
 
 @dataclass(frozen=True)
 class Architecture:
     """The network behind a model name; the training recipe (loss, schedule, sampling) is its config's."""
-    resnet: str                 # "b": the standard ResNet; "vd": deep 3x3 stem, average-pool shortcuts
-    temporal_shift: bool        # TSM's shift of channels between segments in every residual branch
-    activation: str             # "relu", or "leaky_relu" as PaddleVideo's PP-TSM has it
+
+    resnet: str  # "b": the standard ResNet; "vd": deep 3x3 stem, average-pool shortcuts
+    temporal_shift: bool  # TSM's shift of channels between segments in every residual branch
+    activation: str  # "relu", or "leaky_relu" as PaddleVideo's PP-TSM has it
 
 
-ARCHITECTURES = {"TSN": Architecture("b", False, "relu"), "TSM": Architecture("b", True, "relu"),
-                 "PP-TSN": Architecture("vd", False, "relu"), "PP-TSM": Architecture("vd", True, "leaky_relu")}
+ARCHITECTURES = {
+    "TSN": Architecture("b", False, "relu"),
+    "TSM": Architecture("b", True, "relu"),
+    "PP-TSN": Architecture("vd", False, "relu"),
+    "PP-TSM": Architecture("vd", True, "leaky_relu"),
+}
 MODEL_NAMES = tuple(ARCHITECTURES)
 SHIFT_MODELS = tuple(n for n, a in ARCHITECTURES.items() if a.temporal_shift)  # built for num_segments frames
 
@@ -63,18 +74,18 @@ SCHEMA: dict = {
     "output_dir": Opt("output/tsn"),
     "device": Opt("auto", choices=("auto", "cpu", "gpu")),
     "log_interval": Opt(20, minimum=1),
-    "val_interval": Opt(1, minimum=1),          # epochs between evaluations
-    "save_interval": Opt(10, minimum=1),        # epochs between numbered checkpoints
-    "amp": Opt(False),                          # mixed precision on GPU
+    "val_interval": Opt(1, minimum=1),  # epochs between evaluations
+    "save_interval": Opt(10, minimum=1),  # epochs between numbered checkpoints
+    "amp": Opt(False),  # mixed precision on GPU
     "amp_dtype": Opt("float16", choices=("float16", "bfloat16")),
-    "resume": Opt(""),                          # "", "auto" (OUTPUT_DIR/latest.pdckpt if present) or a path
+    "resume": Opt(""),  # "", "auto" (OUTPUT_DIR/latest.pdckpt if present) or a path
     "MODEL": {
         "name": Opt("TSN", choices=MODEL_NAMES),
         "backbone": {
             "depth": Opt(50, choices=tuple(DEPTHS)),
-            "base_channels": Opt(64, minimum=8),    # 64 is the standard ResNet; smaller for demos
+            "base_channels": Opt(64, minimum=8),  # 64 is the standard ResNet; smaller for demos
             "pretrained": Opt("", nullable=True),  # local ImageNet .pdparams
-            "shift_div": Opt(8, minimum=2),         # TSM: 1/shift_div of the channels shift each way
+            "shift_div": Opt(8, minimum=2),  # TSM: 1/shift_div of the channels shift each way
         },
         "head": {
             "num_classes": Opt(400, minimum=2),
@@ -90,17 +101,17 @@ SCHEMA: dict = {
         "val_list": Opt(""),
         "test_list": Opt(""),
         "label_file": Opt(""),
-        "batch_size": Opt(32, minimum=1),           # per rank
-        "num_threads": Opt(4, minimum=1),           # DALI threads per rank
+        "batch_size": Opt(32, minimum=1),  # per rank
+        "num_threads": Opt(4, minimum=1),  # DALI threads per rank
         "num_workers": Opt(None, type=int, nullable=True, minimum=0),  # feed processes per rank; null: auto
         "worker_timeout": Opt(120.0, minimum=1.0),  # seconds a feed worker may take for a few samples
-        "allow_partial_videos": Opt(False),         # keep the decodable part of a video damaged mid-way
+        "allow_partial_videos": Opt(False),  # keep the decodable part of a video damaged mid-way
         "prefetch": Opt(2, minimum=1),
     },
     "PIPELINE": {
         "num_segments": Opt(3, minimum=1),
         "sampling": Opt("segment", choices=SAMPLINGS),  # TSN segments or TSM dense windows
-        "dense_interval": Opt(8, minimum=1),         # dense: frames between two sampled frames
+        "dense_interval": Opt(8, minimum=1),  # dense: frames between two sampled frames
         "target_size": Opt(224, minimum=8),
         "short_size": Opt(256, minimum=8),
         "crop": Opt("multiscale", choices=("multiscale", "random_resized")),
@@ -108,23 +119,23 @@ SCHEMA: dict = {
         "test_num_clips": Opt(1, minimum=1),
         "test_num_crops": Opt(1, choices=(1, 3, 10)),
         "test_num_segments": Opt(None, type=int, nullable=True, minimum=1),  # null: num_segments
-        "mixup_alpha": Opt(0.0, minimum=0.0),        # 0 disables mixup of training batches
+        "mixup_alpha": Opt(0.0, minimum=0.0),  # 0 disables mixup of training batches
     },
     "PRECISE_BN": {
         "enabled": Opt(True),
-        "num_iters": Opt(200, minimum=1),           # training batches per rank before each evaluation
+        "num_iters": Opt(200, minimum=1),  # training batches per rank before each evaluation
     },
     "OPTIMIZER": {
         "momentum": Opt(0.9, minimum=0.0, below=1.0),
         "nesterov": Opt(False),
         "weight_decay": Opt(1e-4, minimum=0.0),
-        "base_lr": Opt(0.01, minimum=0.0),           # for a global batch of base_batch_size
+        "base_lr": Opt(0.01, minimum=0.0),  # for a global batch of base_batch_size
         "base_batch_size": Opt(256, minimum=1),
         "schedule": Opt("step", choices=("step", "cosine")),
-        "decay_points": Opt([1 / 3, 2 / 3]),         # step: fractions of the total iterations
+        "decay_points": Opt([1 / 3, 2 / 3]),  # step: fractions of the total iterations
         "decay_factor": Opt(0.1, minimum=0.0, below=1.0),
         "warmup_epochs": Opt(0.0, minimum=0.0),
-        "grad_clip": Opt(40.0, nullable=True),       # global-norm clip; null disables
+        "grad_clip": Opt(40.0, nullable=True),  # global-norm clip; null disables
     },
 }
 
@@ -143,8 +154,9 @@ def _describe(opt: Opt) -> str:
     if opt.choices:
         return "one of " + ", ".join(map(str, opt.choices))
     t = opt.type or type(opt.default)
-    name = {float: "a number", int: "an integer", bool: "true or false", str: "a string",
-            list: "a list"}.get(t, t.__name__)
+    name = {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list"}.get(
+        t, t.__name__
+    )
     return name + (" or null" if opt.nullable else "")
 
 
@@ -176,8 +188,7 @@ def _check(key: str, value, opt: Opt, origin: str):
 def _unknown(key: str, name: str, known, origin: str) -> ConfigError:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return ConfigError(f"config error: unknown key '{key}' ({origin}); {hint}known keys here: "
-                       + ", ".join(known))
+    return ConfigError(f"config error: unknown key '{key}' ({origin}); {hint}known keys here: " + ", ".join(known))
 
 
 def _merge(schema: dict, values: dict, prefix: str, origin: str) -> dict:
@@ -250,7 +261,7 @@ def load_config(path: str, overrides: list[str] | tuple = ()) -> Config:
         parts, value = parse_override(text)
         schema, node = SCHEMA, cfg
         for i, name in enumerate(parts):
-            key = ".".join(parts[:i + 1])
+            key = ".".join(parts[: i + 1])
             if not isinstance(schema, dict) or name not in schema:
                 raise _unknown(key, name, schema if isinstance(schema, dict) else {}, f"-o {text}")
             if i == len(parts) - 1:
@@ -268,23 +279,32 @@ def _check_combination(cfg, origin: str) -> None:
     p, o = cfg.PIPELINE, cfg.OPTIMIZER
     points = o.decay_points
     if not all(0 < x < 1 for x in points) or any(a >= b for a, b in zip(points, points[1:])):
-        raise ConfigError(f"config error: OPTIMIZER.decay_points = {points} ({origin}): must be increasing "
-                          "fractions of training, each in (0, 1), e.g. [0.333, 0.667]")
+        raise ConfigError(
+            f"config error: OPTIMIZER.decay_points = {points} ({origin}): must be increasing "
+            "fractions of training, each in (0, 1), e.g. [0.333, 0.667]"
+        )
     if o.grad_clip is not None and not o.grad_clip > 0:
-        raise ConfigError(f"config error: OPTIMIZER.grad_clip = {o.grad_clip} ({origin}): must be > 0 "
-                          "(null disables clipping)")
+        raise ConfigError(
+            f"config error: OPTIMIZER.grad_clip = {o.grad_clip} ({origin}): must be > 0 (null disables clipping)"
+        )
     if p.target_size > p.short_size:
-        raise ConfigError(f"config error: PIPELINE.target_size = {p.target_size} ({origin}): crops of "
-                          f"target_size are cut from frames whose short side is short_size = {p.short_size}; "
-                          "target_size must be <= short_size")
+        raise ConfigError(
+            f"config error: PIPELINE.target_size = {p.target_size} ({origin}): crops of "
+            f"target_size are cut from frames whose short side is short_size = {p.short_size}; "
+            "target_size must be <= short_size"
+        )
     if cfg.MODEL.name in SHIFT_MODELS:
         if p.num_segments < 2:
-            raise ConfigError(f"config error: PIPELINE.num_segments = {p.num_segments} ({origin}): "
-                              f"{cfg.MODEL.name} shifts features between segments and needs at least 2")
+            raise ConfigError(
+                f"config error: PIPELINE.num_segments = {p.num_segments} ({origin}): "
+                f"{cfg.MODEL.name} shifts features between segments and needs at least 2"
+            )
         if p.test_num_segments not in (None, p.num_segments):
-            raise ConfigError(f"config error: PIPELINE.test_num_segments = {p.test_num_segments} ({origin}): "
-                              f"{cfg.MODEL.name} is built for PIPELINE.num_segments = {p.num_segments} "
-                              "frames per clip; test with more clips (test_num_clips) instead")
+            raise ConfigError(
+                f"config error: PIPELINE.test_num_segments = {p.test_num_segments} ({origin}): "
+                f"{cfg.MODEL.name} is built for PIPELINE.num_segments = {p.num_segments} "
+                "frames per clip; test with more clips (test_num_clips) instead"
+            )
 
 
 def segments_in_test(cfg) -> int:

@@ -2,6 +2,7 @@
 
 One code path for 1..N processes on CPU or GPU: with a single process no collective is called.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ import paddle.distributed as dist
 class Env:
     rank: int
     world_size: int
-    device: str          # "cpu" | "gpu"
+    device: str  # "cpu" | "gpu"
     device_id: int | None
 
     @property
@@ -27,8 +28,7 @@ class Env:
 def resolve_device(pref: str) -> str:
     has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
     if pref == "gpu" and not has_gpu:
-        raise RuntimeError("device: gpu was asked for, but this Paddle build sees no GPU; "
-                           "set device: cpu (or auto)")
+        raise RuntimeError("device: gpu was asked for, but this Paddle build sees no GPU; set device: cpu (or auto)")
     return "gpu" if pref == "gpu" or (pref == "auto" and has_gpu) else "cpu"
 
 
@@ -44,8 +44,23 @@ def init(device_pref: str = "auto") -> Env:
         paddle.set_device("cpu")
     if world > 1:
         from paddle.distributed import fleet
+
+        _import_kv_server_outside_cwd()
         fleet.init(is_collective=True)
     return Env(dist.get_rank() if world > 1 else 0, world, device, device_id)
+
+
+def _import_kv_server_outside_cwd() -> None:
+    """Paddle's rendezvous KV server opens ``./http.log`` in the current folder when it is first imported;
+    import it from the temporary folder, so that a run leaves nothing in the user's working tree."""
+    import tempfile
+
+    here = os.getcwd()
+    os.chdir(tempfile.gettempdir())
+    try:
+        import paddle.distributed.fleet.utils.http_server  # noqa: F401
+    finally:
+        os.chdir(here)
 
 
 def all_reduce_sum(values, env: Env) -> np.ndarray:

@@ -1,4 +1,5 @@
 """Train and evaluate the recognisers: one readable loop, the same on 1..N ranks, CPU or GPU."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,28 +21,49 @@ from .precise_bn import precise_bn
 from .solver import build_optimizer, build_scheduler
 
 
-def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, source: str | None = None,
-                **options):
+def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, source: str | None = None, **options):
     """The one place the trainer asks dali_pipelines for data; ``options`` override the config's."""
     from dali_pipelines import build_loader
+
     d, p = cfg.DATASET, cfg.PIPELINE
     list_file = list_file or {"train": d.train_list, "val": d.val_list, "test": d.test_list}[mode]
     if not list_file and not options.get("samples"):
-        raise ConfigError(f"config error: DATASET.{mode}_list is empty; set it in the config or with "
-                          f"-o DATASET.{mode}_list=PATH")
-    settings = dict(num_clips=p.test_num_clips, num_crops=p.test_num_crops, crop=p.crop, flip=p.flip,
-                num_threads=d.num_threads, prefetch=d.prefetch, device_id=env.device_id,
-                num_workers=d.num_workers, worker_timeout=d.worker_timeout,
-                allow_partial_videos=d.allow_partial_videos,
-                num_classes=cfg.MODEL.head.num_classes, sampling=p.sampling, dense_interval=p.dense_interval,
-                dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32")
+        raise ConfigError(
+            f"config error: DATASET.{mode}_list is empty; set it in the config or with -o DATASET.{mode}_list=PATH"
+        )
+    settings = dict(
+        num_clips=p.test_num_clips,
+        num_crops=p.test_num_crops,
+        crop=p.crop,
+        flip=p.flip,
+        num_threads=d.num_threads,
+        prefetch=d.prefetch,
+        device_id=env.device_id,
+        num_workers=d.num_workers,
+        worker_timeout=d.worker_timeout,
+        allow_partial_videos=d.allow_partial_videos,
+        num_classes=cfg.MODEL.head.num_classes,
+        sampling=p.sampling,
+        dense_interval=p.dense_interval,
+        dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32",
+    )
     settings.update(options)
     segments = segments_in_test(cfg) if mode == "test" else p.num_segments
     return build_loader(
-        list_file, source=source or d.source, mode=mode, batch_size=d.batch_size,
-        num_segments=segments, target_size=p.target_size, short_size=p.short_size,
-        device=env.device, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-        data_prefix=d.data_prefix or None, **settings)
+        list_file,
+        source=source or d.source,
+        mode=mode,
+        batch_size=d.batch_size,
+        num_segments=segments,
+        target_size=p.target_size,
+        short_size=p.short_size,
+        device=env.device,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.seed,
+        data_prefix=d.data_prefix or None,
+        **settings,
+    )
 
 
 def _amp_dtype(cfg, env) -> str | None:
@@ -101,8 +123,9 @@ def evaluate(model, loader, env: dist.Env, num_classes: int | None = None) -> di
         confusion = summed[5:].reshape(num_classes, num_classes).astype(np.int64)
         per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
         present = confusion.sum(axis=1) > 0
-        result.update(mean_class_accuracy=float(per_class[present].mean()), confusion=confusion,
-                      per_class_accuracy=per_class)
+        result.update(
+            mean_class_accuracy=float(per_class[present].mean()), confusion=confusion, per_class_accuracy=per_class
+        )
     return result
 
 
@@ -126,8 +149,10 @@ def restore(path: str, model, optimizer, model_cfg=None) -> tuple[dict, dict | N
     if differ:
         keys = _differing_keys(state["meta"].get("config", {}).get("MODEL"), to_plain(model_cfg or {}), "MODEL")
         what = "; ".join(keys) if keys else f"tensors {differ[:3]}{' ...' if len(differ) > 3 else ''} differ"
-        raise ConfigError(f"config error: resume: {path} holds another model ({what}); resume with the config "
-                          "it was trained with, or start a new output_dir")
+        raise ConfigError(
+            f"config error: resume: {path} holds another model ({what}); resume with the config "
+            "it was trained with, or start a new output_dir"
+        )
     model.set_state_dict(saved)
     optimizer.set_state_dict(state["optimizer"])
     return state["meta"], state.get("scaler")
@@ -156,8 +181,11 @@ def continue_schedule(scheduler, meta: dict, steps_per_epoch: int) -> int:
         return step
     step = epoch * steps_per_epoch
     scheduler.step(step)
-    print(f"train: resuming with {steps_per_epoch} steps/epoch where the checkpoint had {saved_steps}: the LR "
-          f"schedule goes on from epoch {epoch} (step {step} of the new schedule, lr {scheduler.get_lr():.4g})", flush=True)
+    print(
+        f"train: resuming with {steps_per_epoch} steps/epoch where the checkpoint had {saved_steps}: the LR "
+        f"schedule goes on from epoch {epoch} (step {step} of the new schedule, lr {scheduler.get_lr():.4g})",
+        flush=True,
+    )
     return step
 
 
@@ -168,8 +196,10 @@ def _resume_path(cfg) -> str | None:
         path = os.path.join(cfg.output_dir, "latest.pdckpt")
         return path if os.path.isfile(path) else None
     if not os.path.isfile(cfg.resume):
-        raise FileNotFoundError(f"resume: checkpoint {cfg.resume} does not exist (use -o resume=auto to "
-                                "continue from OUTPUT_DIR/latest.pdckpt when there is one)")
+        raise FileNotFoundError(
+            f"resume: checkpoint {cfg.resume} does not exist (use -o resume=auto to "
+            "continue from OUTPUT_DIR/latest.pdckpt when there is one)"
+        )
     return cfg.resume
 
 
@@ -193,12 +223,13 @@ class _Window:
 @dataclass(kw_only=True)
 class _Run:
     """What the epochs of one training run work with; ``step`` and ``totals`` grow as it goes."""
+
     cfg: Any
     env: dist.Env
-    net: paddle.nn.Layer          # the model as trained (wrapped for data parallelism on several ranks)
+    net: paddle.nn.Layer  # the model as trained (wrapped for data parallelism on several ranks)
     optimizer: Any
-    scheduler: Any                # the LR schedule, stepped once per batch
-    scaler: Any                   # the AMP loss scaler; None without float16 AMP
+    scheduler: Any  # the LR schedule, stepped once per batch
+    scaler: Any  # the AMP loss scaler; None without float16 AMP
     loader: Any
     log: MetricsLog
     step: int = 0
@@ -231,15 +262,26 @@ def _train_epoch(run: _Run, epoch: int) -> None:
         t_prev = t_end
         if run.step % cfg.log_interval == 0 or run.step % steps == 0:
             per_batch = win.batch / win.steps
-            rec = dict(mode="train", epoch=epoch + 1, step=run.step, lr=run.scheduler.get_lr(),
-                       loss=float(win.loss) / win.samples, top1=float(win.hits) / win.samples,
-                       samples_per_s=win.samples * env.world_size / win.batch,
-                       data_time=win.data / win.steps, batch_time=per_batch, skipped=loader.skipped)
+            rec = dict(
+                mode="train",
+                epoch=epoch + 1,
+                step=run.step,
+                lr=run.scheduler.get_lr(),
+                loss=float(win.loss) / win.samples,
+                top1=float(win.hits) / win.samples,
+                samples_per_s=win.samples * env.world_size / win.batch,
+                data_time=win.data / win.steps,
+                batch_time=per_batch,
+                skipped=loader.skipped,
+            )
             run.log.write(**rec)
             if env.is_main:
-                print(f"epoch {epoch + 1}/{cfg.epochs} step {run.step} loss {rec['loss']:.4f} top1 {rec['top1']:.3f} "
-                      f"lr {rec['lr']:.4g} {rec['samples_per_s']:.1f} clips/s data {rec['data_time'] * 1000:.0f}ms "
-                      f"batch {rec['batch_time'] * 1000:.0f}ms", flush=True)
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs} step {run.step} loss {rec['loss']:.4f} top1 {rec['top1']:.3f} "
+                    f"lr {rec['lr']:.4g} {rec['samples_per_s']:.1f} clips/s data {rec['data_time'] * 1000:.0f}ms "
+                    f"batch {rec['batch_time'] * 1000:.0f}ms",
+                    flush=True,
+                )
             run.totals["data"] += win.data
             run.totals["batch"] += win.batch
             run.totals["samples"] += win.samples
@@ -254,8 +296,11 @@ def train(cfg, env: dist.Env) -> dict:
     model = build_model(cfg)
     train_loader = make_loader(cfg, env, "train")
     val_loader = make_loader(cfg, env, "val") if cfg.DATASET.val_list else None
-    bn_loader = make_loader(cfg, env, "train", max_batches=cfg.PRECISE_BN.num_iters) \
-        if val_loader is not None and cfg.PRECISE_BN.enabled else None
+    bn_loader = (
+        make_loader(cfg, env, "train", max_batches=cfg.PRECISE_BN.num_iters)
+        if val_loader is not None and cfg.PRECISE_BN.enabled
+        else None
+    )
     steps = len(train_loader)
     global_batch = cfg.DATASET.batch_size * env.world_size
     scheduler = build_scheduler(cfg.OPTIMIZER, steps, cfg.epochs, global_batch)
@@ -266,8 +311,10 @@ def train(cfg, env: dist.Env) -> dict:
     if resume:
         meta, scaler_state = restore(resume, model, optimizer, cfg.MODEL)
         if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
-            print(f"train: warning: {resume} was written with seed {meta.get('seed')} on "
-                  f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly")
+            print(
+                f"train: warning: {resume} was written with seed {meta.get('seed')} on "
+                f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly"
+            )
         start_epoch, step, best = meta["epoch"], continue_schedule(scheduler, meta, steps), meta["best"]
     elif env.is_main:
         log.start_new()  # a fresh run does not append to an earlier run's curves
@@ -277,18 +324,31 @@ def train(cfg, env: dist.Env) -> dict:
     net = model
     if env.world_size > 1:
         from paddle.distributed import fleet
+
         net, optimizer = fleet.distributed_model(model), fleet.distributed_optimizer(optimizer)
     scaler = paddle.amp.GradScaler() if _amp_dtype(cfg, env) == "float16" else None  # bf16 needs no scaling
     if scaler is not None and resume and scaler_state:
         scaler.load_state_dict(scaler_state)
     if env.is_main:
-        print(f"train: {env.world_size} rank(s) on {env.device}, {train_loader.num_samples} clips/rank/epoch "
-              f"read by {train_loader.num_workers} feed worker(s)/rank, "
-              f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {scheduler.get_lr():.4g}"
-              + (f"; resumed from {resume} at epoch {start_epoch}" if resume else ""), flush=True)
+        print(
+            f"train: {env.world_size} rank(s) on {env.device}, {train_loader.num_samples} clips/rank/epoch "
+            f"read by {train_loader.num_workers} feed worker(s)/rank, "
+            f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {scheduler.get_lr():.4g}"
+            + (f"; resumed from {resume} at epoch {start_epoch}" if resume else ""),
+            flush=True,
+        )
 
-    run = _Run(cfg=cfg, env=env, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-               loader=train_loader, log=log, step=step)
+    run = _Run(
+        cfg=cfg,
+        env=env,
+        net=net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        loader=train_loader,
+        log=log,
+        step=step,
+    )
     t_start, last_eval = time.time(), {}
     for epoch in range(start_epoch, cfg.epochs):
         # everything random in an epoch derives from (seed, rank, epoch): a resumed run repeats it
@@ -304,15 +364,25 @@ def train(cfg, env: dist.Env) -> dict:
             last_eval = evaluate(net, val_loader, env)
             log.write(mode="val", epoch=epoch + 1, step=run.step, **last_eval)
             if env.is_main:
-                print(f"epoch {epoch + 1} val top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f} "
-                      f"loss {last_eval['loss']:.4f} ({last_eval['samples']} clips)", flush=True)
+                print(
+                    f"epoch {epoch + 1} val top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f} "
+                    f"loss {last_eval['loss']:.4f} ({last_eval['samples']} clips)",
+                    flush=True,
+                )
             if last_eval["top1"] > best["top1"]:
                 best = {**last_eval, "epoch": epoch + 1}
                 if env.is_main:
                     checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), **best)
         if env.is_main:
-            meta = dict(epoch=epoch + 1, step=run.step, best=best, seed=cfg.seed, world_size=env.world_size,
-                        steps_per_epoch=steps, config=to_plain(cfg))
+            meta = dict(
+                epoch=epoch + 1,
+                step=run.step,
+                best=best,
+                seed=cfg.seed,
+                world_size=env.world_size,
+                steps_per_epoch=steps,
+                config=to_plain(cfg),
+            )
             checkpoint.save_state(os.path.join(out, "latest.pdckpt"), model, optimizer, scaler, **meta)
             if (epoch + 1) % cfg.save_interval == 0:
                 checkpoint.save_state(os.path.join(out, f"epoch_{epoch + 1}.pdckpt"), model, optimizer, scaler, **meta)
@@ -321,13 +391,18 @@ def train(cfg, env: dist.Env) -> dict:
     wall = time.time() - t_start
     # every rank logs a digest of its weights: equal digests prove the ranks stayed in sync
     print(f"rank {env.rank}: weights digest {weights_digest(model)}", flush=True)
-    summary = {"val_top1": last_eval.get("top1"), "best_val_top1": best["top1"] if best["top1"] >= 0 else None,
-               "best_epoch": best.get("epoch"), "wall_s": wall,
-               "train_samples_per_s": run.totals["samples"] * env.world_size / max(run.totals["batch"], 1e-9),
-               "data_wait_share": run.totals["data"] / max(run.totals["batch"], 1e-9)}
+    summary = {
+        "val_top1": last_eval.get("top1"),
+        "best_val_top1": best["top1"] if best["top1"] >= 0 else None,
+        "best_epoch": best.get("epoch"),
+        "wall_s": wall,
+        "train_samples_per_s": run.totals["samples"] * env.world_size / max(run.totals["batch"], 1e-9),
+        "data_wait_share": run.totals["data"] / max(run.totals["batch"], 1e-9),
+    }
     log.write(mode="summary", **summary)
     log.close()
     if env.is_main:
         from .plots import plot_curves
+
         plot_curves(log.path, os.path.join(out, "curves.png"))
     return summary

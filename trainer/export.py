@@ -1,5 +1,6 @@
 """Export: a Paddle Inference model (paddle.jit.save) with its preprocessing settings beside it, checked
 against the dynamic model; ONNX through paddle2onnx where installed, checked with onnxruntime."""
+
 from __future__ import annotations
 
 import copy
@@ -31,31 +32,50 @@ def views_per_clip(cfg) -> int:
 def preprocessing_settings(cfg, class_names: list[str]) -> dict:
     """What a deployment must do to a video before the model sees it (the test pipeline's settings)."""
     from dali_pipelines.loader import MEAN, STD
+
     p = cfg.PIPELINE
-    return {"model": cfg.MODEL.name, "input": "clips",
-            "input_shape": [None, views_per_clip(cfg), 3, p.target_size, p.target_size],
-            "layout": "[batch, crops x clips x segments, RGB, height, width]", "num_segments": segments_in_test(cfg),
-            "num_clips": p.test_num_clips, "num_crops": p.test_num_crops, "target_size": p.target_size,
-            "short_size": p.short_size, "mean": list(MEAN), "std": list(STD), "sampling": p.sampling,
-            "dense_interval": p.dense_interval,
-            "output": "logits (softmax for probabilities)", "class_names": class_names}
+    return {
+        "model": cfg.MODEL.name,
+        "input": "clips",
+        "input_shape": [None, views_per_clip(cfg), 3, p.target_size, p.target_size],
+        "layout": "[batch, crops x clips x segments, RGB, height, width]",
+        "num_segments": segments_in_test(cfg),
+        "num_clips": p.test_num_clips,
+        "num_crops": p.test_num_crops,
+        "target_size": p.target_size,
+        "short_size": p.short_size,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "sampling": p.sampling,
+        "dense_interval": p.dense_interval,
+        "output": "logits (softmax for probabilities)",
+        "class_names": class_names,
+    }
 
 
 def config_for_exported(cfg, settings: dict, folder: str):
     """``cfg`` with the test-time preprocessing an exported model was written with (its
     preprocessing.json), so that predict feeds it exactly what the test pipeline fed it at export."""
     if settings.get("model", cfg.MODEL.name) != cfg.MODEL.name:
-        raise ConfigError(f"config error: {folder} holds a {settings['model']} model but the config sets "
-                          f"MODEL.name = {cfg.MODEL.name}")
+        raise ConfigError(
+            f"config error: {folder} holds a {settings['model']} model but the config sets "
+            f"MODEL.name = {cfg.MODEL.name}"
+        )
     missing = [k for k in ("num_segments", "num_clips", "num_crops", "target_size", "short_size") if k not in settings]
     if missing:
-        raise FileNotFoundError(f"{folder}/preprocessing.json lacks {missing}; re-export with: "
-                                "bash run_dist.sh export MODEL CONFIG")
+        raise FileNotFoundError(
+            f"{folder}/preprocessing.json lacks {missing}; re-export with: bash run_dist.sh export MODEL CONFIG"
+        )
     cfg = copy.deepcopy(cfg)
-    cfg.PIPELINE.update(test_num_segments=settings["num_segments"], test_num_clips=settings["num_clips"],
-                        test_num_crops=settings["num_crops"], target_size=settings["target_size"],
-                        short_size=settings["short_size"], sampling=settings.get("sampling", "segment"),
-                        dense_interval=settings.get("dense_interval", 8))
+    cfg.PIPELINE.update(
+        test_num_segments=settings["num_segments"],
+        test_num_clips=settings["num_clips"],
+        test_num_crops=settings["num_crops"],
+        target_size=settings["target_size"],
+        short_size=settings["short_size"],
+        sampling=settings.get("sampling", "segment"),
+        dense_interval=settings.get("dense_interval", 8),
+    )
     if cfg.MODEL.name in SHIFT_MODELS:
         cfg.PIPELINE["num_segments"] = settings["num_segments"]
     return cfg
@@ -75,8 +95,10 @@ def model_files(folder: str) -> tuple[str, str]:
     for ext in (".json", ".pdmodel"):
         if os.path.isfile(prefix + ext) and os.path.isfile(prefix + ".pdiparams"):
             return prefix + ext, prefix + ".pdiparams"
-    raise FileNotFoundError(f"{folder} holds no exported model (inference.json or .pdmodel with "
-                            "inference.pdiparams); write one with: bash run_dist.sh export MODEL CONFIG")
+    raise FileNotFoundError(
+        f"{folder} holds no exported model (inference.json or .pdmodel with "
+        "inference.pdiparams); write one with: bash run_dist.sh export MODEL CONFIG"
+    )
 
 
 class InferenceModel:
@@ -84,22 +106,39 @@ class InferenceModel:
     logits. On a GPU host ``device="gpu"`` runs it on the GPU and ``tensorrt`` ("fp32" or "fp16") hands
     the graph to TensorRT (Paddle built with TensorRT needed)."""
 
-    def __init__(self, model_file: str, params_file: str, device: str = "cpu", device_id: int = 0,
-                 tensorrt: str | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        model_file: str,
+        params_file: str,
+        device: str = "cpu",
+        device_id: int = 0,
+        tensorrt: str | None = None,
+        threads: int | None = None,
+    ):
         from paddle import inference
+
         if tensorrt and device != "gpu":
-            raise ConfigError("config error: TensorRT runs on GPUs only; set -o device=gpu on a GPU host "
-                              "or leave --tensorrt out")
+            raise ConfigError(
+                "config error: TensorRT runs on GPUs only; set -o device=gpu on a GPU host or leave --tensorrt out"
+            )
         if device == "gpu" and not paddle.is_compiled_with_cuda():
-            raise ConfigError("config error: device = gpu but this Paddle has no CUDA; install "
-                              "paddlepaddle-gpu (make setup EXTRAS=gpu,dev,onnx) or use device=cpu")
+            raise ConfigError(
+                "config error: device = gpu but this Paddle has no CUDA; install "
+                "paddlepaddle-gpu (make setup EXTRAS=gpu,dev,onnx) or use device=cpu"
+            )
         config = inference.Config(model_file, params_file)
         if device == "gpu":
             config.enable_use_gpu(512, device_id)
             if tensorrt:
                 precision = inference.PrecisionType.Half if tensorrt == "fp16" else inference.PrecisionType.Float32
-                config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=1, min_subgraph_size=3,
-                                              precision_mode=precision, use_static=False, use_calib_mode=False)
+                config.enable_tensorrt_engine(
+                    workspace_size=1 << 30,
+                    max_batch_size=1,
+                    min_subgraph_size=3,
+                    precision_mode=precision,
+                    use_static=False,
+                    use_calib_mode=False,
+                )
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
@@ -120,11 +159,13 @@ class InferenceModel:
         return self._output.copy_to_cpu()
 
 
-def export(cfg, model, out_dir: str, class_names: list[str], sample: np.ndarray | None = None,
-           onnx: bool = False) -> dict:
+def export(
+    cfg, model, out_dir: str, class_names: list[str], sample: np.ndarray | None = None, onnx: bool = False
+) -> dict:
     """Write OUT_DIR/inference.{json|pdmodel,pdiparams} and preprocessing.json; returns what was written
     and the largest score difference of each exported form against the dynamic model."""
     from paddle.static import InputSpec
+
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
     p = cfg.PIPELINE
@@ -139,8 +180,9 @@ def export(cfg, model, out_dir: str, class_names: list[str], sample: np.ndarray 
     with paddle.no_grad():
         expected = model(paddle.to_tensor(sample)).numpy()
     report = {"model": model_file, "params": params_file, "preprocessing": os.path.join(out_dir, "preprocessing.json")}
-    report["paddle_inference_max_diff"] = score_difference(InferenceModel(model_file, params_file).scores(sample),
-                                                           expected)
+    report["paddle_inference_max_diff"] = score_difference(
+        InferenceModel(model_file, params_file).scores(sample), expected
+    )
     if onnx:
         report.update(_export_onnx(model_file, params_file, os.path.join(out_dir, "model.onnx"), sample, expected))
     bad = {k: v for k, v in report.items() if k.endswith("_max_diff") and v > TOLERANCE}

@@ -1,13 +1,14 @@
 """Command line of the trainer; run_dist.sh starts one of these per rank.
 
-    python trainer/main.py train   -c CONFIG [-o SECTION.key=value ...]
-    python trainer/main.py eval    -c CONFIG [--weights W]      top-1/top-5 on DATASET.val_list
-    python trainer/main.py test    -c CONFIG [--weights W]      multi-clip test on DATASET.test_list
-    python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one video (or a .txt list)
-                                   [--output predictions.csv] [--exported DIR [--tensorrt fp16]]
-    python trainer/main.py export  -c CONFIG [--weights W] [--onnx]  Paddle Inference (+ ONNX) model
-    python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
+python trainer/main.py train   -c CONFIG [-o SECTION.key=value ...]
+python trainer/main.py eval    -c CONFIG [--weights W]      top-1/top-5 on DATASET.val_list
+python trainer/main.py test    -c CONFIG [--weights W]      multi-clip test on DATASET.test_list
+python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one video (or a .txt list)
+                               [--output predictions.csv] [--exported DIR [--tensorrt fp16]]
+python trainer/main.py export  -c CONFIG [--weights W] [--onnx]  Paddle Inference (+ ONNX) model
+python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("mode", choices=MODES)
     p.add_argument("-c", "--config", required=True)
     p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.key=value")
@@ -45,25 +47,38 @@ def parse_args(argv=None):
     p.add_argument("--weights", help="weights for eval/test/predict (default: OUTPUT_DIR/best.pdparams)")
     p.add_argument("--input", help="predict: a video file, or a text file listing one video a line")
     p.add_argument("--top-k", type=_positive_int, default=5, help="predict: classes shown per video (default 5)")
-    p.add_argument("--output", help="predict: also write the predictions to this CSV file; "
-                   "export: the folder (default OUTPUT_DIR/inference)")
+    p.add_argument(
+        "--output",
+        help="predict: also write the predictions to this CSV file; export: the folder (default OUTPUT_DIR/inference)",
+    )
     p.add_argument("--onnx", action="store_true", help="export: also write model.onnx (needs paddle2onnx)")
-    p.add_argument("--exported", metavar="DIR", help="predict with the model exported to DIR through Paddle "
-                   "Inference (its preprocessing.json sets the test views) instead of the dynamic model")
-    p.add_argument("--tensorrt", choices=("fp32", "fp16"), help="predict --exported on a GPU (-o device=gpu): "
-                   "run the graph through TensorRT at this precision")
+    p.add_argument(
+        "--exported",
+        metavar="DIR",
+        help="predict with the model exported to DIR through Paddle "
+        "Inference (its preprocessing.json sets the test views) instead of the dynamic model",
+    )
+    p.add_argument(
+        "--tensorrt",
+        choices=("fp32", "fp16"),
+        help="predict --exported on a GPU (-o device=gpu): run the graph through TensorRT at this precision",
+    )
     return p.parse_args(argv)
 
 
 def _summary_line(summary: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"
+
     def acc(v):
         return "n/a" if v is None else f"{v:.4f}"
-    return (f"SUMMARY val_top1={acc(summary.get('val_top1'))} "
-            f"best_val_top1={acc(summary.get('best_val_top1'))} wall_time={summary['wall_s']:.1f}s "
-            f"train_samples_per_s={summary['train_samples_per_s']:.1f} "
-            f"data_wait_share={pct(summary['data_wait_share'])}")
+
+    return (
+        f"SUMMARY val_top1={acc(summary.get('val_top1'))} "
+        f"best_val_top1={acc(summary.get('best_val_top1'))} wall_time={summary['wall_s']:.1f}s "
+        f"train_samples_per_s={summary['train_samples_per_s']:.1f} "
+        f"data_wait_share={pct(summary['data_wait_share'])}"
+    )
 
 
 def _print_summary(cfg) -> int:
@@ -85,19 +100,24 @@ def _print_summary(cfg) -> int:
 
 def run(args) -> int:
     from trainer.config import ConfigError, load_config
+
     cfg = load_config(args.config, args.override)
     if args.model and args.model != cfg.MODEL.name:
-        raise ConfigError(f"config error: model {args.model} was asked for but {args.config} sets "
-                          f"MODEL.name = {cfg.MODEL.name}")
+        raise ConfigError(
+            f"config error: model {args.model} was asked for but {args.config} sets MODEL.name = {cfg.MODEL.name}"
+        )
     if args.mode == "summary":
         return _print_summary(cfg)
 
     from trainer import dist, engine
+
     env = dist.init(cfg.device)
     if env.world_size > 1:  # each rank's own log says who it is, for operators (and kill tests)
         import socket
-        print(f"rank {env.rank}/{env.world_size}: pid {os.getpid()} on {socket.gethostname()} ({env.device})",
-              flush=True)
+
+        print(
+            f"rank {env.rank}/{env.world_size}: pid {os.getpid()} on {socket.gethostname()} ({env.device})", flush=True
+        )
     if args.mode == "train":
         summary = engine.train(cfg, env)
         if env.is_main:
@@ -106,8 +126,9 @@ def run(args) -> int:
 
     if args.mode == "predict" and args.exported:
         return _predict_exported(cfg, env, args)
-    from trainer.weights import load_weights
     from trainer.models import build_model
+    from trainer.weights import load_weights
+
     weights = args.weights or os.path.join(cfg.output_dir, "best.pdparams")
     model = build_model(cfg)
     load_weights(model, weights)
@@ -121,13 +142,15 @@ def run(args) -> int:
 def _class_names(cfg) -> list[str]:
     from dali_pipelines.formats import read_label_file
     from trainer.config import ConfigError
+
     n = cfg.MODEL.head.num_classes
     if not cfg.DATASET.label_file:
         return [str(i) for i in range(n)]
     names = read_label_file(cfg.DATASET.label_file)
     if len(names) != n:
-        raise ConfigError(f"config error: {cfg.DATASET.label_file} names {len(names)} classes but "
-                          f"MODEL.head.num_classes = {n}")
+        raise ConfigError(
+            f"config error: {cfg.DATASET.label_file} names {len(names)} classes but MODEL.head.num_classes = {n}"
+        )
     return names
 
 
@@ -135,6 +158,7 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
     from trainer import engine
     from trainer.config import segments_in_test
     from trainer.metrics import MetricsLog, write_test_report
+
     names = _class_names(cfg)  # a label file that disagrees stops the run before the work, not after
     if env.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)  # the report's folder, before a long evaluation
@@ -142,16 +166,25 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
     result = engine.evaluate(model, loader, env, cfg.MODEL.head.num_classes)
     if env.is_main:
         p = cfg.PIPELINE
-        views = (f"{segments_in_test(cfg)} segment(s) x {p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), "
-                 if mode == "test" else "")
+        views = (
+            f"{segments_in_test(cfg)} segment(s) x {p.test_num_clips} clip(s) x {p.test_num_crops} crop(s), "
+            if mode == "test"
+            else ""
+        )
         # the numbers first: nothing that fails writing the report can lose them
-        print(f"{mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
-              f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
-              f"({views}{weights})", flush=True)
+        print(
+            f"{mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
+            f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
+            f"({views}{weights})",
+            flush=True,
+        )
         paths = write_test_report(cfg.output_dir, mode, result, names)
         log = MetricsLog(cfg.output_dir)
-        log.write(mode=mode, weights=weights,
-                  **{k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")})
+        log.write(
+            mode=mode,
+            weights=weights,
+            **{k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")},
+        )
         log.close()
         print(f"{mode}: per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
     return 0
@@ -159,33 +192,48 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
 
 def _export(cfg, model, args) -> int:
     from trainer.export import export
+
     out_dir = args.output or os.path.join(cfg.output_dir, "inference")
     report = export(cfg, model, out_dir, _class_names(cfg), onnx=args.onnx)
-    checks = ", ".join(f"{k.replace('_max_diff', '')} max |diff| {v:.2e}" for k, v in report.items()
-                       if k.endswith("_max_diff")) + " (score difference: probabilities, and logits relative to their scale)"
-    print(f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
-          + (f", {report['onnx']}" if "onnx" in report else "") + f"; scores against the dynamic model: {checks}")
+    checks = (
+        ", ".join(
+            f"{k.replace('_max_diff', '')} max |diff| {v:.2e}" for k, v in report.items() if k.endswith("_max_diff")
+        )
+        + " (score difference: probabilities, and logits relative to their scale)"
+    )
+    print(
+        f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
+        + (f", {report['onnx']}" if "onnx" in report else "")
+        + f"; scores against the dynamic model: {checks}"
+    )
     return 0
 
 
 def _predict(cfg, env, model, args) -> int:
     from trainer.predict import dynamic_scorer
+
     return _report_predictions(cfg, env, dynamic_scorer(model), args)
 
 
 def _predict_exported(cfg, env, args) -> int:
     from trainer.export import InferenceModel, config_for_exported, read_preprocessing
     from trainer.predict import exported_scorer
-    model = InferenceModel.from_folder(args.exported, device=env.device, device_id=env.device_id or 0,
-                                       tensorrt=args.tensorrt)
+
+    model = InferenceModel.from_folder(
+        args.exported, device=env.device, device_id=env.device_id or 0, tensorrt=args.tensorrt
+    )
     cfg = config_for_exported(cfg, read_preprocessing(args.exported), args.exported)
-    print(f"predict: exported model {args.exported} on {env.device}"
-          + (f" through TensorRT {args.tensorrt}" if args.tensorrt else "") + " (Paddle Inference)")
+    print(
+        f"predict: exported model {args.exported} on {env.device}"
+        + (f" through TensorRT {args.tensorrt}" if args.tensorrt else "")
+        + " (Paddle Inference)"
+    )
     return _report_predictions(cfg, env, exported_scorer(model), args)
 
 
 def _report_predictions(cfg, env, scorer, args) -> int:
     from trainer.predict import predict, print_predictions, write_predictions_csv
+
     if not args.input:
         raise FileNotFoundError("predict needs --input VIDEO (or a .txt file listing videos)")
     results = predict(cfg, env, scorer, args.input, args.top_k)
@@ -200,8 +248,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dali_pipelines.formats import DataFormatError
     from dali_pipelines.video import VideoError
-    from trainer.weights import UnsafeFileError
     from trainer.config import ConfigError
+    from trainer.weights import UnsafeFileError
+
     try:
         return run(args)
     except ConfigError as e:

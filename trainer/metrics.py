@@ -1,4 +1,5 @@
-"""Accuracy counting and the metrics.jsonl log (DESIGN §7)."""
+"""Accuracy counting and the metrics.jsonl log (docs/design.md "Observability")."""
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,11 @@ def write_test_report(output_dir: str, prefix: str, result: dict, names: list[st
     import csv
 
     confusion, per_class = result["confusion"], result["per_class_accuracy"]
-    paths = [os.path.join(output_dir, f"{prefix}_per_class.csv"), os.path.join(output_dir, f"{prefix}_confusion.csv"),
-             os.path.join(output_dir, f"{prefix}_confusion.png")]
+    paths = [
+        os.path.join(output_dir, f"{prefix}_per_class.csv"),
+        os.path.join(output_dir, f"{prefix}_confusion.csv"),
+        os.path.join(output_dir, f"{prefix}_confusion.png"),
+    ]
     with open(paths[0], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["class", "samples", "correct", "accuracy"])
@@ -77,8 +81,10 @@ def write_test_report(output_dir: str, prefix: str, result: dict, names: list[st
         for i, name in enumerate(names):
             w.writerow([name] + [int(v) for v in confusion[i]])
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     n = len(names)
     fig, ax = plt.subplots(figsize=(min(4 + 0.35 * n, 40), min(3.5 + 0.35 * n, 40)))
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
@@ -89,8 +95,15 @@ def write_test_report(output_dir: str, prefix: str, result: dict, names: list[st
         for i in range(n):
             for j in range(n):
                 if confusion[i, j]:
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
-                            color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+                    ax.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        color="white" if rates[i, j] > 0.5 else "black",
+                        fontsize=8,
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"confusion ({int(confusion.sum())} clips, top-1 {result['top1']:.3f})")

@@ -1,10 +1,12 @@
 """The recognisers: a ResNet applied to every sampled frame + average consensus + linear head.
 
-Four models share this code (DESIGN §6): TSN and TSM on the standard ResNet ("ResNet-B", stride in the
-3x3 conv), PP-TSN and PP-TSM on ResNet-vd (deep 3x3 stem, average-pool shortcut downsampling); the TSM
-models add a temporal shift on every residual branch. ``build_model(cfg)`` is the one factory; the
-width is a parameter so that the CPU demos can use a narrow ResNet-18.
+Four models share this code (docs/design.md "Training recipe"): TSN and TSM on the standard ResNet
+("ResNet-B", stride in the 3x3 conv), PP-TSN and PP-TSM on ResNet-vd (deep 3x3 stem, average-pool
+shortcut downsampling); the TSM models add a temporal shift on every residual branch.
+``build_model(cfg)`` is the one factory; the width is a parameter so that the CPU demos can use a
+narrow ResNet-18.
 """
+
 from __future__ import annotations
 
 import paddle
@@ -24,8 +26,8 @@ def temporal_shift(x, num_segments: int, shift_div: int = 8):
     x = x.reshape([-1, num_segments, c, h, w])
     zeros = paddle.zeros_like(x[:, :1, :fold])
     from_prev = paddle.concat([zeros, x[:, :-1, :fold]], axis=1)
-    from_next = paddle.concat([x[:, 1:, fold:2 * fold], zeros], axis=1)
-    return paddle.concat([from_prev, from_next, x[:, :, 2 * fold:]], axis=2).reshape([-1, c, h, w])
+    from_next = paddle.concat([x[:, 1:, fold : 2 * fold], zeros], axis=1)
+    return paddle.concat([from_prev, from_next, x[:, :, 2 * fold :]], axis=2).reshape([-1, c, h, w])
 
 
 def _activation(act: str) -> nn.Layer:
@@ -34,9 +36,12 @@ def _activation(act: str) -> nn.Layer:
 
 def _conv_bn(cin, cout, k, stride=1, act="relu"):
     """Conv (no bias) + BN (+ activation unless ``act`` is None): keys ``.0.weight``, ``.1.*``."""
-    layers = [nn.Conv2D(cin, cout, k, stride=stride, padding=k // 2, bias_attr=False,
-                        weight_attr=nn.initializer.KaimingNormal()),
-              nn.BatchNorm2D(cout)]
+    layers = [
+        nn.Conv2D(
+            cin, cout, k, stride=stride, padding=k // 2, bias_attr=False, weight_attr=nn.initializer.KaimingNormal()
+        ),
+        nn.BatchNorm2D(cout),
+    ]
     if act:
         layers.append(_activation(act))
     return nn.Sequential(*layers)
@@ -76,8 +81,9 @@ class Bottleneck(BasicBlock):
     expansion = 4
 
     def _branch(self, cin, width, cout, stride, act):
-        return nn.Sequential(_conv_bn(cin, width, 1, act=act), _conv_bn(width, width, 3, stride, act),
-                             _conv_bn(width, cout, 1, act=None))
+        return nn.Sequential(
+            _conv_bn(cin, width, 1, act=act), _conv_bn(width, width, 3, stride, act), _conv_bn(width, cout, 1, act=None)
+        )
 
 
 class ResNet(nn.Layer):
@@ -86,22 +92,34 @@ class ResNet(nn.Layer):
     ``variant`` "b" is the standard ResNet, "vd" ResNet-vd; ``num_segments`` (with ``shift_div``) adds
     TSM's temporal shift, the batch then holding consecutive groups of ``num_segments`` frames."""
 
-    def __init__(self, depth: int = 50, base_channels: int = 64, variant: str = "b", *,
-                 num_segments: int | None = None, shift_div: int = 8, act: str = "relu"):
+    def __init__(
+        self,
+        depth: int = 50,
+        base_channels: int = 64,
+        variant: str = "b",
+        *,
+        num_segments: int | None = None,
+        shift_div: int = 8,
+        act: str = "relu",
+    ):
         super().__init__()
         blocks = DEPTHS[depth].stage_blocks
         self.depth, self.variant = depth, variant
         block = BasicBlock if DEPTHS[depth].block == "basic" else Bottleneck
         c = base_channels
         if variant == "vd":
-            self.stem = nn.Sequential(_conv_bn(3, c // 2, 3, 2, act), _conv_bn(c // 2, c // 2, 3, 1, act),
-                                      _conv_bn(c // 2, c, 3, 1, act), nn.MaxPool2D(3, 2, 1))
+            self.stem = nn.Sequential(
+                _conv_bn(3, c // 2, 3, 2, act),
+                _conv_bn(c // 2, c // 2, 3, 1, act),
+                _conv_bn(c // 2, c, 3, 1, act),
+                nn.MaxPool2D(3, 2, 1),
+            )
         else:
             self.stem = nn.Sequential(_conv_bn(3, c, 7, 2, act), nn.MaxPool2D(3, 2, 1))
         shift = (num_segments, shift_div) if num_segments else None
         stages, cin = [], c
         for i, n in enumerate(blocks):
-            width = c * 2 ** i
+            width = c * 2**i
             for j in range(n):
                 stages.append(block(cin, width, 2 if j == 0 and i > 0 else 1, variant == "vd", shift, act))
                 cin = width * block.expansion
@@ -119,9 +137,12 @@ class ConsensusHead(nn.Layer):
     def __init__(self, in_channels, num_classes, dropout=0.4, init_std=0.01):
         super().__init__()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.fc = nn.Linear(in_channels, num_classes,
-                            weight_attr=nn.initializer.Normal(0.0, init_std),
-                            bias_attr=nn.initializer.Constant(0.0))
+        self.fc = nn.Linear(
+            in_channels,
+            num_classes,
+            weight_attr=nn.initializer.Normal(0.0, init_std),
+            bias_attr=nn.initializer.Constant(0.0),
+        )
 
     def forward(self, feats, num_views):
         x = feats.reshape([-1, num_views, feats.shape[-1]]).mean(axis=1)
@@ -148,8 +169,14 @@ class Recognizer2D(nn.Layer):
 def build_model(cfg) -> Recognizer2D:
     b, h = cfg.MODEL.backbone, cfg.MODEL.head
     arch = ARCHITECTURES[cfg.MODEL.name]
-    backbone = ResNet(b.depth, b.base_channels, arch.resnet, shift_div=b.shift_div, act=arch.activation,
-                      num_segments=cfg.PIPELINE.num_segments if arch.temporal_shift else None)
+    backbone = ResNet(
+        b.depth,
+        b.base_channels,
+        arch.resnet,
+        shift_div=b.shift_div,
+        act=arch.activation,
+        num_segments=cfg.PIPELINE.num_segments if arch.temporal_shift else None,
+    )
     model = Recognizer2D(backbone, ConsensusHead(backbone.out_channels, h.num_classes, h.dropout, h.init_std))
     if b.pretrained:
         print(load_pretrained(model, b.pretrained))

@@ -10,14 +10,23 @@ the three stem convolutions ``conv1_1..conv1_3`` and block ``j`` of stage ``s`` 
 PaddleClas's current models say ``stem.{i}`` and ``blocks.{k}`` (flat), with ``conv`` and ``bn``.
 This module maps those names onto this project's ResNet.
 """
+
 from __future__ import annotations
 
 import re
 
 from .config import DEPTHS, ConfigError
 
-_BN_FIELDS = {"weight": "weight", "bias": "bias", "_mean": "_mean", "_variance": "_variance",
-              "scale": "weight", "offset": "bias", "mean": "_mean", "variance": "_variance"}
+_BN_FIELDS = {
+    "weight": "weight",
+    "bias": "bias",
+    "_mean": "_mean",
+    "_variance": "_variance",
+    "scale": "weight",
+    "offset": "bias",
+    "mean": "_mean",
+    "variance": "_variance",
+}
 _BRANCH = {"2a": 0, "2b": 1, "2c": 2}
 
 
@@ -101,8 +110,11 @@ def _static_key(key: str, depth: int) -> str | None:
 
 
 def looks_like_paddlevideo(keys) -> bool:
-    return any(re.search(r"(^|\.)(res2a(\.|_branch)|conv1_1\._conv|bb_0_0\.)", k)
-               or k.startswith(("backbone.conv._conv", "blocks.0.conv0.conv")) for k in keys)
+    return any(
+        re.search(r"(^|\.)(res2a(\.|_branch)|conv1_1\._conv|bb_0_0\.)", k)
+        or k.startswith(("backbone.conv._conv", "blocks.0.conv0.conv"))
+        for k in keys
+    )
 
 
 def from_paddlevideo(state: dict, depth: int, variant: str = "b", path: str = "the weights") -> tuple[dict, list[str]]:
@@ -113,8 +125,10 @@ def from_paddlevideo(state: dict, depth: int, variant: str = "b", path: str = "t
     if vd_file != (variant == "vd"):
         have, want = ("ResNet-vd", "ResNet") if vd_file else ("ResNet", "ResNet-vd")
         models = "PP-TSN or PP-TSM" if vd_file else "TSN or TSM"
-        raise ConfigError(f"config error: {path} holds {have} weights but MODEL.name selects a {want} backbone; "
-                          f"use them with MODEL.name {models}, or take weights of a {want}")
+        raise ConfigError(
+            f"config error: {path} holds {have} weights but MODEL.name selects a {want} backbone; "
+            f"use them with MODEL.name {models}, or take weights of a {want}"
+        )
     out, unused = {}, []
     for key, value in state.items():
         new = _dygraph_key(key, depth) or _static_key(key, depth)

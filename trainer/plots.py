@@ -1,4 +1,5 @@
 """A PNG of the training curves (loss, top-1, LR) from metrics.jsonl."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,10 @@ import json
 
 def plot_curves(metrics_path: str, png_path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     with open(metrics_path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     train = [r for r in records if r["mode"] == "train"]

@@ -4,6 +4,7 @@ Running averages drift with the weights during training; averaging the batch sta
 ``num_iters`` batches under the final weights (and then over all ranks) gives the statistics the
 evaluation should use.
 """
+
 from __future__ import annotations
 
 import paddle
@@ -32,7 +33,7 @@ def precise_bn(model, loader, env: dist.Env) -> int:
                 n += 1
                 for bn in bns:  # running = (n-1)/n * running + 1/n * batch: the mean over batches
                     bn._momentum = (n - 1) / n
-                model(imgs)
+                model(imgs.astype("float32"))  # as evaluate runs it (an AMP loader yields float16)
     finally:
         for bn, m in zip(bns, momenta):
             bn._momentum = m

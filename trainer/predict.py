@@ -1,5 +1,6 @@
 """Top-k classes of videos, through the same loader (and so the same preprocessing) as the test mode,
 scored by the dynamic model or by an exported one (Paddle Inference)."""
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ def _inputs(path: str) -> list[str]:
         raise FileNotFoundError(f"--input {path} does not exist")
     if path.endswith((".txt", ".list")):  # a list file: 'path', 'path label' or 'path num_frames label' lines
         from dali_pipelines.formats import text_lines
+
         return [_video_path(line) for line in map(str.strip, text_lines(path)) if line and not line.startswith("#")]
     return [path]
 
@@ -40,6 +42,7 @@ def dynamic_scorer(model):
     def scores(imgs):
         with paddle.no_grad():
             return model(imgs.astype("float32")).numpy()
+
     return scores
 
 
@@ -59,8 +62,9 @@ def predict(cfg, env: dist.Env, scorer, input_path: str, top_k: int = 5) -> list
         if not os.path.isfile(v):
             raise FileNotFoundError(f"video {v} does not exist")
     samples = [Sample(os.path.abspath(v), -1, 0, i + 1) for i, v in enumerate(videos)]
-    loader = make_loader(cfg, dist.Env(0, 1, env.device, env.device_id), "test", source="videos",
-                         samples=samples, num_classes=None)
+    loader = make_loader(
+        cfg, dist.Env(0, 1, env.device, env.device_id), "test", source="videos", samples=samples, num_classes=None
+    )
     logits = [scorer(imgs) for imgs, _ in loader]
     if loader.skipped:  # the messages above name them; scores must never shift onto another video
         raise VideoError(f"{loader.skipped} of {len(videos)} video(s) could not be read (see above)")
@@ -83,8 +87,10 @@ def print_predictions(results) -> None:
 
 def write_predictions_csv(results, path: str) -> None:
     import csv
-    from dali_pipelines.formats import write_atomic
     import io
+
+    from dali_pipelines.formats import write_atomic
+
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["video", "rank", "class", "probability"])

@@ -6,6 +6,7 @@ Every file goes through one restricted unpickler (``load_file``) and one checkpo
 ``load_pretrained`` takes what fits (training's starting point) and ``load_checkpoint`` a whole
 training state (resume). Writing lives in ``trainer.checkpoint``.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -46,13 +47,20 @@ def _lod_tensor(expr, scope):
 # exactly what paddle.save (2.x and 3.x, dygraph and static), and this trainer's checkpoints, pickle
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "tuple"): tuple, ("__builtin__", "tuple"): tuple,
-    ("builtins", "list"): list, ("builtins", "dict"): dict, ("builtins", "set"): set,
+    ("builtins", "tuple"): tuple,
+    ("__builtin__", "tuple"): tuple,
+    ("builtins", "list"): list,
+    ("builtins", "dict"): dict,
+    ("builtins", "set"): set,
     ("builtins", "eval"): _lod_tensor,
     ("_codecs", "encode"): _latin1,
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-    **{(mod, name): getattr(_multiarray, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
-       for name in ("_reconstruct", "scalar")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **{
+        (mod, name): getattr(_multiarray, name)
+        for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    },
 }
 
 
@@ -84,9 +92,11 @@ def load_file(path: str):
         with open(path, "rb") as f:
             obj = _StateUnpickler(f, encoding="latin1").load()
     except UnsafeFileError as e:
-        raise UnsafeFileError(f"{path}: refused to load: it asks for {e}, which no saved Paddle state holds; "
-                              "a weights file from elsewhere may try to run code. Re-save it with paddle.save "
-                              "from a state_dict in a trusted environment") from None
+        raise UnsafeFileError(
+            f"{path}: refused to load: it asks for {e}, which no saved Paddle state holds; "
+            "a weights file from elsewhere may try to run code. Re-save it with paddle.save "
+            "from a state_dict in a trusted environment"
+        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"{path}: not a Paddle weights or checkpoint file ({e})") from None
     if isinstance(obj, dict) and "UnpackBigParamInfor@@" in obj:
@@ -152,8 +162,10 @@ def load_weights(model: paddle.nn.Layer, path: str) -> dict:
     state, meta, _ = model_state(load_file(path), model, path)
     missing, unexpected, wrong = mismatch(model, state)
     if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                         f"wrong shape {wrong[:3]}); check MODEL.* against the config it was trained with")
+        raise ValueError(
+            f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {wrong[:3]}); check MODEL.* against the config it was trained with"
+        )
     model.set_state_dict(state)
     return meta
 
@@ -164,8 +176,9 @@ def load_pretrained(model: paddle.nn.Layer, path: str) -> str:
     layer names are translated). Tensors whose shape differs (the classifier of another class count)
     are skipped; returns a one-line report of what was loaded."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"MODEL.backbone.pretrained: {path} does not exist; give a local .pdparams "
-                                "file or set it to ''")
+        raise FileNotFoundError(
+            f"MODEL.backbone.pretrained: {path} does not exist; give a local .pdparams file or set it to ''"
+        )
     state, _, unused = model_state(load_file(path), model, path)
     own = model.state_dict()
     usable, skipped = {}, []
@@ -184,7 +197,10 @@ def load_pretrained(model: paddle.nn.Layer, path: str) -> str:
 
     def few(keys):
         return f"{keys[:4]}{' ...' if len(keys) > 4 else ''}"
-    return (f"pretrained: loaded {len(usable)}/{len(own)} tensors from {path}"
-            + (f"; skipped (shape differs) {few(sorted(skipped))}" if skipped else "")
-            + (f"; not in the file {few(missing)}" if missing else "")
-            + (f"; unused {few(sorted(unused))}" if unused else ""))
+
+    return (
+        f"pretrained: loaded {len(usable)}/{len(own)} tensors from {path}"
+        + (f"; skipped (shape differs) {few(sorted(skipped))}" if skipped else "")
+        + (f"; not in the file {few(missing)}" if missing else "")
+        + (f"; unused {few(sorted(unused))}" if unused else "")
+    )
