@@ -44,14 +44,14 @@ MUTANTS = {
     ),
     "eval skips the last partial batch": (
         "dali_pipelines/loader.py",
-        'drop_last = (mode == "train") if opt["drop_last"] is None',
-        'drop_last = True if opt["drop_last"] is None',
+        'drop_last = (mode == "train") if options["drop_last"] is None',
+        'drop_last = True if options["drop_last"] is None',
     ),
-    "resume without optimizer state": ("trainer/engine.py", '    opt.set_state_dict(state["optimizer"])\n', "\n"),
+    "resume without optimizer state": ("trainer/engine.py", '    optimizer.set_state_dict(state["optimizer"])\n', "\n"),
     "resume without the LR scheduler position": (
         "trainer/engine.py",
-        '    opt.set_state_dict(state["optimizer"])\n',
-        '    opt.set_state_dict({k: v for k, v in state["optimizer"].items() if k != "LR_Scheduler"})\n',
+        '    optimizer.set_state_dict(state["optimizer"])\n',
+        '    optimizer.set_state_dict({k: v for k, v in state["optimizer"].items() if k != "LR_Scheduler"})\n',
     ),
     "consensus max instead of mean": (
         "trainer/models.py",
@@ -65,8 +65,8 @@ MUTANTS = {
     ),
     "video probe facts trusted after the file changed": (
         "dali_pipelines/feed.py",
-        "if facts is not None and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns) \\",
-        "if facts is not None and True \\",
+        "        and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns)\n",
+        "        and True\n",
     ),
     "sparse decode without the frame-count consistency check": (
         "dali_pipelines/video.py",
@@ -79,7 +79,7 @@ MUTANTS = {
         "not ends[-1] <= pickle_end",
     ),
     "weights loaded with a plain unpickler": (
-        "trainer/checkpoint.py",
+        "trainer/weights.py",
         "            return _ALLOWED[(module, name)]\n",
         "            return super().find_class(module, name)\n",
     ),
