@@ -3,10 +3,10 @@
 # (default 2) on a machine without GPUs; predict, export and summary run as a single process.
 #
 #   bash run_dist.sh {train|eval|test|predict|export|summary} MODEL CONFIG [--nproc N] [--ips IP1,IP2,...]
-#                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--output FILE] [--onnx]
+#                    [--max-restarts N] [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--onnx]
 #
 # Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
-# the repo's .venv, else python3).
+# the repo's .venv, else python3). SIGTERM/SIGINT stop every process of the run (STOP_TIMEOUT, 30 s).
 set -euo pipefail
 
 usage() {
@@ -27,16 +27,20 @@ print(*MODES); print(*SINGLE_PROCESS_MODES)')
 [[ " $all_modes " == *" $mode "* ]] || { echo "run_dist.sh: unknown mode '$mode' (modes: $all_modes)" >&2; usage; }
 [ -f "$config" ] || { echo "run_dist.sh: config file $config does not exist" >&2; exit 2; }
 
-nproc="" ips="" args=()
+nproc="" ips="" restarts=0 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --nproc) nproc=${2:?--nproc needs a number}; shift 2 ;;
         --ips) ips=${2:?--ips needs a comma-separated list}; shift 2 ;;
+        --max-restarts) restarts=${2:?--max-restarts needs a number}; shift 2 ;;
         *) args+=("$1"); shift ;;
     esac
 done
 if [ -n "$nproc" ] && ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
     echo "run_dist.sh: --nproc must be a number of processes >= 1, got '$nproc'" >&2; exit 2
+fi
+if ! [[ "$restarts" =~ ^[0-9]+$ ]]; then
+    echo "run_dist.sh: --max-restarts must be a number >= 0, got '$restarts'" >&2; exit 2
 fi
 main=("$here/trainer/main.py" "$mode" --model "$model" -c "$config" "${args[@]}")
 
@@ -45,7 +49,8 @@ if [[ " $single_modes " == *" $mode "* ]]; then
 fi
 
 ngpu=$("$py" -c 'import paddle; print(paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0)' 2>/dev/null | tail -n1 || true)
-launch=("$py" -m paddle.distributed.launch --log_dir "${LOG_DIR:-log/$mode}")
+log_dir=${LOG_DIR:-log/$mode}
+launch=("$py" -m paddle.distributed.launch --log_dir "$log_dir")
 [ -n "$ips" ] && launch+=(--ips "$ips")
 if [ "${ngpu:-0}" -gt 0 ] 2>/dev/null; then
     n=${nproc:-$ngpu}
@@ -57,17 +62,77 @@ else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / n > 0 ? cores / n : 1 ))}
     launch+=(--nproc_per_node "$n")
 fi
-log_dir=${LOG_DIR:-log/$mode}
-status=0
-"${launch[@]}" "${main[@]}" || status=$?
-if [ "$status" -ne 0 ]; then
-    # the launcher shows one worker's log, often a rank that only aborted because a peer died:
-    # show the error each rank reported
-    echo "run_dist.sh: $mode failed (exit $status); errors reported by the ranks:" >&2
+# one id for every attempt of this job: a restarted training finds it in its last checkpoint and goes on
+# from there (trainer/engine.py, _own_attempt)
+export TSN_RUN_ID=${TSN_RUN_ID:-$(date +%Y%m%d-%H%M%S)-$$}
+
+# The launcher runs in a session of its own, so that a signal to this script (scancel, a time limit,
+# Ctrl-C, kill PID) reaches the launcher, every rank and their workers as one process group: TERM
+# first, KILL for what is left after STOP_TIMEOUT seconds.
+stop_timeout=${STOP_TIMEOUT:-30}
+stopped="" pid=""
+stop() {
+    stopped=$1
+    echo "run_dist.sh: $1: stopping the launcher and every rank (at most ${stop_timeout}s)" >&2
+    [ -n "$pid" ] || return 0
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for ((i = 0; i < stop_timeout * 10; i++)); do
+        kill -0 -- "-$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    echo "run_dist.sh: still running after ${stop_timeout}s: killing them" >&2
+    kill -KILL -- "-$pid" 2>/dev/null || true
+}
+trap 'stop SIGTERM' TERM
+trap 'stop SIGINT' INT
+trap 'stop SIGHUP' HUP
+
+# what each rank reported in this attempt (the worker logs grow across runs: read from the offsets)
+declare -A offset=()
+rank_errors() {
     for f in "$log_dir"/workerlog.*; do
         [ -f "$f" ] || continue
-        errors=$(grep -E "^(config error|(train|eval|test|predict): error)|^[A-Za-z_.]*(Error|Exception)(: |$)|^dali_pipelines: skipping" "$f" | tail -n 5)
-        [ -n "$errors" ] && printf '  rank %s (%s):\n%s\n' "${f##*.}" "$f" "$(sed 's/^/    /' <<<"$errors")" >&2
+        errors=$(tail -c +$((${offset[$f]:-0} + 1)) "$f" | grep -E "^(config error|(train|eval|test|predict): (error|stopped))|^[A-Za-z_.]*(Error|Exception)(: |$)|^dali_pipelines: skipping" | tail -n 5 || true)
+        if [ -n "$errors" ]; then
+            printf '  rank %s (%s):\n%s\n' "${f##*.}" "$f" "$(sed 's/^/    /' <<<"$errors")"
+        fi
     done
+}
+
+attempt=0
+while :; do
+    offset=()
+    for f in "$log_dir"/workerlog.*; do
+        [ -f "$f" ] && offset[$f]=$(stat -c %s "$f")
+    done
+    setsid "${launch[@]}" "${main[@]}" &
+    pid=$!
+    status=0
+    wait "$pid" || status=$?
+    while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends the first wait early
+        wait "$pid" || status=$?
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true  # nothing of an attempt outlives it (feed workers included)
+    if [ -n "$stopped" ]; then
+        status=$([ "$stopped" = SIGINT ] && echo 130 || echo 143)
+    fi
+    if [ "$status" -eq 0 ] || [ -n "$stopped" ] || [ "$mode" != train ] || [ "$attempt" -ge "$restarts" ]; then
+        break
+    fi
+    attempt=$((attempt + 1))
+    # Paddle's launcher restarts ranks only under an etcd master (--master etcd://...): restart here
+    echo "run_dist.sh: train failed (exit $status); restart $attempt of $restarts from the last checkpoint. Cause:" >&2
+    rank_errors >&2
+done
+
+if [ "$status" -ne 0 ]; then
+    # the launcher shows one worker's log, often a rank that only aborted because a peer died:
+    # show the errors each rank reported in this run
+    outcome=${stopped:+stopped by $stopped}
+    echo "run_dist.sh: $mode ${outcome:-failed} (exit $status); what the ranks reported:" >&2
+    rank_errors >&2
+    if [ "$mode" = train ]; then
+        echo "run_dist.sh: checkpoints are written whole at the end of each epoch: run the same command with -o resume=auto to continue from the last one" >&2
+    fi
 fi
 exit "$status"

@@ -18,6 +18,7 @@ import sys
 import time
 
 from dali_pipelines.formats import write_atomic, write_pkl
+from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError, RunLock, check_writable
 
 from .frames import ConversionError, die_with_parent, extract_jpegs
 from .kinetics import UsageError, find_clip, load_class_index, read_csv
@@ -110,16 +111,18 @@ def _worker_init() -> None:
 
 
 def _convert(job):
-    """Worker: one clip. Returns (video_id, label, frame count or None, error or None)."""
+    """Worker: one clip. Returns (video_id, label, frame count or None, error or None, errno or None)."""
     writer, video_id, src, label, opts = job
     try:
         if os.path.getsize(src) == 0:
             raise ConversionError("empty file (0 bytes)")
         frames = extract_jpegs(src, **opts)
         writer.write(video_id, label, frames)
-        return video_id, label, len(frames), None
-    except (ConversionError, OSError) as e:
-        return video_id, label, None, str(e)
+        return video_id, label, len(frames), None, None
+    except ConversionError as e:
+        return video_id, label, None, str(e), None
+    except OSError as e:
+        return video_id, label, None, str(e), e.errno
 
 
 def _interrupt(signum, frame):
@@ -158,10 +161,19 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
             os.unlink(probe)
         except OSError as e:
             raise UsageError(f"DST_DIR {dst_dir} is not writable ({e.strerror})") from None
-    except UsageError as e:
+        for path, what in ((list_out, "the list's folder"), (failures_out, "the failures file's folder")):
+            check_writable(os.path.dirname(os.path.abspath(path)), what)
+        lock = RunLock(dst_dir, prog, dst_dir + ".lock").acquire()  # a second run into DST_DIR stops here
+    except (UsageError, BusyError, OutputError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        return _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_out, failures_out)
+    finally:
+        lock.release()
 
+
+def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_out, failures_out) -> int:
     writer = Writer(fmt, dst_dir, os.path.dirname(list_out))
     stale = writer.remove_stale_temporaries()
     opts = dict(
@@ -187,13 +199,16 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
             continue
         jobs.append((writer, c.video_id, src, label, opts))
 
-    skipped, converted, processed, n_frames, interrupted = len(lines), 0, 0, 0, False
+    skipped, converted, processed, n_frames, interrupted, no_space = len(lines), 0, 0, 0, False, None
     t0 = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)
     pool = multiprocessing.get_context("fork").Pool(args.nproc, initializer=_worker_init)
     try:
         with progress(len(jobs), prog) as bar:
-            for video_id, label, frames, error in pool.imap_unordered(_convert, jobs, chunksize=1):
+            for video_id, label, frames, error, code in pool.imap_unordered(_convert, jobs, chunksize=1):
+                if code in NO_SPACE:  # every clip after it would fail the same way: stop, keep what is done
+                    no_space = error
+                    break
                 processed += 1
                 if error:
                     failures.append((video_id, error))
@@ -205,7 +220,10 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
                     failed=len(failures), fps=f"{n_frames / max(time.time() - t0, 1e-9):.0f}", refresh=False
                 )
                 bar.update()
-        pool.close()
+        if no_space:
+            pool.terminate()
+        else:
+            pool.close()
     except KeyboardInterrupt:
         interrupted = True
         pool.terminate()  # workers die at once; their ffmpeg children die with them
@@ -213,8 +231,19 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
         pool.join()
         signal.signal(signal.SIGTERM, previous)
 
-    write_atomic(list_out, "".join(lines[v] + "\n" for v in sorted(lines)).encode())
-    write_atomic(failures_out, "".join(f"{vid}\t{why}\n" for vid, why in failures).encode())
+    writer.remove_stale_temporaries()  # what the stopped workers left half-written
+    try:
+        write_atomic(list_out, "".join(lines[v] + "\n" for v in sorted(lines)).encode())
+        write_atomic(failures_out, "".join(f"{vid}\t{why}\n" for vid, why in failures).encode())
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        print(
+            f"{prog}: cannot write the list or the failures file ({e.strerror}): free space and run the same "
+            "command again; it finds the finished clips and writes them",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURES
     elapsed = time.time() - t0
     print(
         f"{prog}: {len(lines)} clips ready ({skipped} already done, {converted} converted, {n_frames} frames "
@@ -223,6 +252,13 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
         + (f"; failures: {failures_out}" if failures else "")
         + (f"; removed {stale} half-written output(s) of an earlier run" if stale else "")
     )
+    if no_space:
+        print(
+            f"{prog}: stopped early: {no_space}. The {len(lines)} finished clips are kept and listed; free space "
+            f"and run the same command again to convert the remaining {len(jobs) - processed}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURES
     if interrupted:
         print(
             f"{prog}: interrupted; run the same command again to convert the remaining {len(jobs) - processed} clip(s)",

@@ -98,3 +98,20 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     assert weights.load_checkpoint(str(path))["meta"]["epoch"] == 3
     checkpoint.remove_stale_temporaries(str(tmp_path))
     assert os.listdir(tmp_path) == ["latest.pdckpt"]
+
+
+def test_a_full_disk_at_a_checkpoint_ends_the_training_with_one_line(demo_dataset, tmp_path, capsys):
+    from trainer import main
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        cfg = tiny_config(tmp_path / "c.yaml", demo_dataset, disk / "out", epochs=1)
+        assert main.main(["train", "-c", cfg, "-o", "DATASET.num_workers=0"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("train: error: No space left on device writing ") and "resume=auto" in err[-1]
+        assert not [n for n in os.listdir(disk / "out") if ".tmp-" in n]  # no half-written checkpoint left
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

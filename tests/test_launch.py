@@ -11,6 +11,7 @@ import time
 import pytest
 
 from dali_pipelines.formats import read_pkl, write_pkl
+from trainer import weights
 
 from .tiny import tiny_config
 
@@ -143,3 +144,94 @@ def test_an_error_in_one_rank_stops_the_job_and_shows_the_error(demo_dataset, tm
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "label 99 is outside [0, 6)" in out, out[-3000:]
+
+
+def _pids(text):
+    return [int(p) for p in re.findall(r"rank \d/\d: pid (\d+)", text)]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead; only its parent has not reaped it yet
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["run_dist", pytest.param("mpirun", marks=needs_mpirun)])
+def test_sigterm_to_the_launching_process_stops_every_rank_and_keeps_the_checkpoint(demo_dataset, tmp_path, launcher):
+    """What scancel, a time limit or a CI timeout does: SIGTERM to the job's own process, not its group."""
+    cfg = _config(tmp_path, demo_dataset, "long", epochs=500)
+    if launcher == "run_dist":
+        proc, logs = (
+            _run_dist(cfg, tmp_path / "log"),
+            [tmp_path / "log" / "workerlog.0", tmp_path / "log" / "workerlog.1"],
+        )
+    else:
+        logs = [tmp_path / "console.log"]
+        proc = _mpirun(cfg, console=open(logs[0], "w"))
+    deadline = time.time() + 180
+    latest = tmp_path / "long" / "latest.pdckpt"
+    while time.time() < deadline and not (
+        latest.exists() and len(_pids("".join(p.read_text() for p in logs if p.exists()))) == 2
+    ):
+        time.sleep(0.2)
+    pids = _pids("".join(p.read_text() for p in logs))
+    assert len(pids) == 2 and latest.exists()
+    os.kill(proc.pid, signal.SIGTERM)
+    signalled = time.time()
+    out = proc.communicate(timeout=120)[0] if launcher == "run_dist" else proc.wait(timeout=120)
+    assert time.time() - signalled < 45  # run_dist.sh: TERM, then KILL after STOP_TIMEOUT (30 s)
+    assert proc.returncode != 0
+    time.sleep(1)
+    assert not [p for p in pids if _alive(p)], "a rank outlived the job"
+    assert weights.load_checkpoint(str(latest))["meta"]["epoch"] >= 1  # whole, loadable
+    if launcher == "run_dist":
+        assert proc.returncode == 143 and "stopping the launcher and every rank" in out
+        assert "resume=auto" in out
+
+
+@pytest.mark.slow
+def test_a_rank_killed_once_restarts_the_job_which_ends_with_the_uninterrupted_weights(demo_dataset, tmp_path):
+    straight = _run_dist(_config(tmp_path, demo_dataset, "straight", epochs=6), tmp_path / "log_straight")
+    out = straight.communicate(timeout=600)[0]
+    assert straight.returncode == 0, out[-3000:]
+    expected = _digests((tmp_path / "log_straight" / "workerlog.0").read_text())
+    cfg = _config(tmp_path, demo_dataset, "restarted", epochs=6)
+    proc = _run_dist(cfg, tmp_path / "log", "--max-restarts", "1")
+    metrics = tmp_path / "restarted" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and '"mode": "val", "epoch": 2' in metrics.read_text()):
+        time.sleep(0.05)
+    pid = _rank1_pid(lambda: (tmp_path / "log" / "workerlog.1").read_text(), time.time() + 10)
+    os.kill(pid, signal.SIGKILL)  # in epoch 3
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    log0 = (tmp_path / "log" / "workerlog.0").read_text()
+    assert "train: restarted: resuming this job" in log0
+    assert _digests(log0.split("train: restarted: resuming")[-1]) == expected
+
+
+@pytest.mark.slow
+def test_a_second_training_into_the_same_output_dir_stops_at_once_naming_the_first(demo_dataset, tmp_path):
+    cfg = _config(tmp_path, demo_dataset, "shared", epochs=500)
+    first = _run_dist(cfg, tmp_path / "log_a")
+    pid = None
+    deadline = time.time() + 120
+    while pid is None and time.time() < deadline:
+        log = tmp_path / "log_a" / "workerlog.0"
+        found = re.search(r"rank 0/2: pid (\d+)", log.read_text()) if log.exists() else None
+        pid = found and int(found.group(1))
+        time.sleep(0.2)
+    time.sleep(2)  # holding its lock, training
+    second = _run_dist(cfg, tmp_path / "log_b")
+    out = second.communicate(timeout=120)[0]
+    try:
+        assert second.returncode != 0
+        assert f"is in use by another train (pid {pid} on " in out
+        assert first.poll() is None  # the first run goes on untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)

@@ -206,3 +206,59 @@ def test_interrupted_run_leaves_no_orphans_no_trusted_partial_file_and_resumes(s
     assert all(os.stat(out / n).st_mtime_ns == t for n, t in mtimes.items())
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
     assert len((tmp_path / "out.list").read_text().split()) == 8
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 96 KiB tmpfs (root only), unmounted afterwards even when the test fails."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_full_disk_stops_the_conversion_early_keeps_what_is_done_and_the_rerun_finishes(tmp_path, small_disk, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):  # noise frames: each pkl is tens of KiB, so a few fill the disk
+        write_video(src / f"vid{i:08d}_000000_000010.mp4", rng.integers(0, 255, (8, 96, 128, 3), dtype=np.uint8))
+        rows.append(f"a,vid{i:08d},0,10,train\n")
+    (tmp_path / "k.csv").write_text(HEADER + "".join(rows))
+    out = small_disk / "pkl"
+    argv = [str(tmp_path / "k.csv"), str(src), str(out), "1", "--list-out", str(tmp_path / "pkl.list")]
+    argv += ["--failures", str(tmp_path / "failures.txt")]
+    assert video2pkl.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "stopped early: " in err and "No space left on device" in err and "run the same command again" in err
+    done = sorted(os.listdir(out))
+    assert 0 < len(done) < 16 and not [n for n in done if n.startswith(".tmp-")]
+    for name in done:  # what is kept is whole
+        assert len(read_pkl(str(out / name))[2]) == 8
+    assert (tmp_path / "pkl.list").read_text().split() == [f"disk/pkl/{n}" for n in done]
+    assert (tmp_path / "failures.txt").read_text() == ""  # the clips it did not get to are not failures
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    assert video2pkl.main(argv) == 0
+    assert len(os.listdir(out)) == 16
+
+
+def test_an_unwritable_list_folder_is_a_usage_error_before_any_work(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "k.csv").write_text(HEADER + "a,vid00000001,0,10,train\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)]).returncode:
+        pytest.skip("needs root for a read-only bind mount")
+    try:
+        argv = [str(tmp_path / "k.csv"), str(tmp_path / "src"), str(tmp_path / "out"), "1"]
+        assert video2pkl.main([*argv, "--list-out", str(ro / "x.list")]) == 2
+        err = capsys.readouterr().err
+        assert f"the list's folder {ro} is not writable (Read-only file system" in err
+        assert not os.listdir(tmp_path / "out")  # nothing converted
+    finally:
+        subprocess.run(["umount", str(ro)])

@@ -13,6 +13,8 @@ import paddle
 import paddle.nn.functional as F
 import yaml
 
+from dali_pipelines.runlock import RUN_ID_ENV
+
 from . import checkpoint, dist, weights
 from .config import ConfigError, segments_in_test, to_plain
 from .metrics import MetricsLog, topk_correct
@@ -191,7 +193,7 @@ def continue_schedule(scheduler, meta: dict, steps_per_epoch: int) -> int:
 
 def _resume_path(cfg) -> str | None:
     if not cfg.resume:
-        return None
+        return _own_attempt(cfg)
     if cfg.resume == "auto":
         path = os.path.join(cfg.output_dir, "latest.pdckpt")
         return path if os.path.isfile(path) else None
@@ -201,6 +203,20 @@ def _resume_path(cfg) -> str | None:
             "continue from OUTPUT_DIR/latest.pdckpt when there is one)"
         )
     return cfg.resume
+
+
+def _own_attempt(cfg) -> str | None:
+    """OUTPUT_DIR/latest.pdckpt when an earlier attempt of this very job wrote it: run_dist.sh restarted the
+    job after a rank died (run_dist.sh --max-restarts), and it goes on from the last complete epoch."""
+    run_id = os.environ.get(RUN_ID_ENV)
+    path = os.path.join(cfg.output_dir, "latest.pdckpt")
+    if not run_id or not os.path.isfile(path):
+        return None
+    meta = weights.load_checkpoint(path)["meta"]
+    if meta.get("run_id") != run_id:
+        return None
+    print(f"train: restarted: resuming this job ({run_id}) from {path}, epoch {meta['epoch']}", flush=True)
+    return path
 
 
 class _Window:
@@ -375,6 +391,7 @@ def train(cfg, env: dist.Env) -> dict:
                     checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), **best)
         if env.is_main:
             meta = dict(
+                run_id=os.environ.get(RUN_ID_ENV, ""),
                 epoch=epoch + 1,
                 step=run.step,
                 best=best,

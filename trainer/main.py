@@ -12,8 +12,10 @@ python trainer/main.py summary -c CONFIG                    the run's summary fr
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -109,8 +111,9 @@ def run(args) -> int:
     if args.mode == "summary":
         return _print_summary(cfg)
 
-    from trainer import dist, engine
+    from trainer import dist
 
+    signal.signal(signal.SIGTERM, _stop)
     env = dist.init(cfg.device)
     if env.world_size > 1:  # each rank's own log says who it is, for operators (and kill tests)
         import socket
@@ -118,6 +121,43 @@ def run(args) -> int:
         print(
             f"rank {env.rank}/{env.world_size}: pid {os.getpid()} on {socket.gethostname()} ({env.device})", flush=True
         )
+    lock = None
+    if env.is_main and args.mode in ("train", "eval", "test"):  # they write into output_dir
+        from dali_pipelines.runlock import RunLock
+
+        lock = RunLock(cfg.output_dir, args.mode).acquire()
+    try:
+        return _run_mode(args, cfg, env)
+    except (Stopped, KeyboardInterrupt) as e:
+        name = signal.Signals(e.signum).name if isinstance(e, Stopped) else "SIGINT"
+        latest = os.path.join(cfg.output_dir, "latest.pdckpt")
+        hint = (
+            f"; {latest} holds the last complete epoch: run the same command with -o resume=auto to continue"
+            if args.mode == "train" and os.path.isfile(latest)
+            else ""
+        )
+        print(f"{args.mode}: stopped by {name} (rank {env.rank}){hint}", file=sys.stderr, flush=True)
+        return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class Stopped(BaseException):
+    """SIGTERM (a scheduler's stop, scancel, run_dist.sh passing on a signal) ends the run like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def _run_mode(args, cfg, env) -> int:
+    from trainer import engine
+
     if args.mode == "train":
         summary = engine.train(cfg, env)
         if env.is_main:
@@ -191,9 +231,11 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
 
 
 def _export(cfg, model, args) -> int:
+    from dali_pipelines.runlock import check_writable
     from trainer.export import export
 
     out_dir = args.output or os.path.join(cfg.output_dir, "inference")
+    check_writable(out_dir, "the export folder")
     report = export(cfg, model, out_dir, _class_names(cfg), onnx=args.onnx)
     checks = (
         ", ".join(
@@ -247,6 +289,7 @@ def _report_predictions(cfg, env, scorer, args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dali_pipelines.formats import DataFormatError
+    from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError
     from dali_pipelines.video import VideoError
     from trainer.config import ConfigError
     from trainer.weights import UnsafeFileError
@@ -256,8 +299,19 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    except (DataFormatError, VideoError, FileNotFoundError, UnsafeFileError) as e:
+    except (DataFormatError, VideoError, FileNotFoundError, UnsafeFileError, BusyError, OutputError) as e:
         print(f"{args.mode}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (*NO_SPACE, errno.EROFS):
+            raise
+        resume = " -o resume=auto" if args.mode == "train" else ""
+        print(
+            f"{args.mode}: error: {e.strerror} writing {e.filename or 'the output'}; what was written before is "
+            f"whole (files are written under a temporary name, then renamed): free space and run the same "
+            f"command{resume} again",
+            file=sys.stderr,
+        )
         return 1
 
 
