@@ -235,3 +235,39 @@ def test_a_second_training_into_the_same_output_dir_stops_at_once_naming_the_fir
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
+
+
+@pytest.mark.slow
+@needs_mpirun
+def test_sigterm_to_the_pbs_job_script_stops_every_rank(demo_dataset, tmp_path):
+    """The PBS template run outside PBS (a node file naming this host twice): qdel or kill of the job
+    script's own PID reaches mpirun and every rank."""
+    cfg = _config(tmp_path, demo_dataset, "pbs", epochs=500)
+    (tmp_path / "nodes").write_text("localhost\nlocalhost\n")
+    env = {
+        **os.environ,
+        "PBS_NODEFILE": str(tmp_path / "nodes"),
+        "PBS_O_WORKDIR": ROOT,
+        "CONFIG": cfg,
+        "PYTHON": sys.executable,
+        "PATH": os.path.dirname(MPIRUN) + os.pathsep + os.environ["PATH"],
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    }
+    log = tmp_path / "pbs.log"
+    proc = subprocess.Popen(
+        ["bash", os.path.join(ROOT, "launch", "pbs_train.pbs")],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and len(_pids(log.read_text())) < 2:
+        time.sleep(0.2)
+    pids = _pids(log.read_text())
+    assert len(pids) == 2, log.read_text()[-3000:]
+    time.sleep(2)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    time.sleep(2)
+    assert not [p for p in pids if _alive(p)], "a rank outlived the job script"
