@@ -177,6 +177,17 @@ def _current(
     return probe(path, spec.allow_partial_videos)
 
 
+def fork_context():
+    """The "fork" multiprocessing context, after freeing the garbage waiting in reference cycles: native
+    objects in it (PyAV frames, whose side data refers back to them) would otherwise be freed in a child,
+    which then hangs on thread state that only the parent has. Every worker pool forks through this."""
+    import gc
+    import multiprocessing
+
+    gc.collect()
+    return multiprocessing.get_context("fork")
+
+
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies (no orphans after a kill -9)."""
     if sys.platform.startswith("linux"):
@@ -240,17 +251,9 @@ class ParallelMap:
         self._in_flight = 0
         self._pool, self._procs = None, []
         if num_workers:
-            import gc
-            import multiprocessing
-
-            # native objects waiting in reference cycles (PyAV frames, whose side data refers back to
-            # them) must be freed here: a child that collects them hangs on the parent's thread state
-            gc.collect()
             # fork: the workers need no import of the training script and start in milliseconds;
             # they never touch CUDA or DALI, so forking after either is initialised is safe for them
-            self._pool = ProcessPoolExecutor(
-                num_workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init
-            )
+            self._pool = ProcessPoolExecutor(num_workers, mp_context=fork_context(), initializer=_worker_init)
             self._finalizer = weakref.finalize(self, _kill_pool, self._pool, self._procs)
             self._pool.submit(int).result()  # start the workers now, before the DALI pipeline's threads
             self._procs.extend(self._pool._processes.values())  # a broken pool forgets them

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import time
 
+from dali_pipelines.feed import fork_context
 from dali_pipelines.formats import write_atomic, write_pkl
 from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError, RunLock, check_writable
 
@@ -202,7 +202,7 @@ def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_
     skipped, converted, processed, n_frames, interrupted, no_space = len(lines), 0, 0, 0, False, None
     t0 = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    pool = multiprocessing.get_context("fork").Pool(args.nproc, initializer=_worker_init)
+    pool = fork_context().Pool(args.nproc, initializer=_worker_init)
     try:
         with progress(len(jobs), prog) as bar:
             for video_id, label, frames, error, code in pool.imap_unordered(_convert, jobs, chunksize=1):

@@ -3,11 +3,11 @@ counts, splitting."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 
 import numpy as np
 
+from dali_pipelines.feed import fork_context
 from dali_pipelines.formats import write_atomic
 
 from .kinetics import VIDEO_EXTENSIONS, UsageError, class_name, load_class_index
@@ -52,7 +52,7 @@ def _facts_one(path):
 def probe_facts(paths: list[str], nproc: int, what: str = "probe") -> dict:
     """VideoFacts of each video by decoding it once (unreadable ones carry their error), NPROC at once."""
     facts = {}
-    with multiprocessing.get_context("fork").Pool(nproc) as pool, progress(len(paths), what, "video") as bar:
+    with fork_context().Pool(nproc) as pool, progress(len(paths), what, "video") as bar:
         for path, f in pool.imap_unordered(_facts_one, paths, chunksize=4):
             facts[path] = f
             bar.update()
@@ -83,7 +83,7 @@ def index_pkls(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tuple
     appended or rewritten, and (path, reason) for each file that is not a readable clip pkl. Rerunning
     after an interruption redoes only what is not indexed yet."""
     done, bad = {"indexed": 0, "appended": 0, "rewritten": 0}, []
-    with multiprocessing.get_context("fork").Pool(nproc) as pool, progress(len(paths), "index", "pkl") as bar:
+    with fork_context().Pool(nproc) as pool, progress(len(paths), "index", "pkl") as bar:
         for path, outcome, error in pool.imap_unordered(_index_one, paths, chunksize=8):
             if error:
                 bad.append((path, error))

@@ -201,8 +201,8 @@ def make_dataset(
                 return csvs
     except (OSError, ValueError):
         pass
-    import multiprocessing
 
+    from dali_pipelines.feed import fork_context
     from dali_pipelines.formats import write_atomic
     from preprocessing.progress import progress
 
@@ -226,7 +226,7 @@ def make_dataset(
         write_atomic(csvs[split], ("\n".join(rows) + "\n").encode())
     total = len(classes) * (train_per_class + val_per_class)
     with (
-        multiprocessing.get_context("fork").Pool(jobs or os.cpu_count()) as pool,
+        fork_context().Pool(jobs or os.cpu_count()) as pool,
         progress(total, "make_demo_dataset", initial=total - len(todo)) as bar,
     ):
         for _ in pool.imap_unordered(_make_clip, todo):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 
 import numpy as np
 from PIL import Image
@@ -36,3 +37,25 @@ def has_bframes(path: str) -> bool:
 
     with av.open(str(path)) as c:
         return any(int(getattr(f.pict_type, "value", f.pict_type)) == 3 for f in c.decode(video=0))  # AV_PICTURE_TYPE_B
+
+
+def quadrant_frames(n: int = 12, width: int = 64, height: int = 48) -> np.ndarray:
+    """Frames whose four quadrants have four colours: any turn or mirror of them shows."""
+    img = np.zeros((height, width, 3), np.uint8)
+    img[: height // 2, : width // 2] = (230, 230, 230)
+    img[: height // 2, width // 2 :] = (200, 30, 30)
+    img[height // 2 :, : width // 2] = (30, 200, 30)
+    img[height // 2 :, width // 2 :] = (30, 30, 200)
+    return np.stack([img] * n)
+
+
+def ffmpeg(*args) -> None:
+    """Run the ffmpeg the preprocessing uses, quietly, overwriting outputs; a failure fails the test."""
+    from preprocessing.frames import ffmpeg_exe
+
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-y", "-loglevel", "error", *map(str, args)], check=True)
+
+
+def remux(src, dst, *input_options) -> None:
+    """The same coded pictures in a new container, e.g. with a display matrix (``-display_rotation 90``)."""
+    ffmpeg(*input_options, "-i", src, "-c", "copy", dst)

@@ -1,7 +1,6 @@
 """The DALI pipelines against a NumPy/Pillow reference, frame by frame, and on broken data."""
 
 import io
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from dali_pipelines.reference import eval_views, eval_views_crop_first
 from dali_pipelines.sampling import segment_indices
 from preprocessing.make_demo_dataset import render_clip
 
-from .media import index_frames, jpeg, level_to_index, write_video
+from .media import ffmpeg, index_frames, jpeg, level_to_index, quadrant_frames, remux, write_video
 
 # Grey levels, after undoing the normalisation. Same computation in Pillow: 99.9% of values within
 # 2 levels, a few edge pixels up to 16 (the resampling kernels differ slightly). TSN's resize-then-crop:
@@ -294,29 +293,12 @@ def test_a_rotated_video_gives_the_same_upright_clip_on_every_path(tmp_path, rot
     """video2pkl and vid2img (ffmpeg applies the display matrix) and the video source (PyAV, which does
     not) must feed the model the same picture; predict reads videos the same way."""
     from preprocessing import vid2img, video2pkl
-    from preprocessing.frames import ffmpeg_exe
-
-    from .test_video import _quadrants
 
     src = tmp_path / "src" / "class_a"
     src.mkdir(parents=True)
-    write_video(tmp_path / "upright.mp4", _quadrants(12))
+    write_video(tmp_path / "upright.mp4", quadrant_frames(12))
     clip = src / "vid00000001_000000_000010.mp4"
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-loglevel",
-            "error",
-            "-display_rotation",
-            rotation,
-            "-i",
-            str(tmp_path / "upright.mp4"),
-            "-c",
-            "copy",
-            str(clip),
-        ],
-        check=True,
-    )
+    remux(tmp_path / "upright.mp4", clip, "-display_rotation", rotation)
     csv = tmp_path / "k.csv"
     csv.write_text("label,youtube_id,time_start,time_end,split\nclass a,vid00000001,0,10,train\n")
     assert video2pkl.main([str(csv), str(tmp_path / "src"), str(tmp_path / "pkl"), "1"]) == 0
@@ -341,41 +323,10 @@ def test_the_gpu_paths_graph_gives_the_cpu_paths_views_with_dalis_cpu_video_deco
     from dali_pipelines.feed import ClipSpec
     from dali_pipelines.formats import read_list
     from dali_pipelines.loader import DALILoader, _build_pipeline, _ClipSource
-    from preprocessing.frames import ffmpeg_exe
 
-    from .test_video import _quadrants
-
-    write_video(tmp_path / "upright.mp4", _quadrants(12))
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-loglevel",
-            "error",
-            "-i",
-            str(tmp_path / "upright.mp4"),
-            "-c:v",
-            "libvpx-vp9",
-            "-crf",
-            "10",
-            str(tmp_path / "plain.mp4"),
-        ],
-        check=True,
-    )
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-loglevel",
-            "error",
-            "-display_rotation",
-            "90",
-            "-i",
-            str(tmp_path / "plain.mp4"),
-            "-c",
-            "copy",
-            str(tmp_path / "vp9.mp4"),
-        ],
-        check=True,
-    )  # a display matrix, same pictures
+    write_video(tmp_path / "upright.mp4", quadrant_frames(12))
+    ffmpeg("-i", tmp_path / "upright.mp4", "-c:v", "libvpx-vp9", "-crf", "10", tmp_path / "plain.mp4")
+    remux(tmp_path / "plain.mp4", tmp_path / "vp9.mp4", "-display_rotation", "90")  # a display matrix, same pictures
     (tmp_path / "vid.list").write_text("vp9.mp4 0\n")
     cpu = build_loader(
         str(tmp_path / "vid.list"),

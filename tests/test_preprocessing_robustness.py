@@ -13,7 +13,7 @@ from dali_pipelines.formats import read_pkl
 from preprocessing import vid2img, video2pkl
 from preprocessing.frames import ffmpeg_exe
 
-from .media import has_bframes, index_frames, write_video
+from .media import ffmpeg, has_bframes, index_frames, remux, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = "label,youtube_id,time_start,time_end,split\n"
@@ -34,22 +34,7 @@ def test_frame_count_matches_ffmpeg_for_bframes_and_an_edit_list(tmp_path):
     src.mkdir()
     write_video(src / "full0000000_000000_000010.mp4", index_frames(50))
     # a stream copy cut at a non-key frame: the mp4 gets an edit list hiding the decoded pre-roll
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-nostdin",
-            "-v",
-            "error",
-            "-ss",
-            "0.7",
-            "-i",
-            str(src / "full0000000_000000_000010.mp4"),
-            "-c",
-            "copy",
-            str(src / "edit0000000_000000_000010.mp4"),
-        ],
-        check=True,
-    )
+    remux(src / "full0000000_000000_000010.mp4", src / "edit0000000_000000_000010.mp4", "-ss", "0.7")
     assert has_bframes(src / "edit0000000_000000_000010.mp4")
     csv = tmp_path / "k.csv"
     csv.write_text(HEADER + "a,full0000000,0,10,train\na,edit0000000,0,10,train\n")
@@ -65,22 +50,7 @@ def _truncated_and_undecodable(src):
     full = src / "full.mp4"
     noise = np.random.default_rng(0).integers(0, 255, (40, 120, 160, 3), dtype=np.uint8)
     write_video(full, noise)  # every frame costs bytes, so a truncated file keeps a decodable prefix
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-nostdin",
-            "-v",
-            "error",
-            "-i",
-            str(full),
-            "-c",
-            "copy",
-            "-movflags",
-            "+faststart",
-            str(src / "fs.mp4"),
-        ],
-        check=True,
-    )
+    ffmpeg("-i", full, "-c", "copy", "-movflags", "+faststart", src / "fs.mp4")
     data = (src / "fs.mp4").read_bytes()
     (src / "trunc000000_000000_000010.mp4").write_bytes(data[: len(data) * 2 // 3])
     data = bytearray(full.read_bytes())

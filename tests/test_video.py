@@ -9,7 +9,7 @@ import pytest
 from dali_pipelines import video
 from preprocessing.frames import ffmpeg_exe
 
-from .media import has_bframes, index_frames, level_to_index, write_video
+from .media import has_bframes, index_frames, level_to_index, quadrant_frames, remux, write_video
 
 
 def _encode(path, frames, gop):
@@ -42,22 +42,7 @@ def clips(tmp_path_factory):
     write_video(root / "bframes.mp4", index_frames(50))
     _encode(root / "gop10.mp4", index_frames(50), gop=10)
     # a stream copy cut at a non-key frame: the mp4 gets an edit list hiding the decoded pre-roll
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-nostdin",
-            "-v",
-            "error",
-            "-ss",
-            "0.7",
-            "-i",
-            str(root / "gop10.mp4"),
-            "-c",
-            "copy",
-            str(root / "edit.mp4"),
-        ],
-        check=True,
-    )
+    remux(root / "gop10.mp4", root / "edit.mp4", "-ss", "0.7")
     return root
 
 
@@ -160,23 +145,6 @@ ROTATIONS = {
 }
 
 
-def _quadrants(n=12, w=64, h=48):
-    """Frames whose four quadrants have four colours: any turn or mirror changes them."""
-    img = np.zeros((h, w, 3), np.uint8)
-    img[: h // 2, : w // 2] = (230, 230, 230)
-    img[: h // 2, w // 2 :] = (200, 30, 30)
-    img[h // 2 :, : w // 2] = (30, 200, 30)
-    img[h // 2 :, w // 2 :] = (30, 30, 200)
-    return np.stack([img] * n)
-
-
-def _remux(src, dst, args):
-    """The same coded pictures with a display matrix set (no re-encoding)."""
-    subprocess.run(
-        [ffmpeg_exe(), "-y", "-loglevel", "error", *args, "-i", str(src), "-c", "copy", str(dst)], check=True
-    )
-
-
 def _ffmpeg_rgb(path, width, height):
     """Every frame as ffmpeg shows it (it applies the display matrix), [N, height, width, 3]."""
     out = subprocess.run(
@@ -190,9 +158,9 @@ def _ffmpeg_rgb(path, width, height):
 @pytest.fixture(scope="module")
 def rotated(tmp_path_factory):
     d = tmp_path_factory.mktemp("rotated")
-    write_video(d / "upright.mp4", _quadrants())
+    write_video(d / "upright.mp4", quadrant_frames())
     for name, args in ROTATIONS.items():
-        _remux(d / "upright.mp4", d / f"{name}.mp4", args)
+        remux(d / "upright.mp4", d / f"{name}.mp4", *args)
     return d
 
 
@@ -214,7 +182,7 @@ def test_decoded_frames_are_upright_exactly_as_ffmpeg_shows_them(rotated, name):
 
 
 def test_a_display_matrix_at_another_angle_is_an_unreadable_video_naming_it(rotated):
-    _remux(rotated / "upright.mp4", rotated / "rot45.mp4", ["-display_rotation", "45"])
+    remux(rotated / "upright.mp4", rotated / "rot45.mp4", "-display_rotation", "45")
     with pytest.raises(video.VideoError, match=r"rot45.mp4: .*45 degrees.*re-encode it upright"):
         video.probe(str(rotated / "rot45.mp4"))
 
