@@ -113,7 +113,6 @@ def run(args) -> int:
 
     from trainer import dist
 
-    signal.signal(signal.SIGTERM, _stop)
     env = dist.init(cfg.device)
     if env.world_size > 1:  # each rank's own log says who it is, for operators (and kill tests)
         import socket
@@ -294,6 +293,7 @@ def main(argv=None) -> int:
     from trainer.config import ConfigError
     from trainer.weights import UnsafeFileError
 
+    previous = signal.signal(signal.SIGTERM, _stop)  # a stop ends like Ctrl-C, with its resume line
     try:
         return run(args)
     except ConfigError as e:
@@ -313,6 +313,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
