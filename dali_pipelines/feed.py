@@ -163,17 +163,22 @@ def _current(
     """``facts`` if they were taken of this very file (size and mtime) and hold what is needed, else
     what probing the file now establishes: a changed file is probed again, never trusted. Facts that
     found the file unreadable raise its VideoError."""
-    if (
-        facts is not None
-        and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns)
-        and (facts.packets is not None or facts.error or not need_packets)
-    ):
+    if facts is not None and facts.describes(st) and (facts.packets is not None or facts.error or not need_packets):
         if facts.error:
             raise VideoError(facts.error)
         return facts
     if data is not None and listed:  # the list gives the count; the GPU path needs the packets only
         packets, (width, height, turns, mirror) = stream_info(data, path)
-        return VideoFacts(st.st_size, st.st_mtime_ns, listed, width, height, packets, None, turns, mirror)
+        return VideoFacts(
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            frames=listed,
+            width=width,
+            height=height,
+            packets=packets,
+            turns=turns,
+            mirror=mirror,
+        )
     return probe(path, spec.allow_partial_videos)
 
 

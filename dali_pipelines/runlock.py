@@ -34,7 +34,7 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quot
 
 def check_writable(folder: str, what: str) -> None:
     """Create ``folder`` if needed and write and remove a file in it, or raise OutputError naming it."""
-    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    probe = os.path.join(folder, f".tmp-write-test-{os.getpid()}")  # a conversion clears stale .tmp-*
     try:
         os.makedirs(folder, exist_ok=True)
         with open(probe, "wb") as f:

@@ -102,6 +102,10 @@ class VideoFacts:
     turns: int = 0  # quarter turns counter-clockwise that make decoded frames upright
     mirror: bool = False  # mirror left-right before turning
 
+    def describes(self, st: os.stat_result) -> bool:
+        """Whether these facts were taken of the file as it is now (same size and mtime)."""
+        return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)
+
 
 def probe(path: str, allow_partial: bool = False) -> VideoFacts:
     """Count frames by decoding (what every decoder will deliver) and packets by demuxing, once.
@@ -118,6 +122,8 @@ def probe(path: str, allow_partial: bool = False) -> VideoFacts:
             for frame in packet.decode():
                 first = first or _layout(frame, path)
                 n += 1
+    except VideoError:
+        raise  # a display matrix at an angle we do not turn
     except Exception as e:  # noqa: BLE001
         if n == 0:
             raise VideoError(f"{path}: cannot decode ({e})") from None
@@ -132,7 +138,16 @@ def probe(path: str, allow_partial: bool = False) -> VideoFacts:
     if n == 0:
         raise VideoError(f"{path}: no decodable frames")
     width, height, turns, mirror = first
-    return VideoFacts(st.st_size, st.st_mtime_ns, n, width, height, packets, None, turns, mirror)
+    return VideoFacts(
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        frames=n,
+        width=width,
+        height=height,
+        packets=packets,
+        turns=turns,
+        mirror=mirror,
+    )
 
 
 def _layout(frame, name: str) -> tuple[int, int, int, bool]:
@@ -197,7 +212,7 @@ def probe_cached(
     out, new = {}, {}
     for p in paths:
         st, f = os.stat(p), known.get(p)
-        if f is None or (f.size, f.mtime_ns) != (st.st_size, st.st_mtime_ns) or (allow_partial and f.error):
+        if f is None or not f.describes(st) or (allow_partial and f.error):
             try:
                 f = probe(p, allow_partial)
             except VideoError as e:

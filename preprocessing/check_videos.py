@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     todo = []
     for path in paths:
         st, f = os.stat(path), known.get(path)
-        if f is None or (f.size, f.mtime_ns) != (st.st_size, st.st_mtime_ns) or (f.packets is None and not f.error):
+        if f is None or not f.describes(st) or (f.packets is None and not f.error):
             todo.append(path)
     facts = {**known, **probe_facts(todo, args.nproc, "check")} if todo else known
     save_probe_cache(cache_file, {p: facts[p] for p in todo})

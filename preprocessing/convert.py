@@ -154,13 +154,7 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
                 f"{prog}: no --label-file: {len(class_index)} classes taken from {args.csv} "
                 "(pass the training label file when converting a val/test CSV)"
             )
-        try:
-            os.makedirs(dst_dir, exist_ok=True)
-            probe = os.path.join(dst_dir, TMP_PREFIX + "write-test")
-            open(probe, "wb").close()
-            os.unlink(probe)
-        except OSError as e:
-            raise UsageError(f"DST_DIR {dst_dir} is not writable ({e.strerror})") from None
+        check_writable(dst_dir, "DST_DIR")
         for path, what in ((list_out, "the list's folder"), (failures_out, "the failures file's folder")):
             check_writable(os.path.dirname(os.path.abspath(path)), what)
         lock = RunLock(dst_dir, prog, dst_dir + ".lock").acquire()  # a second run into DST_DIR stops here

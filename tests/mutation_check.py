@@ -64,9 +64,9 @@ MUTANTS = {
         "        self._budget += 0  #",
     ),
     "video probe facts trusted after the file changed": (
-        "dali_pipelines/feed.py",
-        "        and (facts.size, facts.mtime_ns) == (st.st_size, st.st_mtime_ns)\n",
-        "        and True\n",
+        "dali_pipelines/video.py",
+        "        return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)\n",
+        "        return True\n",
     ),
     "sparse decode without the frame-count consistency check": (
         "dali_pipelines/video.py",
