@@ -10,7 +10,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEMO := data/demo
 MOTION := data/motion
-NPROC ?= 2
+NPROC ?= 2  # ffmpeg processes of the conversions; run_dist.sh picks its ranks (one per GPU, else 2)
 
 .PHONY: setup demo motion-demo test lint clean-demo
 
@@ -28,8 +28,8 @@ demo: $(STAMP)
 	$(PY) preprocessing/generate_label.py $(DEMO)/kinetics_demo_train.csv $(DEMO)/label.txt
 	$(PY) preprocessing/video2pkl.py $(DEMO)/kinetics_demo_train.csv $(DEMO)/train $(DEMO)/train_pkl $(NPROC) --label-file $(DEMO)/label.txt
 	$(PY) preprocessing/video2pkl.py $(DEMO)/kinetics_demo_val.csv $(DEMO)/val $(DEMO)/val_pkl $(NPROC) --label-file $(DEMO)/label.txt
-	bash run_dist.sh train TSN configs/tsn_demo.yaml --nproc $(NPROC)
-	bash run_dist.sh eval TSN configs/tsn_demo.yaml --nproc $(NPROC)
+	bash run_dist.sh train TSN configs/tsn_demo.yaml
+	bash run_dist.sh eval TSN configs/tsn_demo.yaml
 	bash run_dist.sh predict TSN configs/tsn_demo.yaml --input "$$(ls $(DEMO)/val/*/*.mp4 | head -n 1)"
 	@$(PY) trainer/main.py summary -c configs/tsn_demo.yaml
 	@echo "demo: make demo took $$(( $$(date +%s) - $$(cat $(VENV)/.demo-start) ))s in all"
@@ -39,8 +39,8 @@ motion-demo: $(STAMP)
 	$(PY) preprocessing/generate_label.py $(MOTION)/kinetics_demo_train.csv $(MOTION)/label.txt
 	$(PY) preprocessing/video2pkl.py $(MOTION)/kinetics_demo_train.csv $(MOTION)/train $(MOTION)/train_pkl $(NPROC) --label-file $(MOTION)/label.txt
 	$(PY) preprocessing/video2pkl.py $(MOTION)/kinetics_demo_val.csv $(MOTION)/val $(MOTION)/val_pkl $(NPROC) --label-file $(MOTION)/label.txt
-	bash run_dist.sh train TSM configs/tsm_motion_demo.yaml --nproc $(NPROC)
-	bash run_dist.sh train TSN configs/tsn_motion_demo.yaml --nproc $(NPROC)
+	bash run_dist.sh train TSM configs/tsm_motion_demo.yaml
+	bash run_dist.sh train TSN configs/tsn_motion_demo.yaml
 	@echo "motion-demo (direction of motion, 2 classes, chance 0.5):"
 	@printf '  TSM: '; $(PY) trainer/main.py summary -c configs/tsm_motion_demo.yaml | head -n 1
 	@printf '  TSN: '; $(PY) trainer/main.py summary -c configs/tsn_motion_demo.yaml | head -n 1

@@ -48,15 +48,14 @@ if [[ " $single_modes " == *" $mode "* ]]; then
     exec "$py" "${main[@]}"
 fi
 
-ngpu=$("$py" -c 'import paddle; print(paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0)' 2>/dev/null | tail -n1 || true)
+# ranks and devices: one rank per GPU (more than there are is an error), else 2 CPU processes (launch/ranks.py)
+read -r n devices < <(cd "$here" && "$py" -m launch.ranks ${nproc:+--nproc "$nproc"}) || exit 2
 log_dir=${LOG_DIR:-log/$mode}
 launch=("$py" -m paddle.distributed.launch --log_dir "$log_dir")
 [ -n "$ips" ] && launch+=(--ips "$ips")
-if [ "${ngpu:-0}" -gt 0 ] 2>/dev/null; then
-    n=${nproc:-$ngpu}
-    launch+=(--devices "$(seq -s, 0 $((n - 1)))")
+if [ "$devices" != cpu ]; then
+    launch+=(--devices "$devices")
 else
-    n=${nproc:-2}
     # share the cores between the ranks instead of letting each one use them all
     cores=$(nproc 2>/dev/null || echo 2)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / n > 0 ? cores / n : 1 ))}

@@ -2,9 +2,11 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 
+from launch import ranks
 from trainer import main, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,3 +70,40 @@ def test_the_demo_maker_rejects_counts_below_one(tmp_path, args, message, capsys
         make_demo_dataset.main([str(tmp_path / "demo"), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    "nproc, ngpu, expected",
+    [
+        (None, 0, (2, "cpu")),  # no GPU: 2 CPU processes
+        (5, 0, (5, "cpu")),  # any number of CPU processes
+        (None, 1, (1, "0")),  # the demo on a one-GPU host runs on that GPU
+        (None, 8, (8, "0,1,2,3,4,5,6,7")),  # one rank per GPU
+        (2, 8, (2, "0,1")),
+    ],
+)
+def test_run_dist_ranks_default_to_the_gpus_present(nproc, ngpu, expected):
+    assert ranks.plan(nproc, ngpu) == expected
+
+
+def test_run_dist_refuses_more_gpu_ranks_than_gpus_in_one_line():
+    with pytest.raises(ValueError) as e:
+        ranks.plan(2, 1)
+    assert str(e.value) == (
+        "--nproc 2 asks for 2 GPU ranks but this host has 1 GPU (CUDA_VISIBLE_DEVICES counts): "
+        "use --nproc 1 or less, or leave --nproc out"
+    )
+
+
+def test_ranks_command_prints_the_plan_of_this_host():
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.ranks", "--nproc", "3"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    # this machine's Paddle decides: CPU builds (CI) give "3 cpu"; a GPU host with >= 3 GPUs "3 0,1,2"
+    n_gpu = ranks.gpu_count()
+    if n_gpu == 0:
+        assert (proc.returncode, proc.stdout) == (0, "3 cpu\n")
+    elif n_gpu >= 3:
+        assert (proc.returncode, proc.stdout) == (0, "3 0,1,2\n")
+    else:
+        assert proc.returncode == 2 and proc.stderr.startswith("run_dist.sh: --nproc 3 asks for 3 GPU ranks")
