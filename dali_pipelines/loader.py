@@ -252,11 +252,8 @@ def _upright(frames, *, mirror, angle):
 def _to_paddle(tensor_list):
     import paddle
 
-    t = tensor_list.as_tensor()
-    try:
-        return paddle.utils.dlpack.from_dlpack(t)
-    except (TypeError, AttributeError):  # Paddle 2.6 takes only a capsule
-        return paddle.utils.dlpack.from_dlpack(t.__dlpack__())
+    # Paddle 3 takes the DALI tensor (its __dlpack__) and shares its memory: no copy on either device
+    return paddle.utils.dlpack.from_dlpack(tensor_list.as_tensor())
 
 
 class DALILoader:

@@ -252,6 +252,22 @@ class _Run:
     totals: dict = field(default_factory=lambda: {"data": 0.0, "batch": 0.0, "samples": 0})
 
 
+def train_step(net, optimizer, scaler, imgs, labels, amp: str | None, smoothing=0.0, alpha=0.0, rng=None):
+    """One optimiser step; returns (loss, logits). ``amp`` ("float16" | "bfloat16" | None) runs the
+    forward pass under autocast; float16 needs ``scaler`` (a GradScaler), bfloat16 needs none."""
+    with paddle.amp.auto_cast(enable=amp is not None, dtype=amp or "float16"):
+        loss, logits = train_loss(net, imgs, labels, smoothing, alpha, rng)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    optimizer.clear_grad()
+    return loss, logits
+
+
 def _train_epoch(run: _Run, epoch: int) -> None:
     cfg, env, loader, optimizer = run.cfg, run.env, run.loader, run.optimizer
     amp = _amp_dtype(cfg, env)
@@ -261,16 +277,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     win, steps, t_prev = _Window(), len(loader), time.time()
     for imgs, labels in loader:
         t_data = time.time()
-        with paddle.amp.auto_cast(enable=amp is not None, dtype=amp or "float16"):
-            loss, logits = train_loss(run.net, imgs, labels, smoothing, alpha, mix_rng)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            run.scaler.step(optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.clear_grad()
+        loss, logits = train_step(run.net, optimizer, run.scaler, imgs, labels, amp, smoothing, alpha, mix_rng)
         run.scheduler.step()
         run.step += 1
         t_end = time.time()

@@ -104,7 +104,7 @@ def model_files(folder: str) -> tuple[str, str]:
 class InferenceModel:
     """An exported model run by Paddle Inference: ``scores(clips)`` maps [N, V, 3, H, W] float32 to
     logits. On a GPU host ``device="gpu"`` runs it on the GPU and ``tensorrt`` ("fp32" or "fp16") hands
-    the graph to TensorRT (Paddle built with TensorRT needed)."""
+    the graph to TensorRT (a Paddle built with TensorRT) for batches of 1 to ``max_batch`` clips."""
 
     def __init__(
         self,
@@ -114,6 +114,8 @@ class InferenceModel:
         device_id: int = 0,
         tensorrt: str | None = None,
         threads: int | None = None,
+        input_shape: list | None = None,
+        max_batch: int = 1,
     ):
         from paddle import inference
 
@@ -123,32 +125,23 @@ class InferenceModel:
             )
         if device == "gpu" and not paddle.is_compiled_with_cuda():
             raise ConfigError(
-                "config error: device = gpu but this Paddle has no CUDA; install "
-                "paddlepaddle-gpu (make setup EXTRAS=gpu,dev,onnx) or use device=cpu"
+                "config error: device = gpu but this Paddle has no CUDA; install the GPU build "
+                '(make setup GPU=cu126, README "GPU hosts") or use device=cpu'
             )
+        if tensorrt and model_file.endswith(".json"):
+            # Paddle 3's graphs (.json, PIR) go through TensorRT by conversion, not by Config
+            model_file, params_file = tensorrt_model(model_file, params_file, tensorrt, input_shape, max_batch)
+            tensorrt = None
         config = inference.Config(model_file, params_file)
-        if device == "gpu":
-            config.enable_use_gpu(512, device_id)
-            if tensorrt:
-                precision = inference.PrecisionType.Half if tensorrt == "fp16" else inference.PrecisionType.Float32
-                config.enable_tensorrt_engine(
-                    workspace_size=1 << 30,
-                    max_batch_size=1,
-                    min_subgraph_size=3,
-                    precision_mode=precision,
-                    use_static=False,
-                    use_calib_mode=False,
-                )
-        else:
-            config.disable_gpu()
-            config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
-        config.disable_glog_info()
+        configure(config, device, device_id, tensorrt, input_shape, max_batch, threads)
         self.predictor = inference.create_predictor(config)
         self._input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self._output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 
     @classmethod
     def from_folder(cls, folder: str, **options) -> "InferenceModel":
+        """The model exported to ``folder``; its input shape comes from preprocessing.json."""
+        options.setdefault("input_shape", read_preprocessing(folder)["input_shape"])
         return cls(*model_files(folder), **options)
 
     def scores(self, clips: np.ndarray) -> np.ndarray:
@@ -157,6 +150,67 @@ class InferenceModel:
         self._input.copy_from_cpu(clips)
         self.predictor.run()
         return self._output.copy_to_cpu()
+
+
+def trt_shapes(input_shape: list | None, max_batch: int) -> tuple[list, list, list]:
+    """(min, optimal, max) input shapes for TensorRT: the batch varies from 1 to ``max_batch`` (predict
+    batches up to DATASET.batch_size clips), every other dimension is the exported one."""
+    if not input_shape or any(d is None or d < 1 for d in input_shape[1:]):
+        raise ConfigError(
+            f"config error: TensorRT needs the exported input shape, got {input_shape}; re-export the model"
+        )
+    rest = [int(d) for d in input_shape[1:]]
+    return [1, *rest], [max_batch, *rest], [max_batch, *rest]
+
+
+def configure(config, device, device_id, tensorrt, input_shape, max_batch, threads) -> None:
+    """The Paddle Inference ``Config`` calls of a predictor (tests check them against Paddle's own
+    signatures, so a GPU branch cannot call a method or argument that does not exist)."""
+    from paddle import inference
+
+    if device == "gpu":
+        config.enable_use_gpu(512, device_id)
+        if tensorrt:  # a .pdmodel graph (Paddle 2.x export): TensorRT subgraphs with a dynamic batch
+            precision = inference.PrecisionType.Half if tensorrt == "fp16" else inference.PrecisionType.Float32
+            config.enable_tensorrt_engine(
+                workspace_size=1 << 30,
+                max_batch_size=max_batch,
+                min_subgraph_size=3,
+                precision_mode=precision,
+                use_static=False,
+                use_calib_mode=False,
+            )
+            low, opt, high = trt_shapes(input_shape, max_batch)
+            name = "clips"
+            config.set_trt_dynamic_shape_info({name: low}, {name: high}, {name: opt})
+    else:
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
+    config.disable_glog_info()
+
+
+def tensorrt_model(model_file, params_file, precision, input_shape, max_batch) -> tuple[str, str]:
+    """The exported graph converted for TensorRT (Paddle 3, paddle.tensorrt) at ``precision`` for
+    batches of 1 to ``max_batch``; written once beside the model (tensorrt_fp16_b8/inference.json...)."""
+    found = tuple(paddle.inference.get_trt_compile_version())
+    if found == (0, 0, 0):
+        raise ConfigError(
+            "config error: this Paddle is built without TensorRT; use a Paddle GPU build with TensorRT "
+            "or leave --tensorrt out"
+        )
+    from paddle.tensorrt.export import Input, PrecisionMode, TensorRTConfig, convert
+
+    low, opt, high = trt_shapes(input_shape, max_batch)
+    out = os.path.join(os.path.dirname(model_file), f"tensorrt_{precision}_b{max_batch}", "inference")
+    if not (os.path.isfile(out + ".json") and os.path.getmtime(out + ".json") >= os.path.getmtime(params_file)):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        trt = TensorRTConfig(
+            inputs=[Input(min_input_shape=low, optim_input_shape=opt, max_input_shape=high, name="clips")],
+            precision_mode=PrecisionMode.FP16 if precision == "fp16" else PrecisionMode.FP32,
+            save_model_dir=out,
+        )
+        convert(os.path.splitext(model_file)[0], trt)
+    return out + ".json", out + ".pdiparams"
 
 
 def export(
@@ -196,6 +250,8 @@ def _export_onnx(model_file, params_file, onnx_file, sample, expected) -> dict:
         import paddle2onnx
     except ImportError:
         raise RuntimeError("export --onnx needs paddle2onnx (pip install paddle2onnx onnxruntime)") from None
+    except ValueError as e:  # paddle2onnx 2.x refuses Paddle < 3 at import
+        raise RuntimeError(f"export --onnx: paddle2onnx cannot run with Paddle {paddle.__version__}: {e}") from None
     paddle2onnx.export(model_file, params_file, onnx_file, opset_version=13)
     out = {"onnx": onnx_file}
     try:

@@ -260,10 +260,14 @@ def _predict_exported(cfg, env, args) -> int:
     from trainer.export import InferenceModel, config_for_exported, read_preprocessing
     from trainer.predict import exported_scorer
 
-    model = InferenceModel.from_folder(
-        args.exported, device=env.device, device_id=env.device_id or 0, tensorrt=args.tensorrt
-    )
     cfg = config_for_exported(cfg, read_preprocessing(args.exported), args.exported)
+    model = InferenceModel.from_folder(
+        args.exported,
+        device=env.device,
+        device_id=env.device_id or 0,
+        tensorrt=args.tensorrt,
+        max_batch=cfg.DATASET.batch_size,  # predict's batches hold 1 to batch_size clips
+    )
     print(
         f"predict: exported model {args.exported} on {env.device}"
         + (f" through TensorRT {args.tensorrt}" if args.tensorrt else "")

@@ -37,6 +37,9 @@ def precise_bn(model, loader, env: dist.Env) -> int:
     finally:
         for bn, m in zip(bns, momenta):
             bn._momentum = m
-        model.train(was_training)
+        if was_training:  # Layer.train() takes no mode on Paddle 2.x: set it by name
+            model.train()
+        else:
+            model.eval()
     dist.average_bn_buffers(model, env)
     return n
