@@ -1,13 +1,29 @@
 # make demo: set up .venv and run the whole system on the embedded demo dataset (CPU is enough).
 # make test: set up .venv and run the test suite; make lint: ruff's checks and formatting.
 # make motion-demo: the motion task (direction of motion only): TSM learns it, TSN stays at chance.
-# EXTRAS=gpu,dev,onnx,vdl selects the GPU wheels of Paddle (paddlepaddle-gpu) instead of the CPU ones.
+# GPU=cu126 (or cu129) installs Paddle's CUDA 12.6 (12.9) GPU build from Paddle's own package index
+# with DALI for CUDA 12, e.g. `make demo GPU=cu126` (README "GPU hosts": the driver each one needs).
 PYTHON ?= python3
+comma := ,
+GPU ?=
+GPU_LINES := cu126 cu129
+ifeq ($(GPU),)
 EXTRAS ?= cpu,dev,onnx,vdl
+else
+ifeq ($(filter $(GPU),$(GPU_LINES)),)
+$(error GPU=$(GPU) is not a CUDA line we install; use one of: $(GPU_LINES) (README "GPU hosts"))
+endif
+EXTRAS ?= gpu,dev,onnx,vdl
+PIP_INDEX := --extra-index-url https://www.paddlepaddle.org.cn/packages/stable/$(GPU)/
+endif
+ifneq ($(filter gpu,$(subst $(comma), ,$(EXTRAS))),)
+ifeq ($(GPU),)
+$(error EXTRAS=$(EXTRAS) asks for the GPU build: say which CUDA line with GPU=cu126 or GPU=cu129 instead)
+endif
+endif
 VENV := .venv
 PY := $(VENV)/bin/python
-comma := ,
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))$(if $(GPU),-$(GPU))
 DEMO := data/demo
 MOTION := data/motion
 NPROC ?= 2  # ffmpeg processes of the conversions; run_dist.sh picks its ranks (one per GPU, else 2)
@@ -19,7 +35,9 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@# the CPU and GPU wheels both install the package `paddle`: only one of them may stay
+	@$(PY) -m pip uninstall -q -y $(if $(GPU),paddlepaddle,paddlepaddle-gpu) 2>/dev/null || true
+	$(PY) -m pip install -q $(PIP_INDEX) -e ".[$(EXTRAS)]"
 	@touch $@
 
 demo: $(STAMP)
