@@ -4,23 +4,27 @@
 #
 #   bash run_dist.sh {train|eval|test|predict|export|summary} MODEL CONFIG [--nproc N] [--ips IP1,IP2,...]
 #                    [--max-restarts N] [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--onnx]
+#   bash run_dist.sh selftest [--no-bench] [--only CHECK ...]   checks a GPU host (README "GPU hosts")
 #
 # Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
 # the repo's .venv, else python3). SIGTERM/SIGINT stop every process of the run (STOP_TIMEOUT, 30 s).
 set -euo pipefail
 
 usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
-[ $# -ge 3 ] || usage
-mode=$1 model=$2 config=$3
-shift 3
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 py=${PYTHON:-}
 if [ -z "$py" ]; then
     if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
 fi
+if [ "${1:-}" = selftest ]; then  # the GPU host self-test (trainer/selftest.py): PASS / FAIL / SKIP per check
+    cd "$here" && exec "$py" -m trainer.selftest "${@:2}"
+fi
+[ $# -ge 3 ] || usage
+mode=$1 model=$2 config=$3
+shift 3
 # the modes are trainer/main.py's (one list); the single-process ones run without a launcher
 { read -r all_modes; read -r single_modes; } < <(cd "$here" && "$py" -c 'from trainer.main import MODES, SINGLE_PROCESS_MODES
 print(*MODES); print(*SINGLE_PROCESS_MODES)')

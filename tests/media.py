@@ -8,15 +8,7 @@ import subprocess
 import numpy as np
 from PIL import Image
 
-
-def index_frames(n: int, width: int = 64, height: int = 48) -> np.ndarray:
-    """Frames [n, H, W, 3] whose uniform grey level encodes the index: level(i) = 20 + 4 * i (n <= 55)."""
-    assert n <= 55
-    return np.stack([np.full((height, width, 3), 20 + 4 * i, np.uint8) for i in range(n)])
-
-
-def level_to_index(level: float) -> int:
-    return int(round((level - 20) / 4))
+from trainer.selftest import index_frames, level_to_index  # noqa: F401 - the tests' media, shared with the selftest
 
 
 def jpeg(img: np.ndarray, quality: int = 95) -> bytes:

