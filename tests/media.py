@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 from PIL import Image
 
-from trainer.selftest import index_frames, level_to_index  # noqa: F401 - the tests' media, shared with the selftest
+from trainer.selftest import has_bframes, index_frames, level_to_index  # noqa: F401 - the tests' media, shared with the selftest
 
 
 def jpeg(img: np.ndarray, quality: int = 95) -> bytes:
@@ -22,13 +22,6 @@ def write_video(path: str, frames: np.ndarray) -> None:
     from preprocessing.make_demo_dataset import write_mp4
 
     write_mp4(str(path), frames)
-
-
-def has_bframes(path: str) -> bool:
-    import av
-
-    with av.open(str(path)) as c:
-        return any(int(getattr(f.pict_type, "value", f.pict_type)) == 3 for f in c.decode(video=0))  # AV_PICTURE_TYPE_B
 
 
 def quadrant_frames(n: int = 12, width: int = 64, height: int = 48) -> np.ndarray:

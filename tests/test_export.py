@@ -45,3 +45,20 @@ def test_the_export_check_compares_probabilities_and_logits_at_their_scale():
     assert score_difference(logits + [[1e-3, 0, 0]], logits) > 1e-4  # a real disagreement fails
     big = np.array([[170.0, -40.0, 3.0]])  # an untrained ResNet-50's scale
     assert score_difference(big + [[4e-4, 0, 0]], big) < 1e-4  # float32 rounding passes
+
+
+def test_a_paddle2onnx_that_refuses_this_paddle_is_one_line(monkeypatch, tmp_path):
+    """paddle2onnx 2.x raises ValueError at import under Paddle < 3: export --onnx names it."""
+    import sys
+
+    from trainer.export import _export_onnx
+
+    class RefusingPaddle2onnx:  # what paddle2onnx 2.x's __init__ does on an old Paddle
+        def find_spec(self, name, path=None, target=None):
+            if name == "paddle2onnx":
+                raise ValueError("paddle2onnx requires paddlepaddle >= 3.0.0")
+
+    monkeypatch.delitem(sys.modules, "paddle2onnx", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [RefusingPaddle2onnx(), *sys.meta_path])
+    with pytest.raises(RuntimeError, match=r"^export --onnx: paddle2onnx cannot run with Paddle .*>= 3\.0\.0$"):
+        _export_onnx("m.json", "m.pdiparams", str(tmp_path / "m.onnx"), None, None)

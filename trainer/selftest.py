@@ -109,8 +109,17 @@ def _video_list(host: Host) -> str:
     if not os.path.exists(lst):
         for i, n in enumerate(CLIP_FRAMES):
             write_mp4(host.path(f"v{i}.mp4"), index_frames(n))
+            if not has_bframes(host.path(f"v{i}.mp4")):
+                raise AssertionError("the encoder wrote no B-frames: the clip would not test reordered decoding")
         _write(lst, "".join(f"v{i}.mp4 {i}\n" for i in range(len(CLIP_FRAMES))))
     return lst
+
+
+def has_bframes(path: str) -> bool:
+    import av
+
+    with av.open(str(path)) as c:
+        return any(int(getattr(f.pict_type, "value", f.pict_type)) == 3 for f in c.decode(video=0))  # AV_PICTURE_TYPE_B
 
 
 def _pkl_list(host: Host) -> str:
