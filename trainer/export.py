@@ -141,7 +141,7 @@ class InferenceModel:
     @classmethod
     def from_folder(cls, folder: str, **options) -> "InferenceModel":
         """The model exported to ``folder``; its input shape comes from preprocessing.json."""
-        options.setdefault("input_shape", read_preprocessing(folder)["input_shape"])
+        options.setdefault("input_shape", read_preprocessing(folder).get("input_shape"))
         return cls(*model_files(folder), **options)
 
     def scores(self, clips: np.ndarray) -> np.ndarray:

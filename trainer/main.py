@@ -257,15 +257,18 @@ def _predict(cfg, env, model, args) -> int:
 
 
 def _predict_exported(cfg, env, args) -> int:
-    from trainer.export import InferenceModel, config_for_exported, read_preprocessing
+    from trainer.export import InferenceModel, config_for_exported, model_files, read_preprocessing
     from trainer.predict import exported_scorer
 
-    cfg = config_for_exported(cfg, read_preprocessing(args.exported), args.exported)
-    model = InferenceModel.from_folder(
-        args.exported,
+    files = model_files(args.exported)  # a folder without a model is named before its settings are read
+    settings = read_preprocessing(args.exported)
+    cfg = config_for_exported(cfg, settings, args.exported)
+    model = InferenceModel(
+        *files,
         device=env.device,
         device_id=env.device_id or 0,
         tensorrt=args.tensorrt,
+        input_shape=settings.get("input_shape"),
         max_batch=cfg.DATASET.batch_size,  # predict's batches hold 1 to batch_size clips
     )
     print(
