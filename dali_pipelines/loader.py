@@ -165,11 +165,13 @@ class _ClipSource:
             self._new_facts = {}
 
 
-def _build_pipeline(
+def define_pipeline(
     src: _ClipSource, *, device: str, device_id: int | None, num_threads: int, prefetch: int, dtype: str
 ):
-    """The DALI graph of a loader: what it decodes, the frames and views per sample, the batch size and
-    the output size come from ``src`` (its ClipSpec); the rest is how and where it runs."""
+    """The DALI graph of a loader, defined but not built: what it decodes, the frames and views per
+    sample, the batch size and the output size come from ``src`` (its ClipSpec); the rest is how and
+    where it runs. With ``device_id=None`` a GPU graph can be defined and inspected without a GPU
+    (tests/test_gpu_graphs.py checks every variant against DALI's schemas)."""
     from nvidia.dali import fn, pipeline_def, types
 
     spec, batch_size = src.spec, src.batch_size
@@ -233,9 +235,7 @@ def _build_pipeline(
         frames = out[0] if num_views == 1 else fn.cat(*out, axis=0)
         return frames, (label.gpu() if device == "gpu" else label)  # the whole batch on one device
 
-    pipe = graph()
-    pipe.build()
-    return pipe
+    return graph()
 
 
 def _upright(frames, *, mirror, angle):
@@ -323,7 +323,18 @@ def check_rawframe_counts(samples, list_file) -> None:
         )
 
 
-def build_loader(
+def build_loader(list_file, source="pkl", mode="train", **settings):
+    """A DALI loader over ``list_file`` (docs/design.md "Data formats"); ``settings`` are
+    ``plan_loader``'s. See README "Stage 2: the loader API"."""
+    src, how = plan_loader(list_file, source, mode, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = define_pipeline(src, **how)
+        pipe.build()
+    return DALILoader(src, pipe)
+
+
+def plan_loader(
     list_file,
     source="pkl",
     mode="train",
@@ -339,7 +350,8 @@ def build_loader(
     data_prefix=None,
     **options,
 ):
-    """A DALI loader over ``list_file`` (docs/design.md "Data formats"). See README "Stage 2: the loader API"."""
+    """(the loader's external source, ``define_pipeline``'s keyword arguments): every setting checked,
+    the list read and its samples established, nothing built."""
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
     if unknown:
         raise TypeError(f"build_loader: unknown option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")
@@ -412,14 +424,10 @@ def build_loader(
     device_id = options["device_id"]
     if device == "gpu" and device_id is None:
         device_id = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = _build_pipeline(
-            src,
-            device=device,
-            device_id=device_id if device == "gpu" else None,
-            num_threads=options["num_threads"],
-            prefetch=options["prefetch"],
-            dtype=options["dtype"],
-        )
-    return DALILoader(src, pipe)
+    return src, dict(
+        device=device,
+        device_id=device_id if device == "gpu" else None,
+        num_threads=options["num_threads"],
+        prefetch=options["prefetch"],
+        dtype=options["dtype"],
+    )

@@ -322,7 +322,7 @@ def test_the_gpu_paths_graph_gives_the_cpu_paths_views_with_dalis_cpu_video_deco
     views as the CPU path (PyAV decodes; frames in). Only NVDEC itself is left to the GPU self-test."""
     from dali_pipelines.feed import ClipSpec
     from dali_pipelines.formats import read_list
-    from dali_pipelines.loader import DALILoader, _build_pipeline, _ClipSource
+    from dali_pipelines.loader import DALILoader, _ClipSource, define_pipeline
 
     write_video(tmp_path / "upright.mp4", quadrant_frames(12))
     ffmpeg("-i", tmp_path / "upright.mp4", "-c:v", "libvpx-vp9", "-crf", "10", tmp_path / "plain.mp4")
@@ -349,7 +349,8 @@ def test_the_gpu_paths_graph_gives_the_cpu_paths_views_with_dalis_cpu_video_deco
         seed=0,
         drop_last=False,
     )
-    pipe = _build_pipeline(src, device="cpu", device_id=None, num_threads=1, prefetch=1, dtype="float32")
+    pipe = define_pipeline(src, device="cpu", device_id=None, num_threads=1, prefetch=1, dtype="float32")
+    pipe.build()
     got = next(iter(DALILoader(src, pipe)))[0].numpy()[0]
     assert got.shape == expected.shape
     assert _levels_diff(got, expected).mean() < 4.0  # 2.2 measured (two YUV->RGB conversions); unturned >100
