@@ -2,8 +2,9 @@
 # Run the trainer in fleet collective mode: one process per visible GPU, or --nproc CPU processes
 # (default 2) on a machine without GPUs; predict, export and summary run as a single process.
 #
-#   bash run_dist.sh {train|eval|test|predict|export|summary} MODEL CONFIG [--nproc N] [--ips IP1,IP2,...]
-#                    [--max-restarts N] [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--onnx]
+#   bash run_dist.sh {train|eval|test|predict|export|summary} MODEL CONFIG [--nproc N] [--max-restarts N]
+#                    [--ips IP1,IP2,... [--host IP] [--rendezvous-timeout S]]
+#                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--onnx]
 #   bash run_dist.sh selftest [--no-bench] [--only CHECK ...]   checks a GPU host (README "GPU hosts")
 #
 # Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
@@ -11,7 +12,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,17 +32,22 @@ print(*MODES); print(*SINGLE_PROCESS_MODES)')
 [[ " $all_modes " == *" $mode "* ]] || { echo "run_dist.sh: unknown mode '$mode' (modes: $all_modes)" >&2; usage; }
 [ -f "$config" ] || { echo "run_dist.sh: config file $config does not exist" >&2; exit 2; }
 
-nproc="" ips="" restarts=0 args=()
+nproc="" ips="" host=${TSN_HOST:-} rdv_timeout=${RENDEZVOUS_TIMEOUT:-300} restarts=0 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --nproc) nproc=${2:?--nproc needs a number}; shift 2 ;;
         --ips) ips=${2:?--ips needs a comma-separated list}; shift 2 ;;
+        --host) host=${2:?--host needs this node\'s address}; shift 2 ;;
+        --rendezvous-timeout) rdv_timeout=${2:?--rendezvous-timeout needs seconds}; shift 2 ;;
         --max-restarts) restarts=${2:?--max-restarts needs a number}; shift 2 ;;
         *) args+=("$1"); shift ;;
     esac
 done
 if [ -n "$nproc" ] && ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
     echo "run_dist.sh: --nproc must be a number of processes >= 1, got '$nproc'" >&2; exit 2
+fi
+if ! [[ "$rdv_timeout" =~ ^[1-9][0-9]*$ ]]; then
+    echo "run_dist.sh: --rendezvous-timeout must be a number of seconds >= 1, got '$rdv_timeout'" >&2; exit 2
 fi
 if ! [[ "$restarts" =~ ^[0-9]+$ ]]; then
     echo "run_dist.sh: --max-restarts must be a number >= 0, got '$restarts'" >&2; exit 2
@@ -56,7 +62,22 @@ fi
 read -r n devices < <(cd "$here" && "$py" -m launch.ranks ${nproc:+--nproc "$nproc"}) || exit 2
 log_dir=${LOG_DIR:-log/$mode}
 launch=("$py" -m paddle.distributed.launch --log_dir "$log_dir")
-[ -n "$ips" ] && launch+=(--ips "$ips")
+nnodes=1
+if [ -n "$ips" ]; then
+    # several hosts: this node is the one of --ips among its interfaces' addresses (launch/hosts.py),
+    # not what its hostname resolves to; Paddle's launcher is told so (launch/paddle_launch.py)
+    read -r node_index node_ip node_if < <(cd "$here" && "$py" -m launch.hosts plan --ips "$ips" ${host:+--host "$host"}) || exit 2
+    nnodes=$(tr ',' '\n' <<<"$ips" | grep -c .)
+    first=${ips%%,*} master_port=${MASTER_PORT:-6070} rdv_port=${RENDEZVOUS_PORT:-6069}
+    echo "run_dist.sh: node $node_index of $nnodes ($node_ip on ${node_if}); nodes meet at $first:$rdv_port within ${rdv_timeout}s, then Paddle's master (TCP store) is $first:$master_port" >&2
+    export TSN_NODE_IP=$node_ip
+    if [ "$node_if" != - ]; then  # gloo and NCCL would otherwise use the address the hostname resolves to
+        export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$node_if} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$node_if}
+    fi
+    launch=("$py" "$here/launch/paddle_launch.py" --log_dir "$log_dir" --ips "$ips" --start_port "$master_port")
+fi
+# the trainers' own rendezvous (fleet.init) is bounded by the same time (trainer/dist.py)
+export TSN_RENDEZVOUS_TIMEOUT=$rdv_timeout
 if [ "$devices" != cpu ]; then
     launch+=(--devices "$devices")
 else
@@ -95,7 +116,7 @@ declare -A offset=()
 rank_errors() {
     for f in "$log_dir"/workerlog.*; do
         [ -f "$f" ] || continue
-        errors=$(tail -c +$((${offset[$f]:-0} + 1)) "$f" | grep -E "^(config error|(train|eval|test|predict): (error|stopped))|^[A-Za-z_.]*(Error|Exception)(: |$)|^dali_pipelines: skipping" | tail -n 5 || true)
+        errors=$(tail -c +$((${offset[$f]:-0} + 1)) "$f" | grep -E "^(config error|(train|eval|test|predict): (error|stopped)|rank [0-9]+: the ranks' rendezvous)|^[A-Za-z_.]*(Error|Exception)(: |$)|^dali_pipelines: skipping" | tail -n 5 || true)
         if [ -n "$errors" ]; then
             printf '  rank %s (%s):\n%s\n' "${f##*.}" "$f" "$(sed 's/^/    /' <<<"$errors")"
         fi
@@ -108,9 +129,17 @@ while :; do
     for f in "$log_dir"/workerlog.*; do
         [ -f "$f" ] && offset[$f]=$(stat -c %s "$f")
     done
+    status=0
+    if [ "$nnodes" -gt 1 ]; then  # every node joins within the timeout, or every node stops and says which did not
+        setsid "$py" "$here/launch/hosts.py" rendezvous --ips "$ips" --index "$node_index" --port "$rdv_port" --timeout "$rdv_timeout" &
+        pid=$!
+        wait "$pid" || status=$?
+        while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done
+        if [ -n "$stopped" ]; then status=$([ "$stopped" = SIGINT ] && echo 130 || echo 143); fi
+        [ "$status" -eq 0 ] || exit "$status"
+    fi
     setsid "${launch[@]}" "${main[@]}" &
     pid=$!
-    status=0
     wait "$pid" || status=$?
     while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends the first wait early
         wait "$pid" || status=$?

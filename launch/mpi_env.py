@@ -3,7 +3,8 @@
 
 Paddle does not read Open MPI's variables. Under mpirun each rank finds its rank, world size and
 node-local rank (Open MPI, MPICH/Hydra, Slurm or PMIx spellings), opens a free port on its host,
-exchanges "host:port" with every other rank through mpi4py, and sets what paddle.distributed.launch
+exchanges "host:port" with every other rank through mpi4py (the host: the address on the network every
+rank reaches rank 0 on, launch/hosts.py; PADDLE_HOST overrides), and sets what paddle.distributed.launch
 would: PADDLE_TRAINER_ID, PADDLE_TRAINERS_NUM, PADDLE_TRAINER_ENDPOINTS, PADDLE_CURRENT_ENDPOINT,
 PADDLE_MASTER (rank 0's rendezvous store), PADDLE_LOCAL_RANK, the backend (gloo on CPU, nccl on GPU)
 and, on GPU hosts, FLAGS_selected_gpus.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import os
 import socket
+
+from launch.hosts import mpi_address
 
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
@@ -24,18 +27,6 @@ def _first(names, env) -> int | None:
         if env.get(name, "").strip().isdigit():
             return int(env[name])
     return None
-
-
-def _host_address() -> str:
-    """This node's address as the other nodes reach it (PADDLE_HOST overrides, e.g. for a chosen NIC)."""
-    if os.environ.get("PADDLE_HOST"):
-        return os.environ["PADDLE_HOST"]
-    try:  # the interface that routes outwards, without sending anything
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 def _free_port() -> int:
@@ -61,7 +52,7 @@ def paddle_env(env=None, gpus_per_node: int = 0) -> dict:
         raise RuntimeError(
             f"launch.mpi_env: environment says rank {rank}/{size}, MPI says {comm.Get_rank()}/{comm.Get_size()}"
         )
-    host = "127.0.0.1" if size == 1 else _host_address()
+    host, interface = ("127.0.0.1", "lo") if size == 1 else mpi_address(comm)
     endpoints = comm.allgather(f"{host}:{_free_port()}")
     master = comm.bcast(f"{host}:{_free_port()}" if rank == 0 else None, root=0)  # rank 0's TCP store
     hosts = [e.rsplit(":", 1)[0] for e in endpoints]
@@ -79,6 +70,9 @@ def paddle_env(env=None, gpus_per_node: int = 0) -> dict:
         "PADDLE_LOCAL_SIZE": str(hosts.count(host)),
         "PADDLE_DISTRI_BACKEND": "nccl" if gpus_per_node else "gloo",
     }
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # else they use what the hostname resolves to
+        if interface and not env.get(name):
+            out[name] = interface
     if gpus_per_node:
         out["FLAGS_selected_gpus"] = str(local_rank % gpus_per_node)
     return out

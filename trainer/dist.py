@@ -5,12 +5,19 @@ One code path for 1..N processes on CPU or GPU: with a single process no collect
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import paddle
 import paddle.distributed as dist
+
+# run_dist.sh --rendezvous-timeout sets it; the same bound under mpirun and Slurm
+RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT = "TSN_RENDEZVOUS_TIMEOUT", 300.0
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,39 @@ def init(device_pref: str = "auto") -> Env:
         from paddle.distributed import fleet
 
         _import_kv_server_outside_cwd()
-        fleet.init(is_collective=True)
+        with _bounded_rendezvous(float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV) or DEFAULT_RENDEZVOUS_TIMEOUT)):
+            fleet.init(is_collective=True)
     return Env(dist.get_rank() if world > 1 else 0, world, device, device_id)
+
+
+@contextlib.contextmanager
+def _bounded_rendezvous(timeout: float):
+    """Paddle's collective start-up waits for every rank without a time limit, inside C++ that holds the
+    interpreter: a rank that never starts or dies first would hold the others forever. A forked
+    watchdog process says so after ``timeout`` seconds and kills this rank (a Python thread or signal
+    handler could not run while Paddle waits)."""
+    master = os.environ.get("PADDLE_MASTER") or os.environ.get("PADDLE_TRAINER_ENDPOINTS", "?").split(",")[0]
+    rank, world = os.environ.get("PADDLE_TRAINER_ID", "?"), os.environ.get("PADDLE_TRAINERS_NUM", "?")
+    message = (
+        f"rank {rank}: the ranks' rendezvous at {master} did not complete within {timeout:.0f}s "
+        f"({world} ranks expected): a rank did not start, died, or cannot reach that address; stopping "
+        f"(the time limit is {RENDEZVOUS_TIMEOUT_ENV}, run_dist.sh --rendezvous-timeout)\n"
+    )
+    parent = os.getpid()
+    sys.stderr.flush()
+    watchdog = os.fork()
+    if watchdog == 0:  # the child touches nothing of the parent's state
+        try:
+            time.sleep(timeout)
+            os.write(2, message.encode())
+            os.kill(parent, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    try:
+        yield
+    finally:
+        os.kill(watchdog, signal.SIGKILL)
+        os.waitpid(watchdog, 0)
 
 
 def _import_kv_server_outside_cwd() -> None:
