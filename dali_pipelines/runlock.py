@@ -56,14 +56,16 @@ class RunLock:
         self.previous: dict | None = None
         self._fd: int | None = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self, shared: bool = False) -> RunLock:
+        """Take the lock; ``shared``: alongside other shared holders (the shards of one conversion),
+        excluding only an exclusive one. A shared holder leaves the record as it is."""
         check_writable(self.folder, "the output folder")
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise OutputError(f"cannot create the lock file {self.path} ({e.strerror})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read(fd)
             os.close(fd)
@@ -73,6 +75,9 @@ class RunLock:
                 "wait for it to finish or stop it, or choose another output folder"
             ) from None
         self.previous = _read(fd) or None
+        if shared:
+            self._fd = fd
+            return self
         record = {
             "what": self.what,
             "pid": os.getpid(),

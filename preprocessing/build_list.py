@@ -24,12 +24,14 @@ import sys
 if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from preprocessing import shards  # noqa: E402
 from preprocessing.kinetics import UsageError, load_class_index, read_csv  # noqa: E402
 from preprocessing.lists import (  # noqa: E402
     class_folders,
     class_index_for,
     count_frames,
     index_pkls,
+    list_lines,
     video_entries,
     videos_in,
     write_list,
@@ -72,11 +74,16 @@ def rawframe_entries(root: str, csv: str | None, label_file: str | None):
     return [(d, sum(1 for f in os.listdir(d) if f.startswith("img_")), labels[d]) for d in dirs]
 
 
-def class_video_entries(root: str, label_file: str | None, probe: int):
+def class_video_entries(root: str, label_file: str | None, probe: int, shard=None):
+    """(positions, entries, unreadable) of the videos in class folders (of ``shard``'s positions)."""
     index = class_index_for(class_folders(root), label_file)
     videos = [(v, index[c]) for c in index for v in videos_in(os.path.join(root, c))]
+    positions = shards.items_of(shard, list(range(len(videos))))
+    videos = [videos[i] for i in positions]
     counts, bad = count_frames([v for v, _ in videos], probe)
-    return video_entries(videos, counts), bad
+    entries = video_entries(videos, counts)
+    kept = {e[0] for e in entries}
+    return [i for i, (v, _) in zip(positions, videos) if v in kept], entries, bad
 
 
 def main(argv=None) -> int:
@@ -102,18 +109,27 @@ def main(argv=None) -> int:
         metavar="N",
         help="pkl: give each pkl its frame index (in place) with N processes",
     )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="list (and probe or index) only this host's part I of N; then merge_shards.py OUT N",
+    )
     args = p.parse_args(argv)
     bad, note = [], ""
     try:
+        shard = shards.parse_shard(args.shard)
         if args.probe < 0 or args.index < 0:
             raise UsageError("--probe and --index take a number of processes >= 0")
         if args.index and args.source != "pkl":
             raise UsageError("--index applies to pkl lists only")
         if args.source == "pkl":
             entries = pkl_entries(args.root)
+            positions = shards.items_of(shard, list(range(len(entries))))
+            entries = [entries[i] for i in positions]
             if args.index and entries:
                 done, bad = index_pkls([e[0] for e in entries], args.index)
                 failed = {path for path, _ in bad}
+                positions = [i for i, e in zip(positions, entries) if e[0] not in failed]
                 entries = [e for e in entries if e[0] not in failed]
                 note = (
                     f"; frame index: {done['appended']} appended, {done['rewritten']} rewritten, "
@@ -121,14 +137,29 @@ def main(argv=None) -> int:
                 )
         elif args.source == "rawframes":
             entries = rawframe_entries(args.root, args.csv, args.label_file)
+            positions = shards.items_of(shard, list(range(len(entries))))
+            entries = [entries[i] for i in positions]
         else:
-            entries, bad = class_video_entries(args.root, args.label_file, args.probe)
-        if not entries:
+            positions, entries, bad = class_video_entries(args.root, args.label_file, args.probe, shard)
+        if not entries and shard is None:
             raise UsageError(f"found no {args.source} under {args.root}")
     except UsageError as e:
         print(f"build_list: error: {e}", file=sys.stderr)
         return 2
-    write_list(args.out, entries)
+    if shard:  # the position in the whole list orders the merged one
+        lines = [(f"{i:012d}", line) for i, line in zip(positions, list_lines(args.out, entries))]
+        part = shards.write_part(
+            args.out,
+            shard,
+            tool="build_list",
+            source=f"{args.source} {os.path.abspath(args.root)}",
+            lines=lines,
+            complete=True,
+        )
+        merge = f"python preprocessing/merge_shards.py {args.out} {shard.count}"
+        note += f"; part {shard} -> {part} (when every shard is done: {merge})"
+    else:
+        write_list(args.out, entries)
     for path, why in bad:
         print(f"build_list: skipped {path}: {why}", file=sys.stderr)
     print(

@@ -18,8 +18,9 @@ import time
 
 from dali_pipelines.feed import fork_context
 from dali_pipelines.formats import write_atomic, write_pkl
-from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError, RunLock, check_writable
+from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError, check_writable
 
+from . import shards
 from .frames import ConversionError, die_with_parent, extract_jpegs
 from .kinetics import UsageError, find_clip, load_class_index, read_csv
 from .progress import progress
@@ -47,6 +48,11 @@ def build_parser(prog: str, doc: str, output: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--short-side", type=int, metavar="N", help="resize so the short side is N pixels (default: keep)")
     p.add_argument("--fps", type=float, metavar="N", help="resample to N frames/s (default: native rate)")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="convert only this host's part I of N (preprocessing/shards.py); then merge_shards.py LIST N",
+    )
     p.add_argument(
         "--allow-decode-errors",
         action="store_true",
@@ -92,13 +98,26 @@ class Writer:
         rel = os.path.relpath(self.path(video_id), self.list_dir)
         return rel if self.fmt == "pkl" else f"{rel} {num_frames} {label}"
 
-    def remove_stale_temporaries(self) -> int:
-        """Outputs a killed run left half-written."""
-        stale = [n for n in os.listdir(self.dst_dir) if n.startswith(TMP_PREFIX)]
+    def remove_stale_temporaries(self, video_ids: set[str] | None = None) -> int:
+        """Outputs a killed run left half-written: all of them, or those of ``video_ids`` (a shard's:
+        the other shards' are being written right now)."""
+        stale = [
+            n
+            for n in os.listdir(self.dst_dir)
+            if n.startswith(TMP_PREFIX) and (video_ids is None or self._temporary_of(n) in video_ids)
+        ]
         for name in stale:
             path = os.path.join(self.dst_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         return len(stale)
+
+    def _temporary_of(self, name: str) -> str:
+        """The clip a temporary name belongs to: pkl ``.tmp-XXXXXXXX<id>.pkl`` (formats.write_atomic's
+        8 random characters), rawframes ``.tmp-<id>-<pid>``."""
+        rest = name[len(TMP_PREFIX) :]
+        if self.fmt == "pkl":
+            return rest[8:-4] if rest.endswith(".pkl") else ""
+        return rest.rsplit("-", 1)[0]
 
 
 def _worker_init() -> None:
@@ -154,22 +173,26 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
                 f"{prog}: no --label-file: {len(class_index)} classes taken from {args.csv} "
                 "(pass the training label file when converting a val/test CSV)"
             )
+        shard = shards.parse_shard(args.shard)
+        clips, failures = shards.clips_of(shard, clips, failures)
         check_writable(dst_dir, "DST_DIR")
         for path, what in ((list_out, "the list's folder"), (failures_out, "the failures file's folder")):
             check_writable(os.path.dirname(os.path.abspath(path)), what)
-        lock = RunLock(dst_dir, prog, dst_dir + ".lock").acquire()  # a second run into DST_DIR stops here
+        locks = shards.lock(dst_dir, prog, shard)  # a second run into DST_DIR (or of this shard) stops here
     except (UsageError, BusyError, OutputError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_out, failures_out)
+        return _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_out, failures_out, shard)
     finally:
-        lock.release()
+        for held in reversed(locks):
+            held.release()
 
 
-def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_out, failures_out) -> int:
+def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_out, failures_out, shard) -> int:
     writer = Writer(fmt, dst_dir, os.path.dirname(list_out))
-    stale = writer.remove_stale_temporaries()
+    mine = {c.video_id for c in clips} if shard else None
+    stale = writer.remove_stale_temporaries(mine)
     opts = dict(
         qscale=args.jpeg_quality, short_side=args.short_side, fps=args.fps, allow_decode_errors=args.allow_decode_errors
     )
@@ -225,10 +248,22 @@ def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_
         pool.join()
         signal.signal(signal.SIGTERM, previous)
 
-    writer.remove_stale_temporaries()  # what the stopped workers left half-written
+    writer.remove_stale_temporaries(mine)  # what the stopped workers left half-written
     try:
-        write_atomic(list_out, "".join(lines[v] + "\n" for v in sorted(lines)).encode())
-        write_atomic(failures_out, "".join(f"{vid}\t{why}\n" for vid, why in failures).encode())
+        if shard:  # this shard's part; merge_shards.py writes the list and the failures file
+            written = shards.write_part(
+                list_out,
+                shard,
+                tool=prog,
+                source=f"{os.path.abspath(args.csv)} -> {dst_dir}",
+                lines=[(v, line) for v, line in lines.items()],
+                failures_file=failures_out,
+                failures=[(vid, f"{vid}\t{why}") for vid, why in failures],
+                complete=not (interrupted or no_space),
+            )
+        else:
+            write_atomic(list_out, "".join(lines[v] + "\n" for v in sorted(lines)).encode())
+            write_atomic(failures_out, "".join(f"{vid}\t{why}\n" for vid, why in sorted(failures)).encode())
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise
@@ -240,10 +275,15 @@ def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_
         return EXIT_FAILURES
     elapsed = time.time() - t0
     print(
-        f"{prog}: {len(lines)} clips ready ({skipped} already done, {converted} converted, {n_frames} frames "
-        f"in {elapsed:.1f}s = {n_frames / max(elapsed, 1e-9):.0f} frames/s), {len(failures)} failed; "
-        f"list: {list_out}"
-        + (f"; failures: {failures_out}" if failures else "")
+        f"{prog}: {f'shard {shard}: ' if shard else ''}{len(lines)} clips ready ({skipped} already done, "
+        f"{converted} converted, {n_frames} frames in {elapsed:.1f}s = {n_frames / max(elapsed, 1e-9):.0f} "
+        f"frames/s), {len(failures)} failed; "
+        + (
+            f"part: {written} (when every shard is done: python preprocessing/merge_shards.py {list_out} "
+            f"{shard.count} --dst-dir {dst_dir})"
+            if shard
+            else f"list: {list_out}" + (f"; failures: {failures_out}" if failures else "")
+        )
         + (f"; removed {stale} half-written output(s) of an earlier run" if stale else "")
     )
     if no_space:

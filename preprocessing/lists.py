@@ -106,17 +106,22 @@ def video_entries(rows: list[tuple[str, int]], counts: dict[str, int] | None) ->
     return [(path, counts[path], label) for path, label in rows if path in counts]
 
 
-def write_list(path: str, entries: list[tuple[str, int | None, int | None]]) -> None:
-    """Write ``(file, num_frames or None, label or None)`` entries with paths relative to the list."""
+def list_lines(path: str, entries: list[tuple[str, int | None, int | None]]) -> list[str]:
+    """The lines of ``(file, num_frames or None, label or None)`` entries, paths relative to the list ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     lines = []
     for file, n, label in entries:
         parts = [os.path.relpath(os.path.abspath(file), folder)]
         parts += [str(n)] if n is not None else []
         parts += [str(label)] if label is not None else []
-        lines.append(" ".join(parts) + "\n")
-    write_atomic(path, "".join(lines).encode())
+        lines.append(" ".join(parts))
+    return lines
+
+
+def write_list(path: str, entries: list[tuple[str, int | None, int | None]]) -> None:
+    """Write ``(file, num_frames or None, label or None)`` entries with paths relative to the list."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, "".join(line + "\n" for line in list_lines(path, entries)).encode())
 
 
 def stratified_split(items_by_class: dict[str, list[str]], ratios: list[float], seed: int) -> list[dict]:

@@ -1,0 +1,250 @@
+"""One data set converted by N hosts (or a Slurm array) at once: ``--shard I/N`` and the merge step.
+
+A shard takes the CSV rows (or the listed files) at positions I-1, I-1+N, I-1+2N, ... in the input's
+own order: deterministic, balanced to within one item, and independent of the machine and of what the
+destination already holds. A clip listed twice belongs to the shard of its first row, so the shard
+that converts it also reports the duplicate. Each shard writes its part of the list and of the
+failures into ``LIST.shard-I-of-N.json`` (atomically, also when it is interrupted, saying so);
+``merge_shards.py LIST N`` writes LIST and its failures file exactly as one unsharded run would, once
+every part is there and complete, and names the shards that are missing, unfinished or still running.
+
+Locks: an unsharded run holds ``DST.lock`` exclusively; a shard holds it shared and its own
+``DST.shard-I-of-N.lock`` exclusively, so shards of one split run side by side while a second copy
+of a shard, a shard of another split, or an unsharded run into the same destination is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+from dali_pipelines.formats import write_atomic
+from dali_pipelines.runlock import BusyError, RunLock
+
+from .kinetics import UsageError
+
+PART_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 1..count
+    count: int
+
+    @property
+    def suffix(self) -> str:
+        return f".shard-{self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, position: int) -> bool:
+        """Whether the item at ``position`` (0-based, in the input's order) is this shard's."""
+        return position % self.count == self.index - 1
+
+
+def parse_shard(text: str | None) -> Shard | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise UsageError(
+            f"--shard takes I/N with 1 <= I <= N (this host's part of N), got {text!r}; "
+            "e.g. --shard 1/4 ... --shard 4/4, or --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"
+        )
+    return Shard(int(m.group(1)), int(m.group(2)))
+
+
+def clips_of(shard: Shard | None, clips, bad):
+    """The CSV clips and malformed rows (``kinetics.read_csv``'s) of ``shard``: by the position of the
+    row (of a clip's first row, for a clip listed twice) among the CSV's data rows."""
+    if shard is None:
+        return clips, bad
+    rows = sorted({c.row for c in clips} | {_row_of(where) for where, _ in bad})
+    position = {row: i for i, row in enumerate(rows)}
+    first = {}
+    for c in clips:
+        first.setdefault(c.video_id, c.row)
+    return (
+        [c for c in clips if shard.owns(position[first[c.video_id]])],
+        [b for b in bad if shard.owns(position[_row_of(b[0])])],
+    )
+
+
+def _row_of(where: str) -> int:
+    return int(where.rsplit(":", 1)[1])  # "file.csv:ROW"
+
+
+def items_of(shard: Shard | None, items: list) -> list:
+    """The items (in the input's order) of ``shard``."""
+    return items if shard is None else [x for i, x in enumerate(items) if shard.owns(i)]
+
+
+# ---------------------------------------------------------------- locks
+
+
+def lock(dst: str, what: str, shard: Shard | None) -> list[RunLock]:
+    """The locks of a run into ``dst`` (see the module's docstring); raises BusyError naming who holds them."""
+    if shard is None:
+        try:
+            return [RunLock(dst, what, dst + ".lock").acquire()]
+        except BusyError:
+            running = running_shards(dst)
+            if running:
+                raise BusyError(f"{dst} is in use by {running}; wait for them, or merge them when done") from None
+            raise
+    others = [s for s in _held_shards(dst) if s.count != shard.count]
+    if others:
+        raise BusyError(
+            f"{dst} is being converted in {others[0].count} shards ({running_shards(dst)}); "
+            f"--shard {shard} splits it in {shard.count}: use the same N for every shard"
+        )
+    common = RunLock(dst, what, dst + ".lock").acquire(shared=True)
+    try:
+        return [common, RunLock(dst, f"{what} shard {shard}", dst + shard.suffix + ".lock").acquire()]
+    except BusyError:
+        common.release()
+        raise
+
+
+def _held_shards(dst: str) -> list[Shard]:
+    held = []
+    for path in glob.glob(glob.escape(dst) + ".shard-*-of-*.lock"):
+        m = re.search(r"\.shard-(\d+)-of-(\d+)\.lock$", path)
+        if m and _is_held(path):
+            held.append(Shard(int(m.group(1)), int(m.group(2))))
+    return sorted(held, key=lambda s: (s.count, s.index))
+
+
+def _is_held(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def running_shards(dst: str) -> str:
+    """'shards 1/4, 3/4 (pids ...)' of the shard runs holding ``dst`` now ('' when none)."""
+    held = _held_shards(dst)
+    if not held:
+        return ""
+    pids = []
+    for s in held:
+        try:
+            with open(dst + s.suffix + ".lock", encoding="utf-8") as f:
+                record = json.load(f)
+            pids.append(f"{record.get('pid', '?')} on {record.get('host', '?')}")
+        except (OSError, ValueError):
+            pids.append("?")
+    return f"shard{'s' * (len(held) > 1)} {', '.join(map(str, held))} (pid {'; '.join(pids)})"
+
+
+# ---------------------------------------------------------------- parts and the merge
+
+
+def part_path(list_file: str, shard: Shard) -> str:
+    return os.path.abspath(list_file) + shard.suffix + ".json"
+
+
+def write_part(
+    list_file: str,
+    shard: Shard,
+    *,
+    tool: str,
+    source: str,
+    lines: list[tuple[str, str]],
+    failures_file: str | None = None,
+    failures: list[tuple[str, str]] = (),
+    complete: bool,
+) -> str:
+    """Write this shard's part: ``lines`` and ``failures`` are (sort key, line); the merge orders them
+    by key, as one unsharded run orders its list and failures file."""
+    path = part_path(list_file, shard)
+    part = {
+        "format": PART_FORMAT,
+        "tool": tool,
+        "source": source,
+        "shard": [shard.index, shard.count],
+        "complete": complete,
+        "list": os.path.abspath(list_file),
+        "failures_file": os.path.abspath(failures_file) if failures_file else None,
+        "lines": sorted(lines),
+        "failures": sorted(failures),
+    }
+    write_atomic(path, json.dumps(part).encode())
+    return path
+
+
+def merge(list_file: str, count: int) -> tuple[int, int]:
+    """Write LIST (and its failures file) from the N parts; (lines, failures). Raises UsageError
+    naming every shard that is missing, incomplete, still running or from another job."""
+    list_file = os.path.abspath(list_file)
+    parts, problems = [], []
+    for i in range(1, count + 1):
+        shard = Shard(i, count)
+        path = part_path(list_file, shard)
+        try:
+            with open(path, encoding="utf-8") as f:
+                part = json.load(f)
+        except FileNotFoundError:
+            problems.append(f"shard {shard}: no part yet ({os.path.basename(path)}: not run, still running, or killed)")
+            continue
+        except (OSError, ValueError) as e:
+            problems.append(f"shard {shard}: {path} is unreadable ({e}); run the shard again")
+            continue
+        if not isinstance(part, dict) or part.get("format") != PART_FORMAT or part.get("shard") != [i, count]:
+            problems.append(f"shard {shard}: {path} is not a part of a {count}-way split; run the shard again")
+        elif not part.get("complete"):
+            problems.append(f"shard {shard}: unfinished (interrupted or out of space); run the same command again")
+        else:
+            parts.append(part)
+    if not problems:
+        sources = {(p["tool"], p["source"], p["list"], p["failures_file"]) for p in parts}
+        if len(sources) > 1:
+            problems.append(f"the parts come from different runs: {sorted(sources)}")
+    if problems:
+        raise UsageError(f"cannot merge {count} shards into {list_file}: " + "; ".join(problems))
+    lines = sorted(tuple(x) for p in parts for x in p["lines"])
+    failures = sorted(tuple(x) for p in parts for x in p["failures"])
+    write_atomic(list_file, "".join(line + "\n" for _, line in lines).encode())
+    if parts[0]["failures_file"]:
+        write_atomic(parts[0]["failures_file"], "".join(line + "\n" for _, line in failures).encode())
+    return len(lines), len(failures)
+
+
+def merge_main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="merge_shards",
+        description="Assemble the list (and failures file) of a data set converted or listed in N shards.",
+    )
+    p.add_argument("list", help="the list file the shards were run for (their --list-out / list argument)")
+    p.add_argument("shards", type=int, help="N, the number of shards")
+    p.add_argument("--dst-dir", help="the conversion's DST_DIR: refuse while any of its shards still runs")
+    args = p.parse_args(argv)
+    try:
+        if args.shards < 1:
+            raise UsageError(f"N must be >= 1, got {args.shards}")
+        if args.dst_dir:
+            running = running_shards(os.path.abspath(args.dst_dir))
+            if running:
+                raise UsageError(f"{args.dst_dir} is still being converted by {running}; merge when they are done")
+        n_lines, n_failures = merge(args.list, args.shards)
+    except UsageError as e:
+        print(f"merge_shards: error: {e}", file=sys.stderr)
+        return 2
+    print(f"merge_shards: {args.shards} shards -> {args.list} ({n_lines} lines), {n_failures} failure(s)")
+    return 1 if n_failures else 0
