@@ -115,6 +115,15 @@ def _gone(pid: int, within: float = 10.0) -> bool:
 
 
 @pytest.mark.timeout(60)
+def _dead(pid: int) -> bool:
+    """A zombie, or already reaped (it can be reaped between any two looks at /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_a_worker_that_dies_ends_the_run_with_a_clear_error(clips):
     loader = build_loader(
         clips, "pkl", "train", batch_size=3, num_segments=2, target_size=16, short_size=16, num_workers=2
@@ -122,8 +131,8 @@ def test_a_worker_that_dies_ends_the_run_with_a_clear_error(clips):
     pids = loader._source.feed.worker_pids
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
-    while os.path.exists(f"/proc/{pids[0]}") and open(f"/proc/{pids[0]}/stat").read().split(") ")[1][0] != "Z":
-        time.sleep(0.01)  # until it is dead (a zombie, or already reaped)
+    while not _dead(pids[0]):
+        time.sleep(0.01)
     t = time.time()
     with pytest.raises(
         WorkerError, match=r"loader worker process pid \d+ \(killed by SIGKILL\) died while reading .*c\d.pkl"
