@@ -232,8 +232,8 @@ def check_nvjpeg(host: Host) -> str:
 
 
 def _handoff(device: str) -> str:
-    """A loader batch reaches Paddle through DLPack on ``device`` sharing DALI's memory, and stays intact
-    while later batches are produced."""
+    """A batch handed to Paddle as the loader hands it (``loader._to_paddle``, DLPack, ``exec_dynamic``)
+    shares DALI's memory on ``device`` and stays intact while later batches are produced."""
     import paddle
     from nvidia.dali import fn, pipeline_def
 
@@ -316,7 +316,7 @@ def _amp_step(host: Host, dtype: str) -> str:
     hook.remove()
     if not np.isfinite(losses).all():
         raise AssertionError(f"{dtype} steps gave losses {losses}")
-    if not seen or dtype not in seen[0]:
+    if not seen or seen[0] != f"paddle.{dtype}":
         raise AssertionError(f"autocast did not run the convolutions in {dtype} (they ran in {seen[:1]})")
     return f"convolutions in {dtype}, finite losses {losses[0]:.4f}, {losses[1]:.4f}"
 
@@ -521,24 +521,15 @@ def _bench(host: Host, script: str, args: list[str], keep: tuple[str, ...]) -> s
     return " | ".join(lines)
 
 
-def bench_loader_pkl(host: Host) -> str:
-    """loader_bench.py --device gpu, pkl clips: clips/s of the DALI GPU loader and of the CPU baseline."""
-    return _bench(
-        host,
-        "loader_bench.py",
-        ["--source", "pkl", "--device", "gpu", "--work", host.path("bench_pkl")],
-        ("baseline", "ours", "loader_speed_ratio"),
-    )
+def bench_loader(source: str):
+    """loader_bench.py --device gpu on ``source`` clips (pkl: nvJPEG, videos: H.264 through NVDEC):
+    clips/s of the DALI GPU loader and of the CPU baseline."""
 
+    def run(host: Host) -> str:
+        args = ["--source", source, "--device", "gpu", "--work", host.path(f"bench_{source}")]
+        return _bench(host, "loader_bench.py", args, ("baseline", "ours", "loader_speed_ratio"))
 
-def bench_loader_mp4(host: Host) -> str:
-    """loader_bench.py --device gpu, H.264 mp4 clips (NVDEC)."""
-    return _bench(
-        host,
-        "loader_bench.py",
-        ["--source", "videos", "--device", "gpu", "--work", host.path("bench_mp4")],
-        ("baseline", "ours", "loader_speed_ratio"),
-    )
+    return run
 
 
 def bench_train(host: Host) -> str:
@@ -584,8 +575,8 @@ CHECKS = (
     Check("nccl-allreduce", check_nccl),
     Check("train-2gpu-run_dist", check_two_ranks_run_dist),
     Check("train-2gpu-mpirun", check_two_ranks_mpirun),
-    Check("bench-loader-pkl", bench_loader_pkl, bench=True),
-    Check("bench-loader-mp4", bench_loader_mp4, bench=True),
+    Check("bench-loader-pkl", bench_loader("pkl"), bench=True),
+    Check("bench-loader-mp4", bench_loader("videos"), bench=True),
     Check("bench-train-resnet50", bench_train, bench=True),
 )
 
