@@ -32,11 +32,13 @@ def _gpus_on_this_node() -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from trainer.main import MODES
-
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    # MPI before Paddle: Paddle 2.6's libpaddle.so exported its own zlib, which crashed a later zlib user
+    from mpi4py import MPI  # noqa: F401
+
+    from trainer.main import MODES
     if argv[0] not in MODES:
         argv = ["train", "-c", argv[0], *argv[1:]]
     from launch.mpi_env import paddle_env
