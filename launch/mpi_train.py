@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     from mpi4py import MPI  # noqa: F401
 
     from trainer.main import MODES
+
     if argv[0] not in MODES:
         argv = ["train", "-c", argv[0], *argv[1:]]
     from launch.mpi_env import paddle_env
