@@ -17,49 +17,90 @@ launcher; ``mpi_address`` does the choosing for mpirun (docs/design.md "Several 
 from __future__ import annotations
 
 import argparse
-import fcntl
+import ctypes
 import ipaddress
 import os
 import select
 import socket
-import struct
 import sys
 import time
 
 DEFAULT_PORT = 6069  # Paddle's launcher takes 6070.. (its --start_port) on every node
 DEFAULT_TIMEOUT = 300.0
-SIOCGIFADDR, SIOCGIFNETMASK = 0x8915, 0x891B
 
 
 class HostError(RuntimeError):
     """A one-line error about the hosts of a job (run_dist.sh prints it and stops)."""
 
 
-def _ifreq(sock, request: int, name: str) -> str:
-    packed = fcntl.ioctl(sock.fileno(), request, struct.pack("256s", name.encode()[:15]))
-    return socket.inet_ntoa(packed[20:24])
+class _SockaddrIn(ctypes.Structure):  # Linux: sa_family is an unsigned short
+    _fields_ = [("family", ctypes.c_ushort), ("port", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 4)]
 
 
-def interfaces() -> dict[str, ipaddress.IPv4Interface]:
-    """{interface name: its IPv4 address and network} of this host (network namespace), loopback included."""
-    out = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                addr, mask = _ifreq(s, SIOCGIFADDR, name), _ifreq(s, SIOCGIFNETMASK, name)
-            except OSError:  # no IPv4 address on this interface
-                continue
-            out[name] = ipaddress.IPv4Interface(f"{addr}/{mask}")
+class _Ifaddrs(ctypes.Structure):
+    pass
+
+
+_Ifaddrs._fields_ = [
+    ("next", ctypes.POINTER(_Ifaddrs)),
+    ("name", ctypes.c_char_p),
+    ("flags", ctypes.c_uint),
+    ("addr", ctypes.POINTER(_SockaddrIn)),
+    ("netmask", ctypes.POINTER(_SockaddrIn)),
+    ("ifu", ctypes.c_void_p),
+    ("data", ctypes.c_void_p),
+]
+
+
+def interfaces() -> list[tuple[str, ipaddress.IPv4Interface]]:
+    """(interface name, IPv4 address and network) of every address of this host (network namespace),
+    loopback included, in the kernel's order. getifaddrs(3), not the SIOCGIFADDR ioctl, which sees only
+    an interface's first address: a data address added to an interface that already had one, or under a
+    label (``ip addr add ... label eth0:data``), is found too, named by its label as gloo and NCCL name it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.getifaddrs.argtypes = [ctypes.POINTER(ctypes.POINTER(_Ifaddrs))]
+    libc.freeifaddrs.argtypes = [ctypes.POINTER(_Ifaddrs)]
+    head = ctypes.POINTER(_Ifaddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        raise OSError(ctypes.get_errno(), "getifaddrs failed")
+    out = []
+    try:
+        node = head
+        while node:
+            ifa = node.contents
+            if ifa.addr and ifa.netmask and ifa.addr.contents.family == socket.AF_INET:
+                addr, mask = (socket.inet_ntoa(bytes(a.contents.addr)) for a in (ifa.addr, ifa.netmask))
+                out.append((ifa.name.decode(errors="replace"), ipaddress.IPv4Interface(f"{addr}/{mask}")))
+            node = ifa.next
+    finally:
+        libc.freeifaddrs(head)
     return out
 
 
 def own_addresses() -> set[str]:
-    return {str(i.ip) for i in interfaces().values()}
+    return {str(i.ip) for _, i in interfaces()}
 
 
 def interface_of(address: str) -> str:
     """The name of the interface holding ``address`` ("" when none here, e.g. a --host override)."""
-    return next((name for name, i in interfaces().items() if str(i.ip) == address), "")
+    return next((name for name, i in interfaces() if str(i.ip) == address), "")
+
+
+def hidden_behind(address: str) -> str:
+    """The address gloo and NCCL would use instead of ``address`` when told its interface's name: they
+    take that name's first address ("" when that is ``address`` itself)."""
+    name = interface_of(address)
+    first = next((str(i.ip) for n, i in interfaces() if n == name), address)
+    return "" if first == address else first
+
+
+def address_warning(address: str) -> str:
+    name, first = interface_of(address), hidden_behind(address)
+    return (
+        f"{address} is not the first address of {name}, and gloo and NCCL (told the interface's name) will "
+        f"use {first}; give {address} a label of its own (ip addr add {address}/PREFIX dev {name} label "
+        f"{name}:data) unless the other nodes reach {first} as well"
+    )
 
 
 def parse_ips(text: str) -> list[str]:
@@ -102,18 +143,18 @@ def mpi_address(comm, probe_timeout: float = 2.0) -> tuple[str, str]:
     same on every host while only the data network connects them). PADDLE_HOST overrides."""
     if os.environ.get("PADDLE_HOST"):
         return os.environ["PADDLE_HOST"], interface_of(os.environ["PADDLE_HOST"])
-    mine = {name: i for name, i in interfaces().items() if not i.ip.is_loopback}
-    everyone = comm.allgather(sorted(str(i) for i in mine.values()))
+    mine = [(name, i) for name, i in interfaces() if not i.ip.is_loopback]
+    everyone = comm.allgather(sorted(str(i) for _, i in mine))
     if all(other == everyone[0] for other in everyone):  # one host: its ranks meet on the loopback
-        return "127.0.0.1", next((n for n, i in interfaces().items() if i.ip.is_loopback), "lo")
+        return "127.0.0.1", next((n for n, i in interfaces() if i.ip.is_loopback), "lo")
     common = [
         i.network
-        for i in mine.values()
+        for _, i in mine
         if all(any(ipaddress.IPv4Interface(a).ip in i.network for a in other) for other in everyone)
     ]
     listeners = []
     if comm.Get_rank() == 0:  # listen on each candidate address; the others try to connect
-        for i in mine.values():
+        for _, i in mine:
             if i.network in common:
                 s = socket.socket()
                 s.bind((str(i.ip), 0))
@@ -135,7 +176,7 @@ def mpi_address(comm, probe_timeout: float = 2.0) -> tuple[str, str]:
         s.close()
     for addr, _ in offers:
         if all(addr in r for r in everyone_reached):
-            name, iface = next((n, i) for n, i in mine.items() if ipaddress.IPv4Address(addr) in i.network)
+            name, iface = next((n, i) for n, i in mine if ipaddress.IPv4Address(addr) in i.network)
             return str(iface.ip), name
     raise HostError(
         "launch.mpi_env: no network reaches rank 0 from every rank (addresses: "
@@ -271,6 +312,8 @@ def main(argv=None) -> int:
         if args.action == "plan":
             index, address = plan(ips, args.host)
             print(index, address, interface_of(address) or "-")
+            if hidden_behind(address):
+                print(f"run_dist.sh: warning: {address_warning(address)}", file=sys.stderr)
         else:
             rendezvous(ips, args.index, args.port, args.timeout)
     except HostError as e:

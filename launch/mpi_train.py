@@ -6,7 +6,8 @@
 
 The first argument is a config (train) or a trainer mode followed by the trainer's own arguments.
 Every rank maps its MPI rank to Paddle's variables (launch/mpi_env.py) before Paddle starts; rank 0
-prints, every rank's errors reach mpirun, and a rank that dies makes mpirun end the whole job.
+prints (first the hosts and the address the ranks meet at), every rank's errors reach mpirun, and a
+rank that dies makes mpirun end the whole job.
 """
 
 from __future__ import annotations
@@ -44,7 +45,18 @@ def main(argv=None) -> int:
         argv = ["train", "-c", argv[0], *argv[1:]]
     from launch.mpi_env import paddle_env
 
-    os.environ.update(paddle_env(gpus_per_node=_gpus_on_this_node()))
+    env = paddle_env(gpus_per_node=_gpus_on_this_node())
+    os.environ.update(env)
+    if env["PADDLE_TRAINER_ID"] == "0" and int(env["PADDLE_TRAINERS_NUM"]) > 1:
+        from trainer.dist import DEFAULT_RENDEZVOUS_TIMEOUT, RENDEZVOUS_TIMEOUT_ENV
+
+        hosts = list(dict.fromkeys(e.rsplit(":", 1)[0] for e in env["PADDLE_TRAINER_ENDPOINTS"].split(",")))
+        timeout = float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV) or DEFAULT_RENDEZVOUS_TIMEOUT)
+        print(
+            f"launch.mpi_train: {env['PADDLE_TRAINERS_NUM']} ranks on {len(hosts)} host(s) ({', '.join(hosts)}); "
+            f"they meet at rank 0's TCP store {env['PADDLE_MASTER']} within {timeout:.0f}s ({RENDEZVOUS_TIMEOUT_ENV})",
+            flush=True,
+        )
     from trainer.main import main as trainer_main
 
     return trainer_main(argv)

@@ -3,6 +3,7 @@ equals the same ranks on one host. "Hosts" are Linux network namespaces joined b
 addresses that exist only inside them; each also has a management interface its hostname resolves to
 (the case where Paddle's launcher alone makes two rank 0s that wait forever). Needs root."""
 
+import ipaddress
 import os
 import re
 import shutil
@@ -48,8 +49,8 @@ def test_a_host_that_is_no_node_or_several_is_one_clear_error(ips, host, address
 
 def test_this_machine_s_interfaces_include_the_loopback():
     found = hosts.interfaces()
-    assert any(str(i.ip) == "127.0.0.1" for i in found.values())
-    assert hosts.interface_of("127.0.0.1") in found
+    assert ("lo", ipaddress.IPv4Interface("127.0.0.1/8")) in found
+    assert hosts.interface_of("127.0.0.1") == "lo" and hosts.hidden_behind("127.0.0.1") == ""
 
 
 # ---------------------------------------------------------------- the rendezvous (threads on loopback addresses)
@@ -192,23 +193,21 @@ def _digests(text):
     return dict(re.findall(r"rank (\d): weights digest (\w+)", text))
 
 
-@pytest.fixture(scope="module")
-def one_host_digest(demo_dataset, tmp_path_factory):
-    """The weights 2 ranks reach on one host (1 thread each, as on the 'hosts')."""
-    work = tmp_path_factory.mktemp("one_host")
+def _one_host_digest(ns, ranks, demo_dataset, work):
+    """The weights ``ranks`` ranks reach on one host, ``ns`` (1 thread each, as on the 'hosts'; a namespace
+    of its own, away from the ports other jobs on this machine use)."""
     cfg = tiny_config(work / "c.yaml", demo_dataset, work / "out", epochs=1)
-    proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", cfg, "--nproc", "2"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "LOG_DIR": str(work / "log")},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    got = _digests((work / "log" / "workerlog.0").read_text() + (work / "log" / "workerlog.1").read_text())
-    assert set(got) == {"0", "1"} and got["0"] == got["1"]
+    proc = _on(ns, f"bash run_dist.sh train TSN {cfg} --nproc {ranks}", {"LOG_DIR": str(work / "log")})
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    got = _digests("".join((work / "log" / f"workerlog.{r}").read_text() for r in range(ranks)))
+    assert set(got) == {str(r) for r in range(ranks)} and len(set(got.values())) == 1
     return got["0"]
+
+
+@pytest.fixture(scope="module")
+def one_host_digest(two_hosts, demo_dataset, tmp_path_factory):
+    return _one_host_digest(two_hosts[0], 2, demo_dataset, tmp_path_factory.mktemp("one_host"))
 
 
 @pytest.mark.slow
@@ -216,12 +215,17 @@ def test_two_hosts_through_run_dist_train_like_one_host(two_hosts, demo_dataset,
     """Each host's hostname resolves to its management address; run_dist.sh finds the data address."""
     cfg = tiny_config(tmp_path / "c.yaml", demo_dataset, tmp_path / "out", epochs=1)
     ips = f"{DATA_NET}.1,{DATA_NET}.2"
-    procs = [_run_dist_on(ns, cfg, ips, tmp_path / f"log{i}") for i, ns in enumerate(two_hosts)]
+    procs = [
+        # the time limit bounds a regression (two rank 0s waiting for each other) to a minute
+        _run_dist_on(ns, cfg, ips, tmp_path / f"log{i}", "--rendezvous-timeout 60")
+        for i, ns in enumerate(two_hosts)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert (
         f"node 0 of 2 ({DATA_NET}.1 on v" in outs[0] and f"Paddle's master (TCP store) is {DATA_NET}.1:6070" in outs[0]
     )
+    assert f"node 1 of 2 ({DATA_NET}.2 on v" in outs[1]
     got = _digests((tmp_path / "log0" / "workerlog.0").read_text() + (tmp_path / "log1" / "workerlog.0").read_text())
     assert got == {"0": one_host_digest, "1": one_host_digest}  # bit for bit: same ranks, seeds and threads
 
@@ -231,6 +235,8 @@ def test_two_hosts_through_run_dist_train_like_one_host(two_hosts, demo_dataset,
 def test_two_hosts_through_mpirun_with_a_hostfile_train_like_one_host(
     two_hosts, demo_dataset, tmp_path, one_host_digest
 ):
+    """One rank per host: gloo's start-up with more than 2 CPU ranks fails now and then in this sandbox
+    even on one host (docs/design.md "Several hosts")."""
     cfg = tiny_config(tmp_path / "c.yaml", demo_dataset, tmp_path / "out", epochs=1)
     (tmp_path / "hostfile").write_text(f"{DATA_NET}.1 slots=1\n{DATA_NET}.2 slots=1\n")
     agent = tmp_path / "ssh.sh"  # mpirun reaches the other host through it, as through ssh
@@ -253,6 +259,13 @@ def test_two_hosts_through_mpirun_with_a_hostfile_train_like_one_host(
     )
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
+    assert re.search(
+        rf"launch.mpi_train: 2 ranks on 2 host\(s\) \({DATA_NET}.1, {DATA_NET}.2\); they meet at rank 0's TCP "
+        rf"store {DATA_NET}.1:\d+ within 300s",
+        out,
+    ), out[-3000:]
+    hosts_of = dict(re.findall(r"rank (\d)/\d: pid \d+ on (\S+)", out))
+    assert hosts_of == {"0": two_hosts[0], "1": two_hosts[1]}
     assert _digests(out) == {"0": one_host_digest, "1": one_host_digest}
 
 
@@ -302,3 +315,33 @@ def test_a_host_that_is_in_none_of_ips_is_a_one_line_error_before_anything_start
         f"{DATA_NET}.7,{DATA_NET}.8; run it on one of those nodes, or name its address with --host ADDR"
     ]
     assert not (tmp_path / "log").exists()
+
+
+@pytest.mark.slow
+def test_an_address_added_to_an_interface_or_under_a_label_is_found(two_hosts):
+    """The ioctl most tools use sees one address per interface; clusters add the data address beside
+    another. An unlabelled one is found with a warning (gloo and NCCL take the interface's first)."""
+    ns = f"{two_hosts[0]}x"
+    try:
+        _sh("ip", "netns", "add", ns)
+        for cmd in (
+            "link add d0 type veth peer name d1",
+            "link set d0 up",
+            "addr add 10.232.0.1/24 dev d0",
+            "addr add 10.232.1.1/24 dev d0",
+            "addr add 10.232.2.1/24 dev d0 label d0:data",
+        ):
+            _sh("ip", "netns", "exec", ns, "ip", *cmd.split())
+
+        def plan(ips):
+            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "launch.hosts", "plan", "--ips", ips]
+            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+        labelled = plan("10.232.9.9,10.232.2.1")
+        assert (labelled.returncode, labelled.stdout, labelled.stderr) == (0, "1 10.232.2.1 d0:data\n", "")
+        second = plan("10.232.1.1,10.232.9.9")
+        assert (second.returncode, second.stdout) == (0, "0 10.232.1.1 d0\n")
+        assert "warning: 10.232.1.1 is not the first address of d0, and gloo and NCCL" in second.stderr
+        assert "will use 10.232.0.1; give 10.232.1.1 a label of its own" in second.stderr
+    finally:
+        _remove([ns])
