@@ -86,6 +86,13 @@ def class_video_entries(root: str, label_file: str | None, probe: int, shard=Non
     return [i for i, (v, _) in zip(positions, videos) if v in kept], entries, bad
 
 
+def _settings(args) -> str:
+    """What makes two runs' lists differ: the shards of one list must agree on it."""
+    labels = os.path.abspath(args.label_file) if args.label_file else "sorted class folders"
+    csv = os.path.abspath(args.csv) if args.csv else None
+    return f"labels {labels}, csv {csv}, frame counts {'probed' if args.probe else 'not listed'}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,6 +129,8 @@ def main(argv=None) -> int:
             raise UsageError("--probe and --index take a number of processes >= 0")
         if args.index and args.source != "pkl":
             raise UsageError("--index applies to pkl lists only")
+        if shard:  # until this run writes it anew, the merge must not take an earlier run's part for it
+            shards.remove_part(args.out, shard)
         if args.source == "pkl":
             entries = pkl_entries(args.root)
             positions = shards.items_of(shard, list(range(len(entries))))
@@ -152,8 +161,9 @@ def main(argv=None) -> int:
             args.out,
             shard,
             tool="build_list",
-            source=f"{args.source} {os.path.abspath(args.root)}",
+            source=f"{args.source} {os.path.abspath(args.root)} ({_settings(args)})",
             lines=lines,
+            failures=[(path, f"{path}: {why}") for path, why in bad],  # the merge names them as one run does
             complete=True,
         )
         merge = f"python preprocessing/merge_shards.py {args.out} {shard.count}"

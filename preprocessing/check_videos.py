@@ -9,12 +9,16 @@ processes and writes what it found, per version of each file (size, mtime), into
 cache the loader reads: a damaged or unreadable video is then skipped, named and counted on every
 path. A count in the list that the video does not reach is reported too. Files already checked and
 unchanged since are not decoded again, so an interrupted check resumes.
+With --shard I/N each of N hosts decodes only its part of the list's videos (preprocessing/shards.py)
+into the same LIST.probe.json; a last run without --shard then decodes only what no shard did (all of
+it if every shard ended) and reports the whole list.
 Exit status: 0 every video whole, 1 some unreadable or shorter than listed (named), 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 
@@ -23,6 +27,8 @@ if __package__ in (None, ""):  # run by path: make the repo importable
 
 from dali_pipelines.formats import DataFormatError, read_list  # noqa: E402
 from dali_pipelines.video import load_probe_cache, save_probe_cache  # noqa: E402
+from preprocessing import shards  # noqa: E402
+from preprocessing.kinetics import UsageError  # noqa: E402
 from preprocessing.lists import probe_facts  # noqa: E402
 
 
@@ -36,26 +42,35 @@ def main(argv=None) -> int:
         "--data-prefix",
         help="folder relative paths in the list resolve against (DATASET.data_prefix; default: the list's folder)",
     )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="decode only this host's part I of N of the videos; then run once more without --shard",
+    )
     args = p.parse_args(argv)
     try:
         if args.nproc < 1:
             raise DataFormatError(f"--nproc must be >= 1, got {args.nproc}")
+        shard = shards.parse_shard(args.shard)
         samples = read_list(args.list_file, "videos", args.data_prefix)
-    except DataFormatError as e:
+    except (DataFormatError, UsageError) as e:
         print(f"check_videos: error: {e}", file=sys.stderr)
         return 2
     cache_file = f"{args.list_file}.probe.json"
     known = load_probe_cache(cache_file)
-    paths = sorted({s.path for s in samples})
+    paths = shards.items_of(shard, sorted({s.path for s in samples}))  # a shard's share of the videos
     todo = []
     for path in paths:
         st, f = os.stat(path), known.get(path)
         if f is None or not f.describes(st) or (f.packets is None and not f.error):
             todo.append(path)
     facts = {**known, **probe_facts(todo, args.nproc, "check")} if todo else known
-    save_probe_cache(cache_file, {p: facts[p] for p in todo})
+    _save(cache_file, {p: facts[p] for p in todo})
     problems = []
+    mine = set(paths)
     for s in samples:
+        if s.path not in mine:
+            continue
         f = facts[s.path]
         if f.error:
             problems.append(f"{args.list_file}:{s.line}: {f.error}")
@@ -67,10 +82,26 @@ def main(argv=None) -> int:
     for line in problems:
         print(f"check_videos: {line}", file=sys.stderr)
     print(
-        f"check_videos: {len(paths)} videos ({len(todo)} decoded now, {len(paths) - len(todo)} unchanged since "
-        f"checked), {len(problems)} problem(s); verdicts in {cache_file}"
+        f"check_videos: {f'shard {shard}: ' if shard else ''}{len(paths)} videos ({len(todo)} decoded now, "
+        f"{len(paths) - len(todo)} unchanged since checked), {len(problems)} problem(s); verdicts in {cache_file}"
+        + (f" (when every shard is done: python preprocessing/check_videos.py {args.list_file})" if shard else "")
     )
     return 1 if problems else 0
+
+
+def _save(cache_file: str, facts: dict) -> None:
+    """Merge ``facts`` into the cache; under a lock, so that shards ending together keep each other's."""
+    try:
+        fd = os.open(cache_file + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only folder: save_probe_cache gives up as quietly
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        save_probe_cache(cache_file, facts)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,15 @@ def _convert(job):
         return video_id, label, None, str(e), e.errno
 
 
+def _settings(args) -> str:
+    """What makes two runs' outputs differ: the shards of one data set must agree on it."""
+    labels = os.path.abspath(args.label_file) if args.label_file else "the CSV's classes"
+    return (
+        f"labels {labels}, jpeg quality {args.jpeg_quality}, short side {args.short_side}, fps {args.fps}, "
+        f"decode errors {'allowed' if args.allow_decode_errors else 'refused'}"
+    )
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -179,6 +188,8 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
         for path, what in ((list_out, "the list's folder"), (failures_out, "the failures file's folder")):
             check_writable(os.path.dirname(os.path.abspath(path)), what)
         locks = shards.lock(dst_dir, prog, shard)  # a second run into DST_DIR (or of this shard) stops here
+        if shard:  # until this run writes it anew, the merge must not take an earlier run's part for it
+            shards.remove_part(list_out, shard)
     except (UsageError, BusyError, OutputError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -255,7 +266,7 @@ def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_
                 list_out,
                 shard,
                 tool=prog,
-                source=f"{os.path.abspath(args.csv)} -> {dst_dir}",
+                source=f"{os.path.abspath(args.csv)} -> {dst_dir} ({_settings(args)})",
                 lines=[(v, line) for v, line in lines.items()],
                 failures_file=failures_out,
                 failures=[(vid, f"{vid}\t{why}") for vid, why in failures],

@@ -8,13 +8,15 @@ failures into ``LIST.shard-I-of-N.json`` (atomically, also when it is interrupte
 ``merge_shards.py LIST N`` writes LIST and its failures file exactly as one unsharded run would, once
 every part is there and complete, and names the shards that are missing, unfinished or still running.
 
-Locks: an unsharded run holds ``DST.lock`` exclusively; a shard holds it shared and its own
-``DST.shard-I-of-N.lock`` exclusively, so shards of one split run side by side while a second copy
-of a shard, a shard of another split, or an unsharded run into the same destination is refused.
+Locks: an unsharded run (and the merge, given --dst-dir) holds ``DST.lock`` exclusively; a shard
+holds it shared and its own ``DST.shard-I-of-N.lock`` exclusively, so shards of one split run side by
+side while a second copy of a shard, a shard of another split, or an unsharded run into the same
+destination is refused. docs/design.md "Sharded preprocessing".
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import glob
 import json
@@ -24,7 +26,7 @@ import sys
 from dataclasses import dataclass
 
 from dali_pipelines.formats import write_atomic
-from dali_pipelines.runlock import BusyError, RunLock
+from dali_pipelines.runlock import BusyError, OutputError, RunLock
 
 from .kinetics import UsageError
 
@@ -96,20 +98,26 @@ def lock(dst: str, what: str, shard: Shard | None) -> list[RunLock]:
         except BusyError:
             running = running_shards(dst)
             if running:
-                raise BusyError(f"{dst} is in use by {running}; wait for them, or merge them when done") from None
+                raise BusyError(f"{dst} is in use by {running}; wait for the shards to end, then merge them") from None
             raise
-    others = [s for s in _held_shards(dst) if s.count != shard.count]
-    if others:
-        raise BusyError(
-            f"{dst} is being converted in {others[0].count} shards ({running_shards(dst)}); "
-            f"--shard {shard} splits it in {shard.count}: use the same N for every shard"
-        )
     common = RunLock(dst, what, dst + ".lock").acquire(shared=True)
     try:
-        return [common, RunLock(dst, f"{what} shard {shard}", dst + shard.suffix + ".lock").acquire()]
+        own = RunLock(dst, f"{what} shard {shard}", dst + shard.suffix + ".lock").acquire()
     except BusyError:
         common.release()
         raise
+    # looked at once this shard's lock is held: of two splits starting together, both see the other
+    # and stop, rather than both going on
+    others = [s for s in _held_shards(dst) if s.count != shard.count]
+    if others:
+        running = running_shards(dst, besides=shard)
+        own.release()
+        common.release()
+        raise BusyError(
+            f"{dst} is being converted in {others[0].count} shards ({running}); "
+            f"--shard {shard} splits it in {shard.count}: use the same N for every shard"
+        )
+    return [common, own]
 
 
 def _held_shards(dst: str) -> list[Shard]:
@@ -135,9 +143,9 @@ def _is_held(path: str) -> bool:
         os.close(fd)
 
 
-def running_shards(dst: str) -> str:
-    """'shards 1/4, 3/4 (pids ...)' of the shard runs holding ``dst`` now ('' when none)."""
-    held = _held_shards(dst)
+def running_shards(dst: str, besides: Shard | None = None) -> str:
+    """'shards 1/4, 3/4 (pids ...)' of the shard runs (``besides`` this one) holding ``dst`` now ('' when none)."""
+    held = [s for s in _held_shards(dst) if s != besides]
     if not held:
         return ""
     pids = []
@@ -156,6 +164,13 @@ def running_shards(dst: str) -> str:
 
 def part_path(list_file: str, shard: Shard) -> str:
     return os.path.abspath(list_file) + shard.suffix + ".json"
+
+
+def remove_part(list_file: str, shard: Shard) -> None:
+    try:
+        os.unlink(part_path(list_file, shard))
+    except FileNotFoundError:
+        pass
 
 
 def write_part(
@@ -187,11 +202,11 @@ def write_part(
     return path
 
 
-def merge(list_file: str, count: int) -> tuple[int, int]:
-    """Write LIST (and its failures file) from the N parts; (lines, failures). Raises UsageError
-    naming every shard that is missing, incomplete, still running or from another job."""
+def merge(list_file: str, count: int) -> tuple[int, list[str], str | None]:
+    """Write LIST (and its failures file) from the N parts; (lines, failure lines, the failures file
+    or None). Raises UsageError naming every shard that is missing, unfinished or from another run."""
     list_file = os.path.abspath(list_file)
-    parts, problems = [], []
+    parts, missing, unfinished, problems, redo = [], [], [], [], []
     for i in range(1, count + 1):
         shard = Shard(i, count)
         path = part_path(list_file, shard)
@@ -199,52 +214,96 @@ def merge(list_file: str, count: int) -> tuple[int, int]:
             with open(path, encoding="utf-8") as f:
                 part = json.load(f)
         except FileNotFoundError:
-            problems.append(f"shard {shard}: no part yet ({os.path.basename(path)}: not run, still running, or killed)")
+            missing.append(i)
             continue
         except (OSError, ValueError) as e:
-            problems.append(f"shard {shard}: {path} is unreadable ({e}); run the shard again")
+            problems.append(f"shard {shard}: {path} is unreadable ({e})")
+            redo.append(i)
             continue
         if not isinstance(part, dict) or part.get("format") != PART_FORMAT or part.get("shard") != [i, count]:
-            problems.append(f"shard {shard}: {path} is not a part of a {count}-way split; run the shard again")
+            problems.append(f"shard {shard}: {path} is not a part of a {count}-way split")
+            redo.append(i)
         elif not part.get("complete"):
-            problems.append(f"shard {shard}: unfinished (interrupted or out of space); run the same command again")
+            unfinished.append(i)
         else:
             parts.append(part)
-    if not problems:
-        sources = {(p["tool"], p["source"], p["list"], p["failures_file"]) for p in parts}
-        if len(sources) > 1:
-            problems.append(f"the parts come from different runs: {sorted(sources)}")
+    if missing:
+        problems.insert(
+            0,
+            f"{_shards(missing, count)} no part yet (not run, still running, or killed: no "
+            f"{os.path.basename(list_file)}.shard-I-of-{count}.json)",
+        )
+    if unfinished:
+        problems.insert(
+            bool(missing), f"{_shards(unfinished, count, 'is', 'are')} unfinished (interrupted or out of space)"
+        )
     if problems:
-        raise UsageError(f"cannot merge {count} shards into {list_file}: " + "; ".join(problems))
+        ids = ",".join(map(str, sorted(redo + missing + unfinished)))
+        raise UsageError(
+            f"cannot merge {count} shards into {list_file}: {'; '.join(problems)}; when no shard runs any more, "
+            f"run shard(s) {ids} of {count} again (a Slurm array: --array={ids})"
+        )
+    runs = {}
+    for p in parts:
+        run = f"{p['tool']} {p['source']} -> list {p['list']}, failures {p['failures_file']}"
+        runs.setdefault(run, []).append(p["shard"][0])
+    if len(runs) > 1:
+        raise UsageError(
+            f"cannot merge {count} shards into {list_file}: the parts come from different runs (run them "
+            "again with the same arguments): " + "; ".join(f"{_shards(ids, count)}: {run}" for run, ids in runs.items())
+        )
     lines = sorted(tuple(x) for p in parts for x in p["lines"])
-    failures = sorted(tuple(x) for p in parts for x in p["failures"])
+    failures = [line for _, line in sorted(tuple(x) for p in parts for x in p["failures"])]
+    failures_file = parts[0]["failures_file"]
     write_atomic(list_file, "".join(line + "\n" for _, line in lines).encode())
-    if parts[0]["failures_file"]:
-        write_atomic(parts[0]["failures_file"], "".join(line + "\n" for _, line in failures).encode())
-    return len(lines), len(failures)
+    if failures_file:
+        write_atomic(failures_file, "".join(line + "\n" for line in failures).encode())
+    return len(lines), failures, failures_file
+
+
+def _shards(ids: list[int], count: int, one: str = "has", several: str = "have") -> str:
+    """'shard 3 of 16 has' / 'shards 3,4,7 of 16 have'."""
+    if len(ids) == 1:
+        return f"shard {ids[0]} of {count} {one}"
+    return f"shards {','.join(map(str, ids))} of {count} {several}"
 
 
 def merge_main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(
         prog="merge_shards",
         description="Assemble the list (and failures file) of a data set converted or listed in N shards.",
     )
     p.add_argument("list", help="the list file the shards were run for (their --list-out / list argument)")
     p.add_argument("shards", type=int, help="N, the number of shards")
-    p.add_argument("--dst-dir", help="the conversion's DST_DIR: refuse while any of its shards still runs")
+    p.add_argument(
+        "--dst-dir",
+        help="the conversion's DST_DIR: refuse while a shard or another run writes it (locked while merging)",
+    )
     args = p.parse_args(argv)
+    held = []
     try:
         if args.shards < 1:
             raise UsageError(f"N must be >= 1, got {args.shards}")
         if args.dst_dir:
-            running = running_shards(os.path.abspath(args.dst_dir))
-            if running:
-                raise UsageError(f"{args.dst_dir} is still being converted by {running}; merge when they are done")
-        n_lines, n_failures = merge(args.list, args.shards)
-    except UsageError as e:
+            if not os.path.isdir(args.dst_dir):
+                raise UsageError(f"--dst-dir {args.dst_dir} is not a folder")
+            # held while merging: no shard, no unsharded run into DST_DIR and no other merge meanwhile
+            held = lock(os.path.abspath(args.dst_dir), "merge_shards", None)
+        n_lines, failures, failures_file = merge(args.list, args.shards)
+    except (UsageError, BusyError, OutputError) as e:
         print(f"merge_shards: error: {e}", file=sys.stderr)
         return 2
-    print(f"merge_shards: {args.shards} shards -> {args.list} ({n_lines} lines), {n_failures} failure(s)")
-    return 1 if n_failures else 0
+    except OSError as e:
+        print(f"merge_shards: error: cannot write {e.filename or args.list} ({e.strerror})", file=sys.stderr)
+        return 2
+    finally:
+        for lock_ in held:
+            lock_.release()
+    if not failures_file:  # a list builder's: named here, as the unsharded run names them
+        for line in failures:
+            print(f"merge_shards: skipped {line}", file=sys.stderr)
+    print(
+        f"merge_shards: {args.shards} shards -> {args.list} ({n_lines} lines), {len(failures)} failure(s)"
+        + (f" in {failures_file}" if failures_file and failures else "")
+    )
+    return 1 if failures else 0

@@ -1,13 +1,15 @@
 """Preprocessing across hosts: N shards run at once into one destination, then merged, give exactly
 what one unsharded run gives; the split, the locks and the merge's refusals."""
 
+import fcntl
 import os
 import subprocess
 import sys
 
 import pytest
 
-from preprocessing import build_list, shards, vid2img, video2pkl
+from dali_pipelines import video
+from preprocessing import build_list, check_videos, convert, shards, vid2img, video2pkl
 from preprocessing.kinetics import Clip, UsageError, read_csv
 from preprocessing.merge_shards import merge_main
 
@@ -102,21 +104,68 @@ def test_a_bad_shard_is_a_one_line_usage_error(dataset, tmp_path, text, capsys):
         shards.parse_shard(text)
 
 
+def test_the_list_builder_and_check_videos_refuse_a_bad_shard_alike(dataset, tmp_path, capsys):
+    lst = tmp_path / "v.list"
+    lst.write_text(f"{next((dataset / 'src').rglob('*.mp4'))} 0\n")
+    assert build_list.main(["videos", str(dataset / "src"), str(tmp_path / "o.list"), "--shard", "3/2"]) == 2
+    assert check_videos.main([str(lst), "--shard", "0/2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": error: ")[0] for line in err] == ["build_list", "check_videos"]
+    assert all("--shard takes I/N with 1 <= I <= N" in line for line in err)
+    assert sorted(os.listdir(tmp_path)) == ["v.list"]  # nothing written
+
+
 def test_the_merge_names_missing_unfinished_and_foreign_parts_and_writes_nothing(tmp_path, capsys):
     lst = str(tmp_path / "d.list")
-    shards.write_part(lst, shards.Shard(1, 3), tool="video2pkl", source="s", lines=[("a", "d/a.pkl")], complete=True)
-    shards.write_part(lst, shards.Shard(2, 3), tool="video2pkl", source="s", lines=[("b", "d/b.pkl")], complete=False)
-    assert merge_main([lst, "3"]) == 2
+    part = dict(tool="video2pkl", source="s", failures_file=str(tmp_path / "d.failures.txt"))
+    shards.write_part(lst, shards.Shard(1, 4), **part, lines=[("a", "d/a.pkl")], complete=True)
+    shards.write_part(lst, shards.Shard(2, 4), **part, lines=[("b", "d/b.pkl")], complete=False)
+    assert merge_main([lst, "4"]) == 2
     err = capsys.readouterr().err
-    assert "shard 2/3: unfinished" in err and "shard 3/3: no part yet (d.list.shard-3-of-3.json" in err
-    assert "shard 1/3" not in err and not os.path.exists(lst)
-    shards.write_part(lst, shards.Shard(2, 3), tool="video2pkl", source="s", lines=[("b", "d/b.pkl")], complete=True)
-    shards.write_part(lst, shards.Shard(3, 3), tool="video2pkl", source="other", lines=[], complete=True)
-    assert merge_main([lst, "3"]) == 2
-    assert "different runs" in capsys.readouterr().err and not os.path.exists(lst)
-    shards.write_part(lst, shards.Shard(3, 3), tool="video2pkl", source="s", lines=[("c", "d/c.pkl")], complete=True)
-    assert merge_main([lst, "3"]) == 0
-    assert open(lst).read() == "d/a.pkl\nd/b.pkl\nd/c.pkl\n"
+    assert err.count("\n") == 1 and err.startswith("merge_shards: error: cannot merge 4 shards into")
+    assert "shards 3,4 of 4 have no part yet (not run, still running, or killed: no d.list.shard-I-of-4.json)" in err
+    assert "shard 2 of 4 is unfinished" in err and "run shard(s) 2,3,4 of 4 again (a Slurm array: --array=2,3,4)" in err
+    assert "shard 1 " not in err and not os.path.exists(lst) and not os.path.exists(part["failures_file"])
+    for i in (2, 3):
+        shards.write_part(lst, shards.Shard(i, 4), **part, lines=[("bc"[i - 2], f"d/{'bc'[i - 2]}.pkl")], complete=True)
+    shards.write_part(lst, shards.Shard(4, 4), **{**part, "source": "other"}, lines=[], complete=True)
+    assert merge_main([lst, "4"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "different runs" in err
+        and "shards 1,2,3 of 4 have: video2pkl s ->" in err
+        and "shard 4 of 4 has: video2pkl other" in err
+    )
+    assert not os.path.exists(lst)
+    shards.write_part(
+        lst, shards.Shard(4, 4), **part, lines=[("d", "d/d.pkl")], failures=[("x", "x\tbad")], complete=True
+    )
+    assert merge_main([lst, "4"]) == 1  # a clip failed, as the unsharded run's exit status says
+    assert open(lst).read() == "d/a.pkl\nd/b.pkl\nd/c.pkl\nd/d.pkl\n"
+    assert open(part["failures_file"]).read() == "x\tbad\n"
+
+
+def test_shards_run_with_other_settings_are_not_merged(dataset, tmp_path, capsys):
+    dst = tmp_path / "pkl"
+    video2pkl.main(_args(dataset, dst, "--shard", "1/2"))
+    video2pkl.main(_args(dataset, dst, "--shard", "2/2", "--jpeg-quality", "5"))
+    capsys.readouterr()
+    assert merge_main([str(dst) + ".list", "2", "--dst-dir", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "different runs" in err and "jpeg quality 4" in err and "jpeg quality 5" in err
+    assert not os.path.exists(str(dst) + ".list")
+
+
+def test_a_shard_run_withdraws_its_earlier_part_before_it_starts(dataset, tmp_path, monkeypatch):
+    """Else a merge during a rerun of a shard (say, one retrying failed clips) would take the old part."""
+    dst = tmp_path / "pkl"
+    video2pkl.main(_args(dataset, dst, "--shard", "1/2"))
+    part = shards.part_path(str(dst) + ".list", shards.Shard(1, 2))
+    assert os.path.exists(part)
+    seen = []
+    monkeypatch.setattr(convert, "_convert_clips", lambda *a: seen.append(os.path.exists(part)) or 130)
+    assert video2pkl.main(_args(dataset, dst, "--shard", "1/2")) == 130
+    assert seen == [False]
 
 
 def test_locks_let_shards_of_one_split_run_together_and_refuse_everything_else(tmp_path):
@@ -134,12 +183,49 @@ def test_locks_let_shards_of_one_split_run_together_and_refuse_everything_else(t
     finally:
         for held in one + two:
             held.release()
+    assert shards.running_shards(dst) == ""  # the refused 1/3 let go of its lock too
     whole = shards.lock(dst, "video2pkl", None)
     try:
         with pytest.raises(shards.BusyError, match="in use by another video2pkl"):
             shards.lock(dst, "video2pkl", shards.Shard(1, 2))
+        assert merge_main([dst + ".list", "2", "--dst-dir", dst]) == 2  # nor while an unsharded run writes
     finally:
         whole[0].release()
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_running_shard_is_refused_in_one_line(dataset, tmp_path):
+    dst = str(tmp_path / "pkl")
+    held = shards.lock(dst, "video2pkl", shards.Shard(2, 3))  # shard 2/3 is running (this process)
+    try:
+        for extra, expected in (
+            (["--shard", "2/3"], f"{dst} is in use by another video2pkl shard 2/3 (pid {os.getpid()} on "),
+            ([], f"{dst} is in use by shard 2/3 (pid {os.getpid()} on "),
+            (["--shard", "1/2"], f"{dst} is being converted in 3 shards (shard 2/3 (pid {os.getpid()} on "),
+        ):
+            proc = subprocess.run(
+                [sys.executable, os.path.join(ROOT, "preprocessing", "video2pkl.py"), *_args(dataset, dst, *extra)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 2 and proc.stderr.startswith(f"video2pkl: error: {expected}"), proc.stderr
+            assert proc.stderr.count("\n") == 1
+        assert os.listdir(dst) == []  # nothing converted
+        proc = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "preprocessing", "video2pkl.py"),
+                *_args(dataset, dst, "--shard", "1/3"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 1 and "shard 1/3: " in proc.stdout  # another shard of the split runs alongside
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def test_a_shard_clears_only_its_own_half_written_outputs(dataset, tmp_path):
@@ -154,34 +240,99 @@ def test_a_shard_clears_only_its_own_half_written_outputs(dataset, tmp_path):
     assert not mine.exists() and theirs.exists()
 
 
-def test_build_list_probes_in_shards_and_the_merge_equals_one_run(dataset, tmp_path):
+def test_build_list_probes_in_shards_and_the_merge_equals_one_run(dataset, tmp_path, capsys):
     src = str(dataset / "src")
     whole = str(tmp_path / "whole.list")
-    build_list.main(["videos", src, whole, "--probe", "1"])
+    assert build_list.main(["videos", src, whole, "--probe", "1"]) == 1  # v04 is unreadable
+    skipped = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "v04" in skipped[0]
     parts = str(tmp_path / "parts.list")
     for i in (1, 2):
         build_list.main(["videos", src, parts, "--probe", "1", "--shard", f"{i}/2"])
     assert not os.path.exists(parts)
-    merge_main([parts, "2"])
+    capsys.readouterr()
+    assert merge_main([parts, "2"]) == 1
+    assert [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines()] == skipped
     assert open(parts).read() == open(whole).read()
+    build_list.main(["videos", src, parts, "--shard", "1/2"])  # no frame counts: another list
+    assert merge_main([parts, "2"]) == 2
+    assert "frame counts probed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_check_videos_in_shards_at_once_then_one_run_decodes_nothing_and_reports_as_one_run(dataset, tmp_path):
+    lst = tmp_path / "v.list"
+    videos = sorted((dataset / "src").rglob("*.mp4"))
+    lst.write_text("".join(f"{v} {i % 3}\n" for i, v in enumerate(videos)) + f"{videos[0]} 99 0\n")
+    cache = str(lst) + ".probe.json"
+    check = [sys.executable, os.path.join(ROOT, "preprocessing", "check_videos.py"), str(lst), "--nproc", "1"]
+
+    def run():
+        proc = subprocess.run(check, capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stdout, [line for line in proc.stderr.splitlines() if "check_videos:" in line]
+
+    code, out, problems = run()
+    assert code == 1 and f"{len(videos)} decoded now" in out and len(problems) == 2
+    assert "v04" in problems[0] and "the list says 99 frames" in problems[1]
+    verdicts = video.load_probe_cache(cache)
+    os.unlink(cache)
+    procs = [subprocess.Popen([*check, "--shard", f"{i}/3"], stdout=subprocess.PIPE, text=True) for i in (1, 2, 3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(f"shard {i}/3: {n} videos ({n} decoded now" in out for i, n, out in zip((1, 2, 3), (4, 4, 3), outs))
+    assert video.load_probe_cache(cache) == verdicts  # no shard lost another's verdicts
+    code, out, again = run()
+    assert (code, again) == (1, problems)
+    assert f"{len(videos)} videos (0 decoded now, {len(videos)} unchanged since checked)" in out
+
+
+@pytest.mark.slow
+def test_a_check_videos_shard_saves_its_verdicts_only_under_the_cache_lock(dataset, tmp_path):
+    """So that a shard's read-merge-write of LIST.probe.json never overwrites another's meanwhile."""
+    lst = tmp_path / "v.list"
+    videos = sorted((dataset / "src" / "class_a").glob("*.mp4"))
+    lst.write_text("".join(f"{v} 0\n" for v in videos))
+    cache = str(lst) + ".probe.json"
+    fd = os.open(cache + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another shard is saving
+    try:
+        check = [sys.executable, os.path.join(ROOT, "preprocessing", "check_videos.py"), str(lst), "--nproc", "1"]
+        proc = subprocess.Popen([*check, "--shard", "1/2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=3)  # decoded long since (a second at most), waiting for the lock
+        other = {"/elsewhere/x.mp4": video.VideoFacts(size=1, mtime_ns=1, frames=5, width=8, height=8, packets=5)}
+        video.save_probe_cache(cache, other)
+    finally:
+        os.close(fd)
+    assert proc.wait(timeout=60) == 0
+    assert sorted(video.load_probe_cache(cache)) == sorted([str(videos[0]), str(videos[2]), *other])
 
 
 @pytest.mark.slow
 def test_the_slurm_array_template_converts_its_task_s_shard_and_merges(dataset, tmp_path):
-    """The template as Slurm would run it: two array tasks (ids 0 and 1), then the merge job."""
+    """The template as Slurm would run it: array tasks 1 and 2 of --array=1-2, task 2 again as a
+    resubmitted --array=2 (the same shard, not shard 1 of a 1-way split), then the merge job."""
     script = os.path.join(ROOT, "launch", "slurm_preprocess.sbatch")
     env = {**os.environ, "PYTHON": sys.executable, "SLURM_SUBMIT_DIR": ROOT, "SLURM_CPUS_PER_TASK": "1"}
     dst = tmp_path / "pkl"
-    for task in ("0", "1"):
-        array = {"SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2"}
-        proc = subprocess.run(
-            ["bash", script, str(dataset / "k.csv"), str(dataset / "src"), str(dst)],
+
+    def task(task_id, first, count):
+        array = {"SLURM_ARRAY_TASK_ID": task_id, "SLURM_ARRAY_TASK_MIN": first, "SLURM_ARRAY_TASK_COUNT": count}
+        return subprocess.run(
+            ["bash", script, "2", str(dataset / "k.csv"), str(dataset / "src"), str(dst)],
             env={**env, **array},
             capture_output=True,
             text=True,
             timeout=300,
         )
-        assert proc.returncode == 1 and f"shard {int(task) + 1}/2:" in proc.stdout  # some clips fail
+
+    for task_id in ("1", "2"):
+        proc = task(task_id, "1", "2")
+        assert proc.returncode == 1 and f"shard {task_id}/2:" in proc.stdout  # some clips fail
+    proc = task("2", "2", "1")
+    assert proc.returncode == 1 and "shard 2/2: 5 clips ready (5 already done, 0 converted" in proc.stdout
+    proc = task("0", "0", "2")  # --array=0-1: ids are shard numbers, 1..N
+    assert proc.returncode == 2 and "--shard takes I/N with 1 <= I <= N" in proc.stderr
+    assert not (tmp_path / "pkl.list").exists()
     proc = subprocess.run(["bash", script, "--merge", str(dst), "2"], env=env, capture_output=True, text=True)
     assert proc.returncode == 1 and "merge_shards: 2 shards" in proc.stdout
     assert len((tmp_path / "pkl.list").read_text().splitlines()) == 10
