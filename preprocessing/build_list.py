@@ -78,6 +78,8 @@ def class_video_entries(root: str, label_file: str | None, probe: int, shard=Non
     """(positions, entries, unreadable) of the videos in class folders (of ``shard``'s positions)."""
     index = class_index_for(class_folders(root), label_file)
     videos = [(v, index[c]) for c in index for v in videos_in(os.path.join(root, c))]
+    if not videos:  # also for a shard: its own share may be empty, the whole folder may not
+        raise UsageError(f"found no videos under {root}")
     positions = shards.items_of(shard, list(range(len(videos))))
     videos = [videos[i] for i in positions]
     counts, bad = count_frames([v for v, _ in videos], probe)
@@ -133,6 +135,8 @@ def main(argv=None) -> int:
             shards.remove_part(args.out, shard)
         if args.source == "pkl":
             entries = pkl_entries(args.root)
+            if not entries:  # also for a shard: its own share may be empty, the whole folder may not
+                raise UsageError(f"found no pkl under {args.root}")
             positions = shards.items_of(shard, list(range(len(entries))))
             entries = [entries[i] for i in positions]
             if args.index and entries:
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
                 )
         elif args.source == "rawframes":
             entries = rawframe_entries(args.root, args.csv, args.label_file)
+            if not entries:
+                raise UsageError(f"found no rawframes under {args.root}")
             positions = shards.items_of(shard, list(range(len(entries))))
             entries = [entries[i] for i in positions]
         else:

@@ -115,6 +115,17 @@ def test_the_list_builder_and_check_videos_refuse_a_bad_shard_alike(dataset, tmp
     assert sorted(os.listdir(tmp_path)) == ["v.list"]  # nothing written
 
 
+@pytest.mark.parametrize("source", ["pkl", "rawframes", "videos"])
+def test_a_shard_of_an_empty_folder_is_the_unsharded_error_not_an_empty_part(tmp_path, source, capsys):
+    (tmp_path / "empty" / "class_a").mkdir(parents=True)
+    out = tmp_path / "o.list"
+    for shard in ([], ["--shard", "2/3"]):
+        assert build_list.main([source, str(tmp_path / "empty"), str(out), *shard]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"build_list: error: found no {source} under {tmp_path / 'empty'}"] * 2
+    assert sorted(os.listdir(tmp_path)) == ["empty"]  # no list, no part
+
+
 def test_the_merge_names_missing_unfinished_and_foreign_parts_and_writes_nothing(tmp_path, capsys):
     lst = str(tmp_path / "d.list")
     part = dict(tool="video2pkl", source="s", failures_file=str(tmp_path / "d.failures.txt"))
