@@ -111,6 +111,22 @@ trap 'stop SIGTERM' TERM
 trap 'stop SIGINT' INT
 trap 'stop SIGHUP' HUP
 
+# Run "$@" in a session of its own and wait for it; status: its exit status, or 130/143 when a signal
+# stopped this script. Nothing of it outlives it (the ranks' feed workers included).
+run_in_session() {
+    setsid "$@" &
+    pid=$!
+    status=0
+    wait "$pid" || status=$?
+    while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends the first wait early
+        wait "$pid" || status=$?
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    if [ -n "$stopped" ]; then
+        status=$([ "$stopped" = SIGINT ] && echo 130 || echo 143)
+    fi
+}
+
 # what each rank reported in this attempt (the worker logs grow across runs: read from the offsets)
 declare -A offset=()
 rank_errors() {
@@ -129,25 +145,11 @@ while :; do
     for f in "$log_dir"/workerlog.*; do
         [ -f "$f" ] && offset[$f]=$(stat -c %s "$f")
     done
-    status=0
     if [ "$nnodes" -gt 1 ]; then  # every node joins within the timeout, or every node stops and says which did not
-        setsid "$py" "$here/launch/hosts.py" rendezvous --ips "$ips" --index "$node_index" --port "$rdv_port" --timeout "$rdv_timeout" &
-        pid=$!
-        wait "$pid" || status=$?
-        while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done
-        if [ -n "$stopped" ]; then status=$([ "$stopped" = SIGINT ] && echo 130 || echo 143); fi
+        run_in_session "$py" "$here/launch/hosts.py" rendezvous --ips "$ips" --index "$node_index" --port "$rdv_port" --timeout "$rdv_timeout"
         [ "$status" -eq 0 ] || exit "$status"
     fi
-    setsid "${launch[@]}" "${main[@]}" &
-    pid=$!
-    wait "$pid" || status=$?
-    while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends the first wait early
-        wait "$pid" || status=$?
-    done
-    kill -KILL -- "-$pid" 2>/dev/null || true  # nothing of an attempt outlives it (feed workers included)
-    if [ -n "$stopped" ]; then
-        status=$([ "$stopped" = SIGINT ] && echo 130 || echo 143)
-    fi
+    run_in_session "${launch[@]}" "${main[@]}"
     if [ "$status" -eq 0 ] || [ -n "$stopped" ] || [ "$mode" != train ] || [ "$attempt" -ge "$restarts" ]; then
         break
     fi

@@ -95,7 +95,10 @@ def hidden_behind(address: str) -> str:
 
 
 def address_warning(address: str) -> str:
+    """Why gloo and NCCL would not use ``address`` and what fixes it ("" when they would)."""
     name, first = interface_of(address), hidden_behind(address)
+    if not first:
+        return ""
     return (
         f"{address} is not the first address of {name}, and gloo and NCCL (told the interface's name) will "
         f"use {first}; give {address} a label of its own (ip addr add {address}/PREFIX dev {name} label "
@@ -312,8 +315,9 @@ def main(argv=None) -> int:
         if args.action == "plan":
             index, address = plan(ips, args.host)
             print(index, address, interface_of(address) or "-")
-            if hidden_behind(address):
-                print(f"run_dist.sh: warning: {address_warning(address)}", file=sys.stderr)
+            warning = address_warning(address)
+            if warning:
+                print(f"run_dist.sh: warning: {warning}", file=sys.stderr)
         else:
             rendezvous(ips, args.index, args.port, args.timeout)
     except HostError as e:

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 
-from launch.hosts import address_warning, hidden_behind, mpi_address
+from launch.hosts import address_warning, mpi_address
 
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
@@ -54,8 +54,9 @@ def paddle_env(env=None, gpus_per_node: int = 0) -> dict:
             f"launch.mpi_env: environment says rank {rank}/{size}, MPI says {comm.Get_rank()}/{comm.Get_size()}"
         )
     host, interface = ("127.0.0.1", "lo") if size == 1 else mpi_address(comm)
-    if interface and hidden_behind(host) and not env.get("GLOO_SOCKET_IFNAME"):
-        print(f"launch.mpi_env: rank {rank}: warning: {address_warning(host)}", file=sys.stderr)
+    warning = address_warning(host) if interface and not env.get("GLOO_SOCKET_IFNAME") else ""
+    if warning:
+        print(f"launch.mpi_env: rank {rank}: warning: {warning}", file=sys.stderr)
     endpoints = comm.allgather(f"{host}:{_free_port()}")
     master = comm.bcast(f"{host}:{_free_port()}" if rank == 0 else None, root=0)  # rank 0's TCP store
     hosts = [e.rsplit(":", 1)[0] for e in endpoints]

@@ -57,7 +57,7 @@ def parse_shard(text: str | None) -> Shard | None:
     if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
         raise UsageError(
             f"--shard takes I/N with 1 <= I <= N (this host's part of N), got {text!r}; "
-            "e.g. --shard 1/4 ... --shard 4/4, or --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"
+            "e.g. --shard 1/4 ... --shard 4/4, or in a Slurm array --shard $SLURM_ARRAY_TASK_ID/N (ids 1..N)"
         )
     return Shard(int(m.group(1)), int(m.group(2)))
 

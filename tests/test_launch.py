@@ -13,7 +13,7 @@ import pytest
 from dali_pipelines.formats import read_pkl, write_pkl
 from trainer import weights
 
-from .tiny import tiny_config
+from .tiny import tiny_config, weight_digests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
@@ -58,20 +58,18 @@ def _mpirun(cfg, *extra, console=None):
     )
 
 
-def _digests(text):
-    return dict(re.findall(r"rank (\d): weights digest (\w+)", text))
-
-
 @pytest.mark.slow
 @needs_mpirun
 def test_mpirun_trains_exactly_like_run_dist(demo_dataset, tmp_path):
     out, _ = _mpirun(_config(tmp_path, demo_dataset, "mpi")).communicate(timeout=600)
-    mpi = _digests(out)
+    mpi = weight_digests(out)
     assert set(mpi) == {"0", "1"} and mpi["0"] == mpi["1"], out[-3000:]
     proc = _run_dist(_config(tmp_path, demo_dataset, "launch"), tmp_path / "log")
     proc.communicate(timeout=600)
     assert proc.returncode == 0
-    launched = _digests((tmp_path / "log" / "workerlog.0").read_text() + (tmp_path / "log" / "workerlog.1").read_text())
+    launched = weight_digests(
+        (tmp_path / "log" / "workerlog.0").read_text() + (tmp_path / "log" / "workerlog.1").read_text()
+    )
     assert launched == mpi  # same ranks, same shards, same seeds: the same weights
 
 
@@ -98,7 +96,7 @@ def test_the_pp_tsm_recipe_trains_alike_under_mpirun_and_run_dist(demo_dataset, 
             out = proc.communicate(timeout=600)[0]
             assert proc.returncode == 0, out[-3000:]
             out = (tmp_path / "log" / "workerlog.0").read_text() + (tmp_path / "log" / "workerlog.1").read_text()
-        outs[name] = _digests(out)
+        outs[name] = weight_digests(out)
         assert set(outs[name]) == {"0", "1"} and outs[name]["0"] == outs[name]["1"], out[-3000:]
     assert outs["mpi"] == outs["launch"]
 
@@ -198,7 +196,7 @@ def test_a_rank_killed_once_restarts_the_job_which_ends_with_the_uninterrupted_w
     straight = _run_dist(_config(tmp_path, demo_dataset, "straight", epochs=6), tmp_path / "log_straight")
     out = straight.communicate(timeout=600)[0]
     assert straight.returncode == 0, out[-3000:]
-    expected = _digests((tmp_path / "log_straight" / "workerlog.0").read_text())
+    expected = weight_digests((tmp_path / "log_straight" / "workerlog.0").read_text())
     cfg = _config(tmp_path, demo_dataset, "restarted", epochs=6)
     proc = _run_dist(cfg, tmp_path / "log", "--max-restarts", "1")
     metrics = tmp_path / "restarted" / "metrics.jsonl"
@@ -211,7 +209,7 @@ def test_a_rank_killed_once_restarts_the_job_which_ends_with_the_uninterrupted_w
     assert proc.returncode == 0, out[-3000:]
     log0 = (tmp_path / "log" / "workerlog.0").read_text()
     assert "train: restarted: resuming this job" in log0
-    assert _digests(log0.split("train: restarted: resuming")[-1]) == expected
+    assert weight_digests(log0.split("train: restarted: resuming")[-1]) == expected
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 
 from launch import hosts
 
-from .tiny import tiny_config
+from .tiny import tiny_config, weight_digests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
@@ -189,10 +189,6 @@ def _run_dist_on(ns, cfg, ips, log_dir, *extra):
     )
 
 
-def _digests(text):
-    return dict(re.findall(r"rank (\d): weights digest (\w+)", text))
-
-
 def _one_host_digest(ns, ranks, demo_dataset, work):
     """The weights ``ranks`` ranks reach on one host, ``ns`` (1 thread each, as on the 'hosts'; a namespace
     of its own, away from the ports other jobs on this machine use)."""
@@ -200,7 +196,7 @@ def _one_host_digest(ns, ranks, demo_dataset, work):
     proc = _on(ns, f"bash run_dist.sh train TSN {cfg} --nproc {ranks}", {"LOG_DIR": str(work / "log")})
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
-    got = _digests("".join((work / "log" / f"workerlog.{r}").read_text() for r in range(ranks)))
+    got = weight_digests("".join((work / "log" / f"workerlog.{r}").read_text() for r in range(ranks)))
     assert set(got) == {str(r) for r in range(ranks)} and len(set(got.values())) == 1
     return got["0"]
 
@@ -226,7 +222,9 @@ def test_two_hosts_through_run_dist_train_like_one_host(two_hosts, demo_dataset,
         f"node 0 of 2 ({DATA_NET}.1 on v" in outs[0] and f"Paddle's master (TCP store) is {DATA_NET}.1:6070" in outs[0]
     )
     assert f"node 1 of 2 ({DATA_NET}.2 on v" in outs[1]
-    got = _digests((tmp_path / "log0" / "workerlog.0").read_text() + (tmp_path / "log1" / "workerlog.0").read_text())
+    got = weight_digests(
+        (tmp_path / "log0" / "workerlog.0").read_text() + (tmp_path / "log1" / "workerlog.0").read_text()
+    )
     assert got == {"0": one_host_digest, "1": one_host_digest}  # bit for bit: same ranks, seeds and threads
 
 
@@ -266,7 +264,7 @@ def test_two_hosts_through_mpirun_with_a_hostfile_train_like_one_host(
     ), out[-3000:]
     hosts_of = dict(re.findall(r"rank (\d)/\d: pid \d+ on (\S+)", out))
     assert hosts_of == {"0": two_hosts[0], "1": two_hosts[1]}
-    assert _digests(out) == {"0": one_host_digest, "1": one_host_digest}
+    assert weight_digests(out) == {"0": one_host_digest, "1": one_host_digest}
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The tiny training config the multi-process tests share: the demo recipe, a width-8 ResNet-18 at 32x32."""
 
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,6 +24,11 @@ PIPELINE: {{target_size: 32, short_size: 40}}
 PRECISE_BN: {{num_iters: 3}}
 """)
     return str(path)
+
+
+def weight_digests(text: str) -> dict[str, str]:
+    """{rank: digest} of the 'rank R: weights digest D' lines the ranks print at the end of training."""
+    return dict(re.findall(r"rank (\d): weights digest (\w+)", text))
 
 
 def tiny_cfg(tmp_path, *overrides, num_classes=5, name="tiny.yaml"):
