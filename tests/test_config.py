@@ -113,6 +113,7 @@ def test_the_pp_and_tsm_configs_keep_their_recipes():
         assert c.MODEL.backbone.depth == 50 and c.PIPELINE.num_segments == 8
         assert c.MODEL.head.label_smoothing == 0.1 and c.PIPELINE.mixup_alpha == 0.2
         assert c.OPTIMIZER.schedule == "cosine" and c.OPTIMIZER.warmup_epochs > 0
+        assert c.OPTIMIZER.warmup_start_lr == 0.005 and c.OPTIMIZER.lr_mult == {"head.fc.weight": 5, "head.fc.bias": 10}
     assert (pptsn.PIPELINE.test_num_segments, pptsn.PIPELINE.test_num_crops) == (25, 10)
     assert pptsm.MODEL.name == "PP-TSM" and pptsm.PRECISE_BN.enabled
     assert (dense.PIPELINE.sampling, dense.PIPELINE.dense_interval, dense.PIPELINE.test_num_clips) == ("dense", 8, 10)
@@ -186,3 +187,25 @@ def test_a_config_from_an_editor_reads_and_another_encoding_is_named(cfg_file, t
     p.write_bytes("# caf\u00e9\nepochs: 3\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"win.yaml:1: not UTF-8 text"):
         load_config(str(p))
+
+
+def test_lr_multipliers_and_warmup_start_lr_are_validated(cfg_file):
+    cfg = load_config(
+        cfg_file("OPTIMIZER:\n  lr_mult: {head.fc.weight: 5, head.fc.bias: 10}\n  warmup_start_lr: 0.005\n"),
+        ["OPTIMIZER.stage_lr_mult=[0.1, 0.2, 0.4, 0.8, 1]"],
+    )
+    assert cfg.OPTIMIZER.lr_mult == {"head.fc.weight": 5, "head.fc.bias": 10}
+    assert cfg.OPTIMIZER.stage_lr_mult == [0.1, 0.2, 0.4, 0.8, 1] and cfg.OPTIMIZER.warmup_start_lr == 0.005
+    assert load_config(cfg_file("")).OPTIMIZER.warmup_start_lr is None
+    bad = {
+        "OPTIMIZER:\n  lr_mult: {head.fc.weight: fast}\n": r"OPTIMIZER.lr_mult = .*expected a mapping of name: number",
+        "OPTIMIZER:\n  lr_mult: [5, 10]\n": r"OPTIMIZER.lr_mult = \[5, 10\].*expected a mapping",
+        "OPTIMIZER:\n  lr_mult: {head.fc.bias: -1}\n": r"OPTIMIZER.lr_mult.head.fc.bias = -1 .*>= 0",
+        "OPTIMIZER:\n  stage_lr_mult: [1, x]\n": r"OPTIMIZER.stage_lr_mult = \[1, 'x'\].*a list or null of numbers",
+        "OPTIMIZER:\n  stage_lr_mult: [1, .nan]\n": r"OPTIMIZER.stage_lr_mult\[1\] = nan",
+        "OPTIMIZER:\n  warmup_start_lr: 0.5\n": r"OPTIMIZER.warmup_start_lr = 0.5 .*must be <= base_lr",
+        "OPTIMIZER:\n  warmup_start_lr: -0.1\n": r"OPTIMIZER.warmup_start_lr = -0.1 .*must be >= 0",
+    }
+    for text, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg_file(text))

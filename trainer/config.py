@@ -54,9 +54,10 @@ DEPTHS = {
 class Architecture:
     """The network behind a model name; the training recipe (loss, schedule, sampling) is its config's."""
 
-    resnet: str  # "b": the standard ResNet; "vd": deep 3x3 stem, average-pool shortcuts
-    temporal_shift: bool  # TSM's shift of channels between segments in every residual branch
+    resnet: str  # "b": the standard ResNet; "vd": deep 3x3 stem, average-pool shortcuts; "" another backbone
+    temporal_shift: bool  # TSM's shift of channels between segments (PP-TSMv2: once, before stage 3)
     activation: str  # "relu", or "leaky_relu" as PaddleVideo's PP-TSM has it
+    backbone: str = "ResNet"  # or "PP-LCNetV2" (PP-TSMv2, trainer/pptsmv2.py)
 
 
 ARCHITECTURES = {
@@ -64,6 +65,7 @@ ARCHITECTURES = {
     "TSM": Architecture("b", True, "relu"),
     "PP-TSN": Architecture("vd", False, "relu"),
     "PP-TSM": Architecture("vd", True, "leaky_relu"),
+    "PP-TSMv2": Architecture("", True, "relu", backbone="PP-LCNetV2"),
 }
 MODEL_NAMES = tuple(ARCHITECTURES)
 SHIFT_MODELS = tuple(n for n, a in ARCHITECTURES.items() if a.temporal_shift)  # built for num_segments frames
@@ -86,6 +88,7 @@ SCHEMA: dict = {
             "base_channels": Opt(64, minimum=8),  # 64 is the standard ResNet; smaller for demos
             "pretrained": Opt("", nullable=True),  # local ImageNet .pdparams
             "shift_div": Opt(8, minimum=2),  # TSM: 1/shift_div of the channels shift each way
+            "temporal_attention": Opt(False),  # PP-TSMv2: the lightweight temporal attention before the shift
         },
         "head": {
             "num_classes": Opt(400, minimum=2),
@@ -135,6 +138,10 @@ SCHEMA: dict = {
         "decay_points": Opt([1 / 3, 2 / 3]),  # step: fractions of the total iterations
         "decay_factor": Opt(0.1, minimum=0.0, below=1.0),
         "warmup_epochs": Opt(0.0, minimum=0.0),
+        # the LR of the warm-up's first step, for base_batch_size (scaled like base_lr); null: base_lr / steps
+        "warmup_start_lr": Opt(None, type=float, nullable=True, minimum=0.0),
+        "lr_mult": Opt({}),  # {parameter-name prefix: LR multiplier}, e.g. {head.fc.weight: 5, head.fc.bias: 10}
+        "stage_lr_mult": Opt(None, type=list, nullable=True),  # [stem, stage 1, ..., stage N] multipliers
         "grad_clip": Opt(40.0, nullable=True),  # global-norm clip; null disables
     },
 }
@@ -154,9 +161,14 @@ def _describe(opt: Opt) -> str:
     if opt.choices:
         return "one of " + ", ".join(map(str, opt.choices))
     t = opt.type or type(opt.default)
-    name = {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list"}.get(
-        t, t.__name__
-    )
+    name = {
+        float: "a number",
+        int: "an integer",
+        bool: "true or false",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(t, t.__name__)
     return name + (" or null" if opt.nullable else "")
 
 
@@ -172,13 +184,18 @@ def _check(key: str, value, opt: Opt, origin: str):
     if t is list:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
             raise ConfigError(bad + " of numbers")
+    elif t is dict:
+        items = value.items() if isinstance(value, dict) else [(None, None)]
+        number = (int, float)
+        if not all(isinstance(k, str) and k and isinstance(v, number) and not isinstance(v, bool) for k, v in items):
+            raise ConfigError(bad + " of name: number, e.g. {head.fc.weight: 5.0}")
     elif not isinstance(value, t) or (t is int and isinstance(value, bool)):
         raise ConfigError(bad)
     if opt.choices and value not in opt.choices:
         raise ConfigError(bad)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config error: {key} = {value!r} ({origin}): must be a finite number")
-    if opt.minimum is not None and not isinstance(value, (str, list)) and value < opt.minimum:
+    if opt.minimum is not None and not isinstance(value, (str, list, dict)) and value < opt.minimum:
         raise ConfigError(f"config error: {key} = {value!r} ({origin}): must be >= {opt.minimum}")
     if opt.below is not None and value >= opt.below:
         raise ConfigError(f"config error: {key} = {value!r} ({origin}): must be < {opt.below}")
@@ -283,6 +300,16 @@ def _check_combination(cfg, origin: str) -> None:
             f"config error: OPTIMIZER.decay_points = {points} ({origin}): must be increasing "
             "fractions of training, each in (0, 1), e.g. [0.333, 0.667]"
         )
+    if o.warmup_start_lr is not None and o.warmup_start_lr > o.base_lr:
+        raise ConfigError(
+            f"config error: OPTIMIZER.warmup_start_lr = {o.warmup_start_lr} ({origin}): the warm-up rises from it "
+            f"to OPTIMIZER.base_lr = {o.base_lr}; it must be <= base_lr"
+        )
+    mults = [(f"OPTIMIZER.lr_mult.{k}", v) for k, v in o.lr_mult.items()]
+    mults += [(f"OPTIMIZER.stage_lr_mult[{i}]", v) for i, v in enumerate(o.stage_lr_mult or [])]
+    for key, v in mults:
+        if isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"config error: {key} = {v!r} ({origin}): must be a finite number >= 0 (LR multiplier)")
     if o.grad_clip is not None and not o.grad_clip > 0:
         raise ConfigError(
             f"config error: OPTIMIZER.grad_clip = {o.grad_clip} ({origin}): must be > 0 (null disables clipping)"
@@ -292,6 +319,11 @@ def _check_combination(cfg, origin: str) -> None:
             f"config error: PIPELINE.target_size = {p.target_size} ({origin}): crops of "
             f"target_size are cut from frames whose short side is short_size = {p.short_size}; "
             "target_size must be <= short_size"
+        )
+    if cfg.MODEL.backbone.temporal_attention and ARCHITECTURES[cfg.MODEL.name].backbone != "PP-LCNetV2":
+        raise ConfigError(
+            f"config error: MODEL.backbone.temporal_attention = true ({origin}): only PP-TSMv2 has a "
+            f"temporal attention, MODEL.name is {cfg.MODEL.name}; set it to false or MODEL.name to PP-TSMv2"
         )
     if cfg.MODEL.name in SHIFT_MODELS:
         if p.num_segments < 2:
