@@ -2,7 +2,8 @@
 
 Four models share this code (docs/design.md "Training recipe"): TSN and TSM on the standard ResNet
 ("ResNet-B", stride in the 3x3 conv), PP-TSN and PP-TSM on ResNet-vd (deep 3x3 stem, average-pool
-shortcut downsampling); the TSM models add a temporal shift on every residual branch.
+shortcut downsampling); the TSM models add a temporal shift on every residual branch. PP-TSMv2 puts
+PP-LCNetV2 (trainer/pptsmv2.py) in the ResNet's place, under the same head.
 ``build_model(cfg)`` is the one factory; the width is a parameter so that the CPU demos can use a
 narrow ResNet-18.
 """
@@ -13,6 +14,7 @@ import paddle
 import paddle.nn as nn
 
 from .config import ARCHITECTURES, DEPTHS
+from .pptsmv2 import PPLCNetV2TSM
 from .weights import load_pretrained
 
 
@@ -169,15 +171,27 @@ class Recognizer2D(nn.Layer):
 def build_model(cfg) -> Recognizer2D:
     b, h = cfg.MODEL.backbone, cfg.MODEL.head
     arch = ARCHITECTURES[cfg.MODEL.name]
-    backbone = ResNet(
-        b.depth,
-        b.base_channels,
-        arch.resnet,
-        shift_div=b.shift_div,
-        act=arch.activation,
-        num_segments=cfg.PIPELINE.num_segments if arch.temporal_shift else None,
-    )
-    model = Recognizer2D(backbone, ConsensusHead(backbone.out_channels, h.num_classes, h.dropout, h.init_std))
+    head_dropout = h.dropout
+    if arch.backbone == "PP-LCNetV2":
+        # PP-TSMv2 drops out each frame's features inside the backbone (PaddleVideo's order); its head only
+        # averages the segments and classifies. base_channels 64 is PaddleVideo's scale 1.0.
+        backbone = PPLCNetV2TSM(
+            b.base_channels / 64,
+            num_segments=cfg.PIPELINE.num_segments,
+            temporal_attention=b.temporal_attention,
+            dropout=h.dropout,
+        )
+        head_dropout = 0.0
+    else:
+        backbone = ResNet(
+            b.depth,
+            b.base_channels,
+            arch.resnet,
+            shift_div=b.shift_div,
+            act=arch.activation,
+            num_segments=cfg.PIPELINE.num_segments if arch.temporal_shift else None,
+        )
+    model = Recognizer2D(backbone, ConsensusHead(backbone.out_channels, h.num_classes, head_dropout, h.init_std))
     if b.pretrained:
         print(load_pretrained(model, b.pretrained))
     return model
