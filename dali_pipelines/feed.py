@@ -26,7 +26,7 @@ import numpy as np
 from . import crops
 from .formats import DataFormatError, Sample, check_jpeg, jpeg_size, read_indexed_frames, read_pkl, read_pkl_index
 from .sampling import sample_indices
-from .video import VideoError, VideoFacts, decode_frames, probe, stream_info
+from .video import VideoError, VideoFacts, decode_frames, probe, resolution_change_message, stream_info
 
 
 class LabelError(DataFormatError):
@@ -93,6 +93,8 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
         current = _current(s.path, facts, st, spec, need_packets=True, data=raw, listed=s.num_frames)
         new_facts = current if current is not facts else None
         num_frames = s.num_frames or current.frames
+        if current.size_change:  # NVDEC is not known to rescale mid-stream: skipped rather than trusted
+            raise VideoError(resolution_change_message(s.path, current))
         if current.packets < num_frames:  # NVDEC would pad silently: catch a wrong count here
             raise VideoError(f"{s.path}: has {current.packets} frames, fewer than the {num_frames} the list promised")
         # NVDEC ignores the display matrix: the graph turns the frames upright (loader._upright)

@@ -75,15 +75,22 @@ def upright(frames: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
     return np.rot90(frames, turns, axes=(-3, -2)) if turns else frames
 
 
-def _to_rgb(name: str):
+def _to_rgb(name: str, size: tuple[int, int] | None = None):
     """A function turning a stream's decoded frames into upright RGB arrays [H, W, 3], as ffmpeg
-    (video2pkl, vid2img) shows them; the orientation is read once, from the first frame."""
+    (video2pkl, vid2img) shows them; the orientation is read once, from the first frame. A frame whose
+    coded size is not ``size`` (width, height; default: the first frame's) is scaled to it, bicubic, as
+    ffmpeg scales a stream whose resolution changes mid-way (docs/decoding.md "Resolution changes")."""
     layout = []
 
     def rgb(frame) -> np.ndarray:
         if not layout:
-            layout.append(orientation(frame, name))
-        return np.ascontiguousarray(upright(frame.to_ndarray(format="rgb24"), *layout[0]))
+            layout.append((orientation(frame, name), size or (frame.width, frame.height)))
+        (turns, mirror), (width, height) = layout[0]
+        if (frame.width, frame.height) == (width, height):
+            img = frame.to_ndarray(format="rgb24")
+        else:
+            img = frame.reformat(width, height, "rgb24", interpolation="BICUBIC").to_ndarray()
+        return np.ascontiguousarray(upright(img, turns, mirror))
 
     return rgb
 
@@ -101,6 +108,9 @@ class VideoFacts:
     error: str | None = None  # why the file is unreadable (then the counts are 0): kept, not re-probed
     turns: int = 0  # quarter turns counter-clockwise that make decoded frames upright
     mirror: bool = False  # mirror left-right before turning
+    # "WxH to WxH at frame N" where the coded frame size first changes mid-stream (a concatenation): the
+    # CPU path scales such frames to the first size as ffmpeg does; NVDEC does not, so the GPU path skips it
+    size_change: str | None = None
 
     def describes(self, st: os.stat_result) -> bool:
         """Whether these facts were taken of the file as it is now (same size and mtime)."""
@@ -115,12 +125,15 @@ def probe(path: str, allow_partial: bool = False) -> VideoFacts:
     ``allow_partial`` keeps that part instead."""
     st = os.stat(path)
     container, stream = _open(path)
-    n, packets, first, stated = 0, 0, None, stream.frames
+    n, packets, first, stated, coded, change = 0, 0, None, stream.frames, None, None
     try:
         for packet in container.demux(stream):
             packets += 1 if packet.size else 0
             for frame in packet.decode():
                 first = first or _layout(frame, path)
+                coded = coded or (frame.width, frame.height)
+                if change is None and (frame.width, frame.height) != coded:
+                    change = f"{coded[0]}x{coded[1]} to {frame.width}x{frame.height} at frame {n}"
                 n += 1
     except VideoError:
         raise  # a display matrix at an angle we do not turn
@@ -147,6 +160,17 @@ def probe(path: str, allow_partial: bool = False) -> VideoFacts:
         packets=packets,
         turns=turns,
         mirror=mirror,
+        size_change=change,
+    )
+
+
+def resolution_change_message(path: str, facts: VideoFacts) -> str:
+    """What a user is told about a video whose frame size changes mid-stream, and the fix."""
+    w, h = facts.width, facts.height
+    return (
+        f"{path}: its frame size changes mid-stream ({facts.size_change}); the CPU path scales every frame to "
+        f"{w}x{h} as ffmpeg (video2pkl, vid2img) does, the GPU decoder (NVDEC) skips it: re-encode it at one "
+        f"size (ffmpeg -i IN -vf scale={w}:{h} OUT)"
     )
 
 
@@ -163,7 +187,7 @@ def broken(path: str, why: VideoError) -> VideoFacts:
     return VideoFacts(st.st_size, st.st_mtime_ns, 0, 0, 0, None, str(why))
 
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def load_probe_cache(cache_file: str | None) -> dict[str, VideoFacts]:
@@ -192,7 +216,18 @@ def save_probe_cache(cache_file: str | None, facts: dict[str, VideoFacts]) -> No
                 {
                     "version": CACHE_VERSION,
                     "videos": {
-                        p: [f.size, f.mtime_ns, f.frames, f.width, f.height, f.packets, f.error, f.turns, f.mirror]
+                        p: [
+                            f.size,
+                            f.mtime_ns,
+                            f.frames,
+                            f.width,
+                            f.height,
+                            f.packets,
+                            f.error,
+                            f.turns,
+                            f.mirror,
+                            f.size_change,
+                        ]
                         for p, f in merged.items()
                     },
                 }
@@ -257,8 +292,15 @@ def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -
     return np.stack([got[int(i)] for i in indices])
 
 
+def _first_size(stream) -> tuple[int, int] | None:
+    """The coded (width, height) of a stream's first frames, which opening it establishes (ffmpeg's output
+    size when the resolution changes later); None when unknown."""
+    cc = stream.codec_context
+    return (cc.width, cc.height) if cc.width and cc.height else None
+
+
 def _decode_in_order(container, stream, wanted: set[int]) -> dict[int, np.ndarray]:
-    rgb = _to_rgb(container.name)
+    rgb = _to_rgb(container.name, _first_size(stream))
     got, last = {}, max(wanted)
     for i, frame in enumerate(container.decode(stream)):
         if i in wanted:
@@ -274,7 +316,7 @@ def _decode_sparse(container, stream, wanted: set[int], promised: int | None) ->
     extradata = stream.codec_context.extradata or b""
     if stream.codec_context.name != "h264" or len(extradata) < 7 or extradata[0] != 1 or not promised:
         return None
-    length_size, rgb = (extradata[4] & 3) + 1, _to_rgb(container.name)
+    length_size, rgb = (extradata[4] & 3) + 1, _to_rgb(container.name, _first_size(stream))
     packets = [p for p in container.demux(stream) if p.size]
     shown = [p for p in packets if not p.is_discard]
     if any(p.pts is None for p in shown) or len(shown) != promised:

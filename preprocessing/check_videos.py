@@ -7,12 +7,14 @@ is trusted on the GPU path after a demux check only (NVDEC gets the file's bytes
 mid-way in a list made elsewhere would reach NVDEC. This decodes each video of LIST once with NPROC
 processes and writes what it found, per version of each file (size, mtime), into LIST.probe.json, the
 cache the loader reads: a damaged or unreadable video is then skipped, named and counted on every
-path. A count in the list that the video does not reach is reported too. Files already checked and
-unchanged since are not decoded again, so an interrupted check resumes.
+path. A count in the list that the video does not reach is reported too, and so is a video whose frame
+size changes mid-stream (the CPU path scales its frames to the first size; the GPU path skips it).
+Files already checked and unchanged since are not decoded again, so an interrupted check resumes.
 With --shard I/N each of N hosts decodes only its part of the list's videos (preprocessing/shards.py)
 into the same LIST.probe.json; a last run without --shard then decodes only what no shard did (all of
 it if every shard ended) and reports the whole list.
-Exit status: 0 every video whole, 1 some unreadable or shorter than listed (named), 2 usage error.
+Exit status: 0 every video whole, 1 some unreadable, shorter than listed or changing size (named), 2 usage
+error.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dali_pipelines.formats import DataFormatError, read_list  # noqa: E402
-from dali_pipelines.video import load_probe_cache, save_probe_cache  # noqa: E402
+from dali_pipelines.video import load_probe_cache, resolution_change_message, save_probe_cache  # noqa: E402
 from preprocessing import shards  # noqa: E402
 from preprocessing.kinetics import UsageError  # noqa: E402
 from preprocessing.lists import probe_facts  # noqa: E402
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
                 f"{args.list_file}:{s.line}: the list says {s.num_frames} frames, {s.path} decodes "
                 f"to {f.frames}; rebuild the list (build_list.py videos --probe N)"
             )
+        elif f.size_change:
+            problems.append(f"{args.list_file}:{s.line}: {resolution_change_message(s.path, f)}")
     for line in problems:
         print(f"check_videos: {line}", file=sys.stderr)
     print(

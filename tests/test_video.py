@@ -9,7 +9,7 @@ import pytest
 from dali_pipelines import video
 from preprocessing.frames import ffmpeg_exe
 
-from .media import has_bframes, index_frames, level_to_index, quadrant_frames, remux, write_video
+from .media import ffmpeg, has_bframes, index_frames, level_to_index, quadrant_frames, remux, write_video
 
 
 def _encode(path, frames, gop):
@@ -248,3 +248,61 @@ def test_a_checked_list_keeps_a_damaged_video_with_a_listed_count_from_nvdec(tmp
     assert load_sample(spec, good, (0, 0, 0, 0), cache[good.path])[1] is None  # trusted, not probed again
     assert check_videos.main([lst]) == 1
     assert "0 decoded now, 2 unchanged since checked" in capsys.readouterr().out
+
+
+def _gradients(n, width, height):
+    """Smooth colour gradients that move with the frame index: scaled by any bicubic scaler, they stay close."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack(
+        [
+            np.stack([x * 255 // width, y * 255 // height, (x + y + 2 * i) * 255 // (width + height + 2 * n)], -1)
+            for i in range(n)
+        ]
+    ).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    """Two H.264 clips of 64x48 and 40x30 joined with ``-c copy``: the frame size changes at frame 20."""
+    d = tmp_path_factory.mktemp("resized")
+    write_video(d / "a.mp4", _gradients(20, 64, 48))
+    write_video(d / "b.mp4", _gradients(20, 40, 30))
+    (d / "parts.txt").write_text(f"file '{d / 'a.mp4'}'\nfile '{d / 'b.mp4'}'\n")
+    ffmpeg("-f", "concat", "-safe", "0", "-i", d / "parts.txt", "-c", "copy", d / "both.mp4")
+    return d / "both.mp4"
+
+
+def test_a_resolution_change_mid_stream_is_scaled_to_the_first_size_as_ffmpeg_does(resized):
+    facts = video.probe(str(resized))
+    assert (facts.frames, facts.width, facts.height) == (40, 64, 48)
+    assert facts.size_change == "64x48 to 40x30 at frame 20"
+    shown = _ffmpeg_rgb(resized, 64, 48)  # video2pkl and vid2img get these frames
+    assert shown.shape[0] == 40
+    for indices in ([5, 25, 35], [25, 39], [30], list(range(40))):
+        got = video.decode_frames(str(resized), np.array(indices), 40)
+        assert got.shape == (len(indices), 48, 64, 3)
+        diff = np.abs(got.astype(int) - shown[indices])
+        assert diff.max() <= 12 and diff.mean() < 2.5, (indices, diff.max(), diff.mean())
+        np.testing.assert_array_equal(got, _in_order(resized, indices))
+
+
+def test_a_resolution_change_is_read_on_the_cpu_skipped_on_the_gpu_and_reported_by_check_videos(resized, capsys):
+    from dali_pipelines import build_loader
+    from dali_pipelines.feed import ClipSpec, load_sample
+    from dali_pipelines.formats import read_list
+    from preprocessing import check_videos
+
+    lst = resized.parent / "v.list"
+    lst.write_text("both.mp4 40 1\n")
+    loader = build_loader(
+        str(lst), "videos", "val", batch_size=1, num_segments=3, target_size=16, short_size=16, num_workers=0
+    )
+    assert [int(y.numpy()[0]) for _, y in loader] == [1] and loader.skipped == 0
+    assert check_videos.main([str(lst)]) == 1
+    err = capsys.readouterr().err
+    assert "v.list:1: " in err and "both.mp4: its frame size changes mid-stream (64x48 to 40x30 at frame 20)" in err
+    (sample,) = read_list(str(lst), "videos")
+    facts = video.load_probe_cache(str(lst) + ".probe.json")[sample.path]
+    spec = ClipSpec(source="videos", decode="video", mode="val", num_segments=3, target_size=16, short_size=16)
+    with pytest.raises(video.VideoError, match=r"both.mp4: its frame size changes mid-stream.*re-encode it"):
+        load_sample(spec, sample, (0, 0, 0, 0), facts)
