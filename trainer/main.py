@@ -7,6 +7,9 @@ python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one
                                [--output predictions.csv] [--exported DIR [--tensorrt fp16]]
 python trainer/main.py export  -c CONFIG [--weights W] [--onnx]  Paddle Inference (+ ONNX) model
 python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
+python trainer/main.py predict -c CONFIG --input LONG.mp4 --window 10s [--stride 5s]   a timeline
+                               (--input also takes a folder, a live source: -, a FIFO, udp://, rtsp://...)
+python trainer/main.py compare OUTPUT_DIR...                one table of several training runs
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def parse_args(argv=None):
         choices=("fp32", "fp16"),
         help="predict --exported on a GPU (-o device=gpu): run the graph through TensorRT at this precision",
     )
+    from trainer.infer import add_arguments
+
+    add_arguments(p)  # timelines, live streams, folders (docs/inference.md)
     return p.parse_args(argv)
 
 
@@ -284,6 +290,11 @@ def _report_predictions(cfg, env, scorer, args) -> int:
 
     if not args.input:
         raise FileNotFoundError("predict needs --input VIDEO (or a .txt file listing videos)")
+    from trainer.infer import dispatch
+
+    handled = dispatch(cfg, env, scorer, _class_names(cfg), args)  # timelines, streams, folders, lists
+    if handled is not None:
+        return handled
     results = predict(cfg, env, scorer, args.input, args.top_k)
     print_predictions(results)
     if args.output:
@@ -293,12 +304,18 @@ def _report_predictions(cfg, env, scorer, args) -> int:
 
 
 def main(argv=None) -> int:
+    from trainer.infer import is_compare
+
+    if is_compare(argv):  # compare OUTPUT_DIR...: no config of its own (trainer/reports.py)
+        from trainer.reports import compare_main
+
+        return compare_main((sys.argv[1:] if argv is None else argv)[1:])
     args = parse_args(argv)
     from dali_pipelines.formats import DataFormatError
     from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError
     from dali_pipelines.video import VideoError
     from trainer.config import ConfigError
-    from trainer.weights import UnsafeFileError
+    from trainer.weights import WeightsError
 
     previous = signal.signal(signal.SIGTERM, _stop)  # a stop ends like Ctrl-C, with its resume line
     try:
@@ -306,7 +323,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    except (DataFormatError, VideoError, FileNotFoundError, UnsafeFileError, BusyError, OutputError) as e:
+    except (DataFormatError, VideoError, FileNotFoundError, WeightsError, BusyError, OutputError) as e:
         print(f"{args.mode}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -1,0 +1,222 @@
+"""Many videos (a folder, or a list file) scored with the loader's host-side workers: unreadable files
+are skipped and listed, a rerun resumes from the output, a labelled list gets a per-class report
+(docs/inference.md "Folders and lists")."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from dali_pipelines.feed import ParallelMap, default_num_workers, load_sample
+from dali_pipelines.formats import DataFormatError, Sample, text_lines, write_atomic
+
+from . import clip_scorer, reports
+
+VIDEO_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".flv", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+    ".wmv", ".3gp", ".ogv", ".vob", ".h264", ".264", ".hevc", ".y4m",
+)  # fmt: skip
+HEADER = ["video", "rank", "class", "probability"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    videos: list[str]
+    labels: list[int] | None  # per video, from a labelled list
+    not_videos: list[str]  # files of a folder without a video's extension
+
+
+def folder_inputs(folder: str, exclude: tuple[str, ...] = ()) -> Inputs:
+    """The videos under ``folder`` (recursively, sorted; hidden files and ``exclude`` left out), and its
+    other files, which are listed as skipped."""
+    videos, others = [], []
+    excluded = {os.path.abspath(p) for p in exclude}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.startswith(".") or os.path.abspath(path) in excluded:
+                continue
+            (videos if name.lower().endswith(VIDEO_EXTENSIONS) else others).append(path)
+    if not videos:
+        raise DataFormatError(
+            f"folder {folder} holds no videos (files ending {', '.join(VIDEO_EXTENSIONS[:6])}, ...)"
+            + (f"; it holds {len(others)} other file(s)" if others else "")
+        )
+    return Inputs(videos, None, others)
+
+
+def list_inputs(list_file: str) -> Inputs:
+    """The videos of a list file (``path``, ``path label`` or ``path num_frames label`` lines; paths may
+    hold spaces; relative ones resolve against the list's folder); labels when every line has one."""
+    base = os.path.dirname(os.path.abspath(list_file))
+    videos, labels = [], []
+    for line in map(str.strip, text_lines(list_file)):
+        if not line or line.startswith("#"):
+            continue
+        path, label = line, None
+        for _ in range(2):
+            parts = path.rsplit(maxsplit=1)
+            if len(parts) == 2 and parts[1].isascii() and parts[1].isdigit():
+                path, label = parts[0], int(parts[1]) if label is None else label
+        videos.append(path if os.path.isabs(path) or os.path.exists(path) else os.path.join(base, path))
+        labels.append(label)
+    if not videos:
+        raise DataFormatError(f"list file {list_file} lists no videos; write one video path a line")
+    return Inputs(videos, labels if all(v is not None for v in labels) else None, [])
+
+
+def done_videos(output: str) -> dict[str, list[tuple[str, float]]]:
+    """Videos an earlier run already wrote to ``output`` (all their ranks), with their top classes; the
+    file is rewritten without a last video cut short by a stop, so that appending continues it."""
+    if not os.path.isfile(output):
+        return {}
+    rows: dict[str, list[tuple[int, str, float]]] = {}
+    with open(output, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        if next(reader, None) != HEADER:
+            raise DataFormatError(
+                f"{output} exists but is not a predictions CSV ({','.join(HEADER)}); give another --output"
+            )
+        for row in reader:
+            if len(row) != 4 or not row[1].isdigit():
+                continue
+            try:
+                rows.setdefault(row[0], []).append((int(row[1]), row[2], float(row[3])))
+            except ValueError:
+                continue
+    k = max((len(r) for r in rows.values()), default=0)
+    done = {
+        v: [(c, p) for _, c, p in sorted(r)]
+        for v, r in rows.items()
+        if sorted(i for i, _, _ in r) == list(range(1, k + 1))
+    }
+    if len(done) != len(rows):  # rewrite the complete videos only
+        lines = [HEADER] + [[v, i, c, f"{p:.6f}"] for v, top in done.items() for i, (c, p) in enumerate(top, 1)]
+        write_atomic(output, _csv_text(lines).encode())
+    return done
+
+
+def _csv_text(rows) -> str:
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def _decoded(
+    spec, paths: list[str], todo: list[int], skipped: list, *, num_workers: int, ahead: int, timeout: float, seed: int
+):
+    """(position, sampled frames) of each readable video, in order, decoded (and probed) in workers."""
+    feed = ParallelMap(functools.partial(load_sample, spec), num_workers, ahead=ahead, timeout=timeout)
+    try:
+        k = 0
+        while k < len(todo) or feed.in_flight:
+            want = feed.want()
+            if want and k < len(todo):
+                items = [
+                    (Sample(os.path.abspath(paths[i]), i, 0, i + 1), (seed, 0, 0, i), None) for i in todo[k : k + want]
+                ]
+                feed.submit(items)
+                k += len(items)
+            (s, _, _), (status, value) = feed.next()
+            if status == "ok":
+                yield s.label, value[0][0]
+            else:
+                skipped.append((paths[s.label], value))
+    finally:
+        feed.close()
+
+
+def run_folder(cfg, scorer, names: list[str], inputs: Inputs, output: str | None, top_k: int) -> dict:
+    """Score every video of ``inputs``; with ``output``, append to it (resuming: videos already there are
+    not redone), list the unreadable ones in OUTPUT.skipped.csv and, for a labelled list, write the
+    per-class report beside it. Without ``output`` the predictions are printed. Returns the counts."""
+    from tqdm import tqdm
+
+    spec = clip_scorer.clip_spec(cfg)
+    videos = inputs.videos
+    bad = sorted({t for t in inputs.labels or [] if not 0 <= t < len(names)})
+    if bad:
+        raise DataFormatError(
+            f"labels {bad[:5]} of the input list are outside [0, {len(names)}); check the list against the label file"
+        )
+    done = done_videos(output) if output else {}
+    todo = [i for i, v in enumerate(videos) if v not in done]
+    if done:
+        print(
+            f"predict: {len(videos) - len(todo)} of {len(videos)} video(s) are already in {output}; "
+            f"scoring the other {len(todo)}"
+        )
+    workers = default_num_workers() if cfg.DATASET.num_workers is None else cfg.DATASET.num_workers
+    skipped: list[tuple[str, str]] = [(p, "not a video file (by its extension)") for p in inputs.not_videos]
+    started, scored = time.monotonic(), 0
+    out = None
+    if output:
+        new = not os.path.isfile(output)
+        out = open(output, "a", newline="", encoding="utf-8")
+        writer = csv.writer(out)
+        if new:
+            writer.writerow(HEADER)
+    bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True, disable=not output)
+    try:
+        clips = _decoded(
+            spec,
+            videos,
+            todo,
+            skipped,
+            num_workers=workers,
+            ahead=2 * cfg.DATASET.batch_size,
+            timeout=cfg.DATASET.worker_timeout,
+            seed=cfg.seed,
+        )
+        for i, logits in clip_scorer.score_clips(spec, scorer, clips, batch_size=cfg.DATASET.batch_size, prefetch=2):
+            p = reports.softmax(logits)
+            top = [(names[c], float(p[c])) for c in np.argsort(-p, kind="stable")[: min(top_k, len(names))]]
+            done[videos[i]] = top
+            scored += 1
+            if out is not None:
+                writer.writerows([videos[i], r, c, f"{q:.6f}"] for r, (c, q) in enumerate(top, 1))
+                out.flush()
+                bar.update(1)
+            else:
+                print(f"{videos[i]}:")
+                for r, (c, q) in enumerate(top, 1):
+                    print(f"  {r}. {c:<30s} {q:.4f}")
+    finally:
+        bar.close()
+        if out is not None:
+            out.close()
+    took = time.monotonic() - started
+    result = {"videos": len(videos), "scored": scored, "skipped": len(skipped), "seconds": took, "workers": workers}
+    print(
+        f"predict: {scored} video(s) scored in {took:.1f}s ({scored / max(took, 1e-9):.2f} files/s, "
+        f"{workers} decode worker(s))" + (f" -> {output}" if output else "")
+    )
+    if skipped:
+        for path, why in skipped[:10]:
+            print(f"predict: skipped {path}: {why}", file=sys.stderr)
+        if len(skipped) > 10:
+            print(f"predict: ... and {len(skipped) - 10} more skipped", file=sys.stderr)
+        if output:
+            listing = f"{output}.skipped.csv"
+            write_atomic(listing, _csv_text([["video", "reason"], *skipped]).encode())
+            print(f"predict: {len(skipped)} file(s) skipped, listed in {listing}")
+    if output and inputs.labels is not None:
+        by_name = {n: c for c, n in enumerate(names)}
+        pairs = [(inputs.labels[i], by_name[done[v][0][0]]) for i, v in enumerate(videos) if v in done]
+        true, pred = np.array([t for t, _ in pairs], np.int64), np.array([q for _, q in pairs], np.int64)
+        paths = reports.write_class_report(true, pred, names, os.path.splitext(output)[0])
+        result["top1"] = float(np.mean(true == pred)) if len(true) else float("nan")
+        print(
+            f"predict: top-1 {result['top1']:.4f} on {len(true)} labelled video(s); "
+            f"per-class report: {', '.join(paths)}"
+        )
+    return result

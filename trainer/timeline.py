@@ -1,0 +1,321 @@
+"""A long video as a timeline: every window scored with the model's own test sampling and transform,
+each frame decoded at most once however much the windows overlap (docs/inference.md "Long videos")."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from dali_pipelines.video import VideoError, _disposable, _open, _to_rgb, probe
+
+from . import clip_scorer, reports
+
+log = logging.getLogger(__name__)
+
+
+class TimelineError(ValueError):
+    """A window or stride that does not fit the input; the message says which and the fix."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A window or stride length: seconds ("10s", "2.5s") or frames ("250", "250f")."""
+
+    value: float
+    unit: str  # "s" | "f"
+
+    def frames(self, fps: float) -> int:
+        return int(self.value) if self.unit == "f" else max(1, int(round(self.value * fps)))
+
+    def __str__(self) -> str:
+        return f"{self.value:g}s" if self.unit == "s" else f"{int(self.value)} frames"
+
+
+def parse_span(text: str) -> Span:
+    """``--window`` / ``--stride``: a positive number of seconds (``10s``) or of frames (``250``, ``250f``)."""
+    import argparse
+
+    t = text.strip().lower()
+    unit = "s" if t.endswith("s") else "f"
+    number = t[:-1] if t[-1:] in ("s", "f") else t
+    try:
+        value = float(number) if unit == "s" else int(number)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds > 0 (e.g. 10s) or a number of frames >= 1 (e.g. 250), got {text!r}"
+        )
+    return Span(value, unit)
+
+
+def plan_windows(num_frames: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """``[start, end)`` frame ranges of ``window`` frames every ``stride`` frames; a last window is added
+    flush with the end when the regular ones leave a tail, so that every frame is covered."""
+    if window < 1 or stride < 1:
+        raise TimelineError(f"window and stride must be >= 1 frame, got {window} and {stride}")
+    if window > num_frames:
+        raise TimelineError(f"window of {window} frames is longer than the video ({num_frames} frames)")
+    out = [(s, s + window) for s in range(0, num_frames - window + 1, stride)]
+    if out[-1][1] < num_frames:
+        out.append((num_frames - window, num_frames))
+    return out
+
+
+@dataclass
+class VideoIndex:
+    """What one demuxing pass (no decoding) says of a video file: each packet's timestamp, whether it is
+    a keyframe one may start decoding at, and whether it is a picture nothing else refers to."""
+
+    path: str
+    num_frames: int
+    fps: float
+    times: np.ndarray  # seconds of frame i (display order) from the first frame
+    pts: np.ndarray | None  # display-order timestamps (None: frames are counted, not indexed)
+    packet_pts: np.ndarray | None = None  # per packet in decode order
+    clean_key: np.ndarray | None = None  # a keyframe nothing decoded later is shown before
+    disposable: np.ndarray | None = None  # an H.264 non-reference picture
+
+    @property
+    def sparse(self) -> bool:
+        return self.pts is not None
+
+    def duration(self) -> float:
+        return float(self.times[-1] + 1 / self.fps) if self.num_frames else 0.0
+
+
+def index_video(path: str) -> VideoIndex:
+    """The packet index of an H.264 video (mp4/mov/mkv...), read without decoding; other codecs, and
+    streams whose packets do not map one to one onto frames, are counted by decoding (``video.probe``)."""
+    container, stream = _open(path)
+    try:
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        codec = stream.codec_context.name
+        extradata = stream.codec_context.extradata or b""
+        avcc = codec == "h264" and len(extradata) >= 7 and extradata[0] == 1
+        length_size = (extradata[4] & 3) + 1 if avcc else 4
+        pts, keys, disp = [], [], []
+        ok = avcc
+        if ok:
+            for p in container.demux(stream):
+                if not p.size:
+                    continue
+                if p.pts is None or p.is_discard:
+                    ok = False
+                    break
+                pts.append(p.pts)
+                keys.append(p.is_keyframe)
+                disp.append(_disposable(bytes(p), length_size))
+        time_base = float(stream.time_base)
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types for broken files
+        raise VideoError(f"{path}: cannot read video ({e})") from None
+    finally:
+        container.close()
+    order = np.sort(np.array(pts, np.int64))
+    if not ok or not pts or len(np.unique(order)) != len(order):
+        n = probe(path).frames
+        return VideoIndex(path, n, fps, np.arange(n) / fps, None)
+    packet_pts = np.array(pts, np.int64)
+    # a keyframe is a clean start when nothing decoded after it is shown before it (no leading pictures)
+    suffix_min = np.minimum.accumulate(packet_pts[::-1])[::-1]
+    clean = np.array(keys) & (suffix_min == packet_pts)
+    return VideoIndex(
+        path,
+        len(order),
+        fps,
+        (order - order[0]) * time_base,
+        order,
+        packet_pts,
+        clean,
+        np.array(disp),
+    )
+
+
+def packets_to_decode(index: VideoIndex, wanted: np.ndarray) -> np.ndarray:
+    """Per packet (decode order), whether the wanted frames (display indices) need it decoded: every
+    packet from the last clean keyframe before a wanted frame up to that frame's own packet, less the
+    non-reference pictures nobody wants. GOPs holding no wanted frame are not decoded at all."""
+    n = len(index.packet_pts)
+    pos_of = {int(p): k for k, p in enumerate(index.packet_pts)}
+    keys = np.flatnonzero(index.clean_key)
+    mark = np.zeros(n + 1, np.int64)
+    wanted_pts = set()
+    for i in np.unique(wanted):
+        pts = int(index.pts[i])
+        wanted_pts.add(pts)
+        pos = pos_of[pts]
+        # the last clean keyframe shown no later than the frame, and decoded no later than it
+        cands = keys[(keys <= pos) & (index.packet_pts[keys] <= pts)]
+        start = int(cands[-1]) if len(cands) else 0
+        mark[start] += 1
+        mark[pos + 1] -= 1
+    needed = np.cumsum(mark[:n]) > 0
+    keep = np.array([p in wanted_pts for p in index.packet_pts.tolist()])
+    return needed & (keep | ~index.disposable)
+
+
+class DecodeStats:
+    """What a reader decoded: frames out of the decoder, frames converted to RGB, most frames held."""
+
+    def __init__(self):
+        self.decoded, self.converted, self.held_max = 0, 0, 0
+
+
+def read_windows(
+    index: VideoIndex, windows: list[tuple[int, int]], spec, stats: DecodeStats | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(window number, its sampled frames [T, H, W, 3]) of each window, in order, decoding the video once:
+    frames are kept only while a window still to come samples them."""
+    stats = stats or DecodeStats()
+    samples = [clip_scorer.window_indices(spec, s, e) for s, e in windows]
+    users: dict[int, int] = {}
+    for idx in samples:
+        for i in set(idx.tolist()):
+            users[i] = users.get(i, 0) + 1
+    held: dict[int, np.ndarray] = {}
+    next_window = 0
+
+    def ready() -> Iterator[tuple[int, np.ndarray]]:
+        nonlocal next_window
+        while next_window < len(windows) and all(i in held for i in samples[next_window].tolist()):
+            idx = samples[next_window].tolist()
+            frames = np.stack([held[i] for i in idx])
+            for i in set(idx):
+                users[i] -= 1
+                if not users[i]:
+                    del held[i]
+            yield next_window, frames
+            next_window += 1
+
+    container, stream = _open(index.path)
+    rgb = _to_rgb(index.path)
+    try:
+        if index.sparse:
+            decode = packets_to_decode(index, np.concatenate(samples))
+            frame_of = {int(p): i for i, p in enumerate(index.pts)}
+            k = 0
+            for packet in container.demux(stream):
+                if not packet.size:
+                    frames = packet.decode()  # the end: drain the reorder buffer
+                else:
+                    todo, k = decode[k], k + 1
+                    if not todo:
+                        continue
+                    frames = packet.decode()
+                for frame in frames:
+                    stats.decoded += 1
+                    i = frame_of.get(frame.pts)
+                    if i is not None and users.get(i) and i not in held:
+                        held[i] = rgb(frame)
+                        stats.converted += 1
+                        stats.held_max = max(stats.held_max, len(held))
+                yield from ready()
+        else:
+            for i, frame in enumerate(container.decode(stream)):
+                stats.decoded += 1
+                if users.get(i):
+                    held[i] = rgb(frame)
+                    stats.converted += 1
+                    stats.held_max = max(stats.held_max, len(held))
+                yield from ready()
+                if next_window == len(windows):
+                    break
+    except VideoError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise VideoError(f"{index.path}: decoding failed ({e})") from None
+    finally:
+        container.close()
+    if next_window < len(windows):
+        s, e = windows[next_window]
+        raise VideoError(
+            f"{index.path}: decoding stopped before window {next_window} ({s}-{e} frames) was complete; the "
+            "file is damaged or shorter than its index says"
+        )
+
+
+@dataclass
+class Timeline:
+    """Scores per window: what timeline.csv / .json / .png are written from."""
+
+    source: str
+    fps: float
+    window: str
+    stride: str
+    names: list[str]
+    starts: list[float]
+    ends: list[float]
+    probs: list[np.ndarray]
+    latency: list[float] | None = None  # live streams: seconds from the window's last frame to its scores
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def run_timeline(
+    cfg,
+    scorer,
+    names: list[str],
+    path: str,
+    window: Span,
+    stride: Span,
+    out_dir: str,
+    top_k: int,
+    min_segment: float | None = None,
+):
+    """Score every window of the video ``path`` and write the timeline files into ``out_dir``; returns
+    their paths."""
+    from tqdm import tqdm
+
+    from dali_pipelines.runlock import check_writable
+
+    check_writable(out_dir, "the timeline folder")  # before the work
+    spec = clip_scorer.clip_spec(cfg)
+    index = index_video(path)
+    w, s = window.frames(index.fps), stride.frames(index.fps)
+    if w > index.num_frames:
+        raise TimelineError(
+            f"--window {window} ({w} frames) is longer than {path} ({index.num_frames} frames, "
+            f"{index.duration():.2f}s at {index.fps:g} fps); use --window {int(index.duration()) or 1}s or less"
+        )
+    windows = plan_windows(index.num_frames, w, s)
+    # at most a window's worth of sampled frames in the graph's batches (bounded memory, docs/inference.md)
+    frames_per_clip = spec.num_segments * spec.num_clips
+    batch = max(1, min(cfg.DATASET.batch_size, w // (2 * frames_per_clip)))
+    tl = Timeline(path, index.fps, str(window), str(stride), names, [], [], [])
+    ends = [index.times[e] if e < index.num_frames else index.duration() for _, e in windows]
+    stats = DecodeStats()
+    started = time.monotonic()
+    bar = tqdm(total=len(windows), unit="window", desc=os.path.basename(path), file=sys.stderr, dynamic_ncols=True)
+    try:
+        clips = read_windows(index, windows, spec, stats)
+        for j, logits in clip_scorer.score_clips(spec, scorer, clips, batch_size=batch, prefetch=2):
+            tl.starts.append(float(index.times[windows[j][0]]))
+            tl.ends.append(float(ends[j]))
+            tl.probs.append(reports.softmax(logits))
+            bar.update(1)
+    finally:
+        bar.close()
+        if len(tl):  # what was scored is written even when a stop or an error ends the run early
+            paths = reports.write_timeline(tl, out_dir, top_k, min_segment)
+    took = time.monotonic() - started
+    log.info(
+        "%s: %d windows of %d frames every %d in %.1fs (%.1f windows/s); decoded %d of %d frames once, held at most %d",
+        path,
+        len(windows),
+        w,
+        s,
+        took,
+        len(windows) / max(took, 1e-9),
+        stats.decoded,
+        index.num_frames,
+        stats.held_max,
+    )
+    return paths, tl, stats
