@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError
     from dali_pipelines.video import VideoError
     from trainer.config import ConfigError
-    from trainer.weights import WeightsError
+    from trainer.weights import UnsafeFileError
 
     previous = signal.signal(signal.SIGTERM, _stop)  # a stop ends like Ctrl-C, with its resume line
     try:
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    except (DataFormatError, VideoError, FileNotFoundError, WeightsError, BusyError, OutputError) as e:
+    except (DataFormatError, VideoError, FileNotFoundError, UnsafeFileError, BusyError, OutputError) as e:
         print(f"{args.mode}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
