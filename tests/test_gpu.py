@@ -163,3 +163,54 @@ def test_tensorrt_on_a_paddle_without_it_is_one_clear_error(tmp_path):
     (tmp_path / "inference.pdiparams").write_bytes(b"")
     with pytest.raises(export.ConfigError, match="built without TensorRT"):
         export.tensorrt_model(str(tmp_path / "inference.json"), str(tmp_path / "inference.pdiparams"), "fp16", None, 4)
+
+
+# ---------------------------------------------------------------- TensorRT's runtime, export's reference
+
+
+@pytest.mark.parametrize(
+    "runtime, why",
+    [
+        (None, "TensorRT's Python runtime is not installed"),
+        ("10.16.1.11", "TensorRT 10.16.1.11 is installed but this Paddle was built with TensorRT 10.5.0"),
+        ("10.5.0.18", ""),
+    ],
+)
+def test_tensorrt_is_usable_only_with_the_runtime_paddle_was_built_with(monkeypatch, runtime, why):
+    """A GPU wheel built with TensorRT 10.5 (what get_trt_compile_version reports there), with no runtime,
+    another one, or the same one installed (the `tensorrt` module stands in for the pip package)."""
+    import sys
+    import types
+
+    monkeypatch.setattr(paddle.inference, "get_trt_compile_version", lambda: [10, 5, 0])
+    monkeypatch.setitem(sys.modules, "tensorrt", runtime and types.SimpleNamespace(__version__=runtime))
+    got = export.tensorrt_unavailable()
+    assert got.startswith(why) if why else got == ""
+    if why:
+        assert "pip install tensorrt-cu12==10.5.0" in got and "EXTRAS=gpu,trt" in got
+
+
+def test_tensorrt_without_its_runtime_is_one_config_error_before_paddle_tensorrt_is_imported(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setattr(paddle.inference, "get_trt_compile_version", lambda: [10, 5, 0])
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
+    (tmp_path / "inference.json").write_text("{}")
+    (tmp_path / "inference.pdiparams").write_bytes(b"")
+    with pytest.raises(export.ConfigError) as e:
+        export.tensorrt_model(str(tmp_path / "inference.json"), str(tmp_path / "inference.pdiparams"), "fp16", None, 4)
+    assert "\n" not in str(e.value) and "tensorrt-cu12==10.5.0" in str(e.value)
+
+
+def test_export_reference_is_computed_on_the_cpu_and_equals_the_model(tmp_path):
+    _, model = tiny_model(tmp_path)
+    model.eval()
+    places = []
+    hook = model.register_forward_post_hook(lambda layer, inputs, out: places.append(str(out.place)))
+    sample = np.random.default_rng(0).standard_normal([2, 3, 3, 32, 32]).astype(np.float32)
+    got = export.reference_logits(model, sample)
+    hook.remove()
+    with paddle.no_grad():
+        want = model(paddle.to_tensor(sample)).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert places and all(p.startswith("Place(cpu") for p in places), places
