@@ -23,8 +23,10 @@ def save(obj, path: str) -> None:
             os.unlink(tmp)
 
 
-def save_state(path: str, model, optimizer, scaler=None, **meta) -> None:
+def save_state(path: str, model, optimizer, scaler=None, parts=None, **meta) -> None:
+    """``parts``: {name: network} stored beside the model (a distillation peer, trainer.distill)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "meta": meta}
+    state.update({name: net.state_dict() for name, net in (parts or {}).items()})
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     save(state, path)

@@ -124,6 +124,15 @@ SCHEMA: dict = {
         "test_num_segments": Opt(None, type=int, nullable=True, minimum=1),  # null: num_segments
         "mixup_alpha": Opt(0.0, minimum=0.0),  # 0 disables mixup of training batches
     },
+    # distillation (docs/training.md "Distillation"): "dml" trains the model and a peer together, "teacher"
+    # trains the model against a frozen teacher; evaluation and export see the model (the student) only
+    "DISTILL": {
+        "mode": Opt("none", choices=("none", "dml", "teacher")),
+        "config": Opt(""),  # the peer's / teacher's config file: its MODEL section is the network
+        "weights": Opt(""),  # teacher: its trained weights (required); dml: the peer's start (else its pretrained)
+        "temperature": Opt(1.0, minimum=0.0),  # T of the softened outputs softmax(logits / T); must be > 0
+        "weight": Opt(1.0, minimum=0.0),  # of the T^2-scaled KL term; the cross-entropy terms weigh 1
+    },
     "PRECISE_BN": {
         "enabled": Opt(True),
         "num_iters": Opt(200, minimum=1),  # training batches per rank before each evaluation
@@ -310,6 +319,20 @@ def _check_combination(cfg, origin: str) -> None:
     for key, v in mults:
         if isinstance(v, bool) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"config error: {key} = {v!r} ({origin}): must be a finite number >= 0 (LR multiplier)")
+    d = cfg.DISTILL
+    if d.mode != "none" and not d.config:
+        raise ConfigError(
+            f"config error: DISTILL.config is empty ({origin}): DISTILL.mode = {d.mode} needs the config file "
+            f"of the {'peer' if d.mode == 'dml' else 'teacher'} (its MODEL section), e.g. "
+            "-o DISTILL.config=configs/tsm.yaml"
+        )
+    if d.mode == "teacher" and not d.weights:
+        raise ConfigError(
+            f"config error: DISTILL.weights is empty ({origin}): the teacher form needs the teacher's trained "
+            "weights, e.g. -o DISTILL.weights=output/tsm/best.pdparams"
+        )
+    if not d.temperature > 0:
+        raise ConfigError(f"config error: DISTILL.temperature = {d.temperature} ({origin}): must be > 0")
     if o.grad_clip is not None and not o.grad_clip > 0:
         raise ConfigError(
             f"config error: OPTIMIZER.grad_clip = {o.grad_clip} ({origin}): must be > 0 (null disables clipping)"

@@ -15,8 +15,9 @@ import yaml
 
 from dali_pipelines.runlock import RUN_ID_ENV
 
-from . import checkpoint, dist, weights
+from . import checkpoint, dist, distill, weights
 from .config import ConfigError, segments_in_test, to_plain
+from .losses import classification_loss, mixup
 from .metrics import MetricsLog, topk_correct
 from .models import build_model
 from .precise_bn import precise_bn
@@ -73,21 +74,6 @@ def _amp_dtype(cfg, env) -> str | None:
     return cfg.amp_dtype if cfg.amp and env.device == "gpu" else None
 
 
-def classification_loss(logits, labels, smoothing: float = 0.0):
-    """Mean cross-entropy against labels smoothed towards the uniform distribution by ``smoothing``."""
-    logp = F.log_softmax(logits.astype("float32"), axis=1)
-    nll = -paddle.take_along_axis(logp, labels.reshape([-1, 1]).astype("int64"), axis=1).squeeze(1)
-    return ((1 - smoothing) * nll - smoothing * logp.mean(axis=1)).mean()
-
-
-def mixup(imgs, labels, alpha: float, rng: np.random.Generator):
-    """(mixed clips, the partner labels, the weight of the own labels) for a batch: each clip is blended
-    with another clip of the batch by lambda ~ Beta(alpha, alpha) (mixup, Zhang et al. 2018)."""
-    lam = float(rng.beta(alpha, alpha))
-    perm = paddle.to_tensor(rng.permutation(labels.shape[0]))
-    return imgs * lam + paddle.gather(imgs, perm) * (1 - lam), paddle.gather(labels, perm), lam
-
-
 def train_loss(net, imgs, labels, smoothing: float, mixup_alpha: float, rng: np.random.Generator):
     """(loss, logits) of one training batch, exactly as the training loop computes them: with
     ``mixup_alpha`` > 0 the clips are mixed and the loss is ``lam * L(y) + (1 - lam) * L(y_partner)``,
@@ -140,12 +126,14 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def restore(path: str, model, optimizer, model_cfg=None) -> tuple[dict, dict | None]:
-    """Load a training checkpoint into ``model`` and ``optimizer`` (its state holds the LR schedule's position);
-    returns the checkpoint's metadata and the AMP loss scaler's state (None without AMP). A checkpoint of
-    another model is a one-line ConfigError naming what differs (the MODEL keys, when the checkpoint
-    records its config and ``model_cfg`` is given; else the tensors)."""
+def restore(path: str, model, optimizer, model_cfg=None, parts=None) -> tuple[dict, dict | None]:
+    """Load a training checkpoint into ``model`` and ``optimizer`` (its state holds the LR schedule's position)
+    and into the networks of ``parts`` (a DML peer, trainer.distill); returns the checkpoint's metadata and
+    the AMP loss scaler's state (None without AMP). A checkpoint of another model is a one-line ConfigError
+    naming what differs (the MODEL keys, when the checkpoint records its config and ``model_cfg`` is given;
+    else the tensors)."""
     state = weights.load_checkpoint(path)
+    distill.restore_parts(state, parts or {}, path)
     saved = state["model"]
     differ = sum(weights.mismatch(model, saved), [])
     if differ:
@@ -249,14 +237,16 @@ class _Run:
     loader: Any
     log: MetricsLog
     step: int = 0
+    loss_fn: Any = None  # train_loss when None; a distillation run's (trainer.distill)
     totals: dict = field(default_factory=lambda: {"data": 0.0, "batch": 0.0, "samples": 0})
 
 
-def train_step(net, optimizer, scaler, imgs, labels, amp: str | None, smoothing=0.0, alpha=0.0, rng=None):
+def train_step(net, optimizer, scaler, imgs, labels, amp: str | None, smoothing=0.0, alpha=0.0, rng=None, loss_fn=None):
     """One optimiser step; returns (loss, logits). ``amp`` ("float16" | "bfloat16" | None) runs the
-    forward pass under autocast; float16 needs ``scaler`` (a GradScaler), bfloat16 needs none."""
+    forward pass under autocast; float16 needs ``scaler`` (a GradScaler), bfloat16 needs none.
+    ``loss_fn`` (``train_loss``'s signature) replaces ``train_loss``: distillation's."""
     with paddle.amp.auto_cast(enable=amp is not None, dtype=amp or "float16"):
-        loss, logits = train_loss(net, imgs, labels, smoothing, alpha, rng)
+        loss, logits = (loss_fn or train_loss)(net, imgs, labels, smoothing, alpha, rng)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -277,7 +267,9 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     win, steps, t_prev = _Window(), len(loader), time.time()
     for imgs, labels in loader:
         t_data = time.time()
-        loss, logits = train_step(run.net, optimizer, run.scaler, imgs, labels, amp, smoothing, alpha, mix_rng)
+        loss, logits = train_step(
+            run.net, optimizer, run.scaler, imgs, labels, amp, smoothing, alpha, mix_rng, loss_fn=run.loss_fn
+        )
         run.scheduler.step()
         run.step += 1
         t_end = time.time()
@@ -317,6 +309,8 @@ def train(cfg, env: dist.Env) -> dict:
     resume = _resume_path(cfg)
     paddle.seed(cfg.seed)  # identical initial weights on every rank (DataParallel also broadcasts)
     model = build_model(cfg)
+    distiller = distill.build(cfg, model)  # None without DISTILL
+    trained = distiller.net if distiller else model  # with DML, the student and its peer
     train_loader = make_loader(cfg, env, "train")
     val_loader = make_loader(cfg, env, "val") if cfg.DATASET.val_list else None
     bn_loader = (
@@ -327,12 +321,12 @@ def train(cfg, env: dist.Env) -> dict:
     steps = len(train_loader)
     global_batch = cfg.DATASET.batch_size * env.world_size
     scheduler = build_scheduler(cfg.OPTIMIZER, steps, cfg.epochs, global_batch)
-    optimizer = build_optimizer(cfg.OPTIMIZER, scheduler, model)
+    optimizer = build_optimizer(cfg.OPTIMIZER, scheduler, distiller.param_groups(cfg.OPTIMIZER) if distiller else model)
     start_epoch, step, best, scaler_state = 0, 0, {"top1": -1.0}, None
     if env.is_main:
         checkpoint.remove_stale_temporaries(out)
     if resume:
-        meta, scaler_state = restore(resume, model, optimizer, cfg.MODEL)
+        meta, scaler_state = restore(resume, model, optimizer, cfg.MODEL, distiller.parts() if distiller else {})
         if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
             print(
                 f"train: warning: {resume} was written with seed {meta.get('seed')} on "
@@ -344,11 +338,11 @@ def train(cfg, env: dist.Env) -> dict:
     if env.is_main:
         with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(to_plain(cfg), f, sort_keys=False)
-    net = model
+    net = trained
     if env.world_size > 1:
         from paddle.distributed import fleet
 
-        net, optimizer = fleet.distributed_model(model), fleet.distributed_optimizer(optimizer)
+        net, optimizer = fleet.distributed_model(trained), fleet.distributed_optimizer(optimizer)
     scaler = paddle.amp.GradScaler() if _amp_dtype(cfg, env) == "float16" else None  # bf16 needs no scaling
     if scaler is not None and resume and scaler_state:
         scaler.load_state_dict(scaler_state)
@@ -357,7 +351,8 @@ def train(cfg, env: dist.Env) -> dict:
             f"train: {env.world_size} rank(s) on {env.device}, {train_loader.num_samples} clips/rank/epoch "
             f"read by {train_loader.num_workers} feed worker(s)/rank, "
             f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {scheduler.get_lr():.4g}"
-            + (f"; resumed from {resume} at epoch {start_epoch}" if resume else ""),
+            + (f"; resumed from {resume} at epoch {start_epoch}" if resume else "")
+            + (f"; {distiller.describe()}" if distiller else ""),
             flush=True,
         )
 
@@ -371,6 +366,7 @@ def train(cfg, env: dist.Env) -> dict:
         loader=train_loader,
         log=log,
         step=step,
+        loss_fn=distiller.train_loss if distiller else None,
     )
     t_start, last_eval = time.time(), {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -378,7 +374,7 @@ def train(cfg, env: dist.Env) -> dict:
         paddle.seed(cfg.seed + 1000 * (env.rank + 1) + epoch)
         train_loader.set_epoch(epoch)
         _train_epoch(run, epoch)
-        dist.average_bn_buffers(model, env)  # every rank: it is a collective
+        dist.average_bn_buffers(trained, env)  # every rank: it is a collective
         last = epoch + 1 == cfg.epochs
         if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or last):
             if bn_loader is not None:
@@ -407,14 +403,18 @@ def train(cfg, env: dist.Env) -> dict:
                 steps_per_epoch=steps,
                 config=to_plain(cfg),
             )
-            checkpoint.save_state(os.path.join(out, "latest.pdckpt"), model, optimizer, scaler, **meta)
-            if (epoch + 1) % cfg.save_interval == 0:
-                checkpoint.save_state(os.path.join(out, f"epoch_{epoch + 1}.pdckpt"), model, optimizer, scaler, **meta)
+            parts = {}
+            if distiller:  # the checkpoint says what it holds: the student as "model", a DML peer beside it
+                parts, meta["holds"] = distiller.parts(), distiller.holds(cfg.MODEL.name)
+            for name in ["latest"] + ([f"epoch_{epoch + 1}"] if (epoch + 1) % cfg.save_interval == 0 else []):
+                checkpoint.save_state(
+                    os.path.join(out, f"{name}.pdckpt"), model, optimizer, scaler, parts=parts, **meta
+                )
             if val_loader is None and last:
                 checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), epoch=epoch + 1)
     wall = time.time() - t_start
     # every rank logs a digest of its weights: equal digests prove the ranks stayed in sync
-    print(f"rank {env.rank}: weights digest {weights_digest(model)}", flush=True)
+    print(f"rank {env.rank}: weights digest {weights_digest(trained)}", flush=True)
     summary = {
         "val_top1": last_eval.get("top1"),
         "best_val_top1": best["top1"] if best["top1"] >= 0 else None,
