@@ -2,7 +2,8 @@
 # make test: set up .venv and run the test suite; make lint: ruff's checks and formatting.
 # make motion-demo: the motion task (direction of motion only): TSM learns it, TSN stays at chance.
 # GPU=cu126 (or cu129) installs Paddle's CUDA 12.6 (12.9) GPU build from Paddle's own package index
-# with DALI for CUDA 12, e.g. `make demo GPU=cu126` (README "GPU hosts": the driver each one needs).
+# with DALI for CUDA 12, e.g. `make demo GPU=cu126` (README "GPU hosts": the driver each one needs);
+# EXTRAS=gpu,trt,dev,onnx,vdl adds TensorRT's runtime for predict --tensorrt (docs/gpu.md).
 PYTHON ?= python3
 comma := ,
 GPU ?=
@@ -16,7 +17,7 @@ endif
 EXTRAS ?= gpu,dev,onnx,vdl
 PIP_INDEX := --extra-index-url https://www.paddlepaddle.org.cn/packages/stable/$(GPU)/
 endif
-ifneq ($(filter gpu,$(subst $(comma), ,$(EXTRAS))),)
+ifneq ($(filter gpu trt,$(subst $(comma), ,$(EXTRAS))),)
 ifeq ($(GPU),)
 $(error EXTRAS=$(EXTRAS) asks for the GPU build: say which CUDA line with GPU=cu126 or GPU=cu129 instead)
 endif

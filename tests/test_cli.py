@@ -1,6 +1,7 @@
 """Command-line values of run_dist.sh and trainer/main.py: each bad one is one line, before any work."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -112,3 +113,17 @@ def test_ranks_command_prints_the_plan_of_this_host():
         assert (proc.returncode, proc.stdout) == (0, "3 0,1,2 keep\n")
     else:
         assert proc.returncode == 2 and proc.stderr.startswith("run_dist.sh: --nproc 3 asks for 3 GPU ranks")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_takes_the_trt_extra_with_a_gpu_line_and_refuses_it_without(tmp_path):
+    def make(*args):
+        return subprocess.run(
+            ["make", "-n", "setup", *args, f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True
+        )
+
+    ok = make("GPU=cu126", "EXTRAS=gpu,trt,dev")
+    assert ok.returncode == 0, ok.stderr
+    assert 'packages/stable/cu126/ -e ".[gpu,trt,dev]"' in ok.stdout
+    refused = make("EXTRAS=cpu,trt")
+    assert refused.returncode != 0 and "say which CUDA line with GPU=cu126 or GPU=cu129" in refused.stderr
