@@ -18,7 +18,7 @@ import numpy as np
 from .feed import ClipSpec, LabelError, ParallelMap, default_num_workers, load_sample
 from .formats import SOURCES, DataFormatError, Sample, read_list
 from .sampling import LOADER_MODES, SAMPLINGS, shard_indices
-from .video import load_probe_cache, probe_cached, save_probe_cache
+from .video import VideoError, load_probe_cache, probe_cached, save_probe_cache
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -323,9 +323,32 @@ def check_rawframe_counts(samples, list_file) -> None:
         )
 
 
+NVDEC_LIBRARY = "libnvcuvid.so.1"
+
+
+def nvdec_unavailable() -> str:
+    """Why NVDEC cannot decode here ("" when it can). DALI's GPU video decoder dlopens the driver's
+    libnvcuvid.so.1 (libdali_operators.so), which a container has only when the NVIDIA Container Toolkit
+    mounts the driver's video libraries: NVIDIA_DRIVER_CAPABILITIES must include `video` (docs/gpu.md)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(NVDEC_LIBRARY)
+    except OSError:
+        caps = os.environ.get("NVIDIA_DRIVER_CAPABILITIES")
+        return (
+            f"NVDEC needs {NVDEC_LIBRARY} from the NVIDIA driver and it cannot be loaded; in a container "
+            f"NVIDIA_DRIVER_CAPABILITIES must include video (it is {'unset' if caps is None else repr(caps)}): "
+            "run it with -e NVIDIA_DRIVER_CAPABILITIES=compute,utility,video"
+        )
+    return ""
+
+
 def build_loader(list_file, source="pkl", mode="train", **settings):
     """A DALI loader over ``list_file`` (docs/design.md "Data formats"); ``settings`` are
     ``plan_loader``'s. See README "Stage 2: the loader API"."""
+    if source == "videos" and settings.get("device") == "gpu" and nvdec_unavailable():
+        raise VideoError(nvdec_unavailable())  # before anything starts, not as DALI's error mid-build
     src, how = plan_loader(list_file, source, mode, **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

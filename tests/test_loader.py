@@ -216,3 +216,21 @@ def test_a_wrong_label_file_names_the_line_and_the_rule(tmp_path, text, message)
     (tmp_path / "labels.txt").write_text(text)
     with pytest.raises(DataFormatError, match=message):
         read_label_file(str(tmp_path / "labels.txt"))
+
+
+def test_gpu_videos_without_nvdec_in_the_container_say_which_capability_to_add(tmp_path, monkeypatch):
+    from dali_pipelines import loader
+    from dali_pipelines.video import VideoError
+
+    monkeypatch.setattr(loader, "NVDEC_LIBRARY", "libnvcuvid-missing.so.1")  # a container without `video`
+    monkeypatch.setenv("NVIDIA_DRIVER_CAPABILITIES", "compute,utility")
+    (tmp_path / "v.list").write_text("v.mp4 0\n")
+    with pytest.raises(VideoError) as e:
+        build_loader(str(tmp_path / "v.list"), "videos", "train", device="gpu", batch_size=1)
+    assert str(e.value) == (
+        "NVDEC needs libnvcuvid-missing.so.1 from the NVIDIA driver and it cannot be loaded; in a container "
+        "NVIDIA_DRIVER_CAPABILITIES must include video (it is 'compute,utility'): run it with "
+        "-e NVIDIA_DRIVER_CAPABILITIES=compute,utility,video"
+    )
+    monkeypatch.setattr(loader, "NVDEC_LIBRARY", "libc.so.6")  # any library the loader can open
+    assert loader.nvdec_unavailable() == ""
