@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from dali_pipelines.video import _to_rgb
+from dali_pipelines.video import VideoError, _to_rgb
 
 from . import clip_scorer, reports
 from .timeline import Span, Timeline
@@ -23,7 +23,7 @@ from .timeline import Span, Timeline
 NETWORK = ("udp://", "rtp://", "rtsp://", "http://", "https://", "tcp://", "srt://", "rtmp://", "hls+http://")
 
 
-class StreamError(RuntimeError):
+class StreamError(VideoError):
     """A live source that cannot be opened, never sends, or stalls; the message names it."""
 
 
@@ -155,7 +155,18 @@ class LiveWindows:
         return j * self.stride + self.rel
 
 
-def _reader(container, stream, windows: LiveWindows, ring: Ring, stop: threading.Event, fps: float, times: dict):
+def _reader(
+    container,
+    stream,
+    windows: LiveWindows,
+    ring: Ring,
+    stop: threading.Event,
+    fps: float,
+    times: dict,
+    *,
+    source: str,
+    timeout: float,
+):
     """Decode every frame; hand over the sampled ones (as RGB) and a marker when a window's last frame arrives."""
     rgb = _to_rgb(container.name)
     first_pts = None
@@ -176,7 +187,12 @@ def _reader(container, stream, windows: LiveWindows, ring: Ring, stop: threading
                 break
         ring.close()
     except Exception as e:  # noqa: BLE001 - a stall, a broken stream: the windows so far stand
-        ring.close(e if isinstance(e, StreamError) else StreamError(f"{container.name}: the stream broke ({e})"))
+        if not isinstance(e, StreamError):
+            if "Immediate exit" in str(e):  # PyAV's read timeout interrupted ffmpeg
+                e = StreamError(f"{source}: sent nothing for {timeout:g}s; the source stalled or ended")
+            else:
+                e = StreamError(f"{source}: the stream broke ({e})")
+        ring.close(e)
     finally:
         container.close()
 
@@ -221,8 +237,16 @@ def run_stream(
         tl = Timeline(source, fps, str(window), str(stride), names, [], [], [], latency=[])
         stats = {"fps": fps, "window_frames": w, "stride_frames": s, "skipped_windows": 0}
         reader = threading.Thread(
-            target=_reader, args=(container, stream, windows, ring, stop, fps, times), daemon=True, name="stream-reader"
+            target=_reader,
+            args=(container, stream, windows, ring, stop, fps, times),
+            kwargs=dict(source=source, timeout=timeout),
+            daemon=True,
+            name="stream-reader",
         )
+        # one clip through the graph and the model first: the first window's latency is not their start-up
+        warm = np.zeros((len(windows.rel), 64, 64, 3), np.uint8)
+        for _ in clip_scorer.score_clips(spec, scorer, [(None, warm)], batch_size=1, prefetch=1):
+            pass
         started = time.monotonic()
         reader.start()
 
@@ -274,8 +298,7 @@ def run_stream(
             )
             stats["reason"] = why["reason"]
             if ring.error is not None and why["reason"] == "the stream ended":
-                stats["reason"] = str(ring.error)
-                stats["error"] = ring.error
+                stats["reason"], stats["error"] = "stopped early", ring.error
             paths = reports.write_timeline(tl, out_dir, top_k) if len(tl) else []
         return paths, tl, stats
     finally:

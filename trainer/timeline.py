@@ -20,8 +20,8 @@ from . import clip_scorer, reports
 log = logging.getLogger(__name__)
 
 
-class TimelineError(ValueError):
-    """A window or stride that does not fit the input; the message says which and the fix."""
+class TimelineError(VideoError):
+    """A window or stride that does not fit the video; the message says which and the fix."""
 
 
 @dataclass(frozen=True)

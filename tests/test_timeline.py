@@ -1,0 +1,163 @@
+"""Long videos as timelines (trainer/timeline.py): windows planned over every frame, each frame decoded at
+most once and exactly as independent decoding gives it, the model's own sampling and test transform."""
+
+import argparse
+
+import av
+import numpy as np
+import pytest
+
+from dali_pipelines.video import decode_frames
+from trainer import clip_scorer, main, timeline
+
+from .tiny import tiny_model
+
+
+def write_gop_video(path, n: int, gop: int = 12, width: int = 64, height: int = 48, fps: int = 25) -> str:
+    """H.264 mp4 (B-frames, a keyframe every ``gop`` frames) whose frames all differ: a moving square on a
+    grey level that changes with the index."""
+    with av.open(str(path), "w", format="mp4") as out:
+        s = out.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "veryfast", "g": str(gop)})
+        s.height, s.width, s.pix_fmt = height, width, "yuv420p"
+        for i in range(n):
+            img = np.full((height, width, 3), (i * 7) % 200 + 20, np.uint8)
+            x = (i * 5) % (width - 8)
+            img[8:16, x : x + 8] = (250, 30, 30)
+            out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(s.encode())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    return write_gop_video(tmp_path_factory.mktemp("tl") / "long.mp4", 300)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """(argv prefix of predict with a tiny model at 32 px, label names)."""
+    cfg, model = tiny_model(tmp_path)
+    from trainer import checkpoint
+
+    checkpoint.save_weights(model, str(tmp_path / "w.pdparams"))
+    (tmp_path / "labels.txt").write_text("".join(f"{i} class{i}\n" for i in range(5)))
+    argv = ["predict", "-c", str(tmp_path / "tiny.yaml"), "--weights", str(tmp_path / "w.pdparams")]
+    argv += ["-o", f"DATASET.label_file={tmp_path / 'labels.txt'}", "-o", "PIPELINE.target_size=32"]
+    argv += ["-o", "PIPELINE.short_size=40", "-o", "PIPELINE.test_num_segments=4"]
+    return argv, [f"class{i}" for i in range(5)]
+
+
+def test_spans_take_seconds_or_frames_and_refuse_zero():
+    assert timeline.parse_span("10s") == timeline.Span(10.0, "s")
+    assert timeline.parse_span("250") == timeline.Span(250, "f") == timeline.parse_span("250f")
+    assert timeline.parse_span("2.5s").frames(30) == 75
+    for bad in ("0", "0s", "-5s", "x", "nans", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected seconds > 0"):
+            timeline.parse_span(bad)
+
+
+def test_a_stride_of_zero_is_one_line_from_the_command_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main.parse_args(["predict", "-c", "c.yaml", "--input", "x.mp4", "--window", "10s", "--stride", "0"])
+    assert e.value.code == 2
+    assert "argument --stride: expected seconds > 0 (e.g. 10s) or a number of frames >= 1" in capsys.readouterr().err
+
+
+def test_windows_cover_every_frame_and_a_window_longer_than_the_video_is_refused():
+    assert timeline.plan_windows(100, 40, 30) == [(0, 40), (30, 70), (60, 100)]
+    assert timeline.plan_windows(100, 40, 20) == [(0, 40), (20, 60), (40, 80), (60, 100)]
+    assert timeline.plan_windows(105, 40, 30) == [(0, 40), (30, 70), (60, 100), (65, 105)]
+    assert timeline.plan_windows(40, 40, 7) == [(0, 40)]
+    with pytest.raises(timeline.TimelineError, match="longer than the video"):
+        timeline.plan_windows(39, 40, 7)
+
+
+def test_window_frames_equal_independent_decoding_and_each_frame_is_decoded_at_most_once(long_video, cfg):
+    cfg.PIPELINE.update(test_num_segments=5, test_num_clips=2)
+    spec = clip_scorer.clip_spec(cfg)
+    index = timeline.index_video(long_video)
+    assert index.sparse and index.num_frames == 300 and index.fps == 25
+    windows = timeline.plan_windows(index.num_frames, 50, 25)
+    stats = timeline.DecodeStats()
+    got = list(timeline.read_windows(index, windows, spec, stats))
+    assert [j for j, _ in got] == list(range(len(windows)))
+    for j, frames in got:
+        idx = clip_scorer.window_indices(spec, *windows[j])
+        assert frames.shape == (10, 48, 64, 3)
+        assert np.array_equal(frames, decode_frames(long_video, idx, index.num_frames)), f"window {j}"
+    wanted = {i for s, e in windows for i in clip_scorer.window_indices(spec, s, e).tolist()}
+    assert stats.converted == len(wanted)  # every sampled frame converted once, overlapping windows share it
+    assert stats.decoded < index.num_frames  # GOPs and pictures nobody needs are not decoded
+    assert stats.held_max <= 50  # never more than a window's frames in memory
+
+
+def test_gops_without_a_wanted_frame_are_not_decoded(long_video):
+    index = timeline.index_video(long_video)
+    keys = np.flatnonzero(index.clean_key)
+    assert len(keys) >= 20  # a keyframe every 12 frames
+    needed = timeline.packets_to_decode(index, np.array([200]))
+    pos = {int(p): k for k, p in enumerate(index.packet_pts)}[int(index.pts[200])]
+    start = int(keys[keys <= pos][-1])
+    assert not needed[:start].any() and not needed[pos + 1 :].any() and needed[start]
+
+
+def test_a_window_as_long_as_the_video_scores_exactly_what_single_clip_predict_gives(tmp_path, tiny, capsys):
+    argv, names = tiny
+    video = write_gop_video(tmp_path / "clip.mp4", 40)
+    assert main.main([*argv, "--input", video, "--top-k", "5", "--output", str(tmp_path / "one.csv")]) == 0
+    one = {row.split(",")[2]: float(row.split(",")[3]) for row in (tmp_path / "one.csv").read_text().splitlines()[1:]}
+    out = tmp_path / "tl"
+    assert main.main([*argv, "--input", video, "--window", "40", "--stride", "40", "--output", str(out)]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out / "timeline.csv")
+    assert list(table[["start_s", "end_s"]].iloc[0]) == [0.0, pytest.approx(1.6)]
+    assert len(table) == 1
+    got = {table[f"class_{r}"][0]: table[f"score_{r}"][0] for r in range(1, 6)}
+    assert got.keys() == one.keys() and all(abs(got[k] - one[k]) < 2e-5 for k in one)
+    assert "1 window(s) of 40 frames every 40 frames" in capsys.readouterr().out
+
+
+def test_predict_window_writes_the_timeline_files(long_video, tmp_path, tiny):
+    import json
+
+    import pandas as pd
+
+    argv, names = tiny
+    out = tmp_path / "out" / "tl"
+    assert main.main([*argv, "--input", long_video, "--window", "2s", "--stride", "1s", "--output", str(out)]) == 0
+    table = pd.read_csv(out / "timeline.csv")
+    assert len(table) == 11 and list(table.start_s) == [float(s) for s in range(11)]
+    assert (table.end_s - table.start_s).round(6).eq(2.0).all()
+    for r in range(1, 6):
+        assert table[f"class_{r}"].isin(names).all()
+    assert (table.score_1 >= table.score_2).all() and np.allclose(
+        table[[f"score_{r}" for r in range(1, 6)]].sum(axis=1), 1
+    )
+    segs = pd.read_csv(out / "segments.csv")
+    assert (
+        segs.start_s.iloc[0] == 0
+        and segs.end_s.iloc[-1] == 12
+        and (segs.end_s.values[:-1] == segs.start_s.values[1:]).all()
+    )
+    doc = json.loads((out / "timeline.json").read_text())
+    assert doc["fps"] == 25 and len(doc["windows"]) == 11 and doc["windows"][3]["top"][0][0] == table.class_1[3]
+    assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_window_longer_than_the_video_is_one_line(long_video, tmp_path, tiny, capsys):
+    argv, _ = tiny
+    assert main.main([*argv, "--input", long_video, "--window", "13s", "--output", str(tmp_path / "tl")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"predict: error: --window 13s (325 frames) is longer than {long_video} (300 frames, 12.00s at 25 fps); "
+        "use --window 12s or less"
+    ]
+
+
+def test_a_timeline_folder_that_cannot_be_written_is_refused_before_the_work(long_video, tmp_path, tiny, capsys):
+    argv, _ = tiny
+    (tmp_path / "file").write_text("x")
+    assert main.main([*argv, "--input", long_video, "--window", "2s", "--output", str(tmp_path / "file" / "tl")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the timeline folder" in err[0] and "is not writable" in err[0]
