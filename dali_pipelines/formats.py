@@ -413,6 +413,7 @@ def read_label_file(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataFormatError(f"label file {path} does not exist; write it with preprocessing/generate_label.py")
     names: dict[int, str] = {}
+    lines: dict[str, int] = {}  # name -> the line that gave it
     for no, raw in enumerate(text_lines(path), 1):
         parts = raw.split()
         if not parts:
@@ -425,7 +426,12 @@ def read_label_file(path: str) -> list[str]:
             raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
         if idx in names:
             raise DataFormatError(f"{path}:{no}: index {idx} appears twice")
-        names[idx] = name
+        if name in lines:  # two indices of one class: its per-class rows and predictions would be ambiguous
+            raise DataFormatError(
+                f"{path}:{no}: class name {name!r} is also the name on line {lines[name]}; "
+                "each class needs its own name"
+            )
+        names[idx], lines[name] = name, no
     if sorted(names) != list(range(len(names))):
         raise DataFormatError(f"{path}: class indices must be 0..{len(names) - 1} without gaps")
     return [names[i] for i in range(len(names))]

@@ -183,8 +183,7 @@ def _resume_path(cfg) -> str | None:
     if not cfg.resume:
         return _own_attempt(cfg)
     if cfg.resume == "auto":
-        path = os.path.join(cfg.output_dir, "latest.pdckpt")
-        return path if os.path.isfile(path) else None
+        return _newest_loading_checkpoint(cfg.output_dir)[0]
     if not os.path.isfile(cfg.resume):
         raise FileNotFoundError(
             f"resume: checkpoint {cfg.resume} does not exist (use -o resume=auto to "
@@ -193,15 +192,44 @@ def _resume_path(cfg) -> str | None:
     return cfg.resume
 
 
+def _newest_loading_checkpoint(folder: str) -> tuple[str | None, dict]:
+    """(path, metadata) of the newest checkpoint in ``folder`` that loads: latest.pdckpt, else the
+    epoch_N.pdckpt of the highest N; (None, {}) when there is none. Those that do not load (empty, cut
+    short by a full disk or a copy) are named once; when none loads the run stops naming them all."""
+    epochs = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            n = name[len("epoch_") : -len(".pdckpt")]
+            if name.startswith("epoch_") and name.endswith(".pdckpt") and n.isdigit():
+                epochs.append((int(n), os.path.join(folder, name)))
+    latest = os.path.join(folder, "latest.pdckpt")
+    paths = ([latest] if os.path.isfile(latest) else []) + [p for _, p in sorted(epochs, reverse=True)]
+    skipped = []
+    for path in paths:
+        try:
+            meta = weights.load_checkpoint(path)["meta"]
+        except (weights.WeightsError, OSError) as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            print(f"train: resume=auto: skipped {'; '.join(skipped)}; resuming from {path}", flush=True)
+        return path, meta
+    if skipped:
+        raise weights.WeightsError(
+            f"resume=auto: no checkpoint in {folder} loads ({'; '.join(skipped)}); move them away to start "
+            "anew, or give one with -o resume=PATH"
+        )
+    return None, {}
+
+
 def _own_attempt(cfg) -> str | None:
     """OUTPUT_DIR/latest.pdckpt when an earlier attempt of this very job wrote it: run_dist.sh restarted the
     job after a rank died (run_dist.sh --max-restarts), and it goes on from the last complete epoch."""
     run_id = os.environ.get(RUN_ID_ENV)
-    path = os.path.join(cfg.output_dir, "latest.pdckpt")
-    if not run_id or not os.path.isfile(path):
+    if not run_id:
         return None
-    meta = weights.load_checkpoint(path)["meta"]
-    if meta.get("run_id") != run_id:
+    path, meta = _newest_loading_checkpoint(cfg.output_dir)
+    if path is None or meta.get("run_id") != run_id:
         return None
     print(f"train: restarted: resuming this job ({run_id}) from {path}, epoch {meta['epoch']}", flush=True)
     return path

@@ -18,7 +18,8 @@ import warnings
 import numpy as np
 import paddle
 
-from .paddlevideo_names import from_paddlevideo, looks_like_paddlevideo
+from .paddlevideo_names import from_paddlevideo, from_pplcnetv2, looks_like_paddlevideo, looks_like_pplcnetv2
+from .pptsmv2 import PPLCNetV2TSM
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
@@ -26,7 +27,12 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as _multiarray
 
 
-class UnsafeFileError(ValueError):
+class WeightsError(ValueError):
+    """A user's weights or checkpoint file cannot be used: empty, cut short, not weights, another model.
+    The message is one line naming the file."""
+
+
+class UnsafeFileError(WeightsError):
     """A weights or checkpoint file asks the unpickler for something a saved state never holds."""
 
 
@@ -83,6 +89,12 @@ def _arrays(obj):
     return obj
 
 
+_CUT = (
+    "cut short (ends mid-file); copy it again, or take an earlier checkpoint "
+    "(-o resume=auto takes the newest that loads)"
+)
+
+
 def load_file(path: str):
     """A weights or checkpoint file, read as data, the way ``weights_only=True`` does it in PyTorch: only
     containers, numbers, strings and numpy arrays; anything else (a pickle that would import a module
@@ -90,6 +102,8 @@ def load_file(path: str):
     Tensors come back as numpy arrays, which ``set_state_dict`` takes."""
     try:
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise WeightsError(f"{path}: is empty (0 bytes), not a Paddle weights or checkpoint file")
             obj = _StateUnpickler(f, encoding="latin1").load()
     except UnsafeFileError as e:
         raise UnsafeFileError(
@@ -97,10 +111,16 @@ def load_file(path: str):
             "a weights file from elsewhere may try to run code. Re-save it with paddle.save "
             "from a state_dict in a trusted environment"
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{path}: not a Paddle weights or checkpoint file ({e})") from None
+    except WeightsError:
+        raise
+    except EOFError:
+        raise WeightsError(f"{path}: {_CUT}") from None
+    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+        cut = "truncated" in str(e) or "ran out" in str(e).lower()
+        what = _CUT if cut else f"not a Paddle weights or checkpoint file ({' '.join(str(e).split())})"
+        raise WeightsError(f"{path}: {what}") from None
     if isinstance(obj, dict) and "UnpackBigParamInfor@@" in obj:
-        raise ValueError(f"{path}: holds a tensor split for size (> 1 GiB), which this loader does not join")
+        raise WeightsError(f"{path}: holds a tensor split for size (> 1 GiB), which this loader does not join")
     return _arrays(_without_name_tables(obj))
 
 
@@ -125,7 +145,7 @@ def load_checkpoint(path: str) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = load_file(path)
     if not is_checkpoint(state):
-        raise ValueError(f"{path} is not a training checkpoint (*.pdckpt written by this trainer)")
+        raise WeightsError(f"{path} is not a training checkpoint (*.pdckpt written by this trainer)")
     return state
 
 
@@ -139,9 +159,12 @@ def model_state(obj, model: paddle.nn.Layer, path: str) -> tuple[dict, dict, lis
         state = dict(obj)
         meta = state.pop("__meta__", {})
     else:
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict or a checkpoint")
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict or a checkpoint")
     unused = []
-    if looks_like_paddlevideo(state):
+    lcnet_model = isinstance(model.backbone, PPLCNetV2TSM)
+    if lcnet_model or looks_like_pplcnetv2(state):
+        state, unused = from_pplcnetv2(state, lcnet_model, path)
+    elif looks_like_paddlevideo(state):
         state, unused = from_paddlevideo(state, model.backbone.depth, model.backbone.variant, path)
     return state, meta, unused
 
@@ -161,13 +184,25 @@ def load_weights(model: paddle.nn.Layer, path: str) -> dict:
         raise FileNotFoundError(f"weights file {path} does not exist; train first or pass --weights PATH")
     state, meta, _ = model_state(load_file(path), model, path)
     missing, unexpected, wrong = mismatch(model, state)
+    classes = _classes(state)
+    if wrong and classes is not None and classes != _classes(model.state_dict()) and not (missing or unexpected):
+        raise WeightsError(
+            f"{path} was trained for {classes} classes but MODEL.head.num_classes = {_classes(model.state_dict())}; "
+            "use the config (and label file) it was trained with"
+        )
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise WeightsError(
             f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"wrong shape {wrong[:3]}); check MODEL.* against the config it was trained with"
         )
     model.set_state_dict(state)
     return meta
+
+
+def _classes(state: dict) -> int | None:
+    """The class count of a state's classifier (the last dimension of the head's weight), if it has one."""
+    w = state.get("head.fc.weight")
+    return int(w.shape[-1]) if w is not None and len(w.shape) == 2 else None
 
 
 def load_pretrained(model: paddle.nn.Layer, path: str) -> str:
