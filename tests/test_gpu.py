@@ -214,3 +214,13 @@ def test_export_reference_is_computed_on_the_cpu_and_equals_the_model(tmp_path):
         want = model(paddle.to_tensor(sample)).numpy()
     np.testing.assert_array_equal(got, want)
     assert places and all(p.startswith("Place(cpu") for p in places), places
+
+
+@pytest.mark.parametrize(
+    "device_id, visible, entry",
+    [(1, None, "1"), (1, "2,3", "3"), (0, "GPU-aa,GPU-bb", "GPU-aa"), (1, "GPU-aa, GPU-bb", "GPU-bb")],
+)
+def test_tensorrt_conversion_on_a_rank_s_gpu_sees_that_gpu_as_its_device_0(device_id, visible, entry):
+    """paddle.tensorrt.convert() works on CUDAPlace(0); the child that converts for GPU ``device_id`` is
+    started with CUDA_VISIBLE_DEVICES naming that GPU alone."""
+    assert export.visible_device(device_id, visible) == entry

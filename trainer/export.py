@@ -145,7 +145,9 @@ class InferenceModel:
             )
         if tensorrt and model_file.endswith(".json"):
             # Paddle 3's graphs (.json, PIR) go through TensorRT by conversion, not by Config
-            model_file, params_file = tensorrt_model(model_file, params_file, tensorrt, input_shape, max_batch)
+            model_file, params_file = tensorrt_model(
+                model_file, params_file, tensorrt, input_shape, max_batch, device_id
+            )
             tensorrt = None
         config = inference.Config(model_file, params_file)
         configure(config, device, device_id, tensorrt, input_shape, max_batch, threads)
@@ -232,25 +234,62 @@ def tensorrt_unavailable() -> str:
     return ""
 
 
-def tensorrt_model(model_file, params_file, precision, input_shape, max_batch) -> tuple[str, str]:
+def tensorrt_model(model_file, params_file, precision, input_shape, max_batch, device_id=0) -> tuple[str, str]:
     """The exported graph converted for TensorRT (Paddle 3, paddle.tensorrt) at ``precision`` for
-    batches of 1 to ``max_batch``; written once beside the model (tensorrt_fp16_b8/inference.json...)."""
+    batches of 1 to ``max_batch`` on GPU ``device_id``; written once beside the model
+    (tensorrt_fp16_b8/inference.json...)."""
     why = tensorrt_unavailable()
     if why:
         raise ConfigError(f"config error: --tensorrt: {why}; or leave --tensorrt out")
-    from paddle.tensorrt.export import Input, PrecisionMode, TensorRTConfig, convert
-
     low, opt, high = trt_shapes(input_shape, max_batch)
     out = os.path.join(os.path.dirname(model_file), f"tensorrt_{precision}_b{max_batch}", "inference")
     if not (os.path.isfile(out + ".json") and os.path.getmtime(out + ".json") >= os.path.getmtime(params_file)):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        trt = TensorRTConfig(
-            inputs=[Input(min_input_shape=low, optim_input_shape=opt, max_input_shape=high, name="clips")],
-            precision_mode=PrecisionMode.FP16 if precision == "fp16" else PrecisionMode.FP32,
-            save_model_dir=out,
-        )
-        convert(os.path.splitext(model_file)[0], trt)
+        job = {"model": os.path.splitext(model_file)[0], "out": out, "precision": precision, "shapes": [low, opt, high]}
+        if device_id == 0:
+            _convert_for_tensorrt(**job)
+        else:  # paddle.tensorrt's convert() runs on CUDAPlace(0): give it this GPU as its device 0
+            _convert_for_tensorrt_on(device_id, job)
     return out + ".json", out + ".pdiparams"
+
+
+def _convert_for_tensorrt(model, out, precision, shapes) -> None:
+    from paddle.tensorrt.export import Input, PrecisionMode, TensorRTConfig, convert
+
+    low, opt, high = shapes
+    trt = TensorRTConfig(
+        inputs=[Input(min_input_shape=low, optim_input_shape=opt, max_input_shape=high, name="clips")],
+        precision_mode=PrecisionMode.FP16 if precision == "fp16" else PrecisionMode.FP32,
+        save_model_dir=out,
+    )
+    convert(model, trt)
+
+
+def visible_device(device_id: int, cuda_visible_devices: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES entry that names CUDA ordinal ``device_id`` of a process started with
+    ``cuda_visible_devices`` (None: unset, ordinals are the host's)."""
+    entries = [e.strip() for e in cuda_visible_devices.split(",")] if cuda_visible_devices else []
+    return entries[device_id] if device_id < len(entries) else str(device_id)
+
+
+def _convert_for_tensorrt_on(device_id: int, job: dict) -> None:
+    """Convert in a child process that sees only GPU ``device_id`` (CUDA cannot change its devices once
+    it has started here), so that a rank's conversion uses its own GPU's memory and architecture."""
+    import subprocess
+
+    code = "import json, sys; from trainer import export; export._convert_for_tensorrt(**json.loads(sys.argv[1]))"
+    gpu = visible_device(device_id, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(job)],
+        cwd=root,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu},
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        raise RuntimeError(f"TensorRT conversion on GPU {device_id} (CUDA_VISIBLE_DEVICES={gpu}) failed:\n{tail}")
 
 
 def export(
