@@ -8,7 +8,8 @@
 #   bash run_dist.sh selftest [--no-bench] [--only CHECK ...]   checks a GPU host (README "GPU hosts")
 #
 # Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
-# the repo's .venv, else python3). SIGTERM/SIGINT stop every process of the run (STOP_TIMEOUT, 30 s).
+# the repo's .venv, else python3). SIGTERM/SIGINT stop every process of the run (STOP_TIMEOUT, 30 s);
+# a kill -9 of this script or of the launcher ends every rank too (launch/lifeline.py).
 set -euo pipefail
 
 usage() {
@@ -62,7 +63,13 @@ fi
 # entries of CUDA_VISIBLE_DEVICES, which is what the launcher's --devices takes (launch/ranks.py)
 read -r n devices cvd < <(cd "$here" && "$py" -m launch.ranks ${nproc:+--nproc "$nproc"}) || exit 2
 log_dir=${LOG_DIR:-log/$mode}
-launch=("$py" -m paddle.distributed.launch --log_dir "$log_dir")
+# Paddle's launcher, through launch/paddle_launch.py: it dies with this script and its ranks die with
+# it, whatever signal ends either (launch/lifeline.py: TSN_PARENT_PID names the parent each one checks);
+# it notes how each rank ended, and each rank writes why, into the log folder (launch/exits.py)
+launch=("$py" "$here/launch/paddle_launch.py" --log_dir "$log_dir")
+mkdir -p "$log_dir"
+export TSN_PARENT_PID=$$ TSN_EXIT_DIR
+TSN_EXIT_DIR=$(cd "$log_dir" && pwd)
 nnodes=1
 if [ -n "$ips" ]; then
     # several hosts: this node is the one of --ips among its interfaces' addresses (launch/hosts.py),
@@ -132,6 +139,22 @@ run_in_session() {
     fi
 }
 
+# The cause (the rank that failed first on its own account, and how) and the others, from the ranks'
+# and the launcher's records (launch/exits.py); status: 0 a restart may help, 3 it cannot (config,
+# data, usage, output errors), else no record (the launcher itself was killed): the worker logs' lines.
+# Sets cause_text and cause_status.
+cause() {
+    cause_status=0
+    cause_text=$("$py" "$here/launch/exits.py" report "$TSN_EXIT_DIR" 2>&1) || cause_status=$?
+    if [ "$cause_status" -ne 0 ] && [ "$cause_status" -ne 3 ]; then
+        if [ "$status" -gt 128 ] && [ "$status" -le 192 ]; then
+            cause_text+=$'\n'"  the launcher ended by SIG$(kill -l $((status - 128)) 2>/dev/null), and every rank with it"
+        fi
+        errors=$(rank_errors)
+        [ -z "$errors" ] || cause_text+=$'\n'$errors
+    fi
+}
+
 # what each rank reported in this attempt (the worker logs grow across runs: read from the offsets)
 declare -A offset=()
 rank_errors() {
@@ -150,6 +173,7 @@ while :; do
     for f in "$log_dir"/workerlog.*; do
         [ -f "$f" ] && offset[$f]=$(stat -c %s "$f")
     done
+    rm -f "$log_dir"/exit.*.json "$log_dir/launcher.json"  # the records of an earlier attempt
     if [ "$nnodes" -gt 1 ]; then  # every node joins within the timeout, or every node stops and says which did not
         run_in_session "$py" "$here/launch/hosts.py" rendezvous --ips "$ips" --index "$node_index" --port "$rdv_port" --timeout "$rdv_timeout"
         [ "$status" -eq 0 ] || exit "$status"
@@ -158,19 +182,31 @@ while :; do
     if [ "$status" -eq 0 ] || [ -n "$stopped" ] || [ "$mode" != train ] || [ "$attempt" -ge "$restarts" ]; then
         break
     fi
+    # Paddle's launcher restarts ranks only under an etcd master (--master etcd://...): restart here,
+    # unless the cause is not a crash (a config, data, usage or output error fails the same way again)
+    cause
+    if [ "$cause_status" -eq 3 ]; then
+        echo "run_dist.sh: train failed (exit $status); not restarted. Cause:" >&2
+        echo "$cause_text" >&2
+        reported=1
+        break
+    fi
     attempt=$((attempt + 1))
-    # Paddle's launcher restarts ranks only under an etcd master (--master etcd://...): restart here
     echo "run_dist.sh: train failed (exit $status); restart $attempt of $restarts from the last checkpoint. Cause:" >&2
-    rank_errors >&2
+    echo "$cause_text" >&2
 done
 
-if [ "$status" -ne 0 ]; then
+if [ "$status" -ne 0 ] && [ -z "${reported:-}" ]; then
     # the launcher shows one worker's log, often a rank that only aborted because a peer died:
-    # show the errors each rank reported in this run
+    # name the rank that failed first, and how, then the others
     outcome=${stopped:+stopped by $stopped}
-    echo "run_dist.sh: $mode ${outcome:-failed} (exit $status); what the ranks reported:" >&2
-    rank_errors >&2
-    if [ "$mode" = train ]; then
+    echo "run_dist.sh: $mode ${outcome:-failed} (exit $status). Cause:" >&2
+    cause
+    echo "$cause_text" >&2
+fi
+if [ "$status" -ne 0 ]; then
+    # a config or usage error (exit 2), or a cause that is not a crash, is not helped by resuming
+    if [ "$mode" = train ] && [ "$status" -ne 2 ] && [ "${cause_status:-0}" -ne 3 ]; then
         echo "run_dist.sh: checkpoints are written whole at the end of each epoch: run the same command with -o resume=auto to continue from the last one" >&2
     fi
 fi

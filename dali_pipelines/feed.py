@@ -37,6 +37,21 @@ class WorkerError(RuntimeError):
     """A loader worker process died or hung; the run stops rather than wait or train on less."""
 
 
+class WorkerTimeout(WorkerError):
+    """A loader worker returned nothing in time: a file that hangs (a FIFO, a stuck mount), not a crash."""
+
+
+# seconds the other ranks wait in a collective for this one (trainer/dist.py sets it): the worker timeout
+# must end before it, or the job ends there first without naming the file this rank was waiting for
+COLLECTIVE_TIMEOUT_ENV = "TSN_COLLECTIVE_TIMEOUT"
+
+
+def worker_timeout_within_collective(timeout: float) -> float:
+    """``timeout``, cut to two thirds of the ranks' collective timeout when that is shorter."""
+    collective = float(os.environ.get(COLLECTIVE_TIMEOUT_ENV) or "inf")
+    return min(timeout, max(1.0, collective * 2 / 3))
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClipSpec:
     """How every sample of one loader is read and cut: the source, the frames and the views."""
@@ -250,7 +265,14 @@ class ParallelMap:
     WorkerError naming what it was reading; the pool is then killed, so nothing is left behind."""
 
     def __init__(self, fn, num_workers: int, ahead: int, timeout: float, chunk: int = 8):
-        self.fn, self.num_workers, self.timeout = fn, num_workers, timeout
+        self.fn, self.num_workers = fn, num_workers
+        self.timeout = worker_timeout_within_collective(timeout)
+        self._slow_hint = (
+            "raise DATASET.worker_timeout if reads are this slow"
+            if self.timeout == timeout
+            else f"DATASET.worker_timeout is cut to 2/3 of the {os.environ[COLLECTIVE_TIMEOUT_ENV]} s the other "
+            "ranks wait for this one in a collective"
+        )
         self.chunk = chunk if num_workers else 1  # in this process, load nothing before it is asked for
         self.ahead = max(ahead, 2 * num_workers * self.chunk, self.chunk)
         self._pending: collections.deque = collections.deque()  # (future, items)
@@ -317,10 +339,11 @@ class ParallelMap:
                 self._died(chunk)
             except FutureTimeout:
                 self.close()
-                raise WorkerError(
+                raise WorkerTimeout(
+                    f"rank {os.environ.get('PADDLE_TRAINER_ID') or 0}: "
                     f"a loader worker returned nothing for {self.timeout:g} s while reading "
                     f"{_names(chunk)}; a file or the filesystem hangs. The workers were "
-                    "stopped (raise DATASET.worker_timeout if reads are this slow)"
+                    f"stopped ({self._slow_hint})"
                 ) from None
             self._ready.extend(zip(chunk, results))
         self._in_flight -= 1

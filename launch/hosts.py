@@ -319,6 +319,10 @@ def main(argv=None) -> int:
             if warning:
                 print(f"run_dist.sh: warning: {warning}", file=sys.stderr)
         else:
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run by path
+            from launch.lifeline import link
+
+            link()  # ends with run_dist.sh, like the launcher after it
             rendezvous(ips, args.index, args.port, args.timeout)
     except HostError as e:
         print(f"run_dist.sh: {e}", file=sys.stderr)

@@ -16,10 +16,24 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from dali_pipelines.feed import COLLECTIVE_TIMEOUT_ENV
+from launch import exits, lifeline
+
 from .config import ConfigError
 
 # run_dist.sh --rendezvous-timeout sets it; the same bound under mpirun and Slurm
 RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT = "TSN_RENDEZVOUS_TIMEOUT", 300.0
+# seconds a rank waits in a collective for a peer before the job fails: gloo's fixed 30 s (Paddle sets
+# no timeout on its gloo groups: measured, docs/robustness.md "Processes and ranks"), NCCL's
+# PADDLE_PG_TIMEOUT (milliseconds, default 30 min). init() publishes it for the loader
+# (dali_pipelines/feed.py), whose worker timeout must fire first to name the file a rank waits for.
+GLOO_TIMEOUT = 30.0
+
+
+def collective_timeout(device: str) -> float:
+    if device == "gpu":
+        return int(os.environ.get("PADDLE_PG_TIMEOUT") or 1800000) / 1000
+    return GLOO_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -47,8 +61,10 @@ def resolve_device(pref: str) -> str:
 
 def init(device_pref: str = "auto") -> Env:
     """Initialise fleet collective mode when launched with several processes."""
-    device = resolve_device(device_pref)
     world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    # no rank outlives its launcher (run_dist.sh's, mpirun's, srun's), whatever signal ended it
+    lifeline.link(required=world > 1)
+    device = resolve_device(device_pref)
     device_id = None
     if device == "gpu":
         device_id = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
@@ -59,6 +75,7 @@ def init(device_pref: str = "auto") -> Env:
         from paddle.distributed import fleet
 
         _import_kv_server_outside_cwd()
+        os.environ[COLLECTIVE_TIMEOUT_ENV] = f"{collective_timeout(device):g}"
         with _bounded_rendezvous(float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV) or DEFAULT_RENDEZVOUS_TIMEOUT)):
             fleet.init(is_collective=True)
     return Env(dist.get_rank() if world > 1 else 0, world, device, device_id)
@@ -78,12 +95,18 @@ def _bounded_rendezvous(timeout: float):
         f"(the time limit is {RENDEZVOUS_TIMEOUT_ENV}, run_dist.sh --rendezvous-timeout)\n"
     )
     parent = os.getpid()
+    record_path, record = exits.record_bytes("crash", message, -signal.SIGKILL)
     sys.stderr.flush()
     watchdog = os.fork()
     if watchdog == 0:  # the child touches nothing of the parent's state
         try:
+            lifeline.die_with_parent(parent)  # a rank that died first takes its watchdog with it
             time.sleep(timeout)
             os.write(2, message.encode())
+            if record_path:  # the rank's record, as it cannot write one itself
+                fd = os.open(record_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.write(fd, record)
+                os.close(fd)
             os.kill(parent, signal.SIGKILL)
         finally:
             os._exit(0)

@@ -310,7 +310,13 @@ def main(argv=None) -> int:
         from trainer.reports import compare_main
 
         return compare_main((sys.argv[1:] if argv is None else argv)[1:])
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        if e.code == 2:  # argparse said why on stderr
+            _exit_record("usage", "the command line was refused (its log says why)", 2)
+        raise
+    from dali_pipelines.feed import WorkerError, WorkerTimeout
     from dali_pipelines.formats import DataFormatError
     from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError
     from dali_pipelines.video import VideoError
@@ -319,16 +325,24 @@ def main(argv=None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _stop)  # a stop ends like Ctrl-C, with its resume line
     try:
-        return run(args)
+        code = run(args)
+        if code > 128:
+            _exit_record("stopped", f"stopped by {signal.Signals(code - 128).name}", code)
+        return code
     except ConfigError as e:
         print(e, file=sys.stderr)
-        return 2
+        return _exit_record("config", str(e), 2)
     except (DataFormatError, VideoError, FileNotFoundError, WeightsError, BusyError, OutputError) as e:
         print(f"{args.mode}: error: {e}", file=sys.stderr)
-        return 1
+        return _exit_record("output" if isinstance(e, (BusyError, OutputError)) else "data", str(e), 1)
+    except WorkerError as e:  # a loader worker died (a crash: out of memory?) or hung on a file (data)
+        print(f"{args.mode}: error: {e}", file=sys.stderr)
+        return _exit_record("data" if isinstance(e, WorkerTimeout) else "crash", str(e), 1)
     except OSError as e:
         if e.errno not in (*NO_SPACE, errno.EROFS):
+            _exit_record("crash", f"{type(e).__name__}: {e}", 1)
             raise
+        _exit_record("output", f"{e.strerror} writing {e.filename or 'the output'}", 1)
         resume = " -o resume=auto" if args.mode == "train" else ""
         print(
             f"{args.mode}: error: {e.strerror} writing {e.filename or 'the output'}; what was written before is "
@@ -337,8 +351,19 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
+    except Exception as e:  # ours to fix, or a peer that went away (launch/exits.py tells which)
+        _exit_record("crash", f"{type(e).__name__}: {e}", 1)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_record(kind: str, message: str, code: int) -> int:
+    """How this rank ended, for run_dist.sh to name the cause and decide on a restart (launch/exits.py)."""
+    from launch.exits import write_record
+
+    write_record(kind, message, code)
+    return code
 
 
 if __name__ == "__main__":
