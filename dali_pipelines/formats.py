@@ -329,6 +329,18 @@ LINE_FORMATS = {
 }
 
 
+# how files often given by mistake for a text file begin
+_BINARY_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"PK\x03\x04": "a zip archive",
+    b"\x1f\x8b": "a gzip file",
+    b"\x80": "a pickle (weights, a checkpoint or a pkl clip?)",
+    b"\x7fELF": "a program",
+}
+
+
 def read_text(path: str) -> str:
     """A user's text file (list, label file, CSV, config) as str. UTF-8, with or without the byte-order
     mark Notepad and Excel write; callers split lines with universal newlines (LF, CRLF or CR). Another
@@ -338,6 +350,11 @@ def read_text(path: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        kind = next((k for magic, k in _BINARY_MAGIC.items() if data.startswith(magic)), None)
+        if kind or b"\0" in data[:4096]:  # not text in another encoding: iconv would not help
+            raise DataFormatError(
+                f"{path}: is not a text file ({kind or 'binary data'}); check the path: a text file was expected here"
+            ) from None
         line = data[: e.start].count(b"\n") + 1
         raise DataFormatError(
             f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "

@@ -64,6 +64,8 @@ def extract_jpegs(
         ffmpeg_command(path, qscale, short_side, fps), capture_output=True, preexec_fn=die_with_parent
     )
     errors = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    if proc.returncode != 0 and (kinds := _stream_kinds(path)) is not None and "video" not in kinds:
+        raise ConversionError(f"no video stream (the file holds {', '.join(kinds) or 'no streams'})")
     if proc.returncode != 0 or (errors and not allow_decode_errors):
         reason = errors[-1] if proc.returncode != 0 and errors else (errors[0] if errors else "no message")
         raise ConversionError(f"ffmpeg failed (exit {proc.returncode}): {reason}")
@@ -71,6 +73,18 @@ def extract_jpegs(
     if not frames:
         raise ConversionError("no decodable frames")
     return frames
+
+
+def _stream_kinds(path: str) -> list[str] | None:
+    """The kinds of stream a media file holds ("audio", "video", ...), or None when it does not open:
+    asked only after ffmpeg failed, so an audio-only file is named for what it is."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            return sorted({s.type for s in container.streams})
+    except (av.FFmpegError, OSError, ValueError):
+        return None
 
 
 def split_jpeg_stream(data: bytes) -> list[bytes]:
