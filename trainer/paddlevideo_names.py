@@ -9,6 +9,12 @@ name ``conv1``), block ``j`` of stage ``s`` is ``res{s+2}{a,b,c,...}`` (ResNet-1
 the three stem convolutions ``conv1_1..conv1_3`` and block ``j`` of stage ``s`` ``bb_{s}_{j}``.
 PaddleClas's current models say ``stem.{i}`` and ``blocks.{k}`` (flat), with ``conv`` and ``bn``.
 This module maps those names onto this project's ResNet.
+
+PP-TSMv2 (PaddleVideo's ``PPTSM_v2``) and PaddleClas's ``PPLCNetV2_base`` share one naming: ``stem.0``,
+``stem.1`` and block ``j`` of stage ``s`` ``stages.{s}.{j}``, whose parts are ``dw_conv`` (or the branches
+``dw_conv_list.{i}``), ``se.conv1/conv2``, ``pw_conv`` (or ``pw_conv_1``, ``pw_conv_2``), each a ``conv`` +
+``bn``; then ``last_conv``, the classifier ``fc`` and PP-TSMv2's ``global_attention.fc``. PaddleVideo
+prefixes them with ``backbone.`` (a distillation checkpoint: ``Student.0.``).
 """
 
 from __future__ import annotations
@@ -132,6 +138,89 @@ def from_paddlevideo(state: dict, depth: int, variant: str = "b", path: str = "t
     out, unused = {}, []
     for key, value in state.items():
         new = _dygraph_key(key, depth) or _static_key(key, depth)
+        if new is None:
+            unused.append(key)
+        else:
+            out[new] = value
+    return out, unused
+
+
+# PP-LCNetV2 / PP-TSMv2 (trainer/pptsmv2.py)
+_LCNET_PREFIX = r"(?:backbone\.|Student\.0\.)?"
+_LCNET_BLOCK = r"stem\.1|stages\.\d+\.\d+"
+_LCNET_PARTS = {"dw_conv": "dw", "pw_conv": "pw.0", "pw_conv_1": "pw.0", "pw_conv_2": "pw.1"}
+
+
+def looks_like_pplcnetv2(keys) -> bool:
+    """Names of PaddleVideo's PP-TSMv2 or PaddleClas's PP-LCNetV2 (this project's say ``dw`` and ``pw``)."""
+    return any(re.search(rf"(^|\.)({_LCNET_BLOCK})\.(dw_conv|pw_conv)", k) for k in keys)
+
+
+def _lcnet_conv_bn(prefix: str, layer: str, field: str) -> str | None:
+    if layer == "conv":
+        return f"{prefix}.0.weight" if field == "weight" else None
+    field = _BN_FIELDS.get(field)
+    return f"{prefix}.1.{field}" if field else None
+
+
+def _pplcnetv2_key(key: str) -> str | None:
+    """This project's name of a PP-LCNetV2 / PP-TSMv2 tensor named as PaddleVideo / PaddleClas name it."""
+    m = re.fullmatch(_LCNET_PREFIX + r"(.+)", key)
+    rest = m.group(1)
+    m = re.fullmatch(r"stem\.0\.(conv|bn)\.(\w+)", rest)
+    if m:
+        return _lcnet_conv_bn("backbone.stem.0", m.group(1), m.group(2))
+    m = re.fullmatch(rf"({_LCNET_BLOCK})\.(dw_conv|pw_conv|pw_conv_1|pw_conv_2)\.(conv|bn)\.(\w+)", rest)
+    if m:
+        return _lcnet_conv_bn(f"backbone.{m.group(1)}.{_LCNET_PARTS[m.group(2)]}", m.group(3), m.group(4))
+    m = re.fullmatch(rf"({_LCNET_BLOCK})\.dw_conv_list\.(\d+)\.(conv|bn)\.(\w+)", rest)
+    if m:
+        return _lcnet_conv_bn(f"backbone.{m.group(1)}.dw_branches.{m.group(2)}", m.group(3), m.group(4))
+    m = re.fullmatch(rf"({_LCNET_BLOCK})\.se\.conv([12])\.(weight|bias)", rest)
+    if m:
+        return f"backbone.{m.group(1)}.se.{'reduce' if m.group(2) == '1' else 'expand'}.{m.group(3)}"
+    m = re.fullmatch(r"global_attention\.fc\.(weight|bias)", rest)
+    if m:
+        return f"backbone.temporal_attention.fc.{m.group(1)}"
+    if rest == "last_conv.weight":
+        return "backbone.last_conv.weight"
+    m = re.fullmatch(r"fc\.(weight|bias)", rest)
+    return f"head.fc.{m.group(1)}" if m else None
+
+
+def is_fused_placeholder(key: str) -> bool:
+    """PaddleVideo / PaddleClas allocate a re-parameterisable block's fused depthwise conv beside its
+    branches from the start and fill it only in ``rep()``: the copy a file holds is an untrained initial
+    value (the branches are the weights), so it has no place here."""
+    return re.fullmatch(rf"{_LCNET_PREFIX}(stages\.\d+\.\d+)\.dw_conv\.(weight|bias)", key) is not None
+
+
+def from_pplcnetv2(state: dict, lcnet_model: bool, path: str = "the weights") -> tuple[dict, list[str]]:
+    """(state under this project's names, keys that have no place here) of a PP-TSMv2 / PP-LCNetV2 file
+    named by PaddleVideo or PaddleClas; a file of this project's names comes back as it is. A ResNet file
+    for PP-TSMv2, or a PP-LCNetV2 file for a ResNet model, is a config error naming a tensor."""
+    lcnet_file = looks_like_pplcnetv2(state)
+    if not lcnet_model:
+        if lcnet_file:
+            example = next(k for k in state if looks_like_pplcnetv2([k]))
+            raise ConfigError(
+                f"config error: {path} holds PP-LCNetV2 / PP-TSMv2 weights (e.g. {example!r}) but MODEL.name "
+                "selects a ResNet backbone; use them with MODEL.name PP-TSMv2, or take weights of a ResNet"
+            )
+        return state, []
+    if not lcnet_file:
+        resnet = [k for k in state if looks_like_paddlevideo([k]) or re.search(r"\.(branch|shortcut)\.", k)]
+        if resnet:
+            raise ConfigError(
+                f"config error: {path} holds ResNet weights (e.g. {resnet[0]!r}) but MODEL.name PP-TSMv2 needs "
+                "PP-LCNetV2 weights: PaddleVideo's PP-TSMv2 or PaddleClas's PPLCNetV2_base(_ssld) files"
+            )
+        return state, []
+    out, unused = {}, []
+    for key, value in state.items():
+        if is_fused_placeholder(key):
+            continue
+        new = _pplcnetv2_key(key)
         if new is None:
             unused.append(key)
         else:
