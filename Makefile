@@ -29,7 +29,7 @@ DEMO := data/demo
 MOTION := data/motion
 NPROC ?= 2  # ffmpeg processes of the conversions; run_dist.sh picks its ranks (one per GPU, else 2)
 
-.PHONY: setup demo motion-demo test lint clean-demo
+.PHONY: setup demo motion-demo motion-distill test lint clean-demo
 
 setup: $(STAMP)
 
@@ -64,6 +64,15 @@ motion-demo: $(STAMP)
 	@printf '  TSM: '; $(PY) trainer/main.py summary -c configs/tsm_motion_demo.yaml | head -n 1
 	@printf '  TSN: '; $(PY) trainer/main.py summary -c configs/tsn_motion_demo.yaml | head -n 1
 
+# PP-TSMv2 (narrow) on the motion task, alone and distilled from motion-demo's TSM, at the same budget
+motion-distill: $(STAMP)
+	@test -f output/motion_tsm/best.pdparams || $(MAKE) motion-demo
+	bash run_dist.sh train PP-TSMv2 configs/pptsmv2_motion_distill.yaml -o DISTILL.mode=none -o output_dir=output/motion_pptsmv2
+	bash run_dist.sh train PP-TSMv2 configs/pptsmv2_motion_distill.yaml
+	@echo "motion-distill (direction of motion, 2 classes, chance 0.5), PP-TSMv2 student:"
+	@printf '  alone:               '; $(PY) trainer/main.py summary -c configs/pptsmv2_motion_distill.yaml -o output_dir=output/motion_pptsmv2 | head -n 1
+	@printf '  distilled from TSM:  '; $(PY) trainer/main.py summary -c configs/pptsmv2_motion_distill.yaml | head -n 1
+
 test: $(STAMP)
 	$(PY) -m pytest tests
 
@@ -73,4 +82,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean-demo:
-	rm -rf $(DEMO) $(MOTION) output/demo output/motion_tsm output/motion_tsn log
+	rm -rf $(DEMO) $(MOTION) output/demo output/motion_tsm output/motion_tsn output/motion_pptsmv2 output/motion_pptsmv2_distill log
