@@ -30,22 +30,73 @@ def test_selftest_check(check, host):
     assert status == selftest.PASS, detail
 
 
-def test_selftest_on_this_machine_fails_nothing_and_names_what_it_skipped(capsys):
-    assert selftest.main(["--no-bench"]) == 0
+def test_selftest_on_this_machine_fails_nothing_and_names_what_it_skipped(capsys, tmp_path):
+    report = tmp_path / "report.txt"
+    assert selftest.main(["--no-bench", "--report", str(report)]) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith(("PASS", "FAIL", "SKIP"))]
     assert len(lines) == len(GPU_CHECKS)
     assert all(re.match(r"(PASS|SKIP) [\w-]+ \(\d+s\): \S", ln) for ln in lines), lines
     assert "PASS dlpack-cpu" in out and re.search(r"selftest: \d+ passed, 0 failed, \d+ skipped", out)
+    text = report.read_text()
+    assert f"Paddle: {paddle.__version__}" in text and "DALI: " in text and "GPUs Paddle sees: " in text
+    assert all(ln in text for ln in (re.sub(r" \(\d+s\)", "", x).split(":")[0] for x in lines))
 
 
-def test_a_failing_check_is_a_fail_line_and_a_nonzero_exit(monkeypatch, capsys):
+def test_a_failing_check_is_a_fail_line_a_nonzero_exit_and_its_traceback_in_the_report(monkeypatch, capsys, tmp_path):
     def broken(host):
         raise AssertionError("frame 3 decoded as frame 4")
 
     monkeypatch.setattr(selftest, "CHECKS", (selftest.Check("broken", broken),))
-    assert selftest.main([]) == 1
-    assert "FAIL broken" in capsys.readouterr().out
+    report = tmp_path / "report.txt"
+    assert selftest.main(["--report", str(report)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL broken" in out and f"send {report}" in out
+    text = report.read_text()
+    assert "FAIL broken (0s): frame 3 decoded as frame 4" in text and "Traceback" in text and "in broken" in text
+
+
+@pytest.mark.parametrize(
+    "text, version",
+    [
+        ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n", "550.54.14"),
+        ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  (dvs)\n", "570.86.15"),
+        ("no driver here\n", None),
+    ],
+)
+def test_the_driver_version_is_read_from_what_the_kernel_module_reports(text, version):
+    assert selftest.parse_driver_version(text) == version
+
+
+@pytest.mark.parametrize(
+    "driver, cuda, refused",
+    [
+        ("550.54.14", "12.6", ""),
+        ("560.35.03", "12.6", ""),
+        ("535.183.01", "12.6", "NVIDIA driver 535.183.01 is below 550.54.14, the lowest for this Paddle's CUDA 12.6"),
+        ("560.35.03", "12.9", "NVIDIA driver 560.35.03 is below 575.51.03, the lowest for this Paddle's CUDA 12.9"),
+        ("575.51.03", "12.9", ""),
+        (None, "12.6", ""),  # no driver found: the gpu check says so instead
+        ("470.82.01", "11.8", ""),  # a line without a known floor
+    ],
+)
+def test_a_driver_below_the_floor_of_paddle_s_cuda_line_is_refused_in_one_line(driver, cuda, refused):
+    got = selftest.driver_refusal(driver, cuda)
+    assert got.startswith(refused) and ("\n" not in got) and bool(got) == bool(refused)
+    if driver == "560.35.03" and cuda == "12.9":
+        assert "or install GPU=cu126" in got  # the line this driver can run
+
+
+def test_a_refused_driver_stops_the_selftest_after_its_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(selftest, "driver_version", lambda: "535.183.01")
+    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(paddle.version, "cuda", lambda: "12.6")
+    assert selftest.main(["--no-bench", "--report", str(tmp_path / "r.txt")]) == 1
+    out = capsys.readouterr().out
+    assert [ln for ln in out.splitlines() if ln.startswith(("PASS", "FAIL", "SKIP"))] == [
+        "FAIL gpu (0s): NVIDIA driver 535.183.01 is below 550.54.14, the lowest for this Paddle's CUDA 12.6 build: "
+        'upgrade the driver to 550.54.14 or later (docs/gpu.md "Driver")'
+    ]
 
 
 def test_the_frame_check_catches_a_decoder_that_returns_the_wrong_frames():

@@ -380,6 +380,7 @@ def train(cfg, env: dist.Env) -> dict:
             f"read by {train_loader.num_workers} feed worker(s)/rank, "
             f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {scheduler.get_lr():.4g}"
             + (f"; resumed from {resume} at epoch {start_epoch}" if resume else "")
+            + (f"; AMP {_amp_dtype(cfg, env)}" + (" with GradScaler" if scaler else "") if _amp_dtype(cfg, env) else "")
             + (f"; {distiller.describe()}" if distiller else ""),
             flush=True,
         )

