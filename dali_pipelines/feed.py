@@ -24,7 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import crops
-from .formats import DataFormatError, Sample, check_jpeg, jpeg_size, read_indexed_frames, read_pkl, read_pkl_index
+from .formats import (
+    DataFormatError,
+    Sample,
+    StaleIndexError,
+    check_jpeg,
+    jpeg_size,
+    read_indexed_frames,
+    read_pkl,
+    read_pkl_index,
+)
 from .sampling import sample_indices
 from .video import VideoError, VideoFacts, decode_frames, probe, resolution_change_message, stream_info
 
@@ -148,16 +157,36 @@ def _indices(spec: ClipSpec, num_frames: int, rng) -> np.ndarray:
 
 
 def _pkl_frames(path: str, spec: ClipSpec, rng) -> tuple[int, list[bytes]]:
-    """(label, the sampled JPEGs): through the frame index when the file has one, else read whole."""
+    """(label, the sampled JPEGs): through the frame index when the file has one made of it as it is,
+    else read whole (an index older than the file's last change describes bytes that may be gone)."""
     with open(path, "rb") as f:
         fd = f.fileno()
-        index = read_pkl_index(fd, os.fstat(fd).st_size)
+        st = os.fstat(fd)
+        try:
+            index = read_pkl_index(fd, st.st_size, st.st_mtime_ns)
+        except StaleIndexError as e:
+            index = None
+            _note_stale_index(path, str(e))
         if index is not None:
             return index.label, read_indexed_frames(fd, index, _indices(spec, index.num_frames, rng))
     _, label, frames = read_pkl(path)
     if not frames:
         raise DataFormatError("the pkl holds no frames")
     return label, [check_jpeg(frames[i]) for i in _indices(spec, len(frames), rng)]
+
+
+_stale_noted = []  # per process: the first pkl read whole for a stale index is named, the rest counted
+
+
+def _note_stale_index(path: str, why: str) -> None:
+    if not _stale_noted:
+        print(
+            f"dali_pipelines: {path}: {why}; read whole instead (slower, never the old frames). Give changed or "
+            "copied files a new index: python preprocessing/build_list.py pkl DIR LIST --index N",
+            file=sys.stderr,
+            flush=True,
+        )
+    _stale_noted.append(path)
 
 
 def _frame_size(jpegs: list[bytes]) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import pickle
 import pickletools
 import struct
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -47,10 +48,12 @@ def write_pkl(path: str, video_id: str, label: int, frames: list[bytes]) -> None
     if len({id(f) for f in frames}) < len(frames):  # the pickler would store a repeated object once
         frames = [bytes(bytearray(f)) for f in frames]
     data = pickle.dumps((video_id, int(label), frames), protocol=4)
-    if frames:  # a clip without frames is unreadable anyway: no index to give it
-        spans, pickle_end = frame_spans(data, len(frames))
-        data += pkl_trailer(int(label), spans, pickle_end)
-    write_atomic(path, data)
+    if not frames:  # a clip without frames is unreadable anyway: no index to give it
+        write_atomic(path, data)
+        return
+    spans, pickle_end = frame_spans(data, len(frames))
+    stamp = index_stamp()
+    write_atomic(path, data + pkl_trailer(int(label), spans, pickle_end, zlib.crc32(data), stamp), mtime_ns=stamp)
 
 
 def _umask() -> int:
@@ -64,16 +67,19 @@ def _umask() -> int:
         return mask
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes, mtime_ns: int | None = None) -> None:
     """Write ``data`` under a temporary name, then rename it over ``path``: a reader sees the old file or
     the whole new one. The file gets the permissions an ordinary open() would give it (mkstemp's are
-    0600, which would hide a dataset from the other accounts of a cluster)."""
+    0600, which would hide a dataset from the other accounts of a cluster), and ``mtime_ns`` as its
+    modification time when given (before the rename: the file never shows another)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if mtime_ns is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -112,10 +118,14 @@ def _unpickle_clip(path: str, data: bytes) -> tuple[str, int, list[bytes]]:
 
 
 # The frame index: HEADER, then (offset, length) uint64 pairs, then FOOTER. The CRC covers header and
-# entries, so a half-appended or damaged index is never taken for a valid one.
-INDEX_HEADER = struct.Struct("<8sIIqQ")  # magic, version, num_frames, label, pickle_end
+# entries, so a half-appended or damaged index is never taken for a valid one. The header binds the
+# index to the bytes it was made from: the pickle's CRC, and the modification time the file was given
+# when the index was written (a file rewritten in place since has another: docs/design.md "The pkl
+# frame index"). Version 1 had neither and is read as no index.
+INDEX_HEADER = struct.Struct("<8sIIqQIq")  # magic, version, num_frames, label, pickle_end, pickle_crc, mtime_ns
 INDEX_FOOTER = struct.Struct("<QI8s")  # size of header + entries, crc32 of them, magic
-INDEX_MAGIC, INDEX_END, INDEX_VERSION = b"TSNPKIDX", b"TSNIDX\x00\x01", 1
+INDEX_MAGIC, INDEX_END, INDEX_VERSION = b"TSNPKIDX", b"TSNIDX\x00\x01", 2
+_INDEX_PREFIX = struct.Struct("<8sI")  # what every version begins with
 # at most this many bytes of opcodes (memo, appends, tuple, stop) follow the last frame of a clip pickle
 _MAX_TAIL_OPCODES = 16
 # the pickle opcodes that hold raw bytes, by the width of their length field
@@ -143,40 +153,64 @@ def frame_spans(data: bytes, num_frames: int) -> tuple[np.ndarray, int]:
     return np.array(spans[len(spans) - num_frames :], dtype=np.uint64), stop + 1
 
 
-def pkl_trailer(label: int, spans: np.ndarray, pickle_end: int) -> bytes:
-    """The frame index that follows a clip pickle of ``pickle_end`` bytes."""
-    body = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, len(spans), label, pickle_end) + spans.astype("<u8").tobytes()
+def pkl_trailer(label: int, spans: np.ndarray, pickle_end: int, pickle_crc: int, mtime_ns: int) -> bytes:
+    """The frame index that follows a clip pickle of ``pickle_end`` bytes whose CRC-32 is ``pickle_crc``,
+    in a file that will have the modification time ``mtime_ns``."""
+    head = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, len(spans), label, pickle_end, pickle_crc, mtime_ns)
+    body = head + spans.astype("<u8").tobytes()
     return body + INDEX_FOOTER.pack(len(body), zlib.crc32(body), INDEX_END)
+
+
+def index_stamp() -> int:
+    """The modification time an indexed file is given (and its index records): now, in whole even
+    seconds, which every file system stores exactly (FAT keeps 2 s; others ns or 1 s)."""
+    return time.time_ns() // 2_000_000_000 * 2_000_000_000
+
+
+class StaleIndexError(DataFormatError):
+    """The file changed after its frame index was made (or the index predates the binding): the index
+    describes other bytes. Readers read the file whole; ``index_pkl`` makes a new index."""
 
 
 @dataclass(frozen=True)
 class PklIndex:
     label: int
     spans: np.ndarray  # [num_frames, 2] uint64 (offset, length)
+    pickle_crc: int = 0  # CRC-32 of the pickle the index was made from
+    mtime_ns: int = 0  # the file's modification time when it was indexed
 
     @property
     def num_frames(self) -> int:
         return len(self.spans)
 
 
-def read_pkl_index(fd: int, size: int) -> PklIndex | None:
+def read_pkl_index(fd: int, size: int, mtime_ns: int | None = None) -> PklIndex | None:
     """The frame index at the end of an open clip pkl, or None when the file has none (a legacy pkl,
-    or an index whose append was cut short: its footer is written last). An index that is there but
-    damaged or inconsistent with the file raises DataFormatError: the sample is skipped, never read
-    from wrong offsets."""
-    if size < INDEX_FOOTER.size + INDEX_HEADER.size + 2:
+    or an index whose append was cut short: its footer is written last). With ``mtime_ns`` (the file's
+    modification time now), an index made before the file last changed raises StaleIndexError: it
+    describes bytes that may be gone (a label rewritten, a clip trimmed in place). An index that is
+    there but damaged or inconsistent with the file raises DataFormatError: the sample is skipped,
+    never read from wrong offsets."""
+    if size < INDEX_FOOTER.size + _INDEX_PREFIX.size + 2:
         return None
     footer = os.pread(fd, INDEX_FOOTER.size, size - INDEX_FOOTER.size)
     body_size, crc, end = INDEX_FOOTER.unpack(footer)
     start = size - INDEX_FOOTER.size - body_size
-    if end != INDEX_END or body_size < INDEX_HEADER.size or start < 1:
+    if end != INDEX_END or body_size < _INDEX_PREFIX.size or start < 1:
         return None
     body = os.pread(fd, body_size, start)
     if len(body) != body_size or zlib.crc32(body) != crc:
         raise DataFormatError("the frame index is damaged (checksum mismatch)")
-    magic, version, n, label, pickle_end = INDEX_HEADER.unpack_from(body)
-    if magic != INDEX_MAGIC or version != INDEX_VERSION:
+    magic, version = _INDEX_PREFIX.unpack_from(body)
+    if magic != INDEX_MAGIC or version > INDEX_VERSION:
         raise DataFormatError(f"frame index version {version} is not supported")
+    if version < INDEX_VERSION:
+        raise StaleIndexError(f"a version {version} frame index, not bound to the file's contents")
+    if body_size < INDEX_HEADER.size:
+        raise DataFormatError("the frame index does not match the file")
+    magic, version, n, label, pickle_end, pickle_crc, stamp = INDEX_HEADER.unpack_from(body)
+    if mtime_ns is not None and mtime_ns != stamp:
+        raise StaleIndexError("the file changed after its frame index was made")
     if n < 1 or body_size != INDEX_HEADER.size + 16 * n or pickle_end != start:
         raise DataFormatError("the frame index does not match the file")
     spans = np.frombuffer(body, "<u8", 2 * n, INDEX_HEADER.size).reshape(n, 2)
@@ -188,7 +222,7 @@ def read_pkl_index(fd: int, size: int) -> PklIndex | None:
         or (spans[1:, 0] < ends[:-1]).any()
     ):
         raise DataFormatError("the frame index has offsets outside the pickle's frames or out of order")
-    return PklIndex(int(label), spans)
+    return PklIndex(int(label), spans, pickle_crc, stamp)
 
 
 def read_indexed_frames(fd: int, index: PklIndex, indices) -> list[bytes]:
@@ -235,17 +269,24 @@ def _bytes_opcode_at(data: bytes, head: int, length: int) -> bool:
 
 
 def index_pkl(path: str) -> str:
-    """Give a clip pkl its frame index in place: "indexed" when it already had a valid one, "appended"
-    when its frames were raw bytes (the index is appended after the pickle), "rewritten" when they were
-    not (protocol 2; the clip is rewritten in this project's layout, atomically). Nothing in the file
-    is executed: it is read with the restricted unpickler and walked opcode by opcode."""
+    """Give a clip pkl its frame index in place: "indexed" when it already had a valid one for the file
+    as it is, "appended" when its frames were raw bytes (the index is appended after the pickle, in
+    place of any earlier one), "rewritten" when they were not (protocol 2; the clip is rewritten in
+    this project's layout, atomically). An index whose file changed since (another modification time)
+    counts as "indexed" only when the pickle is still the one it was made from (its CRC), and the file
+    gets its recorded time back; else it is made anew. Nothing in the file is executed: it is read
+    with the restricted unpickler and walked opcode by opcode."""
+    stale = None
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
         try:
-            index = read_pkl_index(f.fileno(), os.fstat(f.fileno()).st_size)
+            index = read_pkl_index(f.fileno(), st.st_size)
             if index is not None and _index_points_at_jpegs(f.fileno(), index):
-                return "indexed"
+                if index.mtime_ns == st.st_mtime_ns:
+                    return "indexed"
+                stale = index  # copied without its times, or rewritten since: the CRC below tells
         except DataFormatError:
-            pass  # a damaged index is replaced below
+            pass  # a damaged or old index is replaced below
         data = f.read()
     vid, label, frames = _unpickle_clip(path, data)
     for frame in frames:
@@ -254,11 +295,23 @@ def index_pkl(path: str) -> str:
         spans, pickle_end = frame_spans(data, len(frames))
     except DataFormatError:
         spans = None
+    if (
+        stale is not None
+        and spans is not None
+        and stale.label == label
+        and np.array_equal(stale.spans, spans)
+        and zlib.crc32(data[:pickle_end]) == stale.pickle_crc
+        and len(data) == pickle_end + INDEX_HEADER.size + 16 * len(spans) + INDEX_FOOTER.size
+    ):
+        os.utime(path, ns=(stale.mtime_ns, stale.mtime_ns))  # the same bytes: give them their time back
+        return "indexed"
     if spans is not None and all(data[o : o + n] == fr for (o, n), fr in zip(spans.tolist(), frames)):
+        stamp = index_stamp()
         with open(path, "r+b") as f:  # a torn append fails the CRC and reads as "no index"
             f.truncate(pickle_end)
             f.seek(pickle_end)
-            f.write(pkl_trailer(label, spans, pickle_end))
+            f.write(pkl_trailer(label, spans, pickle_end, zlib.crc32(data[:pickle_end]), stamp))
+        os.utime(path, ns=(stamp, stamp))  # a crash before this leaves another time: read as stale, never trusted
         return "appended"
     write_pkl(path, vid, label, frames)
     return "rewritten"
@@ -326,6 +379,18 @@ LINE_FORMATS = {
     "pkl": "path/to/clip.pkl",
     "rawframes": "frame_dir num_frames label",
     "videos": "path/to/clip.mp4 label  or  path/to/clip.mp4 num_frames label",
+}
+
+
+# how files often given by mistake for a text file begin
+_BINARY_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"PK\x03\x04": "a zip archive",
+    b"\x1f\x8b": "a gzip file",
+    b"\x80": "a pickle (weights, a checkpoint or a pkl clip?)",
+    b"\x7fELF": "a program",
 }
 
 

@@ -2,16 +2,19 @@
 
 import os
 import pickle
+import struct
 import zlib
 
 import numpy as np
 import pytest
 
-from dali_pipelines import build_loader
+from dali_pipelines import build_loader, feed
 from dali_pipelines.formats import (
     INDEX_FOOTER,
     INDEX_HEADER,
     DataFormatError,
+    StaleIndexError,
+    frame_spans,
     index_pkl,
     read_indexed_frames,
     read_pkl,
@@ -98,7 +101,78 @@ def test_a_cut_off_index_append_leaves_a_legacy_pkl(tmp_path):
     path.write_bytes(data[:-3])  # the footer is written last: a torn append has none
     assert _index(path) is None
     assert read_pkl(str(path))[2] == FRAMES
-    assert index_pkl(str(path)) == "appended" and path.read_bytes() == data
+    assert index_pkl(str(path)) == "appended"
+    again = path.read_bytes()  # the same index but for the time it records
+    assert len(again) == len(data) and again[: -INDEX_FOOTER.size - 16 * 30 - 12] == data[: -INDEX_FOOTER.size - 16 * 30 - 12]
+    assert _index(path).mtime_ns == path.stat().st_mtime_ns
+
+
+def _keep_stamp(path):
+    """Give a file the modification time its index records: damage that a rewrite's new time would not
+    reveal (bit rot, a tool that restores times), so the index's own checks are what must catch it."""
+    data = path.read_bytes()
+    body_size = INDEX_FOOTER.unpack(data[-INDEX_FOOTER.size :])[0]
+    start = len(data) - INDEX_FOOTER.size - body_size
+    stamp = INDEX_HEADER.unpack_from(data, start)[-1]
+    os.utime(path, ns=(stamp, stamp))
+
+
+def _rewrite_in_place(path, obj):
+    """What an editing script does: the new pickle written over the old file's start, not truncated
+    (the old index stays at the end, with its checksum intact)."""
+    with open(path, "r+b") as f:
+        f.write(pickle.dumps(obj, protocol=4))
+
+
+@pytest.mark.parametrize("change", ["label", "trimmed"])
+def test_a_pkl_rewritten_in_place_after_indexing_is_read_as_it_is_now(tmp_path, capfd, monkeypatch, change):
+    """The index describes the bytes it was made from: after an in-place rewrite (a new label; the clip
+    cut to 10 frames) the loader reads the new pickle, never the old label or the old frames, and says
+    so; the index tool does not call the file indexed, and its new index reads the new clip."""
+    monkeypatch.setattr(feed, "_stale_noted", [])  # the first stale file of a process is named
+    path = tmp_path / "c.pkl"
+    write_pkl(str(path), "c", 3, FRAMES)
+    new = ("c", 4, FRAMES) if change == "label" else ("c", 3, FRAMES[:10])
+    _rewrite_in_place(path, new)
+    assert read_pkl(str(path)) == new
+    (tmp_path / "list.txt").write_text(f"{path}\n")
+    loader = build_loader(
+        str(tmp_path / "list.txt"), "pkl", "val", batch_size=1, num_segments=5, target_size=16, short_size=16,
+        num_workers=0,
+    )
+    ((imgs, labels),) = list(loader)
+    levels = [level_to_index(v) for v in _frame_levels(imgs)[0]]
+    assert labels.numpy().tolist() == [new[1]] and loader.skipped == 0
+    assert levels == segment_indices(len(new[2]), 5, "val").tolist()
+    assert "c.pkl: the file changed after its frame index was made; read whole" in capfd.readouterr().err
+    assert index_pkl(str(path)) == "appended"  # not "indexed": the old index describes other bytes
+    assert (_index(path).label, _index(path).num_frames) == (new[1], len(new[2]))
+    with open(path, "rb") as f:
+        assert pickle.load(f) == new and read_indexed_frames(f.fileno(), _index(path), [9]) == [FRAMES[9]]
+    assert index_pkl(str(path)) == "indexed"
+
+
+def test_a_pkl_copied_without_its_times_keeps_its_index_after_one_check(tmp_path):
+    path = tmp_path / "c.pkl"
+    write_pkl(str(path), "c", 3, FRAMES)
+    data, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # cp without -p: the same bytes, another time
+    with open(path, "rb") as f, pytest.raises(StaleIndexError):
+        read_pkl_index(f.fileno(), len(data), path.stat().st_mtime_ns)
+    assert index_pkl(str(path)) == "indexed"  # the pickle's CRC matches: only the time is given back
+    assert path.read_bytes() == data and path.stat().st_mtime_ns == stamp
+
+
+def test_an_index_of_the_first_version_is_not_trusted(tmp_path):
+    """Version 1 indexes were bound to nothing: read as stale (the file is read whole), then replaced."""
+    path = tmp_path / "c.pkl"
+    legacy = pickle.dumps(("c", 2, FRAMES), protocol=4)
+    spans, end = frame_spans(legacy, 30)
+    body = struct.pack("<8sIIqQ", b"TSNPKIDX", 1, 30, 2, end) + spans.astype("<u8").tobytes()
+    path.write_bytes(legacy + body + INDEX_FOOTER.pack(len(body), zlib.crc32(body), b"TSNIDX\x00\x01"))
+    with open(path, "rb") as f, pytest.raises(StaleIndexError, match="version 1"):
+        read_pkl_index(f.fileno(), path.stat().st_size, path.stat().st_mtime_ns)
+    assert index_pkl(str(path)) == "appended" and _index(path).num_frames == 30
 
 
 def _rewrite_index(path, change):
@@ -138,12 +212,13 @@ def test_a_bad_index_is_a_skipped_reported_sample_never_a_wrong_frame(tmp_path, 
         data = bad.read_bytes()
         body_size, _, end = INDEX_FOOTER.unpack(data[-INDEX_FOOTER.size :])
         start = len(data) - INDEX_FOOTER.size - body_size
-        magic, version, n, label, pickle_end = INDEX_HEADER.unpack_from(data, start)
-        head = INDEX_HEADER.pack(magic, version, n - 1, label, pickle_end)
+        magic, version, n, label, pickle_end, crc, stamp = INDEX_HEADER.unpack_from(data, start)
+        head = INDEX_HEADER.pack(magic, version, n - 1, label, pickle_end, crc, stamp)
         body = head + data[start + INDEX_HEADER.size : start + body_size - 16]
         bad.write_bytes(data[:start] + body + INDEX_FOOTER.pack(len(body), zlib.crc32(body), end))
     else:
         BAD_INDEXES[damage](bad)
+    _keep_stamp(bad)
     (tmp_path / "list.txt").write_text("good.pkl\nbad.pkl\n")
     loader = build_loader(
         str(tmp_path / "list.txt"),
