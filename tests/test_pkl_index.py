@@ -103,7 +103,10 @@ def test_a_cut_off_index_append_leaves_a_legacy_pkl(tmp_path):
     assert read_pkl(str(path))[2] == FRAMES
     assert index_pkl(str(path)) == "appended"
     again = path.read_bytes()  # the same index but for the time it records
-    assert len(again) == len(data) and again[: -INDEX_FOOTER.size - 16 * 30 - 12] == data[: -INDEX_FOOTER.size - 16 * 30 - 12]
+    assert (
+        len(again) == len(data)
+        and again[: -INDEX_FOOTER.size - 16 * 30 - 12] == data[: -INDEX_FOOTER.size - 16 * 30 - 12]
+    )
     assert _index(path).mtime_ns == path.stat().st_mtime_ns
 
 
@@ -137,7 +140,13 @@ def test_a_pkl_rewritten_in_place_after_indexing_is_read_as_it_is_now(tmp_path, 
     assert read_pkl(str(path)) == new
     (tmp_path / "list.txt").write_text(f"{path}\n")
     loader = build_loader(
-        str(tmp_path / "list.txt"), "pkl", "val", batch_size=1, num_segments=5, target_size=16, short_size=16,
+        str(tmp_path / "list.txt"),
+        "pkl",
+        "val",
+        batch_size=1,
+        num_segments=5,
+        target_size=16,
+        short_size=16,
         num_workers=0,
     )
     ((imgs, labels),) = list(loader)
