@@ -394,18 +394,6 @@ _BINARY_MAGIC = {
 }
 
 
-# how files often given by mistake for a text file begin
-_BINARY_MAGIC = {
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8": "a JPEG image",
-    b"GIF8": "a GIF image",
-    b"PK\x03\x04": "a zip archive",
-    b"\x1f\x8b": "a gzip file",
-    b"\x80": "a pickle (weights, a checkpoint or a pkl clip?)",
-    b"\x7fELF": "a program",
-}
-
-
 def read_text(path: str) -> str:
     """A user's text file (list, label file, CSV, config) as str. UTF-8, with or without the byte-order
     mark Notepad and Excel write; callers split lines with universal newlines (LF, CRLF or CR). Another
