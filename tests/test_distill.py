@@ -273,3 +273,23 @@ def test_two_rank_dml_resumes_bit_for_bit_and_exports_the_student_alone(demo_dat
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert re.search(r"export", out.stdout + out.stderr)
+
+
+def test_the_motion_distillation_config_names_a_teacher_and_multipliers_the_student_has():
+    from trainer.config import load_config
+    from trainer.models import build_model
+    from trainer.solver import lr_multipliers
+
+    cfg = load_config(os.path.join(ROOT, "configs", "pptsmv2_motion_distill.yaml"))
+    assert (cfg.MODEL.name, cfg.DISTILL.mode, cfg.DISTILL.temperature) == ("PP-TSMv2", "teacher", 4.0)
+    assert os.path.isfile(os.path.join(ROOT, cfg.DISTILL.config))
+    assert load_config(os.path.join(ROOT, cfg.DISTILL.config)).MODEL.name == "TSM"
+    mults = lr_multipliers(cfg.OPTIMIZER, build_model(cfg))
+    assert mults == {"backbone.temporal_attention.fc.weight": 5.0, "backbone.temporal_attention.fc.bias": 10.0}
+    dml = load_config(os.path.join(ROOT, "configs", "pptsmv2_dml.yaml"))
+    assert (dml.MODEL.name, dml.PIPELINE.num_segments, dml.DISTILL.mode, dml.DISTILL.config) == (
+        "PP-TSMv2",
+        16,
+        "dml",
+        "configs/pptsm.yaml",
+    )
