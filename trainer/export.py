@@ -5,13 +5,10 @@ inputs or on real clips) is written to export_check.json; docs/deployment.md is 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import re
 import sys
-import tempfile
 
 import numpy as np
 import paddle
