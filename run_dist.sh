@@ -5,7 +5,7 @@
 #   bash run_dist.sh {train|eval|test|predict|export|summary} MODEL CONFIG [--nproc N] [--max-restarts N]
 #                    [--ips IP1,IP2,... [--host IP] [--rendezvous-timeout S]]
 #                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--onnx]
-#   bash run_dist.sh selftest [--no-bench] [--only CHECK ...]   checks a GPU host (README "GPU hosts")
+#   bash run_dist.sh selftest [--no-bench] [--only CHECK ...] [--report FILE]   checks a GPU host (docs/gpu.md)
 #
 # Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
 # the repo's .venv, else python3). SIGTERM/SIGINT stop every process of the run (STOP_TIMEOUT, 30 s);
@@ -200,7 +200,7 @@ if [ "$status" -ne 0 ] && [ -z "${reported:-}" ]; then
     # the launcher shows one worker's log, often a rank that only aborted because a peer died:
     # name the rank that failed first, and how, then the others
     outcome=${stopped:+stopped by $stopped}
-    echo "run_dist.sh: $mode ${outcome:-failed} (exit $status). Cause:" >&2
+    echo "run_dist.sh: $mode ${outcome:-failed} (exit $status). ${stopped:+What the ranks reported}${stopped:-Cause}:" >&2
     cause
     echo "$cause_text" >&2
 fi
