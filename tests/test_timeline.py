@@ -28,6 +28,16 @@ def write_gop_video(path, n: int, gop: int = 12, width: int = 64, height: int = 
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _no_parent_link(monkeypatch):
+    """main.main names its process as the parent of the next link (launch/lifeline.py); a second call in
+    this process would take that for a dead parent and kill it. Here every call is a command typed by hand."""
+    from launch import lifeline
+
+    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "")
+    monkeypatch.setattr(lifeline, "hand_on", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def long_video(tmp_path_factory):
     return write_gop_video(tmp_path_factory.mktemp("tl") / "long.mp4", 300)
