@@ -6,6 +6,8 @@ weights and input and must give the same logits (skipped otherwise: tests fetch 
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import re
 
@@ -307,6 +309,55 @@ def test_this_projects_own_pptsmv2_weights_load_back(tmp_path):
     clips = paddle.randn([1, 4, 3, 32, 32])
     again.eval()
     np.testing.assert_array_equal(again(clips).numpy(), model(clips).numpy())
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+
+
+def _graph_ops(folder) -> collections.Counter:
+    """Operator counts of an exported Paddle 3 graph (inference.json)."""
+    with open(os.path.join(folder, "inference.json"), encoding="utf-8") as f:
+        graph = json.load(f)
+    return collections.Counter(op["#"] for op in graph["program"]["regions"][0]["blocks"][0]["ops"])
+
+
+def _exports_folded(tmp_path, onnx: bool):
+    from trainer.export import export
+
+    cfg = _cfg(segments=4)
+    model = _model(segments=4)
+    report = export(cfg, model, str(tmp_path / "folded"), list("abcde"), onnx=onnx)  # raises beyond 1e-4
+    assert report["paddle_inference_max_diff"] < 1e-4 and (not onnx or report["onnx_max_diff"] < 1e-4)
+    assert hasattr(model.backbone.stages[2][1], "dw_branches")  # the caller's model keeps its training form
+    if not os.path.isfile(tmp_path / "folded" / "inference.json"):
+        pytest.skip("counts the operators of Paddle 3's inference.json (Paddle 2.x writes a .pdmodel)")
+    folded = _graph_ops(tmp_path / "folded")
+    layers = model.sublayers()
+    depthwise = [c for c in layers if isinstance(c, paddle.nn.Conv2D) and c._groups > 1]
+    norms = [c for c in layers if isinstance(c, paddle.nn.BatchNorm2D)]
+    blocks = 1 + sum(len(stage) for stage in model.backbone.stages)
+    assert folded["1.depthwise_conv2d"] == blocks == 13  # one per block
+    assert len(depthwise) == 5 + 2 * 2 + 6 * 3  # training form: stride-2 blocks have kernels 5, 3, others 5, 3, 1
+    assert folded["1.batch_norm_"] == len(norms) - (len(depthwise) - 5)  # the folded branches' BNs are gone
+    if onnx:
+        import onnx as onnx_lib
+
+        graph = onnx_lib.load(report["onnx"]).graph
+        depthwise = [
+            n for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+        ]
+        assert len(depthwise) == 13
+
+
+def test_export_folds_every_block_to_one_depthwise_conv_and_agrees_with_the_dynamic_model(tmp_path):
+    _exports_folded(tmp_path, onnx=False)
+
+
+@pytest.mark.slow
+def test_the_folded_onnx_export_agrees_with_the_dynamic_model(tmp_path):
+    for module in ("paddle2onnx", "onnxruntime", "onnx"):
+        pytest.importorskip(module)
+    _exports_folded(tmp_path, onnx=True)
 
 
 # ---- PaddleVideo's own network (development only) -------------------------------------------------------

@@ -289,6 +289,17 @@ def _convert_for_tensorrt_on(device_id: int, job: dict) -> None:
         raise RuntimeError(f"TensorRT conversion on GPU {device_id} (CUDA_VISIBLE_DEVICES={gpu}) failed:\n{tail}")
 
 
+def inference_form(model):
+    """The model as exported: a re-parameterisable backbone (PP-TSMv2's) folded to one convolution per
+    block, on a copy so that the caller's model keeps its training form; other models as they are."""
+    if not hasattr(model.backbone, "reparameterize"):
+        return model
+    folded = copy.deepcopy(model)
+    folded.eval()
+    folded.backbone.reparameterize()
+    return folded
+
+
 def export(
     cfg, model, out_dir: str, class_names: list[str], sample: np.ndarray | None = None, onnx: bool = False
 ) -> dict:
@@ -301,7 +312,8 @@ def export(
     p = cfg.PIPELINE
     spec = InputSpec([None, views_per_clip(cfg), 3, p.target_size, p.target_size], "float32", "clips")
     prefix = os.path.join(out_dir, "inference")
-    paddle.jit.save(paddle.jit.to_static(model, input_spec=[spec], full_graph=True), prefix)
+    # the dynamic model's logits (below) stay those of the training form: the check covers the folding too
+    paddle.jit.save(paddle.jit.to_static(inference_form(model), input_spec=[spec], full_graph=True), prefix)
     model_file, params_file = model_files(out_dir)
     with open(os.path.join(out_dir, "preprocessing.json"), "w", encoding="utf-8") as f:
         json.dump(preprocessing_settings(cfg, class_names), f, indent=2)
