@@ -16,6 +16,7 @@ import os
 import pickle
 import pickletools
 import struct
+import sys
 import tempfile
 import time
 import zlib
@@ -449,7 +450,7 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None, check
     if not os.path.isfile(list_file):
         raise DataFormatError(f"list file {list_file} does not exist")
     list_dir = os.path.dirname(os.path.abspath(list_file))
-    samples, missing = [], []
+    samples, missing, first, repeats = [], [], {}, []
     for no, raw in enumerate(text_lines(list_file), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -457,9 +458,29 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None, check
         where = f"{list_file}:{no}"
         path, n, label = parse_list_line(line, source, where)
         path = _resolve(path, data_prefix, list_dir)
+        key = os.path.normpath(path)
+        if key in first:  # one clip listed twice would count twice in a metric and weigh double in training
+            earlier = first[key]
+            if (earlier.label, earlier.num_frames) != (label, n):
+                raise DataFormatError(
+                    f"{where}: {path} is also on line {earlier.line} with another "
+                    f"{'label' if earlier.label != label else 'frame count'}; keep the right line"
+                )
+            repeats.append(f"line {no} repeats line {earlier.line} ({os.path.basename(path)})")
+            continue
         if check_exists and not os.path.exists(path):
             missing.append(f"{where}: {path}")
-        samples.append(Sample(path, label, n, no))
+        first[key] = Sample(path, label, n, no)
+        samples.append(first[key])
+    if repeats:
+        more = f" (and {len(repeats) - 3} more)" if len(repeats) > 3 else ""
+        print(
+            f"dali_pipelines: {list_file}: {len(repeats)} duplicate line(s), each clip counted once: "
+            + "; ".join(repeats[:3])
+            + more,
+            file=sys.stderr,
+            flush=True,
+        )
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise DataFormatError(

@@ -13,6 +13,9 @@ import sys
 import numpy as np
 import paddle
 
+from dali_pipelines.formats import DataFormatError
+from dali_pipelines.sampling import SAMPLINGS
+
 from .config import SHIFT_MODELS, ConfigError, segments_in_test
 from .metrics import softmax
 
@@ -97,8 +100,47 @@ def read_preprocessing(folder: str) -> dict:
     path = os.path.join(folder, "preprocessing.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; re-export with: bash run_dist.sh export MODEL CONFIG")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"{path}: not valid JSON ({e}); {_REEXPORT}") from None
+    if not isinstance(settings, dict):
+        raise DataFormatError(f"{path}: holds a {type(settings).__name__}, not the export's settings; {_REEXPORT}")
+    _check_preprocessing(settings, path)
+    return settings
+
+
+_REEXPORT = "re-export to change the test views: bash run_dist.sh export MODEL CONFIG"
+
+
+def _check_preprocessing(settings: dict, path: str) -> None:
+    """An edited preprocessing.json is named here, in one line, rather than failing inside the loader
+    or the predictor: each value in its range, and the views it asks for the ones the graph takes."""
+
+    def bad(key, expected):
+        raise DataFormatError(f"{path}: {key} = {json.dumps(settings[key])}: expected {expected}; {_REEXPORT}")
+
+    for key in ("num_segments", "num_clips", "target_size", "short_size", "dense_interval"):
+        value = settings.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            bad(key, "an integer >= 1")
+    if settings.get("num_crops", 1) not in (1, 3, 10) or isinstance(settings.get("num_crops"), bool):
+        bad("num_crops", "1, 3 or 10")
+    if settings.get("sampling", "segment") not in SAMPLINGS:
+        bad("sampling", f"one of {list(SAMPLINGS)}")
+    if settings.get("target_size", 0) > settings.get("short_size", 1 << 30):
+        bad("target_size", f"at most short_size ({settings['short_size']})")
+    shape = settings.get("input_shape")
+    if isinstance(shape, list) and len(shape) == 5 and all(k in settings for k in ("num_segments", "num_clips")):
+        views = settings["num_segments"] * settings["num_clips"] * settings.get("num_crops", 1)
+        if shape[1] is not None and shape[1] != views:
+            raise DataFormatError(
+                f"{path}: num_segments x num_clips x num_crops = {views} views, but the exported graph takes "
+                f"{shape[1]} (input_shape); {_REEXPORT}"
+            )
+        if shape[3] is not None and settings.get("target_size", shape[3]) != shape[3]:
+            bad("target_size", f"{shape[3]}, the size the exported graph takes (input_shape)")
 
 
 def model_files(folder: str) -> tuple[str, str]:
