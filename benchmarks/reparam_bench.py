@@ -1,0 +1,113 @@
+"""What folding PP-TSMv2's depthwise branches buys at inference: the exported training form against the
+exported re-parameterised form, in one run.
+
+    python benchmarks/reparam_bench.py [--segments 16] [--size 224] [--rounds 9] [--threads N] [--device cpu|gpu]
+
+Builds PP-TSMv2 (configs/pptsmv2.yaml, random weights and BatchNorm statistics), writes it twice with
+paddle.jit.save (as trained: kernels 5, 3 and 1 summed in stages 3 and 4; and as ``run_dist.sh export``
+writes it, after ``reparameterize()``), checks that both give the dynamic model's logits, then times one
+clip (SEGMENTS frames at SIZE x SIZE, batch 1) through Paddle Inference for each (and through the dynamic
+model in both forms). Rounds alternate between the forms so that a noisy, shared machine slows them alike;
+each figure is the median over rounds. The last line is ``reparam_speedup: X`` = unfolded latency / folded
+latency through Paddle Inference (above 1: folding pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore")
+
+
+def _randomise_bn(model, rng) -> None:
+    """BatchNorm statistics away from their initial values, as a trained model has them."""
+    import paddle
+
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.BatchNorm2D):
+            c = layer.weight.shape[0]
+            layer.weight.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
+            layer.bias.set_value(rng.normal(0, 0.1, c).astype("float32"))
+            layer._mean.set_value(rng.normal(0, 0.1, c).astype("float32"))
+            layer._variance.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/pptsmv2.yaml")
+    p.add_argument("--segments", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of Paddle Inference (default: all)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    a = p.parse_args(argv)
+
+    import paddle
+    from paddle.static import InputSpec
+
+    from trainer.config import load_config
+    from trainer.export import InferenceModel, inference_form, model_files, score_difference
+    from trainer.models import build_model
+
+    paddle.set_device(a.device)
+    cfg = load_config(
+        a.config,
+        [f"PIPELINE.num_segments={a.segments}", f"PIPELINE.target_size={a.size}", "MODEL.backbone.pretrained=''"],
+    )
+    paddle.seed(0)
+    model = build_model(cfg)
+    _randomise_bn(model, np.random.default_rng(0))
+    model.eval()
+    forms = {"unfolded": copy.deepcopy(model), "folded": inference_form(model)}
+    clip = np.random.default_rng(1).standard_normal([1, a.segments, 3, a.size, a.size]).astype(np.float32)
+    x = paddle.to_tensor(clip)
+    with paddle.no_grad():
+        expected = model(x).numpy()
+    spec = InputSpec([None, a.segments, 3, a.size, a.size], "float32", "clips")
+    runners = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, form in forms.items():
+            folder = os.path.join(tmp, name)
+            paddle.jit.save(
+                paddle.jit.to_static(copy.deepcopy(form), input_spec=[spec], full_graph=True), f"{folder}/inference"
+            )
+            predictor = InferenceModel(*model_files(folder), device=a.device, threads=a.threads)
+            diff = score_difference(predictor.scores(clip), expected)
+            print(f"{name}: exported logits differ from the dynamic model's by {diff:.1e}")
+            runners[f"paddle_inference_{name}"] = lambda p=predictor: p.scores(clip)
+            runners[f"dynamic_{name}"] = lambda f=form: f(x).numpy()
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        with paddle.no_grad():
+            for run in runners.values():  # warm-up
+                run()
+            for _ in range(a.rounds):
+                for key, run in runners.items():
+                    start = time.perf_counter()
+                    run()
+                    times[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    threads = a.threads or os.cpu_count()
+    where = "GPU" if a.device == "gpu" else f"CPU, {threads} threads"
+    print(
+        f"PP-TSMv2 (temporal attention {cfg.MODEL.backbone.temporal_attention}), 1 clip of {a.segments} frames at "
+        f"{a.size}x{a.size}, {where}, median of {a.rounds} rounds:"
+    )
+    for key, ms in med.items():
+        print(f"  {key:<28s} {ms:9.1f} ms")
+    print(f"dynamic_reparam_speedup: {med['dynamic_unfolded'] / med['dynamic_folded']:.2f}")
+    print(f"reparam_speedup: {med['paddle_inference_unfolded'] / med['paddle_inference_folded']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
