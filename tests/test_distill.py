@@ -187,6 +187,19 @@ def test_distillation_errors_are_one_line_config_errors(tmp_path):
     cfg = tiny_cfg(tmp_path, "DISTILL.mode=dml", f"DISTILL.config={_partner_config(tmp_path, num_classes=7)}")
     with pytest.raises(ConfigError, match=r"MODEL.head.num_classes = 7, this config's is 5"):
         distill.build(cfg, build_model(cfg))
+    paddle.seed(0)
+    three = build_model(tiny_cfg(tmp_path, num_classes=3, name="t3.yaml"))
+    checkpoint.save_weights(three, str(tmp_path / "t3.pdparams"))
+    cfg = tiny_cfg(
+        tmp_path,
+        "DISTILL.mode=teacher",
+        f"DISTILL.config={_partner_config(tmp_path, 'TSN')}",
+        f"DISTILL.weights={tmp_path / 't3.pdparams'}",
+    )
+    with pytest.raises(
+        ConfigError, match=r"^config error: DISTILL.weights: .*t3.pdparams (does not fit|was trained for 3 classes)"
+    ):
+        distill.build(cfg, build_model(cfg))
 
 
 def test_a_dml_checkpoint_does_not_resume_a_run_without_its_peer_or_the_reverse(tmp_path):

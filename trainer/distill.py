@@ -149,7 +149,10 @@ def build(cfg, student) -> Distiller | None:
         partner_cfg.MODEL.backbone["pretrained"] = ""
     partner = build_model(partner_cfg)
     if d.mode == "teacher":
-        load_weights(partner, d.weights)
+        try:
+            load_weights(partner, d.weights)
+        except ValueError as e:  # another network's file, or not a weights file: one line naming the key
+            raise ConfigError(f"config error: DISTILL.weights: {e} (the teacher is DISTILL.config's MODEL)") from None
         partner.eval()
         for p in partner.parameters():
             p.stop_gradient = True
