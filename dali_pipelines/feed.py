@@ -371,7 +371,7 @@ class ParallelMap:
                 raise WorkerTimeout(
                     f"rank {os.environ.get('PADDLE_TRAINER_ID') or 0}: "
                     f"a loader worker returned nothing for {self.timeout:g} s while reading "
-                    f"{_names(chunk)}; a file or the filesystem hangs. The workers were "
+                    f"{_names(chunk, limit=len(chunk))}; one of them or the filesystem hangs. The workers were "
                     f"stopped ({self._slow_hint})"
                 ) from None
             self._ready.extend(zip(chunk, results))
@@ -392,9 +392,9 @@ class ParallelMap:
             self._pool = None
 
 
-def _names(chunk) -> str:
+def _names(chunk, limit: int = 3) -> str:
     paths = [arg.path for item in chunk for arg in item if isinstance(arg, Sample)]
-    return ", ".join(paths[:3]) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "") or "samples"
+    return ", ".join(paths[:limit]) + (f" (and {len(paths) - limit} more)" if len(paths) > limit else "") or "samples"
 
 
 def _how(exitcode: int) -> str:
