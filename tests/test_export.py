@@ -1,5 +1,7 @@
-"""Export: a TSM through Paddle Inference and ONNX within 1e-4, and how scores are compared."""
+"""Export: TSM and PP-TSM through Paddle Inference and ONNX (opsets 11 and 13) within 1e-4, the alignment
+table, how scores are compared, and the backends predict picks."""
 
+import json
 import os
 
 import numpy as np
@@ -19,22 +21,109 @@ def tiny(config, name=None, **pipeline):
     return load_config(config, overrides)
 
 
-def test_a_tsm_exports_to_onnx_with_matching_scores(tmp_path):
+def tiny_model(config="tsm", **pipeline):
+    cfg = tiny(os.path.join(ROOT, "configs", f"{config}.yaml"), num_segments=4, **pipeline)
+    cfg.MODEL.backbone["depth"] = 18
+    cfg.MODEL.head["num_classes"] = 3
+    return cfg, build_model(cfg)
+
+
+def test_a_tsm_exports_to_onnx_opsets_11_and_13_with_matching_scores(tmp_path):
+    """Opset 11 (PaddleVideo's paddle2onnx line) and 13 (the default) both hold the model, within 1e-4."""
+    pytest.importorskip("paddle2onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from trainer.export import CHECK_FILE, OnnxModel, export, onnx_opset, reference_logits, write_onnx
+
+    cfg, model = tiny_model(test_num_clips=2)
+    report = export(cfg, model, str(tmp_path), ["a", "b", "c"], onnx=True, opset=11)  # raises beyond 1e-4
+    assert report["onnx_max_diff"] < 1e-4 and report["paddle_inference_max_diff"] < 1e-4
+    assert onnx_opset(report["onnx"]) == 11
+    assert {n.op_type for n in onnx.load(report["onnx"]).graph.node} >= {"Concat", "Slice"}
+    check = json.loads((tmp_path / CHECK_FILE).read_text())  # the table export printed, as JSON
+    rows = {r["key"]: r for r in check["backends"]}
+    assert rows["onnxruntime"]["top1_agree"] == rows["onnxruntime"]["clips"] == 2 and check["opset"] == 11
+    assert "skipped" in rows["tensorrt"] or rows["tensorrt"]["clips"] == 2
+    write_onnx(report["model"], report["params"], str(tmp_path / "m13.onnx"), 13)
+    assert onnx_opset(str(tmp_path / "m13.onnx")) == 13
+    clips = np.random.default_rng(1).standard_normal([3, 8, 3, 32, 32]).astype(np.float32)
+    got = OnnxModel(str(tmp_path / "m13.onnx")).scores(clips)
+    assert np.abs(got - reference_logits(model, clips)).max() < 1e-4
+
+
+def test_a_pp_tsm_with_leaky_relu_runs_through_paddle_inference_and_onnx(tmp_path):
+    """Paddle 3.3 writes leaky_relu's slope as a double: its oneDNN conv fusion crashed on it and paddle2onnx
+    read it as 0 (onnxruntime's logits off by 1e10); the export check now passes for PP-TSM."""
     pytest.importorskip("paddle2onnx")
     pytest.importorskip("onnxruntime")
     from trainer.export import export
 
-    cfg = tiny(os.path.join(ROOT, "configs", "tsm.yaml"), num_segments=4, test_num_clips=2)
-    cfg.MODEL.backbone["depth"] = 18
-    cfg.MODEL.head["num_classes"] = 3
-    model = build_model(cfg)
-    report = export(cfg, model, str(tmp_path), ["a", "b", "c"], onnx=True)  # raises beyond 1e-4
-    assert report["onnx_max_diff"] < 1e-4 and report["paddle_inference_max_diff"] < 1e-4
-    import onnx
+    cfg, model = tiny_model("pptsm")
+    report = export(cfg, model, str(tmp_path), ["a", "b", "c"], onnx=True)
+    assert report["paddle_inference_max_diff"] < 1e-4 and report["onnx_max_diff"] < 1e-4
+    assert not list(tmp_path.glob("*paddle2onnx_input*"))  # the patched copy is gone
 
-    graph = onnx.load(report["onnx"])
-    assert graph.opset_import[0].version >= 11
-    assert {n.op_type for n in graph.graph.node} >= {"Concat", "Slice"}
+
+@pytest.mark.slow
+def test_an_opset_too_low_for_an_operator_names_the_operator_and_the_opset(tmp_path):
+    pytest.importorskip("paddle2onnx")
+    from trainer.export import ExportError, export
+
+    cfg, model = tiny_model()
+    with pytest.raises(ExportError) as e:
+        export(cfg, model, str(tmp_path), ["a", "b", "c"], onnx=True, opset=10)
+    assert str(e.value) == (
+        "export --onnx --opset 10: operator pd_op.mean needs opset >= 11; use --opset 11 or higher (the default is 13)"
+    )
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [6, 22])
+def test_an_opset_paddle2onnx_cannot_write_is_refused_before_it_runs(opset, tmp_path):
+    from trainer.export import ExportError, write_onnx
+
+    with pytest.raises(ExportError, match=rf"^--opset {opset}: paddle2onnx writes opsets 7 to 21$"):
+        write_onnx("m.json", "m.pdiparams", str(tmp_path / "m.onnx"), opset)
+
+
+class Shifted:
+    """A backend whose logits are the reference's plus ``delta``."""
+
+    precision = None
+
+    def __init__(self, expected, delta):
+        self.expected, self.delta, self.calls = expected, delta, 0
+
+    def scores(self, clips):
+        out = self.expected[self.calls : self.calls + len(clips)] + self.delta[self.calls : self.calls + len(clips)]
+        self.calls += len(clips)
+        return out
+
+
+def test_the_alignment_table_counts_top1_agreement_and_the_largest_logit_difference():
+    from trainer.export import CHECK_BATCH, check_backends, check_table
+
+    expected = np.tile([[3.0, 1.0, 0.0]], (CHECK_BATCH + 2, 1))  # more clips than one call takes
+    flip = np.zeros_like(expected)
+    flip[-1] = [0.0, 2.5, 0.0]  # the last clip's top-1 changes (1.0 + 2.5 > 3.0)
+    check = check_backends(
+        {
+            "paddle_inference": Shifted(expected, np.zeros_like(expected)),
+            "onnxruntime": Shifted(expected, flip),
+            "tensorrt": "no GPU on this host",
+        },
+        np.zeros([len(expected), 1]),
+        expected,
+    )
+    rows = {r["key"]: r for r in check["backends"]}
+    assert rows["paddle_inference"]["top1_agree"] == 6 and rows["paddle_inference"]["max_abs_logit_diff"] == 0
+    assert rows["onnxruntime"]["top1_agree"] == 5 and rows["onnxruntime"]["max_abs_logit_diff"] == 2.5
+    assert rows["tensorrt"] == {"key": "tensorrt", "backend": "TensorRT", "skipped": "no GPU on this host"}
+    check.update(inputs="6 clips from val.list", tolerance=1e-4)
+    table = check_table(check)
+    assert table[2].split() == ["Paddle", "Inference", "0.00e+00", "0.00e+00", "6/6", "(100%)"]
+    assert table[3].split()[-2:] == ["5/6", "(83%)"] and "not run: no GPU on this host" in table[4]
 
 
 def test_the_export_check_compares_probabilities_and_logits_at_their_scale():
@@ -51,7 +140,7 @@ def test_a_paddle2onnx_that_refuses_this_paddle_is_one_line(monkeypatch, tmp_pat
     """paddle2onnx 2.x raises ValueError at import under Paddle < 3: export --onnx names it."""
     import sys
 
-    from trainer.export import _export_onnx
+    from trainer.export import write_onnx
 
     class RefusingPaddle2onnx:  # what paddle2onnx 2.x's __init__ does on an old Paddle
         def find_spec(self, name, path=None, target=None):
@@ -61,4 +150,23 @@ def test_a_paddle2onnx_that_refuses_this_paddle_is_one_line(monkeypatch, tmp_pat
     monkeypatch.delitem(sys.modules, "paddle2onnx", raising=False)
     monkeypatch.setattr(sys, "meta_path", [RefusingPaddle2onnx(), *sys.meta_path])
     with pytest.raises(RuntimeError, match=r"^export --onnx: paddle2onnx cannot run with Paddle .*>= 3\.0\.0$"):
-        _export_onnx("m.json", "m.pdiparams", str(tmp_path / "m.onnx"), None, None)
+        write_onnx("m.json", "m.pdiparams", str(tmp_path / "m.onnx"))
+
+
+def test_predict_backends_onnx_needs_model_onnx_and_tensorrt_a_gpu(tmp_path):
+    from trainer.config import ConfigError
+    from trainer.export import InferenceModel, exported_model
+
+    with pytest.raises(FileNotFoundError, match=r"model.onnx does not exist; write it with: .* --onnx --output"):
+        exported_model(str(tmp_path), "onnx")
+    with pytest.raises(
+        ConfigError, match=r"^config error: --backend tensorrt runs on GPUs only .*--backend paddle or onnx"
+    ):
+        exported_model(str(tmp_path), "tensorrt", device="cpu")
+    with pytest.raises(ConfigError, match=r"--backend tflite: expected one of paddle, onnx, tensorrt$"):
+        exported_model(str(tmp_path), "tflite")
+    cfg, model = tiny_model("tsn")
+    from trainer.export import export
+
+    export(cfg, model, str(tmp_path), ["a", "b", "c"])
+    assert isinstance(exported_model(str(tmp_path), "paddle"), InferenceModel)

@@ -5,9 +5,11 @@ inputs or on real clips) is written to export_check.json; docs/deployment.md is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -343,10 +345,25 @@ def inference_form(model):
 
 
 def export(
-    cfg, model, out_dir: str, class_names: list[str], sample: np.ndarray | None = None, onnx: bool = False
+    cfg,
+    model,
+    out_dir: str,
+    class_names: list[str],
+    sample: np.ndarray | None = None,
+    onnx: bool = False,
+    *,
+    opset: int = DEFAULT_OPSET,
+    sample_source: str = "",
+    device: str = "cpu",
+    device_id: int = 0,
+    tensorrt: str = "fp16",
 ) -> dict:
-    """Write OUT_DIR/inference.{json|pdmodel,pdiparams} and preprocessing.json; returns what was written
-    and the largest score difference of each exported form against the dynamic model."""
+    """Write OUT_DIR/inference.{json|pdmodel,pdiparams}, preprocessing.json (and model.onnx at ``opset``),
+    then check every exported form against the dynamic model on ``sample`` (clips [N, V, 3, H, W]; default
+    two random inputs), ``sample_source`` saying where they came from: the check goes to export_check.json
+    and into the returned report (``check``, and ``*_max_diff`` per backend). TensorRT at ``tensorrt``
+    precision joins the check on a GPU host (``device="gpu"``). Raises ExportError when Paddle Inference
+    or onnxruntime differ from the dynamic model by more than TOLERANCE."""
     from paddle.static import InputSpec
 
     os.makedirs(out_dir, exist_ok=True)
@@ -361,17 +378,102 @@ def export(
         json.dump(preprocessing_settings(cfg, class_names), f, indent=2)
     if sample is None:
         sample = np.random.default_rng(0).standard_normal([2, *spec.shape[1:]]).astype(np.float32)
+        sample_source = "2 random inputs"
+    sample_source = sample_source or f"{len(sample)} given clips"
     expected = reference_logits(model, sample)
     report = {"model": model_file, "params": params_file, "preprocessing": os.path.join(out_dir, "preprocessing.json")}
-    report["paddle_inference_max_diff"] = score_difference(
-        InferenceModel(model_file, params_file).scores(sample), expected
-    )
+    backends: dict = {"paddle_inference": InferenceModel(model_file, params_file)}
     if onnx:
-        report.update(_export_onnx(model_file, params_file, os.path.join(out_dir, "model.onnx"), sample, expected))
-    bad = {k: v for k, v in report.items() if k.endswith("_max_diff") and v > TOLERANCE}
+        report["onnx"] = write_onnx(model_file, params_file, os.path.join(out_dir, "model.onnx"), opset)
+        try:
+            backends["onnxruntime"] = OnnxModel(report["onnx"])
+        except ExportError as e:
+            backends["onnxruntime"] = str(e)
+    backends["tensorrt"] = _tensorrt_for_check(model_file, params_file, spec.shape, device, device_id, tensorrt)
+    check = check_backends(backends, sample, expected)
+    check.update(inputs=sample_source, clips=len(sample), tolerance=TOLERANCE, opset=opset if onnx else None)
+    report["check"] = check
+    report["check_file"] = os.path.join(out_dir, CHECK_FILE)
+    for row in check["backends"]:
+        if "score_diff" in row:
+            report[f"{row['key'].replace('onnxruntime', 'onnx')}_max_diff"] = row["score_diff"]
+    with open(report["check_file"], "w", encoding="utf-8") as f:
+        json.dump(check, f, indent=2)
+    bad = [r for r in check["backends"] if r.get("enforced") and r["score_diff"] > TOLERANCE]
     if bad:
-        raise RuntimeError(f"export: exported model disagrees with the dynamic model: {bad} > {TOLERANCE}")
+        raise ExportError(
+            "the exported model disagrees with the dynamic model: "
+            + ", ".join(f"{r['backend']} score difference {r['score_diff']:.1e}" for r in bad)
+            + f" > {TOLERANCE} (table: {report['check_file']})"
+        )
     return report
+
+
+def _tensorrt_for_check(model_file, params_file, input_shape, device, device_id, precision):
+    """The TensorRT predictor of the export check, or why there is none on this host."""
+    if device != "gpu":
+        return "no GPU on this host (TensorRT runs on GPUs)"
+    try:
+        model = InferenceModel(
+            model_file,
+            params_file,
+            device="gpu",
+            device_id=device_id,
+            tensorrt=precision,
+            input_shape=list(input_shape),
+            max_batch=CHECK_BATCH,
+        )
+    except ConfigError as e:
+        return str(e).removeprefix("config error: ")
+    model.precision = precision
+    return model
+
+
+CHECK_BATCH = 4  # clips per call in the export check (TensorRT is converted for batches of 1 to this)
+BACKEND_NAMES = {"paddle_inference": "Paddle Inference", "onnxruntime": "onnxruntime", "tensorrt": "TensorRT"}
+
+
+def check_backends(backends: dict, sample: np.ndarray, expected: np.ndarray) -> dict:
+    """Each backend's agreement with the dynamic model's ``expected`` logits on ``sample``: max |logit
+    difference|, the score difference export enforces (score_difference) and how many clips get the same
+    top-1 class. ``backends`` maps a key to a model with ``scores(clips)`` or to the reason it was not run;
+    TensorRT is reported, not enforced (fp16 is not meant to agree within TOLERANCE)."""
+    rows = []
+    top1 = expected.argmax(axis=1)
+    for key, backend in backends.items():
+        name = BACKEND_NAMES[key] + (f" {backend.precision}" if getattr(backend, "precision", None) else "")
+        if isinstance(backend, str):
+            rows.append({"key": key, "backend": name, "skipped": backend})
+            continue
+        got = np.concatenate([backend.scores(sample[i : i + CHECK_BATCH]) for i in range(0, len(sample), CHECK_BATCH)])
+        rows.append(
+            {
+                "key": key,
+                "backend": name,
+                "max_abs_logit_diff": float(np.abs(got - expected).max()),
+                "score_diff": score_difference(got, expected),
+                "top1_agree": int((got.argmax(axis=1) == top1).sum()),
+                "clips": len(sample),
+                "enforced": key != "tensorrt",
+            }
+        )
+    return {"reference": "dynamic model, float32 on the CPU", "backends": rows}
+
+
+def check_table(check: dict) -> list[str]:
+    """The export check as the lines export prints: one row per backend."""
+    lines = [
+        f"export check against the {check['reference']}, on {check['inputs']} "
+        f"(fails beyond a score difference of {check['tolerance']:g}):",
+        f"  {'backend':<22s} {'max |dlogit|':>12s} {'score diff':>10s}  top-1 agreement",
+    ]
+    for r in check["backends"]:
+        if "skipped" in r:
+            lines.append(f"  {r['backend']:<22s} not run: {r['skipped']}")
+        else:
+            agree = f"{r['top1_agree']}/{r['clips']} ({100 * r['top1_agree'] / r['clips']:.0f}%)"
+            lines.append(f"  {r['backend']:<22s} {r['max_abs_logit_diff']:12.2e} {r['score_diff']:10.2e}  {agree}")
+    return lines
 
 
 def reference_logits(model, sample: np.ndarray) -> np.ndarray:
@@ -386,21 +488,150 @@ def reference_logits(model, sample: np.ndarray) -> np.ndarray:
         return cpu_model(paddle.to_tensor(np.asarray(sample, np.float32), place=paddle.CPUPlace())).numpy()
 
 
-def _export_onnx(model_file, params_file, onnx_file, sample, expected) -> dict:
+MAX_OPSET = 21  # paddle2onnx 2.x: "The Opset Version must be between 7 and 21" (it aborts the process beyond)
+
+
+def write_onnx(model_file: str, params_file: str, onnx_file: str, opset: int = DEFAULT_OPSET) -> str:
+    """``onnx_file`` converted by paddle2onnx at exactly ``opset``. paddle2onnx raises the opset silently when
+    an operator needs more, and aborts the process on some errors: it runs in a child process (its output
+    goes to paddle2onnx.log beside the model), and an opset it had to raise is a one-line ExportError naming
+    the operator and the opset it needs."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset}: paddle2onnx writes opsets {MIN_OPSET} to {MAX_OPSET}")
     try:
-        import paddle2onnx
+        import paddle2onnx  # noqa: F401  (a missing or refusing paddle2onnx is named before the child runs)
     except ImportError:
-        raise RuntimeError("export --onnx needs paddle2onnx (pip install paddle2onnx onnxruntime)") from None
+        raise ExportError("export --onnx needs paddle2onnx (pip install paddle2onnx onnxruntime)") from None
     except ValueError as e:  # paddle2onnx 2.x refuses Paddle < 3 at import
-        raise RuntimeError(f"export --onnx: paddle2onnx cannot run with Paddle {paddle.__version__}: {e}") from None
-    paddle2onnx.export(model_file, params_file, onnx_file, opset_version=13)
-    out = {"onnx": onnx_file}
+        raise ExportError(f"export --onnx: paddle2onnx cannot run with Paddle {paddle.__version__}: {e}") from None
+    log_file = os.path.join(os.path.dirname(onnx_file), "paddle2onnx.log")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(onnx_file)
+    graph = _graph_for_paddle2onnx(model_file, onnx_file)
     try:
-        import onnxruntime
-    except ImportError:
-        print("export: onnxruntime is not installed; the ONNX file is not checked")
-        return out
-    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: sample})[0]
-    out["onnx_max_diff"] = score_difference(got, expected)
-    return out
+        code, text = _run_paddle2onnx(graph, params_file, onnx_file, opset, log_file)
+    finally:
+        if graph != model_file:
+            os.remove(graph)
+    if code != 0 or not os.path.isfile(onnx_file):
+        errors = [line.strip() for line in text.splitlines() if "ERROR" in line or "Error:" in line]
+        raise ExportError(
+            f"export --onnx: paddle2onnx failed (exit {code}): {errors[0] if errors else 'no message'}; "
+            f"its output: {log_file}"
+        )
+    written = onnx_opset(onnx_file)
+    if written != opset:
+        # only paddle2onnx's verbose output names the operator that raised the opset: ask it again
+        graph = _graph_for_paddle2onnx(model_file, onnx_file)
+        try:
+            _, text = _run_paddle2onnx(graph, params_file, onnx_file, opset, log_file, verbose=True)
+        finally:
+            if graph != model_file:
+                os.remove(graph)
+        os.remove(onnx_file)
+        needs = sorted(set(re.findall(r"operator: (\S+) requires opset_version >= (\d+)", text)))
+        what = "; ".join(f"operator {op} needs opset >= {n}" for op, n in needs) or f"paddle2onnx wrote opset {written}"
+        raise ExportError(
+            f"export --onnx --opset {opset}: {what}; use --opset {max([written] + [int(n) for _, n in needs])} "
+            f"or higher (the default is {DEFAULT_OPSET})"
+        )
+    return onnx_file
+
+
+# Paddle 3.3 writes leaky_relu's negative_slope as a double; paddle2onnx 2.1 reads a float there and gets 0
+# (LeakyRelu alpha=0: PP-TSM's logits off by orders of magnitude). Paddle itself only loads the double.
+_F64_SLOPE = re.compile(r'\{"#":"0\.a_f64","D":([^{}]*)\},"N":"negative_slope"')
+
+
+def _graph_for_paddle2onnx(model_file: str, onnx_file: str) -> str:
+    """``model_file``, or a copy beside ``onnx_file`` with leaky_relu's slope written as paddle2onnx reads it."""
+    if not model_file.endswith(".json"):
+        return model_file
+    with open(model_file, encoding="utf-8") as f:
+        text = f.read()
+    fixed = _F64_SLOPE.sub(r'{"#":"0.a_f32","D":\1},"N":"negative_slope"', text)
+    if fixed == text:
+        return model_file
+    copy_file = os.path.splitext(onnx_file)[0] + ".paddle2onnx_input.json"
+    with open(copy_file, "w", encoding="utf-8") as f:
+        f.write(fixed)
+    return copy_file
+
+
+def _run_paddle2onnx(model_file, params_file, onnx_file, opset, log_file, verbose=False) -> tuple[int, str]:
+    """(exit status, output) of paddle2onnx.export in a child process, its output kept in ``log_file``."""
+    import subprocess
+
+    code = (
+        "import sys, paddle2onnx; paddle2onnx.export(sys.argv[1], sys.argv[2], sys.argv[3], "
+        f"opset_version=int(sys.argv[4]), auto_upgrade_opset=True, verbose={verbose})"
+    )
+    with open(log_file, "w", encoding="utf-8") as log:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, model_file, params_file, onnx_file, str(opset)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    with open(log_file, encoding="utf-8", errors="replace") as f:
+        return proc.returncode, f.read()
+
+
+def onnx_opset(onnx_file: str) -> int:
+    """The default-domain opset an ONNX file was written for."""
+    import onnx
+
+    model = onnx.load(onnx_file, load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+class OnnxModel:
+    """An exported model.onnx run by onnxruntime: ``scores(clips)`` maps [N, V, 3, H, W] float32 to logits,
+    on the CPU (or CUDA where onnxruntime-gpu is installed and ``device="gpu"``)."""
+
+    precision = None
+
+    def __init__(self, onnx_file: str, device: str = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ExportError("onnxruntime is not installed (pip install onnxruntime)") from None
+        providers = ["CPUExecutionProvider"]
+        if device == "gpu" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(onnx_file, options, providers=providers)
+        self.providers = self.session.get_providers()
+        self._input = self.session.get_inputs()[0].name
+
+    def scores(self, clips: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: np.ascontiguousarray(clips, np.float32)})[0]
+
+
+def exported_model(folder: str, backend: str = "paddle", **options):
+    """The model exported to ``folder``, run by ``backend`` (one of BACKENDS): Paddle Inference, onnxruntime
+    (folder/model.onnx, written by export --onnx) or TensorRT through Paddle Inference (GPU hosts;
+    ``tensorrt`` = "fp32" or "fp16"). ``options`` are InferenceModel's (device, device_id, max_batch...)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"config error: --backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if backend == "onnx":
+        path = os.path.join(folder, "model.onnx")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} does not exist; write it with: bash run_dist.sh export MODEL CONFIG --onnx --output {folder}"
+            )
+        return OnnxModel(path, device=options.get("device", "cpu"))
+    if backend == "tensorrt":
+        options["tensorrt"] = options.get("tensorrt") or "fp32"
+        if options.get("device", "cpu") != "gpu":
+            raise ConfigError(
+                "config error: --backend tensorrt runs on GPUs only and this run is on the CPU; on a GPU host "
+                "use -o device=gpu (or device=auto), or use --backend paddle or onnx here"
+            )
+    else:
+        options["tensorrt"] = None
+    model = InferenceModel.from_folder(folder, **options)
+    model.precision = options["tensorrt"]
+    return model
