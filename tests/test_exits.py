@@ -1,0 +1,133 @@
+"""launch/exits.py: which rank's end caused a job's failure, and whether a restart can help (no processes)."""
+
+import io
+import json
+import os
+import signal
+
+import pytest
+
+from launch import exits
+
+
+def _job(tmp_path, ranks=None, records=(), states=None, first=None):
+    """A log folder as a failed attempt leaves it: the launcher's view {rank: (exit, time)} and the ranks'
+    own records (rank, kind, message[, collective])."""
+    if ranks is not None:
+        seen = {str(r): {"pid": 100 + r, "exit": code, "time": t} for r, (code, t) in ranks.items()}
+        failures = [t for code, t in ranks.values() if code]
+        (tmp_path / "launcher.json").write_text(
+            json.dumps(
+                {
+                    "first_failure": first if first is not None else min(failures, default=None),
+                    "ranks": seen,
+                    "states": {str(r): s for r, s in (states or {}).items()},
+                }
+            )
+        )
+    for rank, kind, message, *collective in records:
+        record = {"rank": rank, "pid": 100 + rank, "kind": kind, "message": message, "exit": 1, "time": 0.0}
+        if collective:
+            record["collective"] = collective[0]
+        (tmp_path / f"exit.{rank}.json").write_text(json.dumps(record))
+    out = io.StringIO()
+    status = exits.report(str(tmp_path), out)
+    return status, out.getvalue()
+
+
+GLOO_RESET = "RuntimeError: [gloo/transport/tcp/pair.cc:576] Read error [127.0.0.1]:19867: Connection reset by peer"
+
+
+def test_the_rank_killed_first_is_the_cause_not_the_peer_that_lost_it(tmp_path):
+    # the peer's error is seen a tick before the killed rank's end: the kill is still the cause
+    status, out = _job(tmp_path, {0: (1, 10.00), 1: (-9, 10.05)}, [(0, "crash", GLOO_RESET, True)])
+    assert out.splitlines()[0] == "rank 1 (pid 101): signal: killed by SIGKILL"
+    assert out.splitlines()[1].startswith("  then rank 0 (pid 100): crash: RuntimeError: [gloo")
+    assert status == 0  # a crash: a restart may help
+
+
+def test_an_abort_inside_the_communication_library_is_not_the_cause(tmp_path):
+    status, out = _job(tmp_path, {0: (-signal.SIGABRT, 10.0), 1: (-signal.SIGKILL, 10.0)})
+    assert out.startswith("rank 1 (pid 101): signal: killed by SIGKILL")
+
+
+def test_a_stopped_rank_is_named_as_the_one_the_others_waited_for(tmp_path):
+    timeout = "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:80] TIMEOUT self_rank = none"
+    status, out = _job(tmp_path, {0: (1, 40.0), 1: (-9, 43.1)}, [(0, "crash", timeout, True)], states={1: "T"})
+    assert out.startswith("rank 1 (pid 101): stuck: was stopped (SIGSTOP")
+    assert status == 0
+
+
+def test_a_rank_in_uninterruptible_io_is_named(tmp_path):
+    status, out = _job(tmp_path, {0: (-6, 40.0), 1: (-9, 43.1)}, states={1: "D"})
+    assert out.startswith("rank 1 (pid 101): stuck: was stuck in uninterruptible I/O")
+
+
+def test_the_launchers_own_kill_seconds_later_is_not_a_cause(tmp_path):
+    # rank 0 fails on a file; rank 1, busy in C++, ignores SIGTERM and is killed 3 s later by the launcher
+    status, out = _job(tmp_path, {0: (1, 10.0), 1: (-9, 13.2)}, [(0, "data", "train: error: x.pkl hangs")])
+    assert out.startswith("rank 0 (pid 100): data: train: error: x.pkl hangs")
+    assert status == 3 and "a restart would fail the same way" in out
+
+
+@pytest.mark.parametrize("kind", exits.NOT_RESTARTABLE)
+def test_an_error_that_is_not_a_crash_is_not_restartable(tmp_path, kind):
+    status, out = _job(tmp_path, {0: (2, 5.0), 1: (2, 5.0)}, [(0, kind, "m"), (1, kind, "m")])
+    assert status == 3 and out.startswith(f"rank 0 (pid 100): {kind}: m")
+
+
+def test_a_crash_of_our_own_is_restartable_and_outranks_the_peers_abort(tmp_path):
+    status, out = _job(tmp_path, {0: (-6, 5.0), 1: (1, 5.2)}, [(1, "crash", "ZeroDivisionError: division by zero")])
+    assert status == 0 and out.startswith("rank 1 (pid 101): crash: ZeroDivisionError")
+
+
+def test_the_ranks_own_records_suffice_when_the_launcher_wrote_none(tmp_path):
+    status, out = _job(tmp_path, None, [(1, "config", "config error: epochs = 0 (-o epochs=0): must be >= 1")])
+    assert status == 3 and out.startswith("rank 1 (pid 101): config: config error: epochs = 0")
+
+
+def test_no_record_at_all_says_so(tmp_path):
+    status, out = _job(tmp_path)
+    assert status == 1 and "no rank left a record" in out
+
+
+def test_a_rank_writes_its_record_into_the_exit_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(exits.EXIT_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "3")
+    exits.write_record("crash", "Traceback...\nRuntimeError: [gloo] TIMEOUT", 1)
+    record = json.loads((tmp_path / "exit.3.json").read_text())
+    assert record["rank"] == 3 and record["pid"] == os.getpid() and record["kind"] == "crash"
+    assert record["message"] == "RuntimeError: [gloo] TIMEOUT" and record["collective"] is True
+    path, content = exits.record_bytes("crash", "rank 3: the ranks' rendezvous did not complete", -9)
+    assert path == str(tmp_path / "exit.3.json") and json.loads(content)["message"].startswith("rank 3: the ranks'")
+    exits.clear(str(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
+def test_without_an_exit_folder_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv(exits.EXIT_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    exits.write_record("config", "config error: x", 2)
+    assert exits.record_bytes("config", "x", 2) == ("", b"")
+    assert not list(tmp_path.iterdir())
+
+
+class _Proc:
+    def __init__(self, pid, codes):
+        self.pid, self._codes = pid, list(codes)
+
+    def poll(self):
+        return self._codes.pop(0) if len(self._codes) > 1 else self._codes[0]
+
+
+def test_the_watcher_notes_each_end_and_what_the_others_did_at_the_first_failure(tmp_path):
+    procs = {0: _Proc(os.getpid(), [None, 1]), 1: _Proc(os.getpid(), [None])}  # rank 1 still running
+    w = exits.Watcher(lambda: list(procs.items()))
+    w.poll()
+    assert w.ends == {} and w.first_failure is None
+    w.poll()
+    assert w.ends[0]["exit"] == 1 and w.first_failure == w.ends[0]["time"]
+    assert w.states == {1: "R"}  # this very process, running
+    w.write(str(tmp_path))
+    written = json.loads((tmp_path / "launcher.json").read_text())
+    assert written["ranks"]["0"]["exit"] == 1 and written["states"] == {"1": "R"}
