@@ -258,3 +258,24 @@ def test_an_unreachable_address_is_one_line(url, tmp_path, tiny_argv, capsys):
     assert main.main([*tiny_argv, "--input", url, "--timeout", "3", "--output", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"predict: error: {url}: cannot open the stream (Connection refused)"]
+
+
+@pytest.mark.slow
+def test_a_pipe_on_standard_input_is_a_live_source(ts_file, tmp_path, tiny_argv):
+    import sys
+
+    from .tiny import ROOT
+
+    cmd = [sys.executable, os.path.join(ROOT, "trainer", "main.py"), *tiny_argv, "-o", "PIPELINE.short_size=40"]
+    cmd += ["--input", "-", "--window", "1s", "--stride", "1s", "--output", str(tmp_path / "out"), "--timeout", "20"]
+    proc = subprocess.run(cmd, input=ts_file.read_bytes(), capture_output=True, timeout=300)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert [line.split()[0] for line in out.splitlines()[:4]] == [
+        "0.00-1.00s",
+        "1.00-2.00s",
+        "2.00-3.00s",
+        "3.00-4.00s",
+    ]
+    assert "predict: the stream ended: 4 window(s) of 25 frames from 100 frames at 25 fps" in out
+    assert (tmp_path / "out" / "timeline.json").is_file()

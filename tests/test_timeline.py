@@ -2,6 +2,8 @@
 most once and exactly as independent decoding gives it, the model's own sampling and test transform."""
 
 import argparse
+import glob
+import os
 
 import av
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from dali_pipelines.video import decode_frames
 from trainer import clip_scorer, main, timeline
 
-from .tiny import tiny_model
+from .tiny import ROOT, tiny_model
 
 
 def write_gop_video(path, n: int, gop: int = 12, width: int = 64, height: int = 48, fps: int = 25) -> str:
@@ -171,3 +173,52 @@ def test_a_timeline_folder_that_cannot_be_written_is_refused_before_the_work(lon
     assert main.main([*argv, "--input", long_video, "--window", "2s", "--output", str(tmp_path / "file" / "tl")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the timeline folder" in err[0] and "is not writable" in err[0]
+
+
+FAST = ("tsn_demo.yaml", "tsm.yaml", "pptsmv2.yaml")  # one of each family in the fast tier, the rest slow
+CONFIGS = [
+    pytest.param(c, id=os.path.basename(c), marks=() if os.path.basename(c) in FAST else pytest.mark.slow)
+    for c in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_configured_model_scores_a_timeline(config, long_video):
+    import paddle
+
+    from trainer.config import load_config
+    from trainer.models import build_model
+    from trainer.predict import dynamic_scorer
+
+    overrides = ["MODEL.backbone.base_channels=8", "MODEL.backbone.pretrained=''", "PIPELINE.target_size=32"]
+    cfg = load_config(config, [*overrides, "PIPELINE.short_size=40", "DATASET.label_file=''"])
+    paddle.seed(0)
+    spec = clip_scorer.clip_spec(cfg)
+    index = timeline.index_video(long_video)
+    windows = timeline.plan_windows(index.num_frames, 100, 100)[:2]
+    got = list(
+        clip_scorer.score_clips(
+            spec, dynamic_scorer(build_model(cfg)), timeline.read_windows(index, windows, spec), batch_size=2
+        )
+    )
+    assert [j for j, _ in got] == [0, 1]
+    assert all(row.shape == (cfg.MODEL.head.num_classes,) and np.isfinite(row).all() for _, row in got)
+
+
+@pytest.mark.slow
+def test_an_exported_model_scores_the_same_timeline_as_the_dynamic_model(long_video, tmp_path, tiny, capsys):
+    import pandas as pd
+
+    argv, _ = tiny
+    export = ["export", *argv[1:], "--output", str(tmp_path / "inference")]
+    assert main.main(export) == 0
+    runs = {}
+    for name, extra in (("dynamic", []), ("exported", ["--exported", str(tmp_path / "inference")])):
+        out = tmp_path / name
+        assert (
+            main.main([*argv, *extra, "--input", long_video, "--window", "4s", "--stride", "2s", "--output", str(out)])
+            == 0
+        )
+        runs[name] = pd.read_csv(out / "timeline.csv")
+    a, b = runs["dynamic"], runs["exported"]
+    assert (a.class_1 == b.class_1).all() and np.allclose(a.score_1, b.score_1, atol=1e-4)
