@@ -72,6 +72,17 @@ def test_features_and_logits_have_the_expected_shapes():
     assert model(paddle.randn([2, 12, 3, 32, 32])).shape == [2, 5]
 
 
+def test_dropout_scales_features_at_inference_as_paddlevideo_does():
+    """PaddleVideo's "downscale_in_infer" dropout: features x (1 - p) in eval mode, unscaled in training."""
+    clips = paddle.randn([1, 4, 3, 32, 32])
+    kept, dropped = _model("MODEL.head.dropout=0.0", segments=4), _model("MODEL.head.dropout=0.2", segments=4)
+    assert dropped.head.dropout is None  # it acts on each frame's features, before the head's average
+    with paddle.no_grad():
+        np.testing.assert_allclose(
+            dropped.backbone(clips[0]).numpy(), 0.8 * kept.backbone(clips[0]).numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
 def test_the_full_size_network_has_paddlevideos_parameter_count():
     """PaddleVideo's PPTSM_v2 (scale 1.0, temporal attention, 16 segments, 400 classes) holds 6,072,864
     numbers: its training form plus the fused depthwise convs it allocates beside the branches from the
@@ -116,8 +127,11 @@ def test_the_shift_equals_paddles_temporal_shift_with_ratio_one_over_segments(se
     x = paddle.randn([2 * segments, channels, 3, 3])
     expected = F.temporal_shift(x, segments, 1.0 / segments)
     np.testing.assert_array_equal(temporal_shift(x, segments).numpy(), expected.numpy())
-    c1, c2 = shift_bounds(channels, segments)
-    assert c1 == channels // segments or segments == 7  # 256 * (1/7) in float32: c2 = 73, not 2 * 36
+
+
+def test_the_shift_bounds_round_as_paddle_does():
+    assert shift_bounds(256, 16) == (16, 32)  # PP-TSMv2's stage 3 input at 16 segments
+    assert shift_bounds(256, 7) == (36, 73)  # not (36, 72): Paddle rounds 2C/T, not 2 x round(C/T)
 
 
 def _stage_io(model, clips):
@@ -283,6 +297,10 @@ def test_paddleclas_imagenet_pplcnetv2_weights_fill_the_backbone(tmp_path):
     np.testing.assert_array_equal(
         model.backbone.stages[3][1].pw[0][0].weight.numpy(), clas["stages.3.1.pw_conv.conv.weight"]
     )
+    # as MODEL.backbone.pretrained
+    path = str(tmp_path / "PPLCNetV2_base_ssld_pretrained.pdparams")
+    built = build_model(_cfg(f"MODEL.backbone.pretrained={path}", segments=4, classes=5))
+    np.testing.assert_array_equal(built.backbone.stem[0][0].weight.numpy(), clas["stem.0.conv.weight"])
 
 
 def test_mismatched_files_are_one_line_errors_naming_tensors(tmp_path):
