@@ -3,8 +3,9 @@
 # (default 2) on a machine without GPUs; predict, export and summary run as a single process.
 #
 #   bash run_dist.sh {train|eval|test|predict|export|summary} MODEL CONFIG [--nproc N] [--max-restarts N]
-#                    [--ips IP1,IP2,... [--host IP] [--rendezvous-timeout S]]
-#                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--onnx]
+#                    [--gpus 0,1,...] [--ips IP1,IP2,... [--host IP] [--rendezvous-timeout S]]
+#                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--onnx [--opset N]]
+#                    [--exported DIR [--backend paddle|onnx|tensorrt]] [--check-list LIST]  (docs/deployment.md)
 #   bash run_dist.sh selftest [--no-bench] [--only CHECK ...] [--report FILE]   checks a GPU host (docs/gpu.md)
 #
 # Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -41,9 +42,32 @@ while [ $# -gt 0 ]; do
         --host) host=${2:?--host needs this node\'s address}; shift 2 ;;
         --rendezvous-timeout) rdv_timeout=${2:?--rendezvous-timeout needs seconds}; shift 2 ;;
         --max-restarts) restarts=${2:?--max-restarts needs a number}; shift 2 ;;
+        --gpus) gpus=${2:?--gpus needs a comma-separated list of GPUs}; shift 2 ;;  # PaddleVideo's spelling
+        --gpus=*) gpus=${1#--gpus=}; shift ;;
         *) args+=("$1"); shift ;;
     esac
 done
+if [ -n "${gpus:-}" ]; then
+    # --gpus 0,1,2,3 as PaddleVideo's launcher reads it: entries of CUDA_VISIBLE_DEVICES (all GPUs when unset)
+    if ! [[ "$gpus" =~ ^[^,[:space:]]+(,[^,[:space:]]+)*$ ]]; then
+        echo "run_dist.sh: --gpus takes a comma-separated list of GPUs such as 0,1,2,3, got '$gpus'" >&2; exit 2
+    fi
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        for g in ${gpus//,/ }; do
+            if [[ ",$CUDA_VISIBLE_DEVICES," != *",$g,"* ]]; then
+                echo "run_dist.sh: --gpus $gpus: GPU $g is not among CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES (name its entries, or unset it)" >&2; exit 2
+            fi
+        done
+    fi
+    export CUDA_VISIBLE_DEVICES=$gpus
+    read -r _ gpu_devices _ < <(cd "$here" && "$py" -m launch.ranks 2>/dev/null) || true
+    if [ "${gpu_devices:-cpu}" = cpu ]; then
+        echo "run_dist.sh: --gpus $gpus: this host has no GPU that Paddle can use; leave --gpus out (--nproc N sets the CPU processes)" >&2; exit 2
+    fi
+    if [[ " $single_modes " == *" $mode "* && "$gpus" == *,* ]]; then
+        echo "run_dist.sh: $mode runs as one process on one GPU: write --gpus ${gpus%%,*}" >&2; exit 2
+    fi
+fi
 if [ -n "$nproc" ] && ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
     echo "run_dist.sh: --nproc must be a number of processes >= 1, got '$nproc'" >&2; exit 2
 fi

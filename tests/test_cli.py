@@ -127,3 +127,75 @@ def test_make_takes_the_trt_extra_with_a_gpu_line_and_refuses_it_without(tmp_pat
     assert 'packages/stable/cu126/ -e ".[gpu,trt,dev]"' in ok.stdout
     refused = make("EXTRAS=cpu,trt")
     assert refused.returncode != 0 and "say which CUDA line with GPU=cu126 or GPU=cu129" in refused.stderr
+
+
+def test_paddlevideo_spellings_that_map_one_to_one_are_rewritten():
+    from trainer.spellings import translate
+
+    argv = ["train", "-c", "c.yaml", "--amp", "--validate", "-w", "w.pdparams", "--seed=7", "--use_gpu=False"]
+    assert translate(argv) == [
+        "train", "-c", "c.yaml", "-o", "amp=true", "--validate", "--weights", "w.pdparams", "-o", "seed=7",
+        "-o", "device=cpu",
+    ]  # fmt: skip
+    argv = ["predict", "-c", "c.yaml", "-i", "a.avi", "--use_tensorrt", "True", "--opset_version", "11", "-o", "x=1"]
+    assert translate(argv) == [
+        "predict", "-c", "c.yaml", "--input", "a.avi", "--backend", "tensorrt", "--opset", "11", "-o", "x=1",
+    ]  # fmt: skip
+    args = main.parse_args(["train", "-c", "c.yaml", "--amp", "-o", "epochs=1", "--validate"])
+    assert args.override == ["amp=true", "epochs=1"] and args.validate
+
+
+@pytest.mark.parametrize(
+    "argv, instead",
+    [
+        (["--model_file", "m.pdmodel"], "write --exported DIR"),
+        (["--test"], "write the mode: bash run_dist.sh test MODEL CONFIG --weights W"),
+        (["--gpus", "0,1"], "--gpus is run_dist.sh's"),
+        (["--amp_level", "O2"], "AMP here is level O1"),
+        (["--use_gpu", "maybe"], "expected True or False, got 'maybe'"),
+    ],
+)
+def test_paddlevideo_spellings_without_a_counterpart_say_what_to_write_in_one_line(argv, instead, capsys):
+    with pytest.raises(SystemExit) as e:
+        main.parse_args(["predict", "-c", "c.yaml", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and instead in err and err.count("\n") == 1 and err.startswith("main.py: " + argv[0])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backend", "onnx"], "--backend onnx runs an exported model: add --exported DIR"),
+        (["--exported", "d", "--backend", "tflite"], "argument --backend: invalid choice: 'tflite'"),
+        (["--opset", "22"], "argument --opset: expected an ONNX opset from 7 to 21, got '22'"),
+    ],
+)
+def test_deployment_options_are_checked_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main.parse_args(["predict", "-c", "c.yaml", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_validate_without_a_validation_list_says_which_key_to_set(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("MODEL:\n  backbone: {depth: 18, base_channels: 8}\n")
+    assert main.main(["train", "-c", str(cfg), "--validate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: --validate evaluates DATASET.val_list") and "-o DATASET.val_list=PATH" in err
+
+
+def test_run_dist_gpus_on_a_host_without_gpus_is_one_line():
+    if ranks.gpu_count():
+        pytest.skip("this host has GPUs")
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", "configs/tsn_demo.yaml", "--gpus=0,1,2,3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "run_dist.sh: --gpus 0,1,2,3: this host has no GPU that Paddle can use; leave --gpus out "
+        "(--nproc N sets the CPU processes)\n"
+    )

@@ -4,8 +4,9 @@ python trainer/main.py train   -c CONFIG [-o SECTION.key=value ...]
 python trainer/main.py eval    -c CONFIG [--weights W]      top-1/top-5 on DATASET.val_list
 python trainer/main.py test    -c CONFIG [--weights W]      multi-clip test on DATASET.test_list
 python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one video (or a .txt list)
-                               [--output predictions.csv] [--exported DIR [--tensorrt fp16]]
-python trainer/main.py export  -c CONFIG [--weights W] [--onnx]  Paddle Inference (+ ONNX) model
+                               [--output predictions.csv] [--exported DIR [--backend paddle|onnx|tensorrt]]
+python trainer/main.py export  -c CONFIG [--weights W] [--onnx [--opset 11]] [--check-list LIST]
+                                                            Paddle Inference (+ ONNX) model, checked
 python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
 python trainer/main.py predict -c CONFIG --input LONG.mp4 --window 10s [--stride 5s]   a timeline
                                (--input also takes a folder, a live source: -, a FIFO, udp://, rtsp://...)
@@ -57,21 +58,51 @@ def parse_args(argv=None):
         help="predict: also write the predictions to this CSV file; export: the folder (default OUTPUT_DIR/inference)",
     )
     p.add_argument("--onnx", action="store_true", help="export: also write model.onnx (needs paddle2onnx)")
+    p.add_argument("--opset", type=_opset, help="export --onnx: the ONNX opset (default 13; 11 works too)")
+    p.add_argument("--check-list", metavar="LIST", help="export: check the exported model on clips of this list")
+    p.add_argument("--check-clips", type=_positive_int, default=8, help="export: clips of --check-list (default 8)")
     p.add_argument(
         "--exported",
         metavar="DIR",
-        help="predict with the model exported to DIR through Paddle "
-        "Inference (its preprocessing.json sets the test views) instead of the dynamic model",
+        help="predict with the model exported to DIR (its preprocessing.json sets the test views) instead of "
+        "the dynamic model, through --backend",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("paddle", "onnx", "tensorrt"),
+        help="predict --exported: Paddle Inference (default), onnxruntime (DIR/model.onnx) or TensorRT (GPU hosts)",
     )
     p.add_argument(
         "--tensorrt",
         choices=("fp32", "fp16"),
-        help="predict --exported on a GPU (-o device=gpu): run the graph through TensorRT at this precision",
+        help="TensorRT's precision (default fp32): predict --exported --backend tensorrt on a GPU host; export: "
+        "the precision of the TensorRT row of the check (default fp16)",
+    )
+    p.add_argument(
+        "--validate", action="store_true", help="train: PaddleVideo's flag; evaluation needs DATASET.val_list"
     )
     from trainer.infer import add_arguments
 
     add_arguments(p)  # timelines, live streams, folders (docs/inference.md)
-    return p.parse_args(argv)
+    from trainer.spellings import SpellingError, translate
+
+    try:  # PaddleVideo's spellings: --amp, --validate, -w, --input_file... (docs/deployment.md)
+        argv = translate(sys.argv[1:] if argv is None else list(argv))
+    except SpellingError as e:
+        print(f"main.py: {e}", file=sys.stderr)
+        sys.exit(2)
+    args = p.parse_args(argv)
+    if args.backend and not args.exported:
+        p.exit(2, f"main.py: --backend {args.backend} runs an exported model: add --exported DIR (export writes it)\n")
+    return args
+
+
+def _opset(text: str) -> int:
+    from trainer.export import MAX_OPSET, MIN_OPSET
+
+    if not (text.isascii() and text.isdigit()) or not MIN_OPSET <= int(text) <= MAX_OPSET:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset from {MIN_OPSET} to {MAX_OPSET}, got {text!r}")
+    return int(text)
 
 
 def _summary_line(summary: dict) -> str:
@@ -113,6 +144,11 @@ def run(args) -> int:
     if args.model and args.model != cfg.MODEL.name:
         raise ConfigError(
             f"config error: model {args.model} was asked for but {args.config} sets MODEL.name = {cfg.MODEL.name}"
+        )
+    if args.validate and args.mode == "train" and not cfg.DATASET.val_list:
+        raise ConfigError(
+            "config error: --validate evaluates DATASET.val_list every val_interval epochs but it is empty; "
+            "set -o DATASET.val_list=PATH (with it set, training evaluates with or without --validate)"
         )
     if args.mode == "summary":
         return _print_summary(cfg)
@@ -180,7 +216,7 @@ def _run_mode(args, cfg, env) -> int:
     if args.mode in ("eval", "test"):
         return _evaluate(cfg, env, model, args.mode, weights)
     if args.mode == "export":
-        return _export(cfg, model, args)
+        return _export(cfg, env, model, args)
     return _predict(cfg, env, model, args)
 
 
@@ -235,25 +271,61 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
     return 0
 
 
-def _export(cfg, model, args) -> int:
+def _export(cfg, env, model, args) -> int:
     from dali_pipelines.runlock import check_writable
-    from trainer.export import export
+    from trainer.export import DEFAULT_OPSET, check_table, export
 
     out_dir = args.output or os.path.join(cfg.output_dir, "inference")
     check_writable(out_dir, "the export folder")
-    report = export(cfg, model, out_dir, _class_names(cfg), onnx=args.onnx)
-    checks = (
-        ", ".join(
-            f"{k.replace('_max_diff', '')} max |diff| {v:.2e}" for k, v in report.items() if k.endswith("_max_diff")
-        )
-        + " (score difference: probabilities, and logits relative to their scale)"
+    if args.opset and not args.onnx:
+        print(f"export: --opset {args.opset} is the ONNX opset: add --onnx", file=sys.stderr)
+        return 2
+    names = _class_names(cfg)
+    sample, source = _check_clips(cfg, env, args.check_list, args.check_clips) if args.check_list else (None, "")
+    report = export(
+        cfg,
+        model,
+        out_dir,
+        names,
+        sample=sample,
+        onnx=args.onnx,
+        opset=args.opset or DEFAULT_OPSET,
+        sample_source=source,
+        device=env.device,
+        device_id=env.device_id or 0,
+        tensorrt=args.tensorrt or "fp16",
     )
     print(
         f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
-        + (f", {report['onnx']}" if "onnx" in report else "")
-        + f"; scores against the dynamic model: {checks}"
+        + (f", {report['onnx']} (opset {args.opset or DEFAULT_OPSET})" if "onnx" in report else "")
     )
+    print("\n".join(check_table(report["check"])))
+    print(f"export: the check is in {report['check_file']}")
     return 0
+
+
+def _check_clips(cfg, env, list_file: str, count: int):
+    """The first ``count`` clips of ``list_file`` (DATASET.source's format) through the test pipeline, as
+    the exported model sees them: ([N, views, 3, H, W] float32, where they came from)."""
+    import numpy as np
+
+    from trainer import dist, engine
+
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"--check-list {list_file} does not exist")
+    loader = engine.make_loader(cfg, dist.Env(0, 1, env.device, env.device_id), "test", list_file=list_file)
+    clips = []
+    try:
+        for imgs, _ in loader:
+            clips.append(imgs.astype("float32").numpy())
+            if sum(map(len, clips)) >= count:
+                break
+    finally:
+        loader.close()  # its feed workers, when it stops before the end
+    if not clips:
+        raise FileNotFoundError(f"--check-list {list_file}: no readable clip")
+    sample = np.concatenate(clips)[:count]
+    return sample, f"{len(sample)} clips of {list_file}"
 
 
 def _predict(cfg, env, model, args) -> int:
@@ -263,25 +335,31 @@ def _predict(cfg, env, model, args) -> int:
 
 
 def _predict_exported(cfg, env, args) -> int:
-    from trainer.export import InferenceModel, config_for_exported, model_files, read_preprocessing
+    from trainer.config import ConfigError
+    from trainer.export import config_for_exported, exported_model, model_files, read_preprocessing
     from trainer.predict import exported_scorer
 
-    files = model_files(args.exported)  # a folder without a model is named before its settings are read
+    backend = args.backend or ("tensorrt" if args.tensorrt else "paddle")
+    if args.tensorrt and backend != "tensorrt":
+        raise ConfigError(f"config error: --tensorrt {args.tensorrt} is TensorRT's precision: use --backend tensorrt")
+    model_files(args.exported)  # a folder without a model is named before its settings are read
     settings = read_preprocessing(args.exported)
     cfg = config_for_exported(cfg, settings, args.exported)
-    model = InferenceModel(
-        *files,
+    model = exported_model(
+        args.exported,
+        backend,
         device=env.device,
         device_id=env.device_id or 0,
         tensorrt=args.tensorrt,
         input_shape=settings.get("input_shape"),
         max_batch=cfg.DATASET.batch_size,  # predict's batches hold 1 to batch_size clips
     )
-    print(
-        f"predict: exported model {args.exported} on {env.device}"
-        + (f" through TensorRT {args.tensorrt}" if args.tensorrt else "")
-        + " (Paddle Inference)"
-    )
+    engine = {
+        "paddle": "Paddle Inference",
+        "onnx": f"onnxruntime, {os.path.join(args.exported, 'model.onnx')}",
+        "tensorrt": f"TensorRT {getattr(model, 'precision', None)} through Paddle Inference",
+    }[backend]
+    print(f"predict: exported model {args.exported} on {env.device} ({engine})")
     return _report_predictions(cfg, env, exported_scorer(model), args)
 
 
@@ -321,6 +399,7 @@ def main(argv=None) -> int:
     from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError
     from dali_pipelines.video import VideoError
     from trainer.config import ConfigError
+    from trainer.export import ExportError
     from trainer.weights import WeightsError
 
     previous = signal.signal(signal.SIGTERM, _stop)  # a stop ends like Ctrl-C, with its resume line
@@ -335,6 +414,9 @@ def main(argv=None) -> int:
     except (DataFormatError, VideoError, FileNotFoundError, WeightsError, BusyError, OutputError) as e:
         print(f"{args.mode}: error: {e}", file=sys.stderr)
         return _exit_record("output" if isinstance(e, (BusyError, OutputError)) else "data", str(e), 1)
+    except ExportError as e:  # a missing package, an opset too low, an exported model that disagrees
+        print(f"{args.mode}: error: {e}", file=sys.stderr)
+        return _exit_record("config", str(e), 1)
     except WorkerError as e:  # a loader worker died (a crash: out of memory?) or hung on a file (data)
         print(f"{args.mode}: error: {e}", file=sys.stderr)
         return _exit_record("data" if isinstance(e, WorkerTimeout) else "crash", str(e), 1)
