@@ -44,6 +44,8 @@ def link(required: bool = False, sig: int = signal.SIGKILL) -> bool:
     ``required``, with whatever parent this process has (a rank under mpirun or srun); then name this
     process for the children. Unset and not required (a command typed by hand): only the naming."""
     expected = os.environ.get(PARENT_PID_ENV)
+    if expected == str(os.getpid()):  # this process named itself before (main() called twice in one process)
+        expected = None
     armed = die_with_parent(expected, sig) if expected or required else False
     hand_on()
     return armed
