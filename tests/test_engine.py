@@ -87,6 +87,33 @@ def test_evaluate_counts_every_sample_once_including_the_last_partial_batch(tmp_
     np.testing.assert_allclose(result["loss"], np.mean(losses), rtol=1e-4)
 
 
+def test_evaluate_top1_and_top5_against_each_label_rank_counted_directly():
+    """Top-k by its definition, computed apart from the code under test: a clip counts for top-k when
+    fewer than k classes score above its label. Labels sit at every rank 0..9 of 10 classes, so a
+    top-5 that took 4 (or 6) classes is off."""
+    from trainer import dist
+    from trainer.engine import evaluate
+
+    rng = np.random.default_rng(3)
+    scores = rng.permutation(40 * 10).reshape(40, 10).astype(np.float32)  # distinct: no ties
+    order = np.argsort(-scores, axis=1)
+    labels = order[np.arange(40), np.arange(40) % 10]  # the label of clip i is its (i % 10)-th best class
+    above = (scores > scores[np.arange(40), labels][:, None]).sum(axis=1)
+    assert sorted(set(above.tolist())) == list(range(10))
+
+    class Batches:  # a loader of ready logits: the identity model turns them into the scores
+        skipped = 0
+
+        def __iter__(self):
+            for i in range(0, 40, 16):
+                yield paddle.to_tensor(scores[i : i + 16]), paddle.to_tensor(labels[i : i + 16])
+
+    result = evaluate(paddle.nn.Identity(), Batches(), dist.Env(0, 1, "cpu", None), num_classes=10)
+    assert result["samples"] == 40
+    assert result["top1"] == pytest.approx(np.mean(above < 1)) == pytest.approx(0.1)
+    assert result["top5"] == pytest.approx(np.mean(above < 5)) == pytest.approx(0.5)
+
+
 def test_restore_brings_back_the_optimizer_state_and_the_lr_schedule_position(tmp_path):
     from trainer.engine import restore
     from trainer.solver import build_optimizer, build_scheduler

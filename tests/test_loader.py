@@ -39,6 +39,89 @@ def test_output_shape_dtype_and_imagenet_normalisation(tmp_path):
         assert sorted(labels.numpy().tolist()) == [0, 1, 2]
 
 
+# ImageNet's statistics in RGB order, written out here (not imported): the expectation must not move
+# with the code it checks
+IMAGENET_MEAN_RGB, IMAGENET_STD_RGB = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.mark.parametrize("source", ["pkl", "rawframes", "videos"])
+def test_every_source_gives_rgb_normalised_with_imagenet_statistics(tmp_path, source):
+    """A clip of one colour whose three channels differ: each output channel is that channel's value,
+    normalised with ImageNet's RGB mean and std. A swap to BGR anywhere (decoding, the constants, the
+    normalisation) moves channels 0 and 2 by about 0.4 here."""
+    colour = (210, 120, 40)
+    frames = np.broadcast_to(np.array(colour, np.uint8), (12, 48, 64, 3))
+    if source == "pkl":
+        write_pkl(str(tmp_path / "c.pkl"), "c", 0, [jpeg(f) for f in frames])
+        line = "c.pkl"
+    elif source == "rawframes":
+        (tmp_path / "c").mkdir()
+        for i, f in enumerate(frames):
+            (tmp_path / "c" / f"img_{i + 1:05d}.jpg").write_bytes(jpeg(f))
+        line = "c 12 0"
+    else:
+        write_video(str(tmp_path / "c.mp4"), np.ascontiguousarray(frames))
+        line = "c.mp4 0"
+    (tmp_path / "list.txt").write_text(line + "\n")
+    loader = build_loader(
+        str(tmp_path / "list.txt"),
+        source,
+        "val",
+        batch_size=1,
+        num_segments=2,
+        target_size=16,
+        short_size=16,
+        num_workers=0,
+    )
+    imgs, _ = next(iter(loader))
+    got = imgs.numpy().mean(axis=(0, 1, 3, 4))
+    expected = (np.array(colour) / 255 - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB
+    np.testing.assert_allclose(got, expected, atol=0.08)  # JPEG / H.264 chroma error on a flat colour
+
+
+def test_two_ranks_draw_their_own_segments_crops_and_flips(tmp_path):
+    """Training randomness is keyed by (seed, rank, epoch, position): rank 1's k-th clip must not repeat
+    rank 0's draw. Every list entry is the same clip (red encodes the frame index, green a left-right
+    ramp), so what differs between the ranks' outputs is only what each drew; the segments each rank
+    shows are the ones its own key draws."""
+    from dali_pipelines.sampling import sample_indices
+
+    t, h, w = 40, 48, 64
+    frames = np.zeros((t, h, w, 3), np.uint8)
+    frames[..., 0] = (20 + 5 * np.arange(t)).reshape(t, 1, 1)
+    frames[..., 1] = np.linspace(0, 255, w).astype(np.uint8)
+    frames[..., 2] = 128
+    data = [jpeg(f) for f in frames]
+    for i in range(8):
+        write_pkl(str(tmp_path / f"c{i}.pkl"), f"c{i}", 0, data)
+    (tmp_path / "list.txt").write_text("".join(f"c{i}.pkl\n" for i in range(8)))
+    seen = []
+    for rank in (0, 1):
+        loader = build_loader(
+            str(tmp_path / "list.txt"),
+            "pkl",
+            "train",
+            batch_size=4,
+            num_segments=3,
+            target_size=16,
+            short_size=24,
+            rank=rank,
+            world_size=2,
+            seed=7,
+            num_workers=0,
+        )
+        imgs = next(iter(loader))[0].numpy()  # [4 clips, 3 segments, 3, 16, 16], epoch 0, positions 0..3
+        red = imgs[:, :, 0] * IMAGENET_STD_RGB[0] + IMAGENET_MEAN_RGB[0]
+        shown = np.rint((red.mean(axis=(2, 3)) * 255 - 20) / 5).astype(int)
+        drawn = [sample_indices(t, 3, "train", np.random.default_rng((7, rank, 0, k))) for k in range(4)]
+        np.testing.assert_array_equal(shown, np.array(drawn))
+        seen.append(imgs)
+    differ = [not np.allclose(seen[0][k], seen[1][k], atol=1e-3) for k in range(4)]
+    assert all(differ), "rank 1 repeated rank 0's draws"
+    green = [s[:, 0, 1].mean(axis=1) for s in seen]  # the ramp's profile: the crop window and the flip
+    assert any(not np.allclose(green[0][k], green[1][k], atol=0.05) for k in range(4))
+
+
 def test_pkl_frames_are_the_frames_at_the_sampled_indices(tmp_path):
     lst = _pkl_list(tmp_path, [30, 7, 50], [0, 1, 2])
     loader = build_loader(lst, "pkl", "val", batch_size=3, num_segments=5, target_size=32, short_size=32)
