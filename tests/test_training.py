@@ -203,18 +203,26 @@ def test_export_writes_an_inference_model_whose_scores_match_predict(trained, de
     import importlib.util
 
     onnx = all(importlib.util.find_spec(m) for m in ("paddle2onnx", "onnxruntime"))
-    result = _run(["export", "TSN", str(cfg), "--output", str(work / "exported")] + (["--onnx"] if onnx else []), work)
+    check_list = demo_dataset / "val_pkl.list"  # real clips for the alignment table (export fails beyond 1e-4)
+    export = ["export", "TSN", str(cfg), "--output", str(work / "exported"), "--check-list", str(check_list)]
+    result = _run(export + (["--onnx", "--opset", "11"] if onnx else []), work)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "paddle_inference max |diff|" in result.stdout  # export fails itself beyond 1e-4
+    check = json.loads((work / "exported" / "export_check.json").read_text())
+    rows = {r["key"]: r for r in check["backends"]}
+    assert check["inputs"] == f"{rows['paddle_inference']['clips']} clips of {check_list}"
+    assert rows["paddle_inference"]["clips"] > 1 and "Paddle Inference" in result.stdout
     if onnx:
-        assert "onnx max |diff|" in result.stdout and (work / "exported" / "model.onnx").stat().st_size > 1000
+        assert rows["onnxruntime"]["top1_agree"] == rows["onnxruntime"]["clips"] and "onnxruntime" in result.stdout
+        assert (work / "exported" / "model.onnx").stat().st_size > 1000
     settings = json.loads((work / "exported" / "preprocessing.json").read_text())
     assert settings["input_shape"] == [None, 3, 3, 32, 32] and len(settings["class_names"]) == 6
     # `predict --exported` (Paddle Inference, preprocessing from preprocessing.json through the test
     # pipeline) and `predict` with the dynamic model agree on a real clip
     video = sorted((demo_dataset / "val" / "spinning_bar").glob("*.mp4"))[0]
     probs = {}
-    for name, extra in (("dynamic", []), ("exported", ["--exported", str(work / "exported")])):
+    runs = [("dynamic", []), ("exported", ["--exported", str(work / "exported")])]
+    runs += [("onnx", ["--exported", str(work / "exported"), "--backend", "onnx"])] if onnx else []
+    for name, extra in runs:
         result = _run(
             ["predict", "TSN", str(cfg), "--input", str(video), "--top-k", "6", "--output", str(work / f"{name}.csv")]
             + extra,
@@ -223,10 +231,11 @@ def test_export_writes_an_inference_model_whose_scores_match_predict(trained, de
         assert result.returncode == 0, result.stderr[-3000:]
         rows = (work / f"{name}.csv").read_text().splitlines()[1:]
         probs[name] = {row.split(",")[2]: float(row.split(",")[3]) for row in rows}
-    assert "exported model" in result.stdout and "(Paddle Inference)" in result.stdout
+    assert "exported model" in result.stdout and ("(onnxruntime" if onnx else "(Paddle Inference)") in result.stdout
     assert set(probs["exported"]) == set(settings["class_names"])
     for name, p in probs["dynamic"].items():
         assert abs(p - probs["exported"][name]) < 1e-5
+        assert not onnx or abs(p - probs["onnx"][name]) < 1e-5  # predict --backend onnx
 
 
 @pytest.mark.slow
