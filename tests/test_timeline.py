@@ -222,3 +222,29 @@ def test_an_exported_model_scores_the_same_timeline_as_the_dynamic_model(long_vi
         runs[name] = pd.read_csv(out / "timeline.csv")
     a, b = runs["dynamic"], runs["exported"]
     assert (a.class_1 == b.class_1).all() and np.allclose(a.score_1, b.score_1, atol=1e-4)
+
+
+def test_a_stop_midway_writes_the_windows_scored_so_far(long_video, tmp_path, cfg):
+    import pandas as pd
+
+    from trainer.models import build_model
+    from trainer.predict import dynamic_scorer
+
+    cfg.PIPELINE.update(target_size=32, short_size=40, test_num_segments=4)
+    score, calls = dynamic_scorer(build_model(cfg)), []
+
+    def stopped_on_the_second_batch(imgs):
+        calls.append(imgs.shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score(imgs)
+
+    names = [f"class{i}" for i in range(5)]
+    with pytest.raises(KeyboardInterrupt):
+        timeline.run_timeline(
+            cfg, stopped_on_the_second_batch, names, long_video, timeline.Span(2, "s"), timeline.Span(1, "s"),
+            str(tmp_path / "tl"), 3,
+        )  # fmt: skip
+    assert calls[0] == 6  # batches capped at a window's frames: 50 // (2 x 4 sampled)
+    assert list(pd.read_csv(tmp_path / "tl" / "timeline.csv").start_s) == [0, 1, 2, 3, 4, 5]
+    assert (tmp_path / "tl" / "timeline.png").is_file()

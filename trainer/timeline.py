@@ -306,7 +306,7 @@ def run_timeline(
         if len(tl):  # what was scored is written even when a stop or an error ends the run early
             paths = reports.write_timeline(tl, out_dir, top_k, min_segment)
     took = time.monotonic() - started
-    log.info(
+    log.debug(
         "%s: %d windows of %d frames every %d in %.1fs (%.1f windows/s); decoded %d of %d frames once, held at most %d",
         path,
         len(windows),
