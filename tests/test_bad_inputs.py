@@ -217,6 +217,7 @@ def test_resume_auto_with_an_empty_latest_takes_the_newest_checkpoint_that_loads
     config, out = _copy_out(trained, tmp_path)
     good = _snapshot(out)["epoch_1.pdckpt"]
     (out / "latest.pdckpt").write_bytes(b"")
+    shutil.copy(out / "epoch_1.pdckpt", out / "epoch_0.pdckpt")  # an older one, which must not be taken
     rc, printed, err = _cli(capfd, main.main, ["train", "-c", config, "-o", "resume=auto", "-o", "epochs=2"])
     assert rc == 0, err
     assert _one_line(printed, "skipped", "latest.pdckpt: is empty (0 bytes)").endswith(

@@ -114,6 +114,27 @@ def test_evaluate_top1_and_top5_against_each_label_rank_counted_directly():
     assert result["top5"] == pytest.approx(np.mean(above < 5)) == pytest.approx(0.5)
 
 
+def test_mean_class_accuracy_averages_the_classes_the_list_holds():
+    """Mean class accuracy by its definition: top-1 within each class present in the list, averaged
+    over those classes only (classes 4 and 5 of 6 have no clip here; counting them as 0 lowers it)."""
+    from trainer import dist
+    from trainer.engine import evaluate
+
+    labels = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])
+    guess = np.array([0, 1, 0, 1, 1, 0, 3, 3, 2, 4])
+    scores = np.eye(6, dtype=np.float32)[guess]
+
+    class Batches:
+        skipped = 0
+
+        def __iter__(self):
+            yield paddle.to_tensor(scores), paddle.to_tensor(labels)
+
+    result = evaluate(paddle.nn.Identity(), Batches(), dist.Env(0, 1, "cpu", None), num_classes=6)
+    per_class = [np.mean(guess[labels == c] == c) for c in (0, 1, 2, 3)]  # 2/3, 1, 0, 1/2
+    assert result["mean_class_accuracy"] == pytest.approx(np.mean(per_class)) == pytest.approx(13 / 24)
+
+
 def test_restore_brings_back_the_optimizer_state_and_the_lr_schedule_position(tmp_path):
     from trainer.engine import restore
     from trainer.solver import build_optimizer, build_scheduler

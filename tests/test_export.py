@@ -28,6 +28,20 @@ def tiny_model(config="tsm", **pipeline):
     return cfg, build_model(cfg)
 
 
+def test_preprocessing_json_states_imagenet_rgb_statistics_and_the_views(tmp_path):
+    """What a deployment reads to prepare frames, against ImageNet's RGB statistics written out here (a
+    BGR order in the file would pass every Python-side test, which never reads these two keys)."""
+    from trainer.export import preprocessing_settings
+
+    cfg, _ = tiny_model("tsn")
+    settings = preprocessing_settings(cfg, ["a", "b", "c"])
+    assert settings["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert settings["std"] == pytest.approx([0.229, 0.224, 0.225])
+    p = cfg.PIPELINE
+    assert settings["input_shape"][1] == settings["num_segments"] * p.test_num_clips * p.test_num_crops
+    assert "RGB" in settings["layout"]
+
+
 def test_a_tsm_exports_to_onnx_opsets_11_and_13_with_matching_scores(tmp_path):
     """Opset 11 (PaddleVideo's paddle2onnx line) and 13 (the default) both hold the model, within 1e-4."""
     pytest.importorskip("paddle2onnx")
