@@ -122,6 +122,17 @@ def test_a_block_has_kernels_5_3_and_1_in_training_and_no_1x1_branch_when_it_str
     assert not stage4[0].shortcut and stage4[1].shortcut and stage4[1].se is None and len(stage4[1].pw) == 1
 
 
+def test_stage_4_blocks_after_the_first_add_their_input():
+    model = _model(segments=4)
+    block = model.backbone.stages[3][1]
+    x = paddle.randn([2, block.channels, 2, 2])
+    with paddle.no_grad():
+        with_shortcut = block(x).numpy()
+        block.shortcut = False
+        without = block(x).numpy()
+    np.testing.assert_allclose(with_shortcut - without, x.numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("segments, channels", [(16, 256), (8, 64), (3, 256), (7, 256), (5, 30)])
 def test_the_shift_equals_paddles_temporal_shift_with_ratio_one_over_segments(segments, channels):
     x = paddle.randn([2 * segments, channels, 3, 3])
