@@ -298,6 +298,14 @@ def test_a_dml_checkpoint_gives_its_student_and_leaves_the_teacher(tmp_path):
     assert "loaded 264/264" in report and "unused ['Teacher.0.conv1_1._conv.weight', 'Teacher.1.fc.weight']" in report
 
 
+def test_the_student_file_paddlevideo_writes_beside_a_dml_checkpoint_loads(tmp_path):
+    """PaddleVideo's save(save_student_model=True) strips "Student." from the keys: "0.stem.0.conv.weight"."""
+    state = _paddle_pptsmv2_state(0.25, 4, 5, np.random.default_rng(5), prefix="0.")
+    model = build_model(_cfg(segments=4))
+    weights.load_weights(model, _save(state, tmp_path / "PPTSMv2_k400_16f_dml_student.pdparams"))
+    np.testing.assert_array_equal(model.backbone.last_conv.weight.numpy(), state["0.last_conv.weight"])
+
+
 def test_paddleclas_imagenet_pplcnetv2_weights_fill_the_backbone(tmp_path):
     clas = _paddle_pptsmv2_state(0.25, 4, 1000, np.random.default_rng(2), prefix="", attention=False)
     model = build_model(_cfg(segments=4, classes=5))

@@ -14,7 +14,7 @@ PP-TSMv2 (PaddleVideo's ``PPTSM_v2``) and PaddleClas's ``PPLCNetV2_base`` share 
 ``stem.1`` and block ``j`` of stage ``s`` ``stages.{s}.{j}``, whose parts are ``dw_conv`` (or the branches
 ``dw_conv_list.{i}``), ``se.conv1/conv2``, ``pw_conv`` (or ``pw_conv_1``, ``pw_conv_2``), each a ``conv`` +
 ``bn``; then ``last_conv``, the classifier ``fc`` and PP-TSMv2's ``global_attention.fc``. PaddleVideo
-prefixes them with ``backbone.`` (a distillation checkpoint: ``Student.0.``).
+prefixes them with ``backbone.`` (a distillation checkpoint: ``Student.0.``, its student file: ``0.``).
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def from_paddlevideo(state: dict, depth: int, variant: str = "b", path: str = "t
 
 
 # PP-LCNetV2 / PP-TSMv2 (trainer/pptsmv2.py)
-_LCNET_PREFIX = r"(?:backbone\.|Student\.0\.)?"
+# PaddleVideo's Recognizer2D says backbone.; its DML checkpoint Student.0. (student and head in a Sequential),
+# and the student file it writes beside it (save_student_model) 0.
+_LCNET_PREFIX = r"(?:backbone\.|Student\.0\.|0\.)?"
 _LCNET_BLOCK = r"stem\.1|stages\.\d+\.\d+"
 _LCNET_PARTS = {"dw_conv": "dw", "pw_conv": "pw.0", "pw_conv_1": "pw.0", "pw_conv_2": "pw.1"}
 
