@@ -177,7 +177,8 @@ def run_folder(cfg, scorer, names: list[str], inputs: Inputs, output: str | None
             timeout=cfg.DATASET.worker_timeout,
             seed=cfg.seed,
         )
-        for i, logits in clip_scorer.score_clips(spec, scorer, clips, batch_size=cfg.DATASET.batch_size, prefetch=2):
+        results = clip_scorer.score_clips(spec, scorer, clips, batch_size=cfg.DATASET.batch_size, prefetch=2)
+        for i, logits in results if todo else ():  # nothing left: no graph, no workers
             p = reports.softmax(logits)
             top = [(names[c], float(p[c])) for c in np.argsort(-p, kind="stable")[: min(top_k, len(names))]]
             done[videos[i]] = top
