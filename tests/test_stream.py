@@ -124,14 +124,15 @@ def test_the_ring_drops_the_oldest_frames_when_full_and_counts_them():
 def test_a_fifo_stream_prints_a_line_per_window_and_writes_the_timeline(ts_file, tmp_path, model):
     cfg, scorer = model
     fifo = _fifo(tmp_path)
-    _serve_fifo(fifo, ts_file.read_bytes(), rate=200_000)
+    _serve_fifo(fifo, ts_file.read_bytes(), rate=ts_file.stat().st_size / 4)  # 4 s of stream in about 4 s
     lines = []
     paths, tl, stats = stream.run_stream(
         cfg, scorer, NAMES, fifo, Span(1.0, "s"), Span(0.5, "s"), str(tmp_path / "out"), 3, timeout=20,
         print_line=lines.append,
     )  # fmt: skip
     assert stats["reason"] == "the stream ended" and stats["frames"] == 100 and stats["fps"] == 25
-    assert len(lines) == len(tl) == 7  # windows of 25 frames every 12 over 100 frames
+    # windows of 25 frames every 12 over 100 frames; on a loaded machine some may be skipped, never lost
+    assert len(lines) == len(tl) and len(tl) + stats["skipped_windows"] == 7 and len(tl) >= 4
     assert lines[0].split()[0] == "0.00-1.00s" and "latency" in lines[0]
     assert all(0 <= x < 10 for x in tl.latency)
     assert [os.path.basename(p) for p in paths] == ["timeline.csv", "segments.csv", "timeline.json", "timeline.png"]
@@ -199,7 +200,7 @@ def test_sigterm_ends_a_stream_cleanly_with_the_timeline_so_far(ts_file, tmp_pat
     cfg, scorer = model
     fifo = _fifo(tmp_path)
     _serve_fifo(fifo, ts_file.read_bytes(), rate=ts_file.stat().st_size / 10)  # 10 s: still sending at the stop
-    timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer = threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
         paths, tl, stats = stream.run_stream(

@@ -8,7 +8,7 @@ import datetime
 import os
 import sys
 
-from .timeline import parse_span
+from .spans import Span, parse_span
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,13 +60,13 @@ def dispatch(cfg, env, scorer, names: list[str], args) -> int | None:
     """Run predict on what ``args.input`` is, or None for one clip (trainer/predict.py as before)."""
     from dali_pipelines.runlock import check_writable
 
-    from . import folder, stream, timeline
+    from . import folder, stream, timeline  # the decoders and pandas load only when predict runs
 
     source = args.input
     live = stream.is_live(source)
     if live or args.window is not None:
-        window = args.window or timeline.Span(10.0, "s")
-        stride = args.stride or timeline.Span(
+        window = args.window or Span(10.0, "s")
+        stride = args.stride or Span(
             window.value / 2 if window.unit == "s" else max(1, int(window.value) // 2), window.unit
         )
         out_dir = _timeline_dir(cfg, args, source)

@@ -4,7 +4,6 @@ each frame decoded at most once however much the windows overlap (docs/inference
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -16,44 +15,13 @@ import numpy as np
 from dali_pipelines.video import VideoError, _disposable, _open, _to_rgb, probe
 
 from . import clip_scorer, reports
+from .spans import Span, parse_span  # noqa: F401 - the window and stride lengths, re-exported
 
 log = logging.getLogger(__name__)
 
 
 class TimelineError(VideoError):
     """A window or stride that does not fit the video; the message says which and the fix."""
-
-
-@dataclass(frozen=True)
-class Span:
-    """A window or stride length: seconds ("10s", "2.5s") or frames ("250", "250f")."""
-
-    value: float
-    unit: str  # "s" | "f"
-
-    def frames(self, fps: float) -> int:
-        return int(self.value) if self.unit == "f" else max(1, int(round(self.value * fps)))
-
-    def __str__(self) -> str:
-        return f"{self.value:g}s" if self.unit == "s" else f"{int(self.value)} frames"
-
-
-def parse_span(text: str) -> Span:
-    """``--window`` / ``--stride``: a positive number of seconds (``10s``) or of frames (``250``, ``250f``)."""
-    import argparse
-
-    t = text.strip().lower()
-    unit = "s" if t.endswith("s") else "f"
-    number = t[:-1] if t[-1:] in ("s", "f") else t
-    try:
-        value = float(number) if unit == "s" else int(number)
-    except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"expected seconds > 0 (e.g. 10s) or a number of frames >= 1 (e.g. 250), got {text!r}"
-        )
-    return Span(value, unit)
 
 
 def plan_windows(num_frames: int, window: int, stride: int) -> list[tuple[int, int]]:
