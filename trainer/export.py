@@ -193,8 +193,8 @@ class InferenceModel:
         config = inference.Config(model_file, params_file)
         configure(config, device, device_id, tensorrt, input_shape, max_batch, threads)
         if device != "gpu" and _uses_leaky_relu(model_file):
-            # Paddle 3.3's oneDNN conv + activation fusion crashes (SIGSEGV in FusedConv2dOp::Build, the
-            # leaky ReLU's slope attribute is missing) on PP-TSM's conv + LeakyReLU: leave that pass out
+            # Paddle 3.3 stores leaky_relu's slope as a double and its oneDNN conv + activation fusion reads a
+            # float: SIGSEGV in FusedConv2dOp::Build on PP-TSM's conv + LeakyReLU. Leave that pass out.
             config.delete_pass("conv_activation_onednn_fuse_pass")
         self.predictor = inference.create_predictor(config)
         self._input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
