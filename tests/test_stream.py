@@ -141,6 +141,7 @@ def test_a_fifo_stream_prints_a_line_per_window_and_writes_the_timeline(ts_file,
     assert list(pd.read_csv(paths[0]).columns)[-1] == "latency_s"
 
 
+@pytest.mark.slow
 def test_a_udp_stream_on_the_loopback_address(ts_file, tmp_path, model):
     cfg, scorer = model
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a free port on 127.0.0.1 only
@@ -280,3 +281,30 @@ def test_a_pipe_on_standard_input_is_a_live_source(ts_file, tmp_path, tiny_argv)
     ]
     assert "predict: the stream ended: 4 window(s) of 25 frames from 100 frames at 25 fps" in out
     assert (tmp_path / "out" / "timeline.json").is_file()
+
+
+@pytest.mark.slow
+def test_an_hls_playlist_over_http_on_the_loopback_address(ts_file, tmp_path, model):
+    import functools
+    import http.server
+
+    cfg, scorer = model
+    hls = tmp_path / "hls"
+    hls.mkdir()
+    ffmpeg("-i", ts_file, "-c", "copy", "-f", "hls", "-hls_time", "1", "-hls_list_size", "0", hls / "index.m3u8")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(hls))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # the loopback address only
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/index.m3u8"
+        lines = []
+        paths, tl, stats = stream.run_stream(
+            cfg, scorer, NAMES, url, Span(1.0, "s"), Span(1.0, "s"), str(tmp_path / "out"), 2, timeout=10,
+            print_line=lines.append,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert stats["reason"] == "the stream ended" and stats["frames"] == 100
+    assert len(tl) + stats["skipped_windows"] == 4 and len(lines) == len(tl) and os.path.isfile(paths[0])
