@@ -329,9 +329,56 @@ def test_a_rank_killed_once_restarts_the_job_which_ends_with_the_uninterrupted_w
     os.kill(pid, signal.SIGKILL)  # in epoch 3
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
+    # the cause is the rank that died first and how, not rank 0's abort or error that followed
+    assert f"restart 1 of 1 from the last checkpoint. Cause:\nrank 1 (pid {pid}): signal: killed by SIGKILL\n" in out
     log0 = (tmp_path / "log" / "workerlog.0").read_text()
     assert "train: restarted: resuming this job" in log0
     assert weight_digests(log0.split("train: restarted: resuming")[-1]) == expected
+
+
+@pytest.mark.slow
+def test_an_error_that_is_not_a_crash_is_not_restarted(demo_dataset, tmp_path):
+    proc = _run_dist(_config(tmp_path, demo_dataset, "bad"), tmp_path / "log", "--max-restarts", "2", "-o", "epochs=0")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, out[-3000:]
+    assert re.search(r"\(exit 2\); not restarted\. Cause:\nrank \d \(pid \d+\): config: config error: epochs", out), out
+    assert "restart 1 of 2" not in out
+    assert (tmp_path / "log" / "workerlog.0").read_text().count("config error: epochs") == 1  # one attempt
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_as_the_one_the_others_waited_for(demo_dataset, tmp_path):
+    proc, log = _run_dist(_config(tmp_path, demo_dataset, "stop", epochs=500), tmp_path / "log"), tmp_path / "log"
+    pid = _rank1_pid(lambda: log.joinpath("workerlog.1").read_text() if log.exists() else "", time.time() + 180)
+    time.sleep(3)  # into training
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        out = proc.communicate(timeout=180)[0]  # gloo's 30 s collective timeout, then the launcher's stop
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert f"Cause:\nrank 1 (pid {pid}): stuck: was stopped (SIGSTOP" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_file_that_hangs_is_named_before_the_ranks_collective_timeout(demo_dataset, tmp_path):
+    """A FIFO in the training list: the worker timeout (cut below gloo's 30 s) names it, not a collective
+    timeout naming nothing; a data error is not restarted."""
+    fifo = tmp_path / "fifo.pkl"
+    os.mkfifo(fifo)
+    lines = (demo_dataset / "train_pkl.list").read_text().split()
+    train = tmp_path / "train.list"
+    train.write_text("".join(f"{demo_dataset / x}\n" for x in lines[:5]) + f"{fifo}\n")  # a full batch per rank
+    cfg = _config(tmp_path, demo_dataset, "fifo", epochs=3, train_list=train)
+    proc = _run_dist(cfg, tmp_path / "log", "--max-restarts", "1")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1
+    assert re.search(
+        rf"not restarted\. Cause:\nrank \d \(pid \d+\): data: rank \d: a loader worker returned nothing for 20 s "
+        rf"while reading [^\n]*{re.escape(str(fifo))}",
+        out,
+    ), out[-3000:]
 
 
 @pytest.mark.slow
