@@ -231,3 +231,16 @@ def test_a_video_shorter_than_its_listed_count_is_skipped_before_nvdec(tmp_path,
         src(SimpleNamespace(iteration=0))
     assert src.skipped == 1 and "has 20 frames, fewer than the 30 the list promised" in capfd.readouterr().err
     src.feed.close()
+
+
+def test_the_worker_timeout_fires_before_the_ranks_collective_timeout(monkeypatch):
+    """A rank waiting on a hung file must say so before its peers' collective gives up without naming it."""
+    from dali_pipelines.feed import COLLECTIVE_TIMEOUT_ENV, worker_timeout_within_collective
+
+    monkeypatch.delenv(COLLECTIVE_TIMEOUT_ENV, raising=False)
+    assert worker_timeout_within_collective(120.0) == 120.0  # one rank: no collective to beat
+    monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, "30")  # gloo
+    assert worker_timeout_within_collective(120.0) == 20.0
+    assert worker_timeout_within_collective(5.0) == 5.0
+    monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, "1800")  # NCCL's default
+    assert worker_timeout_within_collective(120.0) == 120.0
