@@ -112,6 +112,7 @@ def main(argv=None) -> int:
 
     import paddle
 
+    from dali_pipelines import windows as sparse
     from trainer import clip_scorer, timeline
     from trainer.config import load_config
     from trainer.models import build_model
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     window, stride = timeline.parse_span(a.window), timeline.parse_span(a.stride)
 
     t = time.perf_counter()
-    index = timeline.index_video(a.video)
+    index = sparse.index_video(a.video)
     index_s = time.perf_counter() - t
     w, s = window.frames(index.fps), stride.frames(index.fps)
     windows = timeline.plan_windows(index.num_frames, w, s)
@@ -157,12 +158,16 @@ def main(argv=None) -> int:
     ):
         pass  # warm-up: the model's first call picks its kernels
 
-    stats = timeline.DecodeStats()
+    stats = sparse.DecodeStats()
     in_model[0] = 0.0
     t = time.perf_counter()
     ours = dict(
         clip_scorer.score_clips(
-            spec, scorer, timeline.read_windows(index, windows, spec, stats), batch_size=batch, prefetch=2
+            spec,
+            scorer,
+            sparse.read_windows(index, [clip_scorer.window_indices(spec, *w) for w in windows], stats),
+            batch_size=batch,
+            prefetch=2,
         )
     )
     timeline_s, timeline_model = time.perf_counter() - t + index_s, in_model[0]

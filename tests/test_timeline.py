@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from dali_pipelines.video import decode_frames
+from dali_pipelines import windows
 from trainer import clip_scorer, main, timeline
 
 from .tiny import ROOT, tiny_model
@@ -82,35 +82,6 @@ def test_windows_cover_every_frame_and_a_window_longer_than_the_video_is_refused
     assert timeline.plan_windows(40, 40, 7) == [(0, 40)]
     with pytest.raises(timeline.TimelineError, match="longer than the video"):
         timeline.plan_windows(39, 40, 7)
-
-
-def test_window_frames_equal_independent_decoding_and_each_frame_is_decoded_at_most_once(long_video, cfg):
-    cfg.PIPELINE.update(test_num_segments=5, test_num_clips=2)
-    spec = clip_scorer.clip_spec(cfg)
-    index = timeline.index_video(long_video)
-    assert index.sparse and index.num_frames == 300 and index.fps == 25
-    windows = timeline.plan_windows(index.num_frames, 50, 25)
-    stats = timeline.DecodeStats()
-    got = list(timeline.read_windows(index, windows, spec, stats))
-    assert [j for j, _ in got] == list(range(len(windows)))
-    for j, frames in got:
-        idx = clip_scorer.window_indices(spec, *windows[j])
-        assert frames.shape == (10, 48, 64, 3)
-        assert np.array_equal(frames, decode_frames(long_video, idx, index.num_frames)), f"window {j}"
-    wanted = {i for s, e in windows for i in clip_scorer.window_indices(spec, s, e).tolist()}
-    assert stats.converted == len(wanted)  # every sampled frame converted once, overlapping windows share it
-    assert stats.decoded < index.num_frames  # GOPs and pictures nobody needs are not decoded
-    assert stats.held_max <= 50  # never more than a window's frames in memory
-
-
-def test_gops_without_a_wanted_frame_are_not_decoded(long_video):
-    index = timeline.index_video(long_video)
-    keys = np.flatnonzero(index.clean_key)
-    assert len(keys) >= 20  # a keyframe every 12 frames
-    needed = timeline.packets_to_decode(index, np.array([200]))
-    pos = {int(p): k for k, p in enumerate(index.packet_pts)}[int(index.pts[200])]
-    start = int(keys[keys <= pos][-1])
-    assert not needed[:start].any() and not needed[pos + 1 :].any() and needed[start]
 
 
 def test_a_window_as_long_as_the_video_scores_exactly_what_single_clip_predict_gives(tmp_path, tiny, capsys):
@@ -194,11 +165,11 @@ def test_every_configured_model_scores_a_timeline(config, long_video):
     cfg = load_config(config, [*overrides, "PIPELINE.short_size=40", "DATASET.label_file=''"])
     paddle.seed(0)
     spec = clip_scorer.clip_spec(cfg)
-    index = timeline.index_video(long_video)
-    windows = timeline.plan_windows(index.num_frames, 100, 100)[:2]
+    index = windows.index_video(long_video)
+    samples = [clip_scorer.window_indices(spec, s, e) for s, e in timeline.plan_windows(index.num_frames, 100, 100)]
     got = list(
         clip_scorer.score_clips(
-            spec, dynamic_scorer(build_model(cfg)), timeline.read_windows(index, windows, spec), batch_size=2
+            spec, dynamic_scorer(build_model(cfg)), windows.read_windows(index, samples[:2]), batch_size=2
         )
     )
     assert [j for j, _ in got] == [0, 1]
