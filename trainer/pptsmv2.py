@@ -111,14 +111,15 @@ class SqueezeExcite(nn.Layer):
 
 
 def _fused(branch: nn.Sequential, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kernel zero-padded to size x size, bias) of one conv + BN in inference mode."""
+    """(kernel zero-padded to size x size, bias) of one conv + BN in inference mode, in float64 so that the
+    folded weights are rounded to float32 once."""
     conv, bn = branch[0], branch[1]
-    std = np.sqrt(bn._variance.numpy() + bn._epsilon)
-    scale = bn.weight.numpy() / std
-    kernel = conv.weight.numpy() * scale.reshape([-1, 1, 1, 1])
+    std = np.sqrt(bn._variance.numpy().astype(np.float64) + bn._epsilon)
+    scale = bn.weight.numpy().astype(np.float64) / std
+    kernel = conv.weight.numpy().astype(np.float64) * scale.reshape([-1, 1, 1, 1])
     pad = (size - kernel.shape[-1]) // 2
     kernel = np.pad(kernel, [(0, 0), (0, 0), (pad, pad), (pad, pad)])
-    return kernel, bn.bias.numpy() - bn._mean.numpy() * scale
+    return kernel, bn.bias.numpy() - bn._mean.numpy().astype(np.float64) * scale
 
 
 class DepthwiseSeparable(nn.Layer):
