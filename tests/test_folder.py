@@ -155,3 +155,12 @@ def test_list_inputs_read_paths_with_spaces_labels_and_counts(tmp_path):
     assert got.videos == [str(tmp_path / "my clip.mp4"), "/abs/b.mp4"] and got.labels == [3, 2]
     lst.write_text("a.mp4\nb.mp4 1\n")
     assert folder.list_inputs(str(lst)).labels is None  # not every line is labelled
+
+
+def test_an_output_inside_the_folder_is_not_taken_for_input(tmp_path):
+    d = tmp_path / "v"
+    d.mkdir()
+    for name in ("a.mp4", "pred.csv", "pred.csv.skipped.csv", "pred.per_class.csv", "pred.report.md", "x.txt"):
+        (d / name).write_bytes(b"")
+    got = folder.folder_inputs(str(d), str(d / "pred.csv"))
+    assert got.videos == [str(d / "a.mp4")] and got.not_videos == [str(d / "x.txt")]

@@ -23,6 +23,7 @@ VIDEO_EXTENSIONS = (
     ".wmv", ".3gp", ".ogv", ".vob", ".h264", ".264", ".hevc", ".y4m",
 )  # fmt: skip
 HEADER = ["video", "rank", "class", "probability"]
+REPORT_SUFFIXES = (".per_class.csv", ".confusion_pairs.csv", ".report.md")  # reports.write_class_report
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,14 @@ class Inputs:
     not_videos: list[str]  # files of a folder without a video's extension
 
 
-def folder_inputs(folder: str, exclude: tuple[str, ...] = ()) -> Inputs:
-    """The videos under ``folder`` (recursively, sorted; hidden files and ``exclude`` left out), and its
-    other files, which are listed as skipped."""
+def folder_inputs(folder: str, output: str | None = None) -> Inputs:
+    """The videos under ``folder`` (recursively, sorted; hidden files and ``output`` with the reports
+    written beside it left out), and its other files, which are listed as skipped."""
     videos, others = [], []
-    excluded = {os.path.abspath(p) for p in exclude}
+    excluded = set()
+    if output:
+        out = os.path.abspath(output)
+        excluded = {out, f"{out}.skipped.csv"} | {f"{os.path.splitext(out)[0]}{x}" for x in REPORT_SUFFIXES}
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):

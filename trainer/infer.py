@@ -115,7 +115,7 @@ def dispatch(cfg, env, scorer, names: list[str], args) -> int | None:
         if args.output:  # before the work, like every other output
             check_writable(os.path.dirname(os.path.abspath(args.output)), "the folder of --output")
         if os.path.isdir(source):
-            inputs = folder.folder_inputs(source, exclude=tuple(p for p in (args.output,) if p))
+            inputs = folder.folder_inputs(source, args.output)
         else:
             inputs = folder.list_inputs(source)
             missing = [v for v in inputs.videos if not os.path.isfile(v)]
