@@ -207,6 +207,7 @@ def ends(directory: str) -> list[dict]:
         elif record:  # the rank's own words
             secondary = record["kind"] == "stopped" or (record["kind"] == "crash" and record.get("collective", False))
             e.update(kind=record["kind"], message=record["message"], secondary=secondary)
+            e["exit"] = record.get("exit") or code  # what it meant to exit with, not the launcher's stop after
         elif code is not None and code < 0:
             e.update(kind="signal", message=f"killed by {_signal_name(code)}")
             e["secondary"] = -code in _SECONDARY_SIGNALS or (first is not None and t - first > CONSEQUENCE_AFTER_S)
@@ -230,6 +231,15 @@ def cause(found: list[dict]) -> dict | None:
         return stuck[0]
     own = [e for e in found if not e["secondary"]]
     return min(own or found, key=lambda e: (e["time"], e["rank"]))
+
+
+def exit_status(directory: str) -> int | None:
+    """The job's exit status as its cause's: the rank's own (2: a config error), 128 + N for a rank
+    killed by signal N; None without a cause (or for a stuck rank, which ended by the launcher's kill)."""
+    first = cause(ends(directory))
+    if first is None or first["kind"] == "stuck" or not first.get("exit"):
+        return None
+    return first["exit"] if first["exit"] > 0 else 128 - first["exit"]
 
 
 def describe(e: dict) -> str:

@@ -52,6 +52,14 @@ def main() -> None:
     watcher = _watch_ranks() if exit_dir else None
     try:
         launch()
+    except SystemExit as e:
+        if watcher is None or not e.code:
+            raise
+        # Paddle exits with the status of the first rank in its list that failed, often one it stopped
+        # itself (-15, i.e. 241): exit with the cause's (2 for a config error, 137 for a SIGKILLed rank)
+        watcher.write(exit_dir)
+        watcher = None
+        raise SystemExit(exits.exit_status(exit_dir) or e.code) from None
     finally:
         if watcher is not None:
             watcher.write(exit_dir)

@@ -26,7 +26,8 @@ def _job(tmp_path, ranks=None, records=(), states=None, first=None):
             )
         )
     for rank, kind, message, *collective in records:
-        record = {"rank": rank, "pid": 100 + rank, "kind": kind, "message": message, "exit": 1, "time": 0.0}
+        code = 2 if kind in ("config", "usage") else 1  # as trainer/main.py exits
+        record = {"rank": rank, "pid": 100 + rank, "kind": kind, "message": message, "exit": code, "time": 0.0}
         if collective:
             record["collective"] = collective[0]
         (tmp_path / f"exit.{rank}.json").write_text(json.dumps(record))
@@ -131,3 +132,11 @@ def test_the_watcher_notes_each_end_and_what_the_others_did_at_the_first_failure
     w.write(str(tmp_path))
     written = json.loads((tmp_path / "launcher.json").read_text())
     assert written["ranks"]["0"]["exit"] == 1 and written["states"] == {"1": "R"}
+
+
+def test_the_jobs_exit_status_is_its_causes(tmp_path):
+    _job(tmp_path, {0: (-15, 5.0), 1: (2, 5.0)}, [(0, "config", "m"), (1, "config", "m")])
+    assert exits.exit_status(str(tmp_path)) == 2  # not Paddle's 241 for the rank it stopped
+    exits.clear(str(tmp_path))
+    _job(tmp_path, {0: (1, 10.0), 1: (-9, 10.05)}, [(0, "crash", GLOO_RESET, True)])
+    assert exits.exit_status(str(tmp_path)) == 137
