@@ -91,9 +91,8 @@ log_dir=${LOG_DIR:-log/$mode}
 # it, whatever signal ends either (launch/lifeline.py: TSN_PARENT_PID names the parent each one checks);
 # it notes how each rank ended, and each rank writes why, into the log folder (launch/exits.py)
 launch=("$py" "$here/launch/paddle_launch.py" --log_dir "$log_dir")
-mkdir -p "$log_dir"
 export TSN_PARENT_PID=$$ TSN_EXIT_DIR
-TSN_EXIT_DIR=$(cd "$log_dir" && pwd)
+TSN_EXIT_DIR=$(realpath -m "$log_dir")  # made by the launcher, not before the nodes meet
 nnodes=1
 if [ -n "$ips" ]; then
     # several hosts: this node is the one of --ips among its interfaces' addresses (launch/hosts.py),
