@@ -182,7 +182,8 @@ def test_a_stalled_source_keeps_the_timeline_so_far(ts_file, tmp_path, model):
     cfg, scorer = model
     fifo = _fifo(tmp_path)
     data = ts_file.read_bytes()
-    _serve_fifo(fifo, data[: len(data) // 2], hold=6)  # half the stream, then silence with the FIFO open
+    # half the stream in real time, then silence with the FIFO open
+    _serve_fifo(fifo, data[: len(data) // 2], rate=len(data) / 4, hold=6)
     _, tl, stats = stream.run_stream(
         cfg, scorer, NAMES, fifo, Span(10, "f"), Span(10, "f"), str(tmp_path / "out"), 2, timeout=1.5,
         print_line=lambda line: None,
@@ -192,7 +193,8 @@ def test_a_stalled_source_keeps_the_timeline_so_far(ts_file, tmp_path, model):
     )
     import pandas as pd
 
-    assert len(pd.read_csv(tmp_path / "out" / "timeline.csv")) == len(tl) >= 2
+    assert len(pd.read_csv(tmp_path / "out" / "timeline.csv")) == len(tl) >= 1
+    assert len(tl) + stats["skipped_windows"] >= 3  # about 2 s of frames came: 5 windows of 10
 
 
 def test_sigterm_ends_a_stream_cleanly_with_the_timeline_so_far(ts_file, tmp_path, model):
