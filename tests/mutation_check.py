@@ -155,6 +155,16 @@ MUTANTS = {
         "local_rank = _first(LOCAL_RANK_VARS, env) or 0",
         "local_rank = _first(RANK_VARS, env) or 0",
     ),
+    "PP-TSMv2 shifts before stage 4 instead of stage 3": (
+        "trainer/pptsmv2.py",
+        "SHIFT_STAGE = 2",
+        "SHIFT_STAGE = 3",
+    ),
+    "PP-TSMv2's folding drops the BN mean (exported model differs)": (
+        "trainer/pptsmv2.py",
+        "return kernel, bn.bias.numpy() - bn._mean.numpy().astype(np.float64) * scale",
+        "return kernel, bn.bias.numpy()",
+    ),
 }
 
 
