@@ -236,11 +236,13 @@ def test_a_model_slower_than_the_stream_drops_frames_and_says_so(ts_file, tmp_pa
 
     fifo = _fifo(tmp_path)
     _serve_fifo(fifo, ts_file.read_bytes())  # all at once: frames arrive far faster than 4 windows/s
+    lines = []
     _, tl, stats = stream.run_stream(
         cfg, slow, NAMES, fifo, Span(5, "f"), Span(5, "f"), str(tmp_path / "out"), 2, timeout=10,
-        print_line=lambda line: None,
+        print_line=lines.append,
     )  # fmt: skip
     assert stats["dropped_frames"] > 0 and stats["skipped_windows"] > 0
+    assert any(line.endswith("the model is slower than the stream") for line in lines)
     assert len(tl) + stats["skipped_windows"] <= 20
 
 

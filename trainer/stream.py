@@ -269,6 +269,11 @@ def run_stream(
                     yield clip_scorer.FLUSH
                 else:
                     stats["skipped_windows"] += 1  # frames it samples were dropped: the model is behind
+                    if stats["skipped_windows"] in (1, 10, 100, 1000):
+                        print_line(
+                            f"{'':9s}window {j} skipped: {ring.dropped} frame(s) dropped so far, the model is "
+                            "slower than the stream"
+                        )
                 low = (j + 1) * s
                 for i in [i for i in held if i < low]:
                     del held[i]
