@@ -11,6 +11,12 @@ CPU the sparse PyAV decode of mp4). Both: train mode, TSN sampling, 3 segments, 
 whose short side is 256, the same crop windows, batches of [N, 3, 3, 224, 224] float32. Clips are
 Kinetics-like: 340x256, 250 frames. Rounds alternate between the two; the best round of each counts.
 Last line: `loader_speed_ratio: X` = ours / baseline clips per second.
+
+With `--source videos` a second baseline runs in the same rounds (when decord is installed: `pip install
+-e .[bench]`): PaddleVideo's decord pipeline, i.e. the same DataLoader, workers and Pillow transforms, the
+frames read by decord's `VideoReader(path, num_threads=--decord-threads).get_batch` of the TSN-sampled
+indices (PaddleVideo's `VideoDecoder` with `backend: decord`). Last line then:
+`videos_vs_decord_ratio: X` = ours / decord baseline clips per second (docs/decoding.md).
 """
 
 from __future__ import annotations
@@ -92,8 +98,9 @@ def decode_in_order(path: str, indices) -> list[np.ndarray]:
 class PaddleVideoStyleDataset:
     """One clip per item, decoded and transformed frame by frame in the worker process."""
 
-    def __init__(self, list_file: str, source: str):
+    def __init__(self, list_file: str, source: str, decord_threads: int | None = None):
         self.samples, self.source = read_list(list_file, source), source
+        self.decord_threads = decord_threads  # None: PyAV in order; else decord with this many threads
         self.epoch = 0
 
     def __len__(self):
@@ -102,6 +109,12 @@ class PaddleVideoStyleDataset:
     def _frames(self, s, rng):
         from PIL import Image
 
+        if self.source == "videos" and self.decord_threads is not None:
+            import decord
+
+            idx = segment_indices(s.num_frames, SEGMENTS, "train", rng)
+            frames = decord.VideoReader(s.path, num_threads=self.decord_threads).get_batch(list(idx)).asnumpy()
+            return [Image.fromarray(f) for f in frames], s.label
         if self.source == "videos":
             idx = segment_indices(s.num_frames, SEGMENTS, "train", rng)
             return [Image.fromarray(f) for f in decode_in_order(s.path, idx)], s.label
@@ -132,16 +145,41 @@ class PaddleVideoStyleDataset:
         return np.stack(out), np.int64(label)
 
 
-def clips_per_second(loader, epochs: int, batch_size: int) -> float:
-    """Whole epochs after a warm-up epoch (workers started, pipelines filled, files in the page cache)."""
+def clips_per_second(loader, epochs: int, batch_size: int) -> tuple[float, float]:
+    """(clips per second, CPU milliseconds per clip) over whole epochs after a warm-up epoch (workers
+    started, pipelines filled, files in the page cache). The CPU time is this process's and its workers'
+    together: on a host whose cores other work shares, it is the figure that still compares."""
     for _ in loader:
         pass
-    n, t = 0, time.perf_counter()
+    n, t, cpu = 0, time.perf_counter(), tree_cpu_seconds()
     for _ in range(epochs):
         for imgs, _ in loader:
             n += imgs.shape[0]
+    cpu, t = tree_cpu_seconds() - cpu, time.perf_counter() - t
     assert list(imgs.shape[1:]) == [SEGMENTS, 3, TARGET, TARGET], imgs.shape
-    return n / (time.perf_counter() - t)
+    return n / t, 1000 * cpu / n
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live descendants (loader workers), from /proc."""
+    tick, procs = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        procs[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, total, grew = {os.getpid()}, 0.0, True
+    while grew:
+        grew = False
+        for pid, (ppid, _) in procs.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    for pid in tree:
+        total += procs.get(pid, (0, 0.0))[1]
+    return total
 
 
 def main() -> None:
@@ -159,6 +197,9 @@ def main() -> None:
         help="baseline worker processes = our feed workers = DALI threads",
     )
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--decord-threads", type=int, default=1, help="decord's decoding threads per worker (videos; 0: decord's auto)"
+    )
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"))
     a = p.parse_args()
     import paddle
@@ -181,9 +222,9 @@ def main() -> None:
             num_workers=a.workers,
         )
 
-    def baseline():
+    def baseline(decord_threads=None):
         return paddle.io.DataLoader(
-            PaddleVideoStyleDataset(list_file, a.source),
+            PaddleVideoStyleDataset(list_file, a.source, decord_threads),
             batch_size=a.batch_size,
             shuffle=True,
             drop_last=True,
@@ -191,19 +232,32 @@ def main() -> None:
             persistent_workers=True,
         )
 
-    best = {"baseline": 0.0, "dali": 0.0}
+    loaders = {"baseline": baseline, "dali": ours}
+    if a.source == "videos":
+        try:
+            import decord  # noqa: F401
+        except ImportError:
+            print("no decord baseline: decord is not installed (pip install -e .[bench])", file=sys.stderr)
+        else:
+            loaders["decord"] = lambda: baseline(a.decord_threads)
+    best, cpu = dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, float("inf"))
     for r in range(a.rounds):
-        for name in ["baseline", "dali"] if r % 2 == 0 else ["dali", "baseline"]:
-            rate = clips_per_second(ours() if name == "dali" else baseline(), a.epochs, a.batch_size)
-            best[name] = max(best[name], rate)
-            print(f"round {r + 1} {name:<8s} {rate:7.1f} clips/s", flush=True)
+        for name in list(loaders) if r % 2 == 0 else list(loaders)[::-1]:
+            rate, ms = clips_per_second(loaders[name](), a.epochs, a.batch_size)
+            best[name], cpu[name] = max(best[name], rate), min(cpu[name], ms)
+            print(f"round {r + 1} {name:<8s} {rate:7.1f} clips/s {ms:7.1f} CPU ms/clip", flush=True)
     print(
         f"source {a.source}, device {a.device}, {a.workers} workers/threads, batch {a.batch_size}, "
         f"{SEGMENTS} segments, {TARGET}x{TARGET} from 340x256, best of {a.rounds}:"
     )
     print(f"  baseline (paddle.io.DataLoader + Pillow) {best['baseline']:7.1f} clips/s")
     print(f"  ours (DALI)                              {best['dali']:7.1f} clips/s")
+    if "decord" in best:
+        print(f"  decord baseline (get_batch + Pillow)     {best['decord']:7.1f} clips/s")
+    print("  CPU ms per clip (all processes): " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
     print(f"loader_speed_ratio: {best['dali'] / best['baseline']:.3f}")
+    if "decord" in best:
+        print(f"videos_vs_decord_ratio: {best['dali'] / best['decord']:.3f}")
 
 
 if __name__ == "__main__":

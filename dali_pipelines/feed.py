@@ -108,7 +108,7 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
         if not num_frames:  # the count came from a probe: trust it only for the file it was taken of
             current = _current(s.path, facts, os.stat(s.path), spec, need_packets=False)
             new_facts, num_frames = (current if current is not facts else None), current.frames
-        data = [decode_frames(s.path, _indices(spec, num_frames, rng), num_frames)]
+        data = [decode_frames(s.path, _indices(spec, num_frames, rng), num_frames, threads="NONE")]
         height, width = data[0].shape[1:3]
     else:
         with open(s.path, "rb") as f:

@@ -22,7 +22,8 @@ class VideoError(RuntimeError):
 
 def _open(path: str, threads: str = "AUTO"):
     """The container and its first video stream; ``threads`` is PyAV's decoder thread_type (the loader's
-    workers decode with PyAV's default, SLICE: the workers are the parallelism, frame threads cost)."""
+    workers decode with one thread, NONE: the workers are the parallelism, and frame or slice threads
+    cost CPU; docs/decoding.md)."""
     import av
 
     try:
@@ -260,15 +261,19 @@ def probe_cached(
     return out
 
 
-def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -> np.ndarray:
+def decode_frames(path: str, indices: np.ndarray, promised: int | None = None, *, threads: str = "NONE") -> np.ndarray:
     """Decode the frames at ``indices`` (any order, repeats allowed) as upright RGB, shape [T, H, W, 3];
     ``promised`` is the frame count the list gave, for the error when the video is shorter.
 
-    An H.264 mp4 whose packets map one to one onto the ``promised`` frames is decoded sparsely: from the
-    last keyframe before the first wanted frame, and without the non-reference pictures nobody wants
-    (docs/design.md "Sparse decoding"). Anything else is decoded frame by frame from the start."""
+    An H.264 mp4 whose packets map one to one onto the ``promised`` frames is decoded sparsely: each
+    wanted frame from the last clean keyframe before it, each group of pictures once for all the wanted
+    frames it holds, groups without one not at all, and without the non-reference pictures nobody wants
+    (docs/decoding.md). Anything else is decoded frame by frame from the start. ``threads`` is PyAV's
+    thread_type: "NONE" (one thread: where processes are the parallelism, as in the loader's workers,
+    it costs the least CPU), "FRAME" or "AUTO" where idle cores would otherwise wait; the frames are the
+    same either way."""
     wanted = set(int(i) for i in indices)
-    container, stream = _open(path, "SLICE")
+    container, stream = _open(path, threads)
     try:
         got = _decode_sparse(container, stream, wanted, promised)
     except VideoError:
@@ -278,7 +283,7 @@ def decode_frames(path: str, indices: np.ndarray, promised: int | None = None) -
     finally:
         container.close()
     if got is None:
-        container, stream = _open(path, "SLICE")
+        container, stream = _open(path, threads)
         try:
             got = _decode_in_order(container, stream, wanted)
         except VideoError:
@@ -322,37 +327,64 @@ def _decode_sparse(container, stream, wanted: set[int], promised: int | None) ->
     if any(p.pts is None for p in shown) or len(shown) != promised:
         return None  # frames the decoder delivers are not the packets' timestamps one to one
     order = sorted(p.pts for p in shown)
-    if len(set(order)) != len(order):
-        return None
+    stamped = [p.pts for p in packets if p.pts is not None]
+    if len(set(stamped)) != len(stamped):
+        return None  # two packets shown at one time: which one a frame came from would be a guess
     index_of = {pts: i for i, pts in enumerate(order)}
     wanted_pts = {order[i] for i in wanted if i < len(order)}
     if len(wanted_pts) != len(wanted):
         return None  # a wanted frame beyond the end: the in-order decode reports it
-    # start at the last keyframe shown no later than the first wanted frame, provided nothing decoded
-    # after it is shown before it (no leading pictures that would need what comes earlier)
-    first, start, later_min = min(wanted_pts), 0, math.inf
-    suffix_min = [0] * len(packets)
-    for k in range(len(packets) - 1, -1, -1):
-        later_min = min(later_min, packets[k].pts if packets[k].pts is not None else -math.inf)
-        suffix_min[k] = later_min
-    for k, p in enumerate(packets):
-        if p.is_keyframe and p.pts is not None and p.pts <= first and suffix_min[k] == p.pts:
-            start = k
-    got = {}
-    for p in packets[start:]:
-        if p.pts not in wanted_pts and _disposable(bytes(p), length_size):
-            continue  # a picture no other picture refers to, and not wanted
-        for frame in p.decode():
+    ranges = decode_ranges([(p.pts, p.is_keyframe) for p in packets], wanted_pts)
+    got, codec = {}, stream.codec_context
+
+    def take(frames):
+        for frame in frames:
             i = index_of.get(frame.pts)
             if i in wanted:
                 got[i] = rgb(frame)
-        if len(got) == len(wanted):
-            return got
-    for frame in stream.codec_context.decode(None):  # drain the reorder buffer
-        i = index_of.get(frame.pts)
-        if i in wanted:
-            got[i] = rgb(frame)
+
+    for n, (first, last) in enumerate(ranges):
+        if n:  # a clean start further on: empty the decoder and start it afresh there
+            take(codec.decode(None))
+            codec.flush_buffers()
+        for p in packets[first : last + 1]:
+            if p.pts not in wanted_pts and _disposable(bytes(p), length_size):
+                continue  # a picture no other picture refers to, and not wanted
+            take(p.decode())
+            if len(got) == len(wanted):
+                return got
+    take(codec.decode(None))  # drain the reorder buffer
     return got if len(got) == len(wanted) else None
+
+
+def decode_ranges(packets: list[tuple[int | None, bool]], wanted_pts: set[int]) -> list[tuple[int, int]]:
+    """The spans of packets (first, last position in decode order, inclusive) to decode for the frames
+    shown at ``wanted_pts``, from (pts, is_keyframe) of each packet in decode order: one span per clean
+    start that a wanted frame needs, so each group of pictures is decoded once for all the wanted frames
+    it holds and those between wanted frames are not decoded at all (docs/decoding.md).
+
+    A clean start is a keyframe that nothing decoded after it is shown before (no leading pictures that
+    would need what comes earlier); a wanted frame needs the last clean start no later than it, in
+    decode order and in display order (none: the first packet). Spans that touch are merged."""
+    later_min, suffix_min = math.inf, [0.0] * len(packets)
+    for k in range(len(packets) - 1, -1, -1):
+        pts = packets[k][0]
+        later_min = min(later_min, pts if pts is not None else -math.inf)
+        suffix_min[k] = later_min
+    starts = [k for k, (pts, key) in enumerate(packets) if key and pts is not None and suffix_min[k] == pts]
+    position = {pts: k for k, (pts, _) in enumerate(packets) if pts in wanted_pts}
+    spans = []
+    for pts in wanted_pts:
+        at = position[pts]
+        first = max((k for k in starts if k <= at and packets[k][0] <= pts), default=0)
+        spans.append((first, at))
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(spans):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
 
 
 def _disposable(data: bytes, length_size: int) -> bool:

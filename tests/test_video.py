@@ -74,6 +74,33 @@ def test_sparse_decode_is_taken_for_h264_mp4_and_skips_unreferenced_pictures(cli
     assert 0 < sum(disposable for _, disposable in packets) < len(packets)
 
 
+def test_each_wanted_frame_is_decoded_from_its_own_clean_start_and_a_group_of_pictures_once():
+    # (pts, keyframe) in decode order: I0 P3 B1 B2 | I4 P7 B5 B6 | I8 P11 B9 B10
+    gops = [(0, True), (3, False), (1, False), (2, False)]
+    packets = [(pts + 4 * g, key) for g in range(3) for pts, key in gops]
+    assert video.decode_ranges(packets, {1}) == [(0, 2)]  # up to the packet shown at 1, not the whole group
+    assert video.decode_ranges(packets, {1, 2, 3}) == [(0, 3)]  # one group, decoded once for its frames
+    assert video.decode_ranges(packets, {1, 10}) == [(0, 2), (8, 11)]  # the middle group is not decoded
+    assert video.decode_ranges(packets, {2, 5}) == [(0, 6)]  # spans that touch are one
+    # an open group: the keyframe shown at 8 has a leading picture (7, decoded after it): no clean start
+    opened = [(0, True), (2, False), (1, False), (3, False), (8, True), (7, False), (9, False)]
+    assert video.decode_ranges(opened, {9}) == [(0, 6)]
+
+
+def test_frames_in_later_groups_of_pictures_are_decoded_from_their_own_keyframe(clips):
+    with av.open(str(clips / "gop10.mp4")) as c:
+        packets = [(p.pts, p.is_keyframe) for p in c.demux(video=0) if p.size]
+    order = sorted(pts for pts, _ in packets)
+    starts = [k for k, (_, key) in enumerate(packets) if key]
+    assert len(starts) == 5
+    ranges = video.decode_ranges(packets, {order[5], order[45]})
+    assert len(ranges) == 2 and ranges[1][0] == starts[4]
+    for threads in ("NONE", "FRAME"):  # frame threading changes nothing either
+        for indices in ([5, 45], [12, 13, 38], [49, 0]):
+            got = video.decode_frames(str(clips / "gop10.mp4"), np.array(indices), 50, threads=threads)
+            np.testing.assert_array_equal(got, _in_order(clips / "gop10.mp4", indices))
+
+
 def test_a_wrong_promised_count_falls_back_and_names_the_shortfall(clips):
     with pytest.raises(video.VideoError, match="fewer frames than the 60 the list promised"):
         video.decode_frames(str(clips / "bframes.mp4"), np.array([10, 55]), 60)
