@@ -2,14 +2,16 @@
 exported re-parameterised form, in one run.
 
     python benchmarks/reparam_bench.py [--segments 16] [--size 224] [--rounds 9] [--threads N] [--device cpu|gpu]
+                                       [--onnx] [--no-dynamic]
 
 Builds PP-TSMv2 (configs/pptsmv2.yaml, random weights and BatchNorm statistics), writes it twice with
 paddle.jit.save (as trained: kernels 5, 3 and 1 summed in stages 3 and 4; and as ``run_dist.sh export``
 writes it, after ``reparameterize()``), checks that both give the dynamic model's logits, then times one
 clip (SEGMENTS frames at SIZE x SIZE, batch 1) through Paddle Inference for each (and through the dynamic
-model in both forms). Rounds alternate between the forms so that a noisy, shared machine slows them alike;
-each figure is the median over rounds. The last line is ``reparam_speedup: X`` = unfolded latency / folded
-latency through Paddle Inference (above 1: folding pays).
+model in both forms unless --no-dynamic; through onnxruntime too with --onnx, converted by paddle2onnx).
+Rounds alternate between the forms so that a noisy, shared machine slows them alike; each figure is the
+median over rounds. The last line is ``reparam_speedup: X`` = unfolded latency / folded latency through
+Paddle Inference (above 1: folding pays).
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="CPU threads of Paddle Inference (default: all)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--onnx", action="store_true", help="also time both forms through onnxruntime")
+    p.add_argument("--no-dynamic", action="store_true", help="leave out the dynamic model (slow on CPU)")
     a = p.parse_args(argv)
 
     import paddle
     from paddle.static import InputSpec
 
     from trainer.config import load_config
-    from trainer.export import InferenceModel, inference_form, model_files, score_difference
+    from trainer.export import InferenceModel, OnnxModel, inference_form, model_files, score_difference, write_onnx
     from trainer.models import build_model
 
     paddle.set_device(a.device)
@@ -81,11 +85,16 @@ def main(argv=None) -> int:
             paddle.jit.save(
                 paddle.jit.to_static(copy.deepcopy(form), input_spec=[spec], full_graph=True), f"{folder}/inference"
             )
-            predictor = InferenceModel(*model_files(folder), device=a.device, threads=a.threads)
-            diff = score_difference(predictor.scores(clip), expected)
-            print(f"{name}: exported logits differ from the dynamic model's by {diff:.1e}")
-            runners[f"paddle_inference_{name}"] = lambda p=predictor: p.scores(clip)
-            runners[f"dynamic_{name}"] = lambda f=form: f(x).numpy()
+            backends = {"paddle_inference": InferenceModel(*model_files(folder), device=a.device, threads=a.threads)}
+            if a.onnx:
+                onnx_file = write_onnx(*model_files(folder), os.path.join(folder, "model.onnx"))
+                backends["onnxruntime"] = OnnxModel(onnx_file, device=a.device, threads=a.threads)
+            for backend, predictor in backends.items():
+                diff = score_difference(predictor.scores(clip), expected)
+                print(f"{name}, {backend}: logits differ from the dynamic model's by {diff:.1e}")
+                runners[f"{backend}_{name}"] = lambda p=predictor: p.scores(clip)
+            if not a.no_dynamic:
+                runners[f"dynamic_{name}"] = lambda f=form: f(x).numpy()
         times: dict[str, list[float]] = {k: [] for k in runners}
         with paddle.no_grad():
             for run in runners.values():  # warm-up
@@ -104,7 +113,9 @@ def main(argv=None) -> int:
     )
     for key, ms in med.items():
         print(f"  {key:<28s} {ms:9.1f} ms")
-    print(f"dynamic_reparam_speedup: {med['dynamic_unfolded'] / med['dynamic_folded']:.2f}")
+    for prefix in ("dynamic", "onnxruntime"):
+        if f"{prefix}_folded" in med:
+            print(f"{prefix}_reparam_speedup: {med[f'{prefix}_unfolded'] / med[f'{prefix}_folded']:.2f}")
     print(f"reparam_speedup: {med['paddle_inference_unfolded'] / med['paddle_inference_folded']:.2f}")
     return 0
 
