@@ -222,14 +222,15 @@ def ends(directory: str) -> list[dict]:
 
 
 def cause(found: list[dict]) -> dict | None:
-    """The end that started it: a stuck rank; else the first rank that failed on its own account;
+    """The end that started it: the first rank that failed on its own account; else a rank caught
+    stuck (a rank passing through uninterruptible I/O as another fails on its own is not the cause);
     else the first rank that failed at all."""
     if not found:
         return None
+    own = [e for e in found if not e["secondary"] and e["kind"] != "stuck"]
     stuck = [e for e in found if e["kind"] == "stuck"]
-    if stuck:
+    if not own and stuck:
         return stuck[0]
-    own = [e for e in found if not e["secondary"]]
     return min(own or found, key=lambda e: (e["time"], e["rank"]))
 
 

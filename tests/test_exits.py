@@ -64,6 +64,11 @@ def test_a_rank_in_uninterruptible_io_is_named(tmp_path):
     assert out.startswith("rank 1 (pid 101): stuck: was stuck in uninterruptible I/O")
 
 
+def test_a_rank_passing_through_io_as_another_fails_on_its_own_is_not_the_cause(tmp_path):
+    status, out = _job(tmp_path, {0: (2, 5.0), 1: (-15, 5.3)}, [(0, "config", "config error: x")], states={1: "D"})
+    assert status == 3 and out.startswith("rank 0 (pid 100): config: config error: x")
+
+
 def test_the_launchers_own_kill_seconds_later_is_not_a_cause(tmp_path):
     # rank 0 fails on a file; rank 1, busy in C++, ignores SIGTERM and is killed 3 s later by the launcher
     status, out = _job(tmp_path, {0: (1, 10.0), 1: (-9, 13.2)}, [(0, "data", "train: error: x.pkl hangs")])
