@@ -450,7 +450,7 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None, check
     if not os.path.isfile(list_file):
         raise DataFormatError(f"list file {list_file} does not exist")
     list_dir = os.path.dirname(os.path.abspath(list_file))
-    samples, missing, first, repeats = [], [], {}, []
+    samples, missing, first, labels, repeats = [], [], {}, {}, []
     for no, raw in enumerate(text_lines(list_file), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -459,19 +459,18 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None, check
         path, n, label = parse_list_line(line, source, where)
         path = _resolve(path, data_prefix, list_dir)
         key = os.path.normpath(path)
-        if key in first:  # one clip listed twice would count twice in a metric and weigh double in training
-            earlier = first[key]
-            if (earlier.label, earlier.num_frames) != (label, n):
-                raise DataFormatError(
-                    f"{where}: {path} is also on line {earlier.line} with another "
-                    f"{'label' if earlier.label != label else 'frame count'}; keep the right line"
-                )
-            repeats.append(f"line {no} repeats line {earlier.line} ({os.path.basename(path)})")
+        if labels.setdefault(key, (label, no))[0] != label:  # which one is the truth is for the user to say
+            raise DataFormatError(
+                f"{where}: {path} is also on line {labels[key][1]} with another label; keep the right line"
+            )
+        if (key, n) in first:  # one clip listed twice would count twice in a metric and weigh double in training
+            repeats.append(f"line {no} repeats line {first[key, n].line} ({os.path.basename(path)})")
             continue
         if check_exists and not os.path.exists(path):
             missing.append(f"{where}: {path}")
-        first[key] = Sample(path, label, n, no)
-        samples.append(first[key])
+        # (another frame count for the same file stays a line of its own: check_videos names the wrong one)
+        first[key, n] = Sample(path, label, n, no)
+        samples.append(first[key, n])
     if repeats:
         more = f" (and {len(repeats) - 3} more)" if len(repeats) > 3 else ""
         print(

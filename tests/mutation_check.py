@@ -10,6 +10,7 @@ tier (-m "not slow") is the default and must catch every one; exit status 1 if a
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -168,7 +169,7 @@ MUTANTS = {
 }
 
 
-def run(name: str, tier: str, work: str, tests: list[str]) -> tuple[int, list[str], float]:
+def run(name: str, tier: str, work: str, tests: list[str], timeout: float) -> tuple[int, list[str], float]:
     path, old, new = MUTANTS[name]
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(SRC, work, ignore=shutil.ignore_patterns(".venv", "data", "output", "log", ".git", "__pycache__"))
@@ -180,8 +181,24 @@ def run(name: str, tier: str, work: str, tests: list[str]) -> tuple[int, list[st
     if tier == "fast":
         args += ["-m", "not slow"]
     t = time.time()
-    r = subprocess.run(args, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": work})
-    return r.returncode, [line for line in r.stdout.splitlines() if line.startswith("FAILED")], time.time() - t
+    # a session of its own: on a timeout the whole run goes (a child stuck at pytest's exit included)
+    proc = subprocess.Popen(
+        args,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": work},
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        tests_ran = [line for line in out.splitlines() if line.startswith("FAILED")]
+        return (1 if tests_ran else 124), tests_ran, time.time() - t
+    return proc.returncode, [line for line in out.splitlines() if line.startswith("FAILED")], time.time() - t
 
 
 def main() -> int:
@@ -198,12 +215,13 @@ def main() -> int:
         help="run these test files (or node ids) instead of the suite: a CAUGHT holds for the suite, a MISSED "
         "only for them",
     )
+    p.add_argument("--timeout", type=float, default=1800, help="seconds one mutant's test run may take")
     args = p.parse_args()
     tier, names = args.tier, [n for n in MUTANTS if not args.only or any(w in n for w in args.only)]
     missed = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            rc, failed, dt = run(name, tier, os.path.join(tmp, "tree"), args.tests)
+            rc, failed, dt = run(name, tier, os.path.join(tmp, "tree"), args.tests, args.timeout)
             missed += rc == 0
             verdict = "CAUGHT" if rc == 1 else "MISSED" if rc == 0 else f"ERROR rc={rc}"
             print(f"{verdict} [{tier}] {name}: {failed[0].split(' - ')[0] if failed else ''} ({dt:.0f}s)", flush=True)
