@@ -26,11 +26,11 @@ def trained(demo_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
     config = tiny_config(root / "tiny.yaml", demo_dataset, root / "out", epochs=1)
     with open(config, "a") as f:
-        f.write("save_interval: 1\nPRECISE_BN: {enabled: false}\n")
+        f.write("save_interval: 1\n")
     import paddle
 
     with paddle.utils.unique_name.guard():
-        assert main.main(["train", "-c", config]) == 0
+        assert main.main(["train", "-c", config, "-o", "PRECISE_BN.enabled=false"]) == 0
     assert {"best.pdparams", "latest.pdckpt", "epoch_1.pdckpt"} <= set(os.listdir(root / "out"))
     return root, config
 
