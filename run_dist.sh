@@ -77,6 +77,8 @@ fi
 if ! [[ "$restarts" =~ ^[0-9]+$ ]]; then
     echo "run_dist.sh: --max-restarts must be a number >= 0, got '$restarts'" >&2; exit 2
 fi
+# PaddleVideo's spellings without a counterpart are one line here, not one per rank (trainer/spellings.py)
+(cd "$here" && "$py" -m trainer.spellings ${args[@]+"${args[@]}"}) || exit 2
 main=("$here/trainer/main.py" "$mode" --model "$model" -c "$config" "${args[@]}")
 
 if [[ " $single_modes " == *" $mode "* ]]; then

@@ -199,3 +199,17 @@ def test_run_dist_gpus_on_a_host_without_gpus_is_one_line():
         "run_dist.sh: --gpus 0,1,2,3: this host has no GPU that Paddle can use; leave --gpus out "
         "(--nproc N sets the CPU processes)\n"
     )
+
+
+def test_run_dist_refuses_a_paddlevideo_spelling_once_before_starting_ranks():
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "run_dist.sh"), "train", "TSN", "configs/tsn_demo.yaml", "--test"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (
+        "run_dist.sh: --test (PaddleVideo's spelling): write the mode: bash run_dist.sh test MODEL CONFIG --weights W\n"
+    )

@@ -84,3 +84,13 @@ def translate(argv: list[str]) -> list[str]:
             out.append(arg)
         i += 1
     return out
+
+
+if __name__ == "__main__":  # run_dist.sh checks the command line once, before it starts any rank
+    import sys
+
+    try:
+        translate(sys.argv[1:])
+    except SpellingError as e:
+        print(f"run_dist.sh: {e}", file=sys.stderr)
+        sys.exit(2)
