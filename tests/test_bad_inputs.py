@@ -122,6 +122,7 @@ TRAINER_ROWS = [
         1,
         ["w.pdparams", "not a Paddle weights or checkpoint file"],
     ),
+    ("--weights that is a folder", "eval", lambda t, d: ["--weights", str(t / "out")], 1, ["out is a folder"]),
     (
         "weights with another num_classes",
         "eval",

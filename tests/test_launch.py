@@ -63,6 +63,35 @@ def _launcher_selection(devices: str, nproc: int) -> list[str]:
     return [",".join(selected)] if nproc == 1 else [selected[i] for i in range(nproc)]
 
 
+def test_an_mpirun_rank_takes_the_gpu_of_its_local_rank_not_of_its_global_rank(monkeypatch):
+    """Under mpirun a rank's GPU is its index on its own host (OMPI_COMM_WORLD_LOCAL_RANK): global rank 9
+    placed third on its host (--map-by node) must take GPU 3, not 9 % 8. MPI is stood in for: the
+    mapping is what is under test, not the exchange."""
+    import types
+
+    from launch import mpi_env
+
+    class Comm:
+        def Get_rank(self):
+            return 9
+
+        def Get_size(self):
+            return 16
+
+        def allgather(self, value):
+            return [value] * 16
+
+        def bcast(self, value, root=0):
+            return value or "127.0.0.1:1"
+
+    fake = types.ModuleType("mpi4py")
+    fake.MPI = types.SimpleNamespace(COMM_WORLD=Comm())
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    env = {"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
+    out = mpi_env.paddle_env(env, gpus_per_node=8)
+    assert (out["PADDLE_TRAINER_ID"], out["PADDLE_LOCAL_RANK"], out["FLAGS_selected_gpus"]) == ("9", "3", "3")
+
+
 @pytest.mark.parametrize(
     "ngpu, cvd, nproc, devices",
     [

@@ -299,6 +299,16 @@ def resized(tmp_path_factory):
     return d / "both.mp4"
 
 
+def test_check_videos_names_a_list_count_one_frame_beyond_the_video(tmp_path, capsys):
+    """One frame too many in the list is the count NVDEC would pad with a black frame: named too."""
+    from preprocessing import check_videos
+
+    write_video(tmp_path / "v.mp4", index_frames(12))
+    (tmp_path / "v.list").write_text("v.mp4 13 0\n")
+    assert check_videos.main([str(tmp_path / "v.list")]) == 1
+    assert "v.list:1: the list says 13 frames, " in capsys.readouterr().err
+
+
 def test_a_resolution_change_mid_stream_is_scaled_to_the_first_size_as_ffmpeg_does(resized):
     facts = video.probe(str(resized))
     assert (facts.frames, facts.width, facts.height) == (40, 64, 48)

@@ -180,6 +180,8 @@ def mismatch(model: paddle.nn.Layer, state: dict) -> tuple[list[str], list[str],
 
 def load_weights(model: paddle.nn.Layer, path: str) -> dict:
     """Load every tensor of ``model`` from a ``.pdparams`` or a training checkpoint; returns its metadata."""
+    if os.path.isdir(path):
+        raise WeightsError(f"--weights {path} is a folder; give the weights file in it (e.g. {path}/best.pdparams)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path} does not exist; train first or pass --weights PATH")
     state, meta, _ = model_state(load_file(path), model, path)
