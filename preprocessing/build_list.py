@@ -6,7 +6,8 @@
 
 pkl: every *.pkl below DST_DIR (the label is inside each pkl). --index N gives pkl files made
     elsewhere (or before the index existed) the frame index that lets the loader read only the sampled
-    frames, with N processes, in place: resumable, and files already indexed are left as they are.
+    frames, with N processes, in place: resumable, and files already indexed are left as they are (a
+    file changed since its index was made gets a new one; docs/design.md "The pkl frame index").
 rawframes: every folder holding img_00001.jpg; the label comes from --csv (Kinetics flat layout, by
     video id) or from the class folder above it (FRAMES/<class>/<clip>/img_*.jpg).
 videos: every video in FRAMES/<class>/; --probe N decodes each video once with N processes and writes
