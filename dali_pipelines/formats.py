@@ -450,7 +450,7 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None, check
     if not os.path.isfile(list_file):
         raise DataFormatError(f"list file {list_file} does not exist")
     list_dir = os.path.dirname(os.path.abspath(list_file))
-    samples, missing, first, labels, repeats = [], [], {}, {}, []
+    samples, missing, first, labels, repeats, relabelled = [], [], {}, {}, [], []
     for no, raw in enumerate(text_lines(list_file), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -459,24 +459,33 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None, check
         path, n, label = parse_list_line(line, source, where)
         path = _resolve(path, data_prefix, list_dir)
         key = os.path.normpath(path)
-        if labels.setdefault(key, (label, no))[0] != label:  # which one is the truth is for the user to say
-            raise DataFormatError(
-                f"{where}: {path} is also on line {labels[key][1]} with another label; keep the right line"
-            )
-        if (key, n) in first:  # one clip listed twice would count twice in a metric and weigh double in training
-            repeats.append(f"line {no} repeats line {first[key, n].line} ({os.path.basename(path)})")
+        if (key, n, label) in first:  # one clip listed twice would count twice in a metric, weigh double in training
+            repeats.append(f"line {no} repeats line {first[key, n, label].line} ({os.path.basename(path)})")
             continue
+        if labels.setdefault(key, (label, no))[0] != label:  # a multi-label set written one label a line?
+            relabelled.append(
+                f"line {no} gives {os.path.basename(path)} label {label}, line {labels[key][1]} gave {labels[key][0]}"
+            )
         if check_exists and not os.path.exists(path):
             missing.append(f"{where}: {path}")
-        # (another frame count for the same file stays a line of its own: check_videos names the wrong one)
-        first[key, n] = Sample(path, label, n, no)
-        samples.append(first[key, n])
+        # another label or frame count for the same file stays a sample of its own (check_videos names a
+        # wrong count), named below
+        first[key, n, label] = Sample(path, label, n, no)
+        samples.append(first[key, n, label])
     if repeats:
         more = f" (and {len(repeats) - 3} more)" if len(repeats) > 3 else ""
         print(
             f"dali_pipelines: {list_file}: {len(repeats)} duplicate line(s), each clip counted once: "
             + "; ".join(repeats[:3])
             + more,
+            file=sys.stderr,
+            flush=True,
+        )
+    if relabelled:
+        more = f" (and {len(relabelled) - 3} more)" if len(relabelled) > 3 else ""
+        print(
+            f"dali_pipelines: {list_file}: {len(relabelled)} line(s) give a file listed before another label, "
+            "each kept as a sample of its own: " + "; ".join(relabelled[:3]) + more,
             file=sys.stderr,
             flush=True,
         )

@@ -260,13 +260,16 @@ def test_a_list_naming_a_clip_twice_counts_it_once_and_names_the_lines(trained, 
     assert results["dup.list"].split(" (")[0] == results["once.list"].split(" (")[0]
 
 
-def test_a_repeated_list_line_with_another_label_is_refused_naming_both_lines(tmp_path):
-    from dali_pipelines.formats import DataFormatError, read_list
+def test_a_file_listed_again_with_another_label_stays_a_sample_and_is_named(tmp_path, capfd):
+    """A multi-label set written one label a line is not a duplicate: both samples stay, said once."""
+    from dali_pipelines.formats import read_list
 
     (tmp_path / "a.mp4").write_bytes(b"x")
-    (tmp_path / "v.list").write_text("a.mp4 10 1\na.mp4 10 3\n")
-    with pytest.raises(DataFormatError, match=r"v.list:2: .*a.mp4 is also on line 1 with another label"):
-        read_list(str(tmp_path / "v.list"), "videos")
+    (tmp_path / "v.list").write_text("a.mp4 10 1\na.mp4 10 3\na.mp4 10 1\n")
+    assert [(s.label, s.line) for s in read_list(str(tmp_path / "v.list"), "videos")] == [(1, 1), (3, 2)]
+    err = capfd.readouterr().err
+    _one_line(err, "v.list: 1 duplicate line(s)", "line 3 repeats line 1 (a.mp4)")
+    _one_line(err, "v.list: 1 line(s) give a file listed before another label", "line 2 gives a.mp4 label 3")
 
 
 def test_build_list_index_does_not_call_a_pkl_rewritten_in_place_indexed(tmp_path, capfd):
