@@ -55,16 +55,62 @@ def _wait_all_gone(pids, within):
     return left
 
 
+class _Libc:
+    def __init__(self):
+        self.calls = []
+
+    def prctl(self, *args):
+        self.calls.append(args)
+        return 0
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """prctl, getppid and kill as this process sees them, recorded instead of done."""
+    from launch import lifeline
+
+    libc, kills = _Libc(), []
+    monkeypatch.setattr(lifeline.ctypes, "CDLL", lambda *a, **k: libc)
+    monkeypatch.setattr(lifeline.sys, "platform", "linux")
+    monkeypatch.setattr(lifeline.os, "getppid", lambda: 4321)
+    monkeypatch.setattr(lifeline.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    monkeypatch.delenv(lifeline.PARENT_PID_ENV, raising=False)
+    return lifeline, libc.calls, kills
+
+
+def test_a_link_asks_to_be_killed_with_its_parent_and_checks_it_is_still_the_one(kernel, monkeypatch):
+    lifeline, prctl, kills = kernel
+    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "4321")
+    assert lifeline.link()
+    assert prctl == [(1, signal.SIGKILL, 0, 0, 0)] and kills == []  # PR_SET_PDEATHSIG; the parent is alive
+    assert os.environ[lifeline.PARENT_PID_ENV] == str(os.getpid())  # the next link checks for this one
+
+
+def test_a_link_whose_named_parent_is_gone_kills_itself_at_once(kernel, monkeypatch):
+    lifeline, prctl, kills = kernel
+    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "999")  # reparented: getppid() says 4321
+    lifeline.link()
+    assert kills == [(os.getpid(), signal.SIGKILL)]
+
+
+def test_only_a_launched_process_or_a_rank_of_several_is_tied_to_its_parent(kernel):
+    lifeline, prctl, kills = kernel
+    assert not lifeline.link() and prctl == []  # a command typed by hand outlives its shell (nohup)
+    assert lifeline.link(required=True) and prctl == [(1, signal.SIGKILL, 0, 0, 0)] and kills == []
+
+
 def _child(code, env=None):
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_a_process_that_names_a_parent_it_no_longer_has_kills_itself():
     """The parent died before the child asked to die with it: the check catches it at once."""
     proc = _child("from launch import lifeline; lifeline.link(); import time; time.sleep(60)", {"TSN_PARENT_PID": "1"})
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_a_linked_process_dies_with_its_parent_and_a_hand_typed_one_does_not(tmp_path):
     """A middle process starts two children (one linked, one not) and is killed with SIGKILL."""
     code = (
