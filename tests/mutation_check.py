@@ -166,6 +166,26 @@ MUTANTS = {
         "return kernel, bn.bias.numpy() - bn._mean.numpy().astype(np.float64) * scale",
         "return kernel, bn.bias.numpy()",
     ),
+    "the restart's cause is the first rank to end, even one that only lost its peer": (
+        "launch/exits.py",
+        'own = [e for e in found if not e["secondary"] and e["kind"] != "stuck"]',
+        'own = [e for e in found if e["kind"] != "stuck"]',
+    ),
+    "a data error is restarted": (
+        "launch/exits.py",
+        'NOT_RESTARTABLE = ("config", "data", "usage", "output")',
+        'NOT_RESTARTABLE = ("config", "usage", "output")',
+    ),
+    "the loader's worker timeout outlasts the ranks' collective timeout": (
+        "dali_pipelines/feed.py",
+        "return min(timeout, max(1.0, collective * 2 / 3))",
+        "return min(timeout, max(1.0, collective * 3 / 2))",
+    ),
+    "a rank whose launcher died before it linked trains on": (
+        "launch/lifeline.py",
+        "os.getppid() != int(expected_parent)",
+        "os.getppid() == int(expected_parent)",
+    ),
 }
 
 
