@@ -19,16 +19,18 @@ import sys
 
 PARENT_PID_ENV = "TSN_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
+# looked up once, at import: a child forked from a process with threads (a rank's rendezvous watchdog)
+# must not dlopen or dlsym, whose lock another thread may have held at the fork
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if _libc is not None:
+    _libc.prctl  # noqa: B018 - ctypes keeps the looked-up function on the library object
 
 
 def die_with_parent(expected_parent: int | str | None = None, sig: int = signal.SIGKILL) -> bool:
     """Have ``sig`` sent to this process when its parent (thread) ends; if ``expected_parent`` is given
     and is no longer the parent, the parent has already died: send ``sig`` now. Returns whether the
     kernel took the request (False off Linux, where only the check is made)."""
-    armed = False
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        armed = libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    armed = _libc is not None and _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     if expected_parent not in (None, "") and os.getppid() != int(expected_parent):
         os.kill(os.getpid(), sig)
     return armed

@@ -70,8 +70,7 @@ def kernel(monkeypatch):
     from launch import lifeline
 
     libc, kills = _Libc(), []
-    monkeypatch.setattr(lifeline.ctypes, "CDLL", lambda *a, **k: libc)
-    monkeypatch.setattr(lifeline.sys, "platform", "linux")
+    monkeypatch.setattr(lifeline, "_libc", libc)
     monkeypatch.setattr(lifeline.os, "getppid", lambda: 4321)
     monkeypatch.setattr(lifeline.os, "kill", lambda pid, sig: kills.append((pid, sig)))
     monkeypatch.delenv(lifeline.PARENT_PID_ENV, raising=False)
