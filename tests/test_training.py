@@ -129,7 +129,7 @@ def test_config_typo_stops_run_dist_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"config error: unknown key 'OPTIMIZER.momentm' ({cfg}); did you mean 'momentum'? known keys here: "
         "momentum, nesterov, weight_decay, base_lr, base_batch_size, schedule, decay_points, decay_factor, "
-        "warmup_epochs, grad_clip"
+        "warmup_epochs, warmup_start_lr, lr_mult, stage_lr_mult, grad_clip"
     ]
 
 
