@@ -12,14 +12,13 @@ from preprocessing.frames import ffmpeg_exe
 from .media import ffmpeg, has_bframes, index_frames, level_to_index, quadrant_frames, remux, write_video
 
 
-def _encode(path, frames, gop):
-    """H.264 with B-frames and a keyframe every ``gop`` frames."""
+def _encode(path, frames, gop, open_gop=False):
+    """H.264 with B-frames and a keyframe every ``gop`` frames (``open_gop``: with leading pictures)."""
+    options = {"crf": "18", "preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "bf": "3"}
+    if open_gop:
+        options["x264-params"] = "open-gop=1"
     with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream(
-            "libx264",
-            rate=25,
-            options={"crf": "18", "preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "bf": "3"},
-        )
+        stream = out.add_stream("libx264", rate=25, options=options)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for img in frames:
@@ -41,12 +40,13 @@ def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("videos")
     write_video(root / "bframes.mp4", index_frames(50))
     _encode(root / "gop10.mp4", index_frames(50), gop=10)
+    _encode(root / "opengop.mp4", index_frames(50), gop=10, open_gop=True)
     # a stream copy cut at a non-key frame: the mp4 gets an edit list hiding the decoded pre-roll
     remux(root / "gop10.mp4", root / "edit.mp4", "-ss", "0.7")
     return root
 
 
-@pytest.mark.parametrize("name", ["bframes.mp4", "gop10.mp4", "edit.mp4"])
+@pytest.mark.parametrize("name", ["bframes.mp4", "gop10.mp4", "opengop.mp4", "edit.mp4"])
 def test_sparse_decode_returns_the_frames_of_the_in_order_decode(clips, name):
     path = clips / name
     assert has_bframes(path)
