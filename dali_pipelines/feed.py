@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from launch import exits
+
 from . import crops
 from .formats import (
     DataFormatError,
@@ -291,7 +293,9 @@ class ParallelMap:
     ``ahead`` items in flight, results in submission order.
 
     A worker that dies (killed, out of memory) or returns nothing for ``timeout`` seconds raises
-    WorkerError naming what it was reading; the pool is then killed, so nothing is left behind."""
+    WorkerError naming what it was reading; the pool is then killed, so nothing is left behind. Under
+    run_dist.sh the files of the chunk it waits for are noted for the job's report (launch/exits.py
+    ReadingNote): a rank stopped or stuck later is named with them."""
 
     def __init__(self, fn, num_workers: int, ahead: int, timeout: float, chunk: int = 8):
         self.fn, self.num_workers = fn, num_workers
@@ -308,6 +312,7 @@ class ParallelMap:
         self._ready: collections.deque = collections.deque()  # (item, result) of the head chunk
         self._in_flight = 0
         self._pool, self._procs = None, []
+        self._note = exits.ReadingNote()
         if num_workers:
             # fork: the workers need no import of the training script and start in milliseconds;
             # they never touch CUDA or DALI, so forking after either is initialised is safe for them
@@ -360,6 +365,7 @@ class ParallelMap:
             if not self._pending:
                 raise LookupError("ParallelMap.next: nothing submitted")
             fut, chunk = self._pending.popleft()
+            self._note(_paths(chunk))  # before the wait: a rank stopped or stuck in it is named with these
             if self._pool is not None and any(p.exitcode is not None for p in self._procs):
                 self._died(chunk)  # checked here too: the pool notices a death only when it has no result to hand
             try:
@@ -392,8 +398,12 @@ class ParallelMap:
             self._pool = None
 
 
+def _paths(chunk) -> list[str]:
+    return [arg.path for item in chunk for arg in item if isinstance(arg, Sample)]
+
+
 def _names(chunk, limit: int = 3) -> str:
-    paths = [arg.path for item in chunk for arg in item if isinstance(arg, Sample)]
+    paths = _paths(chunk)
     return ", ".join(paths[:limit]) + (f" (and {len(paths) - limit} more)" if len(paths) > limit else "") or "samples"
 
 

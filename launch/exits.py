@@ -10,6 +10,9 @@ Two structured sources, both in the job's log folder (docs/robustness.md "Proces
   each one ended as seen from outside (exit status or signal), and what the others were doing the
   moment the first one failed (a rank stopped by SIGSTOP or stuck in uninterruptible I/O is the rank
   the others waited for).
+- ``reading.R.json``, kept by rank R's loader while it runs (dali_pipelines/feed.py): the files it
+  reads now. A rank stopped or stuck can write nothing then, so the note is left beforehand, for the
+  report to name the files with the rank.
 The cause is the rank that failed first on its own account; a rank that only failed because a peer
 had gone (a collective that lost its peer or timed out, an abort from inside the communication
 library, the launcher's stop) is reported, not blamed.
@@ -87,12 +90,45 @@ def record_bytes(kind: str, message: str, exit_code: int) -> tuple[str, bytes]:
     return record_path(directory, record["rank"]), json.dumps(record).encode()
 
 
+def reading_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"reading.{rank}.json")
+
+
+class ReadingNote:
+    """This rank's note of the files its loader reads now (``note(paths)``), for a report that finds the
+    rank stopped or stuck: such a rank writes nothing more, so the note is kept while it still can.
+    Replaced atomically (a stop in mid-write leaves the previous note whole) and only when the files
+    change; no fsync: the report reads it on this host, from the page cache. Nothing outside
+    run_dist.sh (TSN_EXIT_DIR unset), and nothing more after a write fails (a full log folder)."""
+
+    def __init__(self):
+        directory = os.environ.get(EXIT_DIR_ENV)
+        self._path = reading_path(directory, _rank()) if directory else ""
+        self._last: list[str] | None = None
+
+    def __call__(self, paths: list[str]) -> None:
+        if not self._path or not paths or paths == self._last:
+            return
+        self._last = paths
+        tmp = f"{self._path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"rank": _rank(), "pid": os.getpid(), "files": paths, "time": time.time()}, f)
+            os.replace(tmp, self._path)
+        except OSError:
+            self._path = ""
+
+
 def clear(directory: str) -> None:
     """Forget the records of an earlier attempt (run_dist.sh, before each start)."""
     if not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
-        if (name.startswith("exit.") and name.endswith(".json")) or name == "launcher.json":
+        if (
+            (name.startswith("exit.") and name.endswith(".json"))
+            or name == "launcher.json"
+            or name.startswith("reading.")
+        ):
             os.remove(os.path.join(directory, name))
 
 
@@ -202,7 +238,8 @@ def ends(directory: str) -> list[dict]:
                 if state in ("T", "t")
                 else "stuck in uninterruptible I/O (a hung file system or device)"
             )
-            e.update(kind="stuck", message=f"was {what} when the first rank failed; the others waited for it")
+            message = f"was {what} when the first rank failed; the others waited for it"
+            e.update(kind="stuck", message=message + _reading(directory, rank, e["pid"], first))
             e.update(secondary=False, time=first or t)
         elif record:  # the rank's own words
             secondary = record["kind"] == "stopped" or (record["kind"] == "crash" and record.get("collective", False))
@@ -219,6 +256,19 @@ def ends(directory: str) -> list[dict]:
             e["secondary"] = True  # ended after the launcher began to stop the job
         out.append(e)
     return out
+
+
+def _reading(directory: str, rank: int, pid: int | None, first: float | None, limit: int = 8) -> str:
+    """ "; its loader was reading A, B (and N more)" from the rank's note, if the note is of this very
+    process (pid) and older than the first failure (what it read then, not after); else ""."""
+    note = _load(reading_path(directory, rank))
+    if not note or not note.get("files") or (pid and note.get("pid") != pid):
+        return ""
+    if first is not None and note.get("time", 0) > first:
+        return ""
+    files = note["files"]
+    more = f" (and {len(files) - limit} more)" if len(files) > limit else ""
+    return f"; its loader was reading {', '.join(files[:limit])}{more}"
 
 
 def cause(found: list[dict]) -> dict | None:

@@ -145,3 +145,56 @@ def test_the_jobs_exit_status_is_its_causes(tmp_path):
     exits.clear(str(tmp_path))
     _job(tmp_path, {0: (1, 10.0), 1: (-9, 10.05)}, [(0, "crash", GLOO_RESET, True)])
     assert exits.exit_status(str(tmp_path)) == 137
+
+
+def _note(tmp_path, rank, files, pid=None, t=1.0):
+    note = {"rank": rank, "pid": 100 + rank if pid is None else pid, "files": files, "time": t}
+    (tmp_path / f"reading.{rank}.json").write_text(json.dumps(note))
+
+
+def test_a_stopped_rank_is_named_with_the_files_its_loader_was_reading(tmp_path):
+    _note(tmp_path, 1, [f"/data/v{i}.pkl" for i in range(10)], t=39.0)
+    _note(tmp_path, 0, ["/data/other.pkl"], t=39.5)  # the rank that waited: not named with its files
+    timeout = "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:80] TIMEOUT self_rank = none"
+    status, out = _job(tmp_path, {0: (1, 40.0), 1: (-9, 43.1)}, [(0, "crash", timeout, True)], states={1: "T"})
+    first = out.splitlines()[0]
+    assert first.startswith("rank 1 (pid 101): stuck: was stopped (SIGSTOP")
+    assert first.endswith(
+        "; its loader was reading /data/v0.pkl, /data/v1.pkl, /data/v2.pkl, /data/v3.pkl, "
+        "/data/v4.pkl, /data/v5.pkl, /data/v6.pkl, /data/v7.pkl (and 2 more)"
+    )
+    assert "other.pkl" not in out
+
+
+def test_a_rank_in_uninterruptible_io_is_named_with_its_file(tmp_path):
+    _note(tmp_path, 1, ["/mnt/hung/v3.pkl"], t=12.0)
+    status, out = _job(tmp_path, {0: (-6, 40.0), 1: (-9, 43.1)}, states={1: "D"})
+    assert out.splitlines()[0].endswith("the others waited for it; its loader was reading /mnt/hung/v3.pkl")
+
+
+@pytest.mark.parametrize("pid, t", [(999, 39.0), (None, 41.0)], ids=["another process", "after the first failure"])
+def test_a_note_of_another_process_or_of_later_reads_names_no_file(tmp_path, pid, t):
+    _note(tmp_path, 1, ["/data/v1.pkl"], pid=pid, t=t)
+    status, out = _job(tmp_path, {0: (-6, 40.0), 1: (-9, 43.1)}, states={1: "T"})
+    assert out.startswith("rank 1 (pid 101): stuck: was stopped") and "v1.pkl" not in out
+
+
+def test_a_rank_notes_its_files_atomically_only_when_they_change(tmp_path, monkeypatch):
+    monkeypatch.setenv(exits.EXIT_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "2")
+    note = exits.ReadingNote()
+    note(["a.pkl", "b.pkl"])
+    path = tmp_path / "reading.2.json"
+    written = json.loads(path.read_text())
+    assert written["files"] == ["a.pkl", "b.pkl"] and written["pid"] == os.getpid() and written["rank"] == 2
+    path.unlink()
+    note(["a.pkl", "b.pkl"])  # the same files: nothing written
+    assert not path.exists()
+    note(["c.pkl"])
+    assert json.loads(path.read_text())["files"] == ["c.pkl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reading.2.json"]  # no temporary file left
+    exits.clear(str(tmp_path))
+    assert not list(tmp_path.iterdir())
+    monkeypatch.delenv(exits.EXIT_DIR_ENV)
+    exits.ReadingNote()(["d.pkl"])  # outside run_dist.sh: nothing
+    assert not list(tmp_path.iterdir())

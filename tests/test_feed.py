@@ -1,6 +1,8 @@
 """The loader's host side in worker processes: the same batches whatever the workers, every guarantee kept,
 and a worker that dies or hangs ends the run with a clear error."""
 
+import functools
+import json
 import os
 import signal
 import time
@@ -244,3 +246,32 @@ def test_the_worker_timeout_fires_before_the_ranks_collective_timeout(monkeypatc
     assert worker_timeout_within_collective(5.0) == 5.0
     monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, "1800")  # NCCL's default
     assert worker_timeout_within_collective(120.0) == 120.0
+
+
+def _note_seen_while_reading(exit_dir, s):
+    with open(os.path.join(exit_dir, "reading.1.json")) as f:
+        return json.load(f)["files"]
+
+
+def test_the_files_a_rank_reads_are_noted_before_it_reads_them(tmp_path, monkeypatch):
+    """A rank stopped or stuck in a read can write nothing then: the note (launch/exits.py) is there already."""
+    from dali_pipelines.feed import ParallelMap
+    from dali_pipelines.formats import Sample
+
+    monkeypatch.setenv("TSN_EXIT_DIR", str(tmp_path))
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
+    samples = [Sample(path=f"/data/v{i}.pkl", label=0, num_frames=0, line=i + 1) for i in range(4)]
+    read = functools.partial(_note_seen_while_reading, str(tmp_path))
+    inline = ParallelMap(read, 0, ahead=2, timeout=30)
+    inline.submit([(s,) for s in samples])
+    assert [inline.next()[1] for _ in samples] == [("ok", [s.path]) for s in samples]  # each read saw its file
+    (tmp_path / "reading.1.json").write_text("{}")
+    workers = ParallelMap(str, 1, ahead=2, timeout=30, chunk=2)  # the note names the chunk the rank waits for
+    try:
+        workers.submit([(s,) for s in samples])
+        workers.next()
+        assert json.loads((tmp_path / "reading.1.json").read_text())["files"] == ["/data/v0.pkl", "/data/v1.pkl"]
+        workers.next(), workers.next()
+        assert json.loads((tmp_path / "reading.1.json").read_text())["files"] == ["/data/v2.pkl", "/data/v3.pkl"]
+    finally:
+        workers.close()
