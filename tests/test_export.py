@@ -183,3 +183,56 @@ def test_predict_backends_onnx_needs_model_onnx_and_tensorrt_a_gpu(tmp_path):
 
     export(cfg, model, str(tmp_path), ["a", "b", "c"])
     assert isinstance(exported_model(str(tmp_path), "paddle"), InferenceModel)
+
+
+def _val_list_export(demo_dataset, tmp_path, monkeypatch, *overrides):
+    """(argv of `main.py export` for a width-8 TSN on the demo data, its config) with ``overrides``."""
+    from launch import lifeline
+    from trainer import checkpoint
+
+    from .tiny import tiny_config
+
+    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "")  # main.main called in-process (tests/test_folder.py)
+    monkeypatch.setattr(lifeline, "hand_on", lambda: None)
+    config = tiny_config(tmp_path / "c.yaml", demo_dataset, tmp_path / "out")
+    args = [f"-o{o}" for o in ("DATASET.num_workers=0", *overrides)]
+    cfg = load_config(config, [a[2:] for a in args])
+    checkpoint.save_weights(build_model(cfg), str(tmp_path / "w.pdparams"))
+    argv = ["export", "-c", config, "--weights", str(tmp_path / "w.pdparams"), "--output", str(tmp_path / "x")]
+    return argv + args, cfg
+
+
+def test_export_without_a_check_list_checks_the_first_clips_of_the_val_list(demo_dataset, tmp_path, monkeypatch):
+    """Random noise drove a small trained PP-TSMv2 to ~1e3 and past 1e-4 in float32; the default check is on
+    the config's own clips: the first --check-clips of DATASET.val_list, through the test pipeline."""
+    from trainer import dist, engine, export, main
+
+    argv, cfg = _val_list_export(demo_dataset, tmp_path, monkeypatch, "DATASET.test_list=''")
+    seen, check_backends = [], export.check_backends
+    monkeypatch.setattr(export, "check_backends", lambda b, s, e: seen.append(s) or check_backends(b, s, e))
+    assert main.main([*argv, "--check-clips", "4"]) == 0
+    val = demo_dataset / "val_pkl.list"
+    check = json.loads((tmp_path / "x" / export.CHECK_FILE).read_text())
+    assert check["inputs"] == f"4 clips of {val} (DATASET.val_list)" and check["clips"] == 4
+    loader = engine.make_loader(cfg, dist.Env(0, 1, "cpu", None), "test", list_file=str(val))
+    first = np.concatenate([imgs.numpy() for imgs, _ in loader])[:4]  # the list's first clips, in its order
+    loader.close()
+    assert len(seen) == 1 and np.array_equal(seen[0], first)
+
+
+def test_without_a_readable_val_list_export_takes_the_test_list_then_random_inputs_saying_why(demo_dataset, tmp_path):
+    from trainer import dist, main
+
+    from .tiny import tiny_config
+
+    env = dist.Env(0, 1, "cpu", None)
+    config = tiny_config(tmp_path / "c.yaml", demo_dataset, tmp_path)
+    cfg = load_config(config, ["DATASET.num_workers=0", f"DATASET.val_list={tmp_path / 'gone.list'}"])
+    sample, source = main._default_check_clips(cfg, env, 2)
+    assert sample.shape[:2] == (2, 3) and source == f"2 clips of {demo_dataset / 'val_pkl.list'} (DATASET.test_list)"
+    (tmp_path / "empty.list").write_text("")
+    cfg.DATASET.update(test_list=str(tmp_path / "empty.list"))
+    sample, source = main._default_check_clips(cfg, env, 2)
+    assert sample is None and "gone.list does not exist" in source and "empty.list" in source
+    cfg.DATASET.update(val_list="", test_list="")
+    assert main._default_check_clips(cfg, env, 2) == (None, "no DATASET.val_list or DATASET.test_list")

@@ -360,7 +360,8 @@ def export(
 ) -> dict:
     """Write OUT_DIR/inference.{json|pdmodel,pdiparams}, preprocessing.json (and model.onnx at ``opset``),
     then check every exported form against the dynamic model on ``sample`` (clips [N, V, 3, H, W]; default
-    two random inputs), ``sample_source`` saying where they came from: the check goes to export_check.json
+    two random inputs), ``sample_source`` saying where they came from (without a sample: why there is
+    none; main.py's export takes the config's val list's clips when it can): the check goes to export_check.json
     and into the returned report (``check``, and ``*_max_diff`` per backend). TensorRT at ``tensorrt``
     precision joins the check on a GPU host (``device="gpu"``). Raises ExportError when Paddle Inference
     or onnxruntime differ from the dynamic model by more than TOLERANCE."""
@@ -378,7 +379,7 @@ def export(
         json.dump(preprocessing_settings(cfg, class_names), f, indent=2)
     if sample is None:
         sample = np.random.default_rng(0).standard_normal([2, *spec.shape[1:]]).astype(np.float32)
-        sample_source = "2 random inputs"
+        sample_source = "2 random inputs" + (f": {sample_source}" if sample_source else "")
     sample_source = sample_source or f"{len(sample)} given clips"
     expected = reference_logits(model, sample)
     report = {"model": model_file, "params": params_file, "preprocessing": os.path.join(out_dir, "preprocessing.json")}
