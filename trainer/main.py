@@ -7,6 +7,7 @@ python trainer/main.py predict -c CONFIG --input CLIP.mp4   top-5 classes of one
                                [--output predictions.csv] [--exported DIR [--backend paddle|onnx|tensorrt]]
 python trainer/main.py export  -c CONFIG [--weights W] [--onnx [--opset 11]] [--check-list LIST]
                                                             Paddle Inference (+ ONNX) model, checked
+                                                            on LIST's clips, else DATASET.val_list's
 python trainer/main.py summary -c CONFIG                    the run's summary from metrics.jsonl
 python trainer/main.py predict -c CONFIG --input LONG.mp4 --window 10s [--stride 5s]   a timeline
                                (--input also takes a folder, a live source: -, a FIFO, udp://, rtsp://...)
