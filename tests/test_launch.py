@@ -375,11 +375,18 @@ def test_an_error_that_is_not_a_crash_is_not_restarted(demo_dataset, tmp_path):
     assert (tmp_path / "log" / "workerlog.0").read_text().count("config error: epochs") == 1  # one attempt
 
 
+def _list_paths(list_file):
+    return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+
+
 @pytest.mark.slow
 def test_a_stopped_rank_is_named_as_the_one_the_others_waited_for(demo_dataset, tmp_path):
     proc, log = _run_dist(_config(tmp_path, demo_dataset, "stop", epochs=500), tmp_path / "log"), tmp_path / "log"
     pid = _rank1_pid(lambda: log.joinpath("workerlog.1").read_text() if log.exists() else "", time.time() + 180)
-    time.sleep(3)  # into training
+    deadline = time.time() + 180
+    while not log.joinpath("reading.1.json").exists() and time.time() < deadline:  # its loader has read
+        time.sleep(0.1)
+    time.sleep(1)  # into training
     os.kill(pid, signal.SIGSTOP)
     try:
         out = proc.communicate(timeout=180)[0]  # gloo's 30 s collective timeout, then the launcher's stop
@@ -388,6 +395,14 @@ def test_a_stopped_rank_is_named_as_the_one_the_others_waited_for(demo_dataset, 
             os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert f"Cause:\nrank 1 (pid {pid}): stuck: was stopped (SIGSTOP" in out, out[-3000:]
+    # and the files its loader was reading, noted before the stop (launch/exits.py ReadingNote)
+    named = re.search(r"Cause:\nrank 1 [^\n]*; its loader was reading ([^\n]+)", out)
+    assert named, out[-3000:]
+    listed = {
+        str(demo_dataset / x) for name in ("train_pkl.list", "val_pkl.list") for x in _list_paths(demo_dataset / name)
+    }
+    files = re.sub(r" \(and \d+ more\)$", "", named.group(1)).split(", ")
+    assert files and set(files) <= listed, named.group(1)
 
 
 @pytest.mark.slow
