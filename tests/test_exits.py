@@ -179,20 +179,22 @@ def test_a_note_of_another_process_or_of_later_reads_names_no_file(tmp_path, pid
     assert out.startswith("rank 1 (pid 101): stuck: was stopped") and "v1.pkl" not in out
 
 
-def test_a_rank_notes_its_files_atomically_only_when_they_change(tmp_path, monkeypatch):
+def test_a_rank_notes_its_files_whole_and_only_when_they_change(tmp_path, monkeypatch):
     monkeypatch.setenv(exits.EXIT_DIR_ENV, str(tmp_path))
     monkeypatch.setenv("PADDLE_TRAINER_ID", "2")
     note = exits.ReadingNote()
-    note(["a.pkl", "b.pkl"])
+    note(["/data/a_long_name.pkl", "/data/b_long_name.pkl"])
     path = tmp_path / "reading.2.json"
     written = json.loads(path.read_text())
-    assert written["files"] == ["a.pkl", "b.pkl"] and written["pid"] == os.getpid() and written["rank"] == 2
-    path.unlink()
-    note(["a.pkl", "b.pkl"])  # the same files: nothing written
-    assert not path.exists()
-    note(["c.pkl"])
+    assert written["files"] == ["/data/a_long_name.pkl", "/data/b_long_name.pkl"]
+    assert written["pid"] == os.getpid() and written["rank"] == 2
+    path.write_text("{}")
+    note(["/data/a_long_name.pkl", "/data/b_long_name.pkl"])  # the same files: nothing written
+    assert path.read_text() == "{}"
+    note(["/data/a_long_name.pkl", "/data/b_long_name.pkl", "/data/c.pkl"])
+    note(["c.pkl"])  # shorter than the note it overwrites in place: still one whole note
     assert json.loads(path.read_text())["files"] == ["c.pkl"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["reading.2.json"]  # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["reading.2.json"]
     exits.clear(str(tmp_path))
     assert not list(tmp_path.iterdir())
     monkeypatch.delenv(exits.EXIT_DIR_ENV)
