@@ -382,7 +382,8 @@ def _list_paths(list_file):
 @pytest.mark.slow
 def test_a_stopped_rank_is_named_as_the_one_the_others_waited_for(demo_dataset, tmp_path):
     proc, log = _run_dist(_config(tmp_path, demo_dataset, "stop", epochs=500), tmp_path / "log"), tmp_path / "log"
-    pid = _rank1_pid(lambda: log.joinpath("workerlog.1").read_text() if log.exists() else "", time.time() + 180)
+    worker_log = log / "workerlog.1"
+    pid = _rank1_pid(lambda: worker_log.read_text() if worker_log.exists() else "", time.time() + 180)
     deadline = time.time() + 180
     while not log.joinpath("reading.1.json").exists() and time.time() < deadline:  # its loader has read
         time.sleep(0.1)
