@@ -198,7 +198,7 @@ while :; do
     for f in "$log_dir"/workerlog.*; do
         [ -f "$f" ] && offset[$f]=$(stat -c %s "$f")
     done
-    rm -f "$log_dir"/exit.*.json "$log_dir/launcher.json"  # the records of an earlier attempt
+    rm -f "$log_dir"/exit.*.json "$log_dir"/reading.* "$log_dir/launcher.json"  # the records of an earlier attempt
     if [ "$nnodes" -gt 1 ]; then  # every node joins within the timeout, or every node stops and says which did not
         run_in_session "$py" "$here/launch/hosts.py" rendezvous --ips "$ips" --index "$node_index" --port "$rdv_port" --timeout "$rdv_timeout"
         [ "$status" -eq 0 ] || exit "$status"
