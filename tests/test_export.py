@@ -42,6 +42,7 @@ def test_preprocessing_json_states_imagenet_rgb_statistics_and_the_views(tmp_pat
     assert "RGB" in settings["layout"]
 
 
+@pytest.mark.slow  # 5-9 s: a real export through paddle2onnx, or a stream run in real time
 def test_a_tsm_exports_to_onnx_opset_11_with_matching_scores_and_its_table(tmp_path):
     """Opset 11, PaddleVideo's paddle2onnx line (13, the default, is the PP-TSM test's below)."""
     pytest.importorskip("paddle2onnx")
@@ -64,6 +65,7 @@ def test_a_tsm_exports_to_onnx_opset_11_with_matching_scores_and_its_table(tmp_p
     assert np.abs(got - reference_logits(model, clips)).max() < 1e-4
 
 
+@pytest.mark.slow  # 5-9 s: a real export through paddle2onnx, or a stream run in real time
 def test_a_pp_tsm_with_leaky_relu_exports_at_opset_13_through_paddle_inference_and_onnx(tmp_path):
     """Paddle 3.3 writes leaky_relu's slope as a double: its oneDNN conv fusion crashed on it and paddle2onnx
     read it as 0 (onnxruntime's logits off by 1e10); the export check now passes for PP-TSM."""

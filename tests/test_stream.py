@@ -197,6 +197,7 @@ def test_a_stalled_source_keeps_the_timeline_so_far(ts_file, tmp_path, model):
     assert len(tl) + stats["skipped_windows"] >= 3  # about 2 s of frames came: 5 windows of 10
 
 
+@pytest.mark.slow  # 5-9 s: a real export through paddle2onnx, or a stream run in real time
 def test_sigterm_ends_a_stream_cleanly_with_the_timeline_so_far(ts_file, tmp_path, model):
     cfg, scorer = model
     fifo = _fifo(tmp_path)
@@ -215,6 +216,7 @@ def test_sigterm_ends_a_stream_cleanly_with_the_timeline_so_far(ts_file, tmp_pat
     assert signal.getsignal(signal.SIGTERM) is not None  # the handlers were put back
 
 
+@pytest.mark.slow  # 5-9 s: a real export through paddle2onnx, or a stream run in real time
 def test_max_seconds_ends_the_stream(ts_file, tmp_path, model):
     cfg, scorer = model
     fifo = _fifo(tmp_path)
