@@ -187,15 +187,12 @@ def test_predict_backends_onnx_needs_model_onnx_and_tensorrt_a_gpu(tmp_path):
     assert isinstance(exported_model(str(tmp_path), "paddle"), InferenceModel)
 
 
-def _val_list_export(demo_dataset, tmp_path, monkeypatch, *overrides):
+def _val_list_export(demo_dataset, tmp_path, *overrides):
     """(argv of `main.py export` for a width-8 TSN on the demo data, its config) with ``overrides``."""
-    from launch import lifeline
     from trainer import checkpoint
 
     from .tiny import tiny_config
 
-    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "")  # main.main called in-process (tests/test_folder.py)
-    monkeypatch.setattr(lifeline, "hand_on", lambda: None)
     config = tiny_config(tmp_path / "c.yaml", demo_dataset, tmp_path / "out")
     args = [f"-o{o}" for o in ("DATASET.num_workers=0", *overrides)]
     cfg = load_config(config, [a[2:] for a in args])
@@ -209,7 +206,7 @@ def test_export_without_a_check_list_checks_the_first_clips_of_the_val_list(demo
     the config's own clips: the first --check-clips of DATASET.val_list, through the test pipeline."""
     from trainer import dist, engine, export, main
 
-    argv, cfg = _val_list_export(demo_dataset, tmp_path, monkeypatch, "DATASET.test_list=''")
+    argv, cfg = _val_list_export(demo_dataset, tmp_path, "DATASET.test_list=''")
     seen, check_backends = [], export.check_backends
     monkeypatch.setattr(export, "check_backends", lambda b, s, e: seen.append(s) or check_backends(b, s, e))
     assert main.main([*argv, "--check-clips", "4"]) == 0

@@ -13,16 +13,6 @@ from .test_timeline import write_gop_video
 from .tiny import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _no_parent_link(monkeypatch):
-    """main.main names its process as the parent of the next link (launch/lifeline.py); a second call in
-    this process would take that for a dead parent and kill it. Here every call is a command typed by hand."""
-    from launch import lifeline
-
-    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "")
-    monkeypatch.setattr(lifeline, "hand_on", lambda: None)
-
-
 @pytest.fixture
 def argv(tmp_path):
     cfg, model = tiny_model(tmp_path)

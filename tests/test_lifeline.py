@@ -92,6 +92,12 @@ def test_a_link_whose_named_parent_is_gone_kills_itself_at_once(kernel, monkeypa
     assert kills == [(os.getpid(), signal.SIGKILL)]
 
 
+def test_a_process_that_named_itself_before_is_not_its_own_dead_parent(kernel, monkeypatch):
+    lifeline, prctl, kills = kernel
+    monkeypatch.setenv(lifeline.PARENT_PID_ENV, str(os.getpid()))  # main() called a second time in one process
+    assert not lifeline.link() and prctl == [] and kills == []  # as a command typed by hand
+
+
 def test_only_a_launched_process_or_a_rank_of_several_is_tied_to_its_parent(kernel):
     lifeline, prctl, kills = kernel
     assert not lifeline.link() and prctl == []  # a command typed by hand outlives its shell (nohup)
