@@ -126,13 +126,13 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def restore(path: str, model, optimizer, model_cfg=None, parts=None) -> tuple[dict, dict | None]:
+def restore(path: str, model, optimizer, model_cfg=None, parts=None, state=None) -> tuple[dict, dict | None]:
     """Load a training checkpoint into ``model`` and ``optimizer`` (its state holds the LR schedule's position)
     and into the networks of ``parts`` (a DML peer, trainer.distill); returns the checkpoint's metadata and
     the AMP loss scaler's state (None without AMP). A checkpoint of another model is a one-line ConfigError
     naming what differs (the MODEL keys, when the checkpoint records its config and ``model_cfg`` is given;
-    else the tensors)."""
-    state = weights.load_checkpoint(path)
+    else the tensors). ``state``: the checkpoint already loaded from ``path`` (resume=auto reads it once)."""
+    state = weights.load_checkpoint(path) if state is None else state
     distill.restore_parts(state, parts or {}, path)
     saved = state["model"]
     differ = sum(weights.mismatch(model, saved), [])
@@ -179,22 +179,23 @@ def continue_schedule(scheduler, meta: dict, steps_per_epoch: int) -> int:
     return step
 
 
-def _resume_path(cfg) -> str | None:
+def _resume(cfg) -> tuple[str | None, dict | None]:
+    """(the checkpoint to resume from, its state when finding it meant loading it, else None)."""
     if not cfg.resume:
         return _own_attempt(cfg)
     if cfg.resume == "auto":
-        return _newest_loading_checkpoint(cfg.output_dir)[0]
+        return _newest_loading_checkpoint(cfg.output_dir)
     if not os.path.isfile(cfg.resume):
         raise FileNotFoundError(
             f"resume: checkpoint {cfg.resume} does not exist (use -o resume=auto to "
             "continue from OUTPUT_DIR/latest.pdckpt when there is one)"
         )
-    return cfg.resume
+    return cfg.resume, None
 
 
-def _newest_loading_checkpoint(folder: str) -> tuple[str | None, dict]:
-    """(path, metadata) of the newest checkpoint in ``folder`` that loads: latest.pdckpt, else the
-    epoch_N.pdckpt of the highest N; (None, {}) when there is none. Those that do not load (empty, cut
+def _newest_loading_checkpoint(folder: str) -> tuple[str | None, dict | None]:
+    """(path, loaded state) of the newest checkpoint in ``folder`` that loads: latest.pdckpt, else the
+    epoch_N.pdckpt of the highest N; (None, None) when there is none. Those that do not load (empty, cut
     short by a full disk or a copy) are named once; when none loads the run stops naming them all."""
     epochs = []
     if os.path.isdir(folder):
@@ -207,32 +208,32 @@ def _newest_loading_checkpoint(folder: str) -> tuple[str | None, dict]:
     skipped = []
     for path in paths:
         try:
-            meta = weights.load_checkpoint(path)["meta"]
+            state = weights.load_checkpoint(path)
         except (weights.WeightsError, OSError) as e:
             skipped.append(str(e))
             continue
         if skipped:
             print(f"train: resume=auto: skipped {'; '.join(skipped)}; resuming from {path}", flush=True)
-        return path, meta
+        return path, state
     if skipped:
         raise weights.WeightsError(
             f"resume=auto: no checkpoint in {folder} loads ({'; '.join(skipped)}); move them away to start "
             "anew, or give one with -o resume=PATH"
         )
-    return None, {}
+    return None, None
 
 
-def _own_attempt(cfg) -> str | None:
+def _own_attempt(cfg) -> tuple[str | None, dict | None]:
     """OUTPUT_DIR/latest.pdckpt when an earlier attempt of this very job wrote it: run_dist.sh restarted the
     job after a rank died (run_dist.sh --max-restarts), and it goes on from the last complete epoch."""
     run_id = os.environ.get(RUN_ID_ENV)
     if not run_id:
-        return None
-    path, meta = _newest_loading_checkpoint(cfg.output_dir)
-    if path is None or meta.get("run_id") != run_id:
-        return None
-    print(f"train: restarted: resuming this job ({run_id}) from {path}, epoch {meta['epoch']}", flush=True)
-    return path
+        return None, None
+    path, state = _newest_loading_checkpoint(cfg.output_dir)
+    if path is None or state["meta"].get("run_id") != run_id:
+        return None, None
+    print(f"train: restarted: resuming this job ({run_id}) from {path}, epoch {state['meta']['epoch']}", flush=True)
+    return path, state
 
 
 class _Window:
@@ -334,7 +335,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
 def train(cfg, env: dist.Env) -> dict:
     out = cfg.output_dir
     log = MetricsLog(out, env.is_main)
-    resume = _resume_path(cfg)
+    resume, resume_state = _resume(cfg)
     paddle.seed(cfg.seed)  # identical initial weights on every rank (DataParallel also broadcasts)
     model = build_model(cfg)
     distiller = distill.build(cfg, model)  # None without DISTILL
@@ -354,7 +355,9 @@ def train(cfg, env: dist.Env) -> dict:
     if env.is_main:
         checkpoint.remove_stale_temporaries(out)
     if resume:
-        meta, scaler_state = restore(resume, model, optimizer, cfg.MODEL, distiller.parts() if distiller else {})
+        parts = distiller.parts() if distiller else {}
+        meta, scaler_state = restore(resume, model, optimizer, cfg.MODEL, parts, state=resume_state)
+        del resume_state  # the weights now live in the model and the optimizer
         if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
             print(
                 f"train: warning: {resume} was written with seed {meta.get('seed')} on "
