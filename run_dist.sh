@@ -22,8 +22,8 @@ py=${PYTHON:-}
 if [ -z "$py" ]; then
     if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
 fi
-if [ "${1:-}" = selftest ]; then  # the GPU host self-test (trainer/selftest.py): PASS / FAIL / SKIP per check
-    cd "$here" && exec "$py" -m trainer.selftest "${@:2}"
+if [ "${1:-}" = selftest ]; then  # the GPU host self-test (tools/selftest.py): PASS / FAIL / SKIP per check
+    cd "$here" && exec "$py" -m tools.selftest "${@:2}"
 fi
 [ $# -ge 3 ] || usage
 mode=$1 model=$2 config=$3
@@ -91,7 +91,7 @@ read -r n devices cvd < <(cd "$here" && "$py" -m launch.ranks ${nproc:+--nproc "
 log_dir=${LOG_DIR:-log/$mode}
 # Paddle's launcher, through launch/paddle_launch.py: it dies with this script and its ranks die with
 # it, whatever signal ends either (launch/lifeline.py: TSN_PARENT_PID names the parent each one checks);
-# it notes how each rank ended, and each rank writes why, into the log folder (launch/exits.py)
+# it notes how each rank ended, and each rank writes why, into the log folder (common/exits.py)
 launch=("$py" "$here/launch/paddle_launch.py" --log_dir "$log_dir")
 export TSN_PARENT_PID=$$ TSN_EXIT_DIR
 TSN_EXIT_DIR=$(realpath -m "$log_dir")  # made by the launcher, not before the nodes meet
@@ -165,12 +165,12 @@ run_in_session() {
 }
 
 # The cause (the rank that failed first on its own account, and how) and the others, from the ranks'
-# and the launcher's records (launch/exits.py); status: 0 a restart may help, 3 it cannot (config,
+# and the launcher's records (common/exits.py); status: 0 a restart may help, 3 it cannot (config,
 # data, usage, output errors), else no record (the launcher itself was killed): the worker logs' lines.
 # Sets cause_text and cause_status.
 cause() {
     cause_status=0
-    cause_text=$("$py" "$here/launch/exits.py" report "$TSN_EXIT_DIR" 2>&1) || cause_status=$?
+    cause_text=$("$py" "$here/common/exits.py" report "$TSN_EXIT_DIR" 2>&1) || cause_status=$?
     if [ "$cause_status" -ne 0 ] && [ "$cause_status" -ne 3 ]; then
         if [ "$status" -gt 128 ] && [ "$status" -le 192 ]; then
             cause_text+=$'\n'"  the launcher ended by SIG$(kill -l $((status - 128)) 2>/dev/null), and every rank with it"

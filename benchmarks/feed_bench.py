@@ -35,8 +35,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from clipdata.lists import read_list  # noqa: E402
+from clipdata.pkl import frame_spans, read_pkl  # noqa: E402
 from dali_pipelines.feed import ClipSpec  # noqa: E402
-from dali_pipelines.formats import frame_spans, read_list, read_pkl  # noqa: E402
 from dali_pipelines.loader import _ClipSource  # noqa: E402
 
 SEGMENTS, BATCH, FRAMES, FPS = 3, 8, 300, 30

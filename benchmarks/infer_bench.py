@@ -14,7 +14,7 @@ shared machine slows all of them alike; each figure is the median over rounds. T
 PP-TSMv2 (16 frames, re-parameterised as export writes it) against PP-TSM ResNet-50 (8 frames), both
 exported (random weights: latency does not depend on them) and timed in the same run: one clip through Paddle
 Inference and onnxruntime, then end to end per 10 s 340x256 H.264 video (made here with ffmpeg): probe (the
-frame count from the demuxed packets), sparse decode of the sampled frames (dali_pipelines.video.decode_frames),
+frame count from the demuxed packets), sparse decode of the sampled frames (clipdata.video.decode_frames),
 preprocessing (short side 256, centre crop 224, normalise: PaddleVideo's Scale/CenterCrop/Normalize), the
 model on its best backend and the top-5. The last line is `pptsmv2_speed_ratio: X` = PP-TSM model latency /
 PP-TSMv2 model latency, best backend each (docs/deployment.md "Latency").
@@ -161,8 +161,8 @@ def video_bench(rounds: int, threads: int) -> int:
 
     import paddle
 
+    from clipdata.video import decode_frames
     from dali_pipelines.sampling import segment_indices
-    from dali_pipelines.video import decode_frames
     from trainer.config import load_config
     from trainer.export import InferenceModel, OnnxModel, export
     from trainer.models import build_model

@@ -41,8 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
+from clipdata.lists import read_list  # noqa: E402
+from clipdata.pkl import read_pkl, write_pkl  # noqa: E402
 from dali_pipelines import crops  # noqa: E402
-from dali_pipelines.formats import read_list, read_pkl, write_pkl  # noqa: E402
 from dali_pipelines.reference import normalise  # noqa: E402
 from dali_pipelines.sampling import segment_indices  # noqa: E402
 
@@ -195,7 +196,7 @@ def decode_only(list_file: str, rounds: int, decord_threads: int) -> None:
     Last line: `decode_vs_decord_ratio: X` = decord's CPU time / ours."""
     import decord
 
-    from dali_pipelines.video import decode_frames
+    from clipdata.video import decode_frames
 
     rng = np.random.default_rng(0)
     jobs = [(s, segment_indices(s.num_frames, SEGMENTS, "train", rng)) for s in read_list(list_file, "videos")] * 2

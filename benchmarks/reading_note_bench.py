@@ -1,4 +1,4 @@
-"""What a rank pays per chunk for noting the files its loader reads (launch/exits.py ReadingNote).
+"""What a rank pays per chunk for noting the files its loader reads (common/exits.py ReadingNote).
 
     python benchmarks/reading_note_bench.py [--dir LOG_DIR] [--notes 2000] [--rounds 3]
 
@@ -23,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launch import exits  # noqa: E402
+from common import exits  # noqa: E402
 
 
 def _renamed(path: str):

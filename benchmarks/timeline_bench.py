@@ -53,7 +53,7 @@ def make_video(path: str, minutes: float) -> None:
 
 def per_window_clips(path: str, index, windows, spec, stats: dict):
     """(window, sampled frames) the way a one-clip predictor gets them: reopen, seek, decode forward, sample."""
-    from dali_pipelines.video import _open, _to_rgb
+    from clipdata.video import _open, _to_rgb
     from trainer import clip_scorer
 
     frame_of = {int(p): i for i, p in enumerate(index.pts)}

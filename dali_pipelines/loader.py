@@ -7,7 +7,6 @@ flips and normalises. Outputs reach Paddle through DLPack without a copy.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -15,10 +14,13 @@ import warnings
 
 import numpy as np
 
-from .feed import ClipSpec, LabelError, ParallelMap, default_num_workers, load_sample
-from .formats import SOURCES, DataFormatError, Sample, read_list
+from clipdata.errors import DataFormatError
+from clipdata.lists import SOURCES, Sample, read_list
+from clipdata.video import VideoError, load_probe_cache, probe_cached, save_probe_cache
+from common.processes import default_num_workers
+
+from .feed import ClipSpec, LabelError, sample_pool
 from .sampling import LOADER_MODES, SAMPLINGS, shard_indices
-from .video import VideoError, load_probe_cache, probe_cached, save_probe_cache
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -84,9 +86,7 @@ class _ClipSource:
         self.shard_size = len(shard_indices(len(samples), rank, world_size, spec.mode))
         batches = self.shard_size // batch_size if drop_last else math.ceil(self.shard_size / batch_size)
         self.num_batches = min(batches, max_batches) if max_batches else batches
-        self.feed = ParallelMap(
-            functools.partial(load_sample, spec), num_workers, ahead=2 * batch_size, timeout=worker_timeout
-        )
+        self.feed = sample_pool(spec, num_workers, ahead=2 * batch_size, timeout=worker_timeout)
 
     def _start_epoch(self):
         self._order = shard_indices(
@@ -241,7 +241,7 @@ def define_pipeline(
 def _upright(frames, *, mirror, angle):
     """Decoded frames [F, H, W, C] turned upright as their display matrix says (per sample: mirror
     left-right, then ``angle`` degrees counter-clockwise, a multiple of 90): what ffmpeg does for the
-    pkl and rawframe paths and PyAV's frames get in dali_pipelines.video, and NVDEC does not do.
+    pkl and rawframe paths and PyAV's frames get in clipdata.video, and NVDEC does not do.
     Nearest-neighbour at right angles moves pixels exactly."""
     from nvidia.dali import fn, types
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .video import VideoError, _disposable, _open, _to_rgb, probe
+from clipdata.video import VideoError, _disposable, _open, _to_rgb, probe
 
 
 @dataclass

@@ -4,7 +4,7 @@ ranks, and told this node's address instead of guessing it.
 - It dies with run_dist.sh (launch/lifeline.py), and every rank dies with it: a ``kill -9`` of either
   leaves no rank training on (docs/robustness.md "Processes and ranks").
 - It notes when and how each rank ended, and what the others were doing at the first failure
-  (launch/exits.py), for run_dist.sh to name the cause and decide whether a restart can help.
+  (common/exits.py), for run_dist.sh to name the cause and decide whether a restart can help.
 - Paddle's launcher takes a node's address from resolving its hostname (Node.get_host_ip) and, with
   --ips, makes a node whose resolved address is not in the list rank 0 as well: two rank 0s that wait
   for each other forever. run_dist.sh finds the node's address from its interfaces (launch/hosts.py)
@@ -17,7 +17,8 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch import exits, lifeline  # noqa: E402 - after the path set-up above
+from common import exits
+from launch import lifeline  # noqa: E402 - after the path set-up above
 
 
 def _watch_ranks() -> exits.Watcher | None:

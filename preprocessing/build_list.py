@@ -25,8 +25,9 @@ import sys
 if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common.usage import UsageError
 from preprocessing import shards  # noqa: E402
-from preprocessing.kinetics import UsageError, load_class_index, read_csv  # noqa: E402
+from preprocessing.kinetics import load_class_index, read_csv  # noqa: E402
 from preprocessing.lists import (  # noqa: E402
     class_folders,
     class_index_for,

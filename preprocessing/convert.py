@@ -16,13 +16,15 @@ import signal
 import sys
 import time
 
-from dali_pipelines.feed import fork_context
-from dali_pipelines.formats import write_atomic, write_pkl
-from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError, check_writable
+from clipdata.pkl import write_pkl
+from common.files import NO_SPACE, OutputError, check_writable, write_atomic
+from common.processes import fork_context
+from common.runlock import BusyError
+from common.usage import UsageError
 
 from . import shards
 from .frames import ConversionError, die_with_parent, extract_jpegs
-from .kinetics import UsageError, find_clip, load_class_index, read_csv
+from .kinetics import find_clip, load_class_index, read_csv
 from .progress import progress
 
 TMP_PREFIX = ".tmp-"

@@ -9,7 +9,7 @@ import functools
 import shutil
 import subprocess
 
-from dali_pipelines.feed import die_with_parent
+from common.processes import die_with_parent
 
 
 class ConversionError(RuntimeError):

@@ -15,7 +15,8 @@ import sys
 if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from preprocessing.kinetics import UsageError, read_csv, write_label_file  # noqa: E402
+from common.usage import UsageError
+from preprocessing.kinetics import read_csv, write_label_file  # noqa: E402
 
 
 def main(argv=None) -> int:

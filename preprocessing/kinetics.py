@@ -7,12 +7,10 @@ import io
 import os
 from dataclasses import dataclass
 
+from common.usage import UsageError
+
 REQUIRED_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-
-
-class UsageError(Exception):
-    """A problem with the command's inputs, found before any work starts (exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,8 @@ def read_csv(path: str) -> tuple[list[Clip], list[tuple[str, str]]]:
     """Clips of a Kinetics CSV and (row id, reason) for each malformed row."""
     if not os.path.isfile(path):
         raise UsageError(f"CSV file {path} does not exist")
-    from dali_pipelines.formats import DataFormatError, read_text
+    from clipdata.errors import DataFormatError
+    from clipdata.lists import read_text
 
     clips, bad = [], []
     try:
@@ -103,13 +102,14 @@ def find_clip(src_dir: str, clip: Clip) -> str | None:
 
 
 def write_label_file(path: str, classes: list[str]) -> None:
-    from dali_pipelines.formats import write_atomic
+    from common.files import write_atomic
 
     write_atomic(path, "".join(f"{i} {name}\n" for i, name in enumerate(classes)).encode())
 
 
 def load_class_index(label_file: str) -> dict[str, int]:
-    from dali_pipelines.formats import DataFormatError, read_label_file
+    from clipdata.errors import DataFormatError
+    from clipdata.lists import read_label_file
 
     try:
         return {name: i for i, name in enumerate(read_label_file(label_file))}

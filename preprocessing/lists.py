@@ -7,10 +7,11 @@ import os
 
 import numpy as np
 
-from dali_pipelines.feed import fork_context
-from dali_pipelines.formats import write_atomic
+from common.files import write_atomic
+from common.processes import fork_context
+from common.usage import UsageError
 
-from .kinetics import VIDEO_EXTENSIONS, UsageError, class_name, load_class_index
+from .kinetics import VIDEO_EXTENSIONS, class_name, load_class_index
 from .progress import progress
 
 
@@ -41,7 +42,7 @@ def videos_in(folder: str) -> list[str]:
 
 
 def _facts_one(path):
-    from dali_pipelines.video import VideoError, broken, probe
+    from clipdata.video import VideoError, broken, probe
 
     try:
         return path, probe(path)
@@ -70,7 +71,8 @@ def probe_counts(paths: list[str], nproc: int) -> tuple[dict[str, int], list[tup
 
 
 def _index_one(path):
-    from dali_pipelines.formats import DataFormatError, index_pkl
+    from clipdata.errors import DataFormatError
+    from clipdata.pkl import index_pkl
 
     try:
         return path, index_pkl(path), None

@@ -202,8 +202,8 @@ def make_dataset(
     except (OSError, ValueError):
         pass
 
-    from dali_pipelines.feed import fork_context
-    from dali_pipelines.formats import write_atomic
+    from common.files import write_atomic
+    from common.processes import fork_context
     from preprocessing.progress import progress
 
     counts = {"train": train_per_class, "val": val_per_class}

@@ -25,10 +25,9 @@ import re
 import sys
 from dataclasses import dataclass
 
-from dali_pipelines.formats import write_atomic
-from dali_pipelines.runlock import BusyError, OutputError, RunLock
-
-from .kinetics import UsageError
+from common.files import OutputError, write_atomic
+from common.runlock import BusyError, RunLock
+from common.usage import UsageError
 
 PART_FORMAT = 1
 

@@ -17,7 +17,8 @@ import sys
 if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from preprocessing.kinetics import UsageError, class_name, write_label_file  # noqa: E402
+from common.usage import UsageError
+from preprocessing.kinetics import class_name, write_label_file  # noqa: E402
 from preprocessing.lists import (  # noqa: E402
     class_folders,
     class_index_for,

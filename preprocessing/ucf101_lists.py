@@ -17,8 +17,10 @@ import sys
 if __package__ in (None, ""):  # run by path: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dali_pipelines.formats import DataFormatError, text_lines  # noqa: E402
-from preprocessing.kinetics import UsageError, write_label_file  # noqa: E402
+from clipdata.errors import DataFormatError
+from clipdata.lists import text_lines  # noqa: E402
+from common.usage import UsageError
+from preprocessing.kinetics import write_label_file  # noqa: E402
 from preprocessing.lists import count_frames, video_entries, write_list  # noqa: E402
 
 

@@ -65,17 +65,17 @@ MUTANTS = {
         "        self._budget += 0  #",
     ),
     "video probe facts trusted after the file changed": (
-        "dali_pipelines/video.py",
+        "clipdata/video.py",
         "        return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)\n",
         "        return True\n",
     ),
     "sparse decode without the frame-count consistency check": (
-        "dali_pipelines/video.py",
+        "clipdata/video.py",
         "if any(p.pts is None for p in shown) or len(shown) != promised:",
         "if any(p.pts is None for p in shown):",
     ),
     "pkl index without the end anchor (a frame left out goes unnoticed)": (
-        "dali_pipelines/formats.py",
+        "clipdata/pkl.py",
         "not pickle_end - _MAX_TAIL_OPCODES <= ends[-1] <= pickle_end",
         "not ends[-1] <= pickle_end",
     ),
@@ -112,7 +112,7 @@ MUTANTS = {
         "index = read_pkl_index(fd, st.st_size)",
     ),
     "a list's duplicate lines counted twice": (
-        "dali_pipelines/formats.py",
+        "clipdata/lists.py",
         "        key = os.path.normpath(path)\n",
         "        key = (os.path.normpath(path), no)\n",
     ),
@@ -122,7 +122,7 @@ MUTANTS = {
         "[p for _, p in sorted(epochs)]",
     ),
     "a label file naming one class twice accepted": (
-        "dali_pipelines/formats.py",
+        "clipdata/lists.py",
         "        if name in lines:",
         "        if name in names:",
     ),
@@ -167,17 +167,17 @@ MUTANTS = {
         "return kernel, bn.bias.numpy()",
     ),
     "the restart's cause is the first rank to end, even one that only lost its peer": (
-        "launch/exits.py",
+        "common/exits.py",
         'own = [e for e in found if not e["secondary"] and e["kind"] != "stuck"]',
         'own = [e for e in found if e["kind"] != "stuck"]',
     ),
     "a data error is restarted": (
-        "launch/exits.py",
+        "common/exits.py",
         'NOT_RESTARTABLE = ("config", "data", "usage", "output")',
         'NOT_RESTARTABLE = ("config", "usage", "output")',
     ),
     "the loader's worker timeout outlasts the ranks' collective timeout": (
-        "dali_pipelines/feed.py",
+        "common/processes.py",
         "return min(timeout, max(1.0, collective * 2 / 3))",
         "return min(timeout, max(1.0, collective * 3 / 2))",
     ),

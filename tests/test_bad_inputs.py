@@ -11,11 +11,11 @@ import subprocess
 
 import pytest
 
-from dali_pipelines.formats import write_pkl
+from clipdata.pkl import write_pkl
 from preprocessing import build_list, video2pkl
+from tools.media import index_frames, jpeg
 from trainer import main
 
-from .media import index_frames, jpeg
 from .tiny import ROOT, tiny_config
 
 
@@ -262,7 +262,7 @@ def test_a_list_naming_a_clip_twice_counts_it_once_and_names_the_lines(trained, 
 
 def test_a_file_listed_again_with_another_label_stays_a_sample_and_is_named(tmp_path, capfd):
     """A multi-label set written one label a line is not a duplicate: both samples stay, said once."""
-    from dali_pipelines.formats import read_list
+    from clipdata.lists import read_list
 
     (tmp_path / "a.mp4").write_bytes(b"x")
     (tmp_path / "v.list").write_text("a.mp4 10 1\na.mp4 10 3\na.mp4 10 1\n")

@@ -143,7 +143,7 @@ def test_a_schedule_or_sampling_typo_is_a_config_error(cfg_file):
 
 
 def test_feed_workers_default_to_auto_and_take_zero_or_more(cfg_file, monkeypatch):
-    from dali_pipelines.feed import default_num_workers
+    from common.processes import default_num_workers
 
     path = cfg_file("epochs: 5\n")
     assert load_config(path).DATASET.num_workers is None  # auto: a share of the host's cores

@@ -46,12 +46,12 @@ def test_the_training_loss_is_cross_entropy_against_the_smoothed_mixed_target(sm
 
 def test_evaluate_counts_every_sample_once_including_the_last_partial_batch(tmp_path):
     """7 clips in batches of 3: the result covers exactly the 7, and matches scoring each clip alone."""
+    from clipdata.pkl import write_pkl
     from dali_pipelines import build_loader
-    from dali_pipelines.formats import write_pkl
+    from tools.media import index_frames, jpeg
     from trainer import dist
     from trainer.engine import evaluate
 
-    from .media import index_frames, jpeg
     from .tiny import tiny_model
 
     lines = []

@@ -1,4 +1,4 @@
-"""launch/exits.py: which rank's end caused a job's failure, and whether a restart can help (no processes)."""
+"""common/exits.py: which rank's end caused a job's failure, and whether a restart can help (no processes)."""
 
 import io
 import json
@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from launch import exits
+from common import exits
 
 
 def _job(tmp_path, ranks=None, records=(), states=None, first=None):

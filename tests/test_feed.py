@@ -11,12 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from clipdata.lists import read_list
+from clipdata.pkl import write_pkl
+from common.processes import WorkerError
 from dali_pipelines import build_loader
-from dali_pipelines.feed import ClipSpec, WorkerError
-from dali_pipelines.formats import read_list, write_pkl
+from dali_pipelines.feed import ClipSpec
 from dali_pipelines.loader import _ClipSource
-
-from .media import index_frames, jpeg, write_video
+from tools.media import index_frames, jpeg, write_video
 
 N = 10  # clips; c3 and c7 are unreadable
 
@@ -182,7 +183,7 @@ def test_a_video_is_demuxed_once_not_on_every_read_and_again_when_it_changes(tmp
     monkeypatch.setattr(feed, "probe", lambda path: calls.append(path) or pytest.fail("decoded again"))
 
     def source():
-        from dali_pipelines.video import load_probe_cache, probe_cached
+        from clipdata.video import load_probe_cache, probe_cached
 
         list_file = str(tmp_path / "videos.txt")
         samples = read_list(list_file, "videos")
@@ -237,7 +238,7 @@ def test_a_video_shorter_than_its_listed_count_is_skipped_before_nvdec(tmp_path,
 
 def test_the_worker_timeout_fires_before_the_ranks_collective_timeout(monkeypatch):
     """A rank waiting on a hung file must say so before its peers' collective gives up without naming it."""
-    from dali_pipelines.feed import COLLECTIVE_TIMEOUT_ENV, worker_timeout_within_collective
+    from common.processes import COLLECTIVE_TIMEOUT_ENV, worker_timeout_within_collective
 
     monkeypatch.delenv(COLLECTIVE_TIMEOUT_ENV, raising=False)
     assert worker_timeout_within_collective(120.0) == 120.0  # one rank: no collective to beat
@@ -254,9 +255,9 @@ def _note_seen_while_reading(exit_dir, s):
 
 
 def test_the_files_a_rank_reads_are_noted_before_it_reads_them(tmp_path, monkeypatch):
-    """A rank stopped or stuck in a read can write nothing then: the note (launch/exits.py) is there already."""
-    from dali_pipelines.feed import ParallelMap
-    from dali_pipelines.formats import Sample
+    """A rank stopped or stuck in a read can write nothing then: the note (common/exits.py) is there already."""
+    from clipdata.lists import Sample
+    from common.processes import ParallelMap
 
     monkeypatch.setenv("TSN_EXIT_DIR", str(tmp_path))
     monkeypatch.setenv("PADDLE_TRAINER_ID", "1")

@@ -1,4 +1,4 @@
-"""The GPU host self-test (trainer/selftest.py) under pytest, and the Paddle side of every GPU branch
+"""The GPU host self-test (tools/selftest.py) under pytest, and the Paddle side of every GPU branch
 that a CPU can run: the AMP training step, the inference Config calls checked against Paddle's own
 signatures, TensorRT's shapes. Checks marked `gpu` skip with the reason on a machine without one."""
 
@@ -8,7 +8,8 @@ import numpy as np
 import paddle
 import pytest
 
-from trainer import export, selftest
+from tools import selftest
+from trainer import export
 from trainer.engine import train_step
 
 from .tiny import tiny_model

@@ -16,11 +16,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from clipdata.pkl import write_pkl
 from dali_pipelines import loader
-from dali_pipelines.formats import write_pkl
 from dali_pipelines.loader import define_pipeline, plan_loader
-
-from .media import index_frames, jpeg, write_video
+from tools.media import index_frames, jpeg, write_video
 
 INTERNAL_ARGS = {"device", "preserve_name"}  # set by DALI's Python layer on every operator
 DECODERS = {"jpeg-1": "decoders__ImageSlice", "jpeg-n": "decoders__Image", "video": "decoders__Video"}

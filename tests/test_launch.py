@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dali_pipelines.formats import read_pkl, write_pkl
+from clipdata.pkl import read_pkl, write_pkl
 from trainer import weights
 
 from .tiny import tiny_config, weight_digests
@@ -396,7 +396,7 @@ def test_a_stopped_rank_is_named_as_the_one_the_others_waited_for(demo_dataset, 
             os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert f"Cause:\nrank 1 (pid {pid}): stuck: was stopped (SIGSTOP" in out, out[-3000:]
-    # and the files its loader was reading, noted before the stop (launch/exits.py ReadingNote)
+    # and the files its loader was reading, noted before the stop (common/exits.py ReadingNote)
     named = re.search(r"Cause:\nrank 1 [^\n]*; its loader was reading ([^\n]+)", out)
     assert named, out[-3000:]
     listed = {

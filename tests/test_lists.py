@@ -1,9 +1,8 @@
 import os
 
-from dali_pipelines.formats import read_label_file, read_list
+from clipdata.lists import read_label_file, read_list
 from preprocessing import build_list, split_dataset, ucf101_lists, vid2img
-
-from .media import index_frames, write_video
+from tools.media import index_frames, write_video
 
 
 def _touch_videos(root, per_class):

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 
+from clipdata.errors import DataFormatError
+from clipdata.pkl import write_pkl
 from dali_pipelines import build_loader
-from dali_pipelines.formats import DataFormatError, write_pkl
 from dali_pipelines.loader import MEAN, STD
 from dali_pipelines.sampling import segment_indices
-
-from .media import index_frames, jpeg, level_to_index, write_video
+from tools.media import index_frames, jpeg, level_to_index, write_video
 
 
 def _pkl_list(tmp_path, frames_per_clip, labels, colour=None):
@@ -247,7 +247,7 @@ def test_unknown_loader_option_is_rejected(tmp_path):
 
 def test_lists_and_label_files_from_editors_read_alike(tmp_path):
     """A byte-order mark (Notepad, Excel) and Windows or old-Mac line ends change nothing."""
-    from dali_pipelines.formats import read_label_file, read_list
+    from clipdata.lists import read_label_file, read_list
 
     write_pkl(str(tmp_path / "a b.pkl"), "a", 0, [jpeg(index_frames(1)[0])])
     for name, text in [("plain", "a b.pkl\n"), ("bom_crlf", "\ufeffa b.pkl\r\n\r\n"), ("cr", "a b.pkl\r")]:
@@ -258,7 +258,7 @@ def test_lists_and_label_files_from_editors_read_alike(tmp_path):
 
 
 def test_a_list_or_label_file_in_another_encoding_names_the_line_and_the_fix(tmp_path):
-    from dali_pipelines.formats import read_label_file
+    from clipdata.lists import read_label_file
 
     (tmp_path / "raw.txt").write_bytes("frames/a 12 0\nframes/caf\u00e9 12 1\n".encode("latin-1"))
     with pytest.raises(DataFormatError, match=r"raw.txt:2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
@@ -294,7 +294,7 @@ def test_list_counts_and_labels_are_plain_non_negative_integers(tmp_path, line, 
     ],
 )
 def test_a_wrong_label_file_names_the_line_and_the_rule(tmp_path, text, message):
-    from dali_pipelines.formats import read_label_file
+    from clipdata.lists import read_label_file
 
     (tmp_path / "labels.txt").write_text(text)
     with pytest.raises(DataFormatError, match=message):
@@ -302,8 +302,8 @@ def test_a_wrong_label_file_names_the_line_and_the_rule(tmp_path, text, message)
 
 
 def test_gpu_videos_without_nvdec_in_the_container_say_which_capability_to_add(tmp_path, monkeypatch):
+    from clipdata.video import VideoError
     from dali_pipelines import loader
-    from dali_pipelines.video import VideoError
 
     monkeypatch.setattr(loader, "NVDEC_LIBRARY", "libnvcuvid-missing.so.1")  # a container without `video`
     monkeypatch.setenv("NVIDIA_DRIVER_CAPABILITIES", "compute,utility")

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipdata.errors import DataFormatError
+from clipdata.pkl import write_pkl
 from dali_pipelines import build_loader
-from dali_pipelines.formats import DataFormatError, write_pkl
 from dali_pipelines.reference import eval_views, eval_views_crop_first
 from dali_pipelines.sampling import segment_indices
 from preprocessing.make_demo_dataset import render_clip
-
-from .media import ffmpeg, index_frames, jpeg, level_to_index, quadrant_frames, remux, write_video
+from tools.media import ffmpeg, index_frames, jpeg, level_to_index, quadrant_frames, remux, write_video
 
 # Grey levels, after undoing the normalisation. Same computation in Pillow: 99.9% of values within
 # 2 levels, a few edge pixels up to 16 (the resampling kernels differ slightly). TSN's resize-then-crop:
@@ -40,7 +40,7 @@ def _write_sources(tmp_path, frames):
         (tmp_path / "frames" / f"img_{i:05d}.jpg").write_bytes(j)
     (tmp_path / "raw.txt").write_text(f"frames {len(frames)} 2\n")
     write_video(tmp_path / "c.mp4", frames)
-    from dali_pipelines.video import decode_frames
+    from clipdata.video import decode_frames
 
     video_frames = decode_frames(str(tmp_path / "c.mp4"), np.arange(len(frames)))
     (tmp_path / "vid.txt").write_text("c.mp4 2\n")
@@ -320,8 +320,8 @@ def test_the_gpu_paths_graph_gives_the_cpu_paths_views_with_dalis_cpu_video_deco
     """The GPU path's whole graph (video bytes in; DALI decodes, turns upright, crops) run with DALI's
     CPU video decoder, which takes VP9 (H.264 only on NVDEC), on a clip with a display matrix: the same
     views as the CPU path (PyAV decodes; frames in). Only NVDEC itself is left to the GPU self-test."""
+    from clipdata.lists import read_list
     from dali_pipelines.feed import ClipSpec
-    from dali_pipelines.formats import read_list
     from dali_pipelines.loader import DALILoader, _ClipSource, define_pipeline
 
     write_video(tmp_path / "upright.mp4", quadrant_frames(12))

@@ -8,11 +8,10 @@ import zlib
 import numpy as np
 import pytest
 
-from dali_pipelines import build_loader, feed
-from dali_pipelines.formats import (
+from clipdata.errors import DataFormatError
+from clipdata.pkl import (
     INDEX_FOOTER,
     INDEX_HEADER,
-    DataFormatError,
     StaleIndexError,
     frame_spans,
     index_pkl,
@@ -21,10 +20,11 @@ from dali_pipelines.formats import (
     read_pkl_index,
     write_pkl,
 )
+from dali_pipelines import build_loader, feed
 from dali_pipelines.sampling import segment_indices
 from preprocessing import build_list
+from tools.media import index_frames, jpeg, level_to_index
 
-from .media import index_frames, jpeg, level_to_index
 from .test_loader import _frame_levels
 
 FRAMES = [jpeg(f) for f in index_frames(30)]

@@ -4,9 +4,9 @@ import csv
 
 import numpy as np
 
+from tools.media import index_frames, write_video
 from trainer import dist, predict
 
-from .media import index_frames, write_video
 from .tiny import tiny_cfg
 
 # names whose alphabetical order is not their index order, and logits whose order is neither

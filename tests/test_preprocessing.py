@@ -4,13 +4,14 @@ import pickle
 import numpy as np
 import pytest
 
-from dali_pipelines.formats import DataFormatError, read_label_file, read_pkl, write_pkl
-from dali_pipelines.video import probe
+from clipdata.errors import DataFormatError
+from clipdata.lists import read_label_file
+from clipdata.pkl import read_pkl, write_pkl
+from clipdata.video import probe
 from preprocessing import generate_label, video2pkl
 from preprocessing.frames import extract_jpegs, split_jpeg_stream
 from preprocessing.kinetics import Clip, find_clip
-
-from .media import has_bframes, index_frames, jpeg, level_to_index, write_video
+from tools.media import has_bframes, index_frames, jpeg, level_to_index, write_video
 
 HEADER = "label,youtube_id,time_start,time_end,split\n"
 
@@ -114,7 +115,7 @@ def test_usage_errors_exit_2_before_any_work(tmp_path, capsys):
 def test_extract_jpegs_can_resize_the_short_side(tmp_path):
     write_video(tmp_path / "v.mp4", index_frames(10, 64, 48))
     frames = extract_jpegs(str(tmp_path / "v.mp4"), short_side=24)
-    from dali_pipelines.formats import jpeg_size
+    from clipdata.jpeg import jpeg_size
 
     assert len(frames) == 10 and jpeg_size(frames[0]) == (32, 24)
 
@@ -148,7 +149,7 @@ def test_find_clip_accepts_both_layouts_and_namings(tmp_path, rel):
 def test_written_files_get_the_permissions_of_an_ordinary_open(tmp_path, umask, mode):
     """pkl clips, lists and probe caches are shared between the accounts of a cluster: mkstemp's 0600
     must not leak into them."""
-    from dali_pipelines.formats import write_atomic
+    from common.files import write_atomic
 
     old = os.umask(umask)
     try:

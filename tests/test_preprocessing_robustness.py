@@ -9,11 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from dali_pipelines.formats import read_pkl
+from clipdata.pkl import read_pkl
 from preprocessing import vid2img, video2pkl
 from preprocessing.frames import ffmpeg_exe
-
-from .media import ffmpeg, has_bframes, index_frames, remux, write_video
+from tools.media import ffmpeg, has_bframes, index_frames, remux, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = "label,youtube_id,time_start,time_end,split\n"

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from dali_pipelines.runlock import BusyError, RunLock
+from common.runlock import BusyError, RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLD = "import sys, time; sys.path.insert(0, {root!r}); from dali_pipelines.runlock import RunLock; "
+HOLD = "import sys, time; sys.path.insert(0, {root!r}); from common.runlock import RunLock; "
 HOLD += "RunLock({folder!r}, 'train', {path!r}).acquire(); print('held', flush=True); time.sleep(120)"
 
 
@@ -49,8 +49,7 @@ def test_a_second_holder_is_refused_with_the_first_named_until_the_first_dies(tm
 
 def test_a_second_conversion_into_a_destination_in_use_stops_before_touching_it(tmp_path, holder, capsys):
     from preprocessing import video2pkl
-
-    from .media import index_frames, write_video
+    from tools.media import index_frames, write_video
 
     (tmp_path / "src").mkdir()
     write_video(tmp_path / "src" / "vid00000001_000000_000010.mp4", index_frames(6))

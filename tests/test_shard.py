@@ -8,12 +8,13 @@ import sys
 
 import pytest
 
-from dali_pipelines import formats, video
+from clipdata import pkl as formats
+from clipdata import video
+from common.usage import UsageError
 from preprocessing import build_list, check_videos, convert, shards, vid2img, video2pkl
-from preprocessing.kinetics import Clip, UsageError, read_csv
+from preprocessing.kinetics import Clip, read_csv
 from preprocessing.merge_shards import merge_main
-
-from .media import index_frames, write_video
+from tools.media import index_frames, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = "label,youtube_id,time_start,time_end,split\n"

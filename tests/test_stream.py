@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
+from tools.media import ffmpeg
 from trainer import main, stream
 from trainer.predict import dynamic_scorer
 from trainer.timeline import Span
 
-from .media import ffmpeg
 from .tiny import tiny_model
 
 NAMES = [f"class{i}" for i in range(5)]

@@ -6,10 +6,9 @@ import av
 import numpy as np
 import pytest
 
-from dali_pipelines import video
+from clipdata import video
 from preprocessing.frames import ffmpeg_exe
-
-from .media import ffmpeg, has_bframes, index_frames, level_to_index, quadrant_frames, remux, write_video
+from tools.media import ffmpeg, has_bframes, index_frames, level_to_index, quadrant_frames, remux, write_video
 
 
 def _encode(path, frames, gop, open_gop=False):
@@ -240,8 +239,8 @@ def test_the_gpu_graph_turns_frames_upright_like_the_cpu_path(mirror, turns):
 def test_the_gpu_feed_passes_the_turn_and_upright_size_of_a_rotated_video(rotated):
     """The GPU path's host side (NVDEC decodes in the graph): crop windows are taken in the upright
     frame and the graph is told how to turn."""
+    from clipdata.lists import Sample
     from dali_pipelines.feed import ClipSpec, load_sample
-    from dali_pipelines.formats import Sample
 
     spec = ClipSpec(source="videos", decode="video", mode="test", num_segments=3, target_size=32, short_size=32)
     row, facts = load_sample(spec, Sample(str(rotated / "rot90.mp4"), 0, 12, 1), (0, 0, 0, 0))
@@ -254,8 +253,8 @@ def test_the_gpu_feed_passes_the_turn_and_upright_size_of_a_rotated_video(rotate
 def test_a_checked_list_keeps_a_damaged_video_with_a_listed_count_from_nvdec(tmp_path, capsys):
     """Lines with counts are only demuxed on the GPU path; check_videos decodes them once and the
     loader then skips the damaged one there too."""
+    from clipdata.lists import read_list
     from dali_pipelines.feed import ClipSpec, load_sample
-    from dali_pipelines.formats import read_list
     from preprocessing import check_videos
 
     write_video(tmp_path / "good.mp4", index_frames(50))
@@ -324,9 +323,9 @@ def test_a_resolution_change_mid_stream_is_scaled_to_the_first_size_as_ffmpeg_do
 
 
 def test_a_resolution_change_is_read_on_the_cpu_skipped_on_the_gpu_and_reported_by_check_videos(resized, capsys):
+    from clipdata.lists import read_list
     from dali_pipelines import build_loader
     from dali_pipelines.feed import ClipSpec, load_sample
-    from dali_pipelines.formats import read_list
     from preprocessing import check_videos
 
     lst = resized.parent / "v.list"

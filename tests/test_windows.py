@@ -4,9 +4,9 @@ independent decoding bit for bit, groups of pictures no window samples are not d
 import numpy as np
 import pytest
 
+from clipdata.video import decode_frames
 from dali_pipelines import windows
 from dali_pipelines.sampling import sample_indices
-from dali_pipelines.video import decode_frames
 
 from .test_timeline import write_gop_video
 
@@ -53,7 +53,7 @@ def test_gops_without_a_wanted_frame_are_not_decoded(long_video):
 
 
 def test_a_video_without_a_packet_index_is_decoded_in_order_with_the_same_frames(tmp_path, long_video):
-    from .media import ffmpeg
+    from tools.media import ffmpeg
 
     ts = tmp_path / "long.ts"  # MPEG-TS: Annex B H.264, no avcC: counted by the probe, decoded in order
     ffmpeg("-i", long_video, "-c", "copy", "-f", "mpegts", ts)

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from dali_pipelines.formats import DataFormatError, read_text
+from clipdata.errors import DataFormatError
+from clipdata.lists import read_text
 from dali_pipelines.sampling import SAMPLINGS
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from dali_pipelines.feed import COLLECTIVE_TIMEOUT_ENV
-from launch import exits, lifeline
+from common import exits
+from common.processes import COLLECTIVE_TIMEOUT_ENV
+from launch import lifeline
 
 from .config import ConfigError
 

@@ -13,7 +13,7 @@ import paddle
 import paddle.nn.functional as F
 import yaml
 
-from dali_pipelines.runlock import RUN_ID_ENV
+from common.runlock import RUN_ID_ENV
 
 from . import checkpoint, dist, distill, weights
 from .config import ConfigError, segments_in_test, to_plain

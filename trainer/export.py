@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import paddle
 
-from dali_pipelines.formats import DataFormatError
+from clipdata.errors import DataFormatError
 from dali_pipelines.sampling import SAMPLINGS
 
 from .config import SHIFT_MODELS, ConfigError, segments_in_test

@@ -5,7 +5,6 @@ are skipped and listed, a rerun resumes from the output, a labelled list gets a 
 from __future__ import annotations
 
 import csv
-import functools
 import os
 import sys
 import time
@@ -13,8 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dali_pipelines.feed import ParallelMap, default_num_workers, load_sample
-from dali_pipelines.formats import DataFormatError, Sample, text_lines, write_atomic
+from clipdata.errors import DataFormatError
+from clipdata.lists import Sample, text_lines
+from common.files import write_atomic
+from common.processes import default_num_workers
+from dali_pipelines.feed import sample_pool
 
 from . import clip_scorer, reports
 
@@ -119,7 +121,7 @@ def _decoded(
     spec, paths: list[str], todo: list[int], skipped: list, *, num_workers: int, ahead: int, timeout: float, seed: int
 ):
     """(position, sampled frames) of each readable video, in order, decoded (and probed) in workers."""
-    feed = ParallelMap(functools.partial(load_sample, spec), num_workers, ahead=ahead, timeout=timeout)
+    feed = sample_pool(spec, num_workers, ahead=ahead, timeout=timeout)
     try:
         k = 0
         while k < len(todo) or feed.in_flight:

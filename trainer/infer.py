@@ -58,7 +58,7 @@ def _timeline_dir(cfg, args, source: str) -> str:
 
 def dispatch(cfg, env, scorer, names: list[str], args) -> int | None:
     """Run predict on what ``args.input`` is, or None for one clip (trainer/predict.py as before)."""
-    from dali_pipelines.runlock import check_writable
+    from common.files import check_writable
 
     from . import folder, stream, timeline  # the decoders and pandas load only when predict runs
 

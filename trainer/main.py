@@ -170,7 +170,7 @@ def run(args) -> int:
         )
     lock = None
     if env.is_main and args.mode in ("train", "eval", "test"):  # they write into output_dir
-        from dali_pipelines.runlock import RunLock
+        from common.runlock import RunLock
 
         lock = RunLock(cfg.output_dir, args.mode).acquire()
     try:
@@ -227,7 +227,7 @@ def _run_mode(args, cfg, env) -> int:
 
 
 def _class_names(cfg) -> list[str]:
-    from dali_pipelines.formats import read_label_file
+    from clipdata.lists import read_label_file
     from trainer.config import ConfigError
 
     n = cfg.MODEL.head.num_classes
@@ -278,7 +278,7 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
 
 
 def _export(cfg, env, model, args) -> int:
-    from dali_pipelines.runlock import check_writable
+    from common.files import check_writable
     from trainer.export import DEFAULT_OPSET, check_table, export
 
     out_dir = args.output or os.path.join(cfg.output_dir, "inference")
@@ -319,9 +319,9 @@ def _default_check_clips(cfg, env, count: int):
     readable clip, and export checks on random inputs instead, saying why in its table. Noise is a poor
     check of a trained model: it drives activations far past real clips' (~1e3 on a small trained
     PP-TSMv2), where float32 rounding alone exceeds export's 1e-4 (docs/deployment.md)."""
-    from dali_pipelines.feed import WorkerError
-    from dali_pipelines.formats import DataFormatError
-    from dali_pipelines.video import VideoError
+    from clipdata.errors import DataFormatError
+    from clipdata.video import VideoError
+    from common.processes import WorkerError
     from trainer.config import ConfigError
 
     why, tried = [], set()
@@ -433,10 +433,11 @@ def main(argv=None) -> int:
         if e.code == 2:  # argparse said why on stderr
             _exit_record("usage", "the command line was refused (its log says why)", 2)
         raise
-    from dali_pipelines.feed import WorkerError, WorkerTimeout
-    from dali_pipelines.formats import DataFormatError
-    from dali_pipelines.runlock import NO_SPACE, BusyError, OutputError
-    from dali_pipelines.video import VideoError
+    from clipdata.errors import DataFormatError
+    from clipdata.video import VideoError
+    from common.files import NO_SPACE, OutputError
+    from common.processes import WorkerError, WorkerTimeout
+    from common.runlock import BusyError
     from trainer.config import ConfigError
     from trainer.export import ExportError
     from trainer.weights import WeightsError
@@ -472,7 +473,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
-    except Exception as e:  # ours to fix, or a peer that went away (launch/exits.py tells which)
+    except Exception as e:  # ours to fix, or a peer that went away (common/exits.py tells which)
         _exit_record("crash", f"{type(e).__name__}: {e}", 1)
         raise
     finally:
@@ -480,8 +481,8 @@ def main(argv=None) -> int:
 
 
 def _exit_record(kind: str, message: str, code: int) -> int:
-    """How this rank ended, for run_dist.sh to name the cause and decide on a restart (launch/exits.py)."""
-    from launch.exits import write_record
+    """How this rank ended, for run_dist.sh to name the cause and decide on a restart (common/exits.py)."""
+    from common.exits import write_record
 
     write_record(kind, message, code)
     return code

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import paddle
 
-from dali_pipelines.formats import Sample, read_label_file
-from dali_pipelines.video import VideoError
+from clipdata.lists import Sample, read_label_file
+from clipdata.video import VideoError
 
 from . import dist
 from .engine import make_loader
@@ -20,7 +20,7 @@ def _inputs(path: str) -> list[str]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--input {path} does not exist")
     if path.endswith((".txt", ".list")):  # a list file: 'path', 'path label' or 'path num_frames label' lines
-        from dali_pipelines.formats import text_lines
+        from clipdata.lists import text_lines
 
         return [_video_path(line) for line in map(str.strip, text_lines(path)) if line and not line.startswith("#")]
     return [path]
@@ -89,7 +89,7 @@ def write_predictions_csv(results, path: str) -> None:
     import csv
     import io
 
-    from dali_pipelines.formats import write_atomic
+    from common.files import write_atomic
 
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from dali_pipelines.formats import write_atomic
+from common.files import write_atomic
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from dali_pipelines.video import VideoError, _to_rgb
+from clipdata.video import VideoError, _to_rgb
 
 from . import clip_scorer, reports
 from .timeline import Span, Timeline
@@ -214,7 +214,7 @@ def run_stream(
     """Score a live source window by window until it ends, ``max_seconds`` pass, or SIGINT/SIGTERM; print
     one line per window and write the timeline so far. Returns (paths, timeline, stats); a source that
     stalls ends the run with its StreamError after the timeline is written."""
-    from dali_pipelines.runlock import check_writable
+    from common.files import check_writable
 
     check_writable(out_dir, "the timeline folder")
     spec = clip_scorer.clip_spec(cfg)

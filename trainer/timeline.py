@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dali_pipelines.video import VideoError
+from clipdata.video import VideoError
 from dali_pipelines.windows import DecodeStats, index_video, read_windows
 
 from . import clip_scorer, reports
@@ -70,7 +70,7 @@ def run_timeline(
     their paths."""
     from tqdm import tqdm
 
-    from dali_pipelines.runlock import check_writable
+    from common.files import check_writable
 
     check_writable(out_dir, "the timeline folder")  # before the work
     spec = clip_scorer.clip_spec(cfg)

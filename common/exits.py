@@ -1,6 +1,6 @@
 """How each rank of a run_dist.sh job ended, which rank's end was the cause, and whether a restart can help.
 
-    python -m launch.exits report LOG_DIR     the cause first, then every rank; exit 0: a restart may
+    python -m common.exits report LOG_DIR     the cause first, then every rank; exit 0: a restart may
                                               help, 3: it cannot (config, data, usage, output), 1: no records
 
 Two structured sources, both in the job's log folder (docs/robustness.md "Processes and ranks"):

@@ -1,5 +1,4 @@
-"""On-disk formats shared by preprocessing and the pipelines: pkl clips and list files
-(docs/design.md "Data formats").
+"""The pkl clip codec and its frame index (docs/design.md "Data formats").
 
 A pkl clip is a pickled tuple ``(video_id, label_index, [jpeg_bytes, ...])``. It is only ever read
 through a restricted unpickler, so a pkl from elsewhere cannot run code when loaded.
@@ -16,19 +15,15 @@ import os
 import pickle
 import pickletools
 import struct
-import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-SOURCES = ("pkl", "rawframes", "videos")
-
-
-class DataFormatError(ValueError):
-    """A user's data file is malformed; the message names the file and the fix."""
+from clipdata.errors import DataFormatError
+from clipdata.jpeg import check_jpeg
+from common.files import write_atomic
 
 
 class _ClipUnpickler(pickle.Unpickler):
@@ -55,37 +50,6 @@ def write_pkl(path: str, video_id: str, label: int, frames: list[bytes]) -> None
     spans, pickle_end = frame_spans(data, len(frames))
     stamp = index_stamp()
     write_atomic(path, data + pkl_trailer(int(label), spans, pickle_end, zlib.crc32(data), stamp), mtime_ns=stamp)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux allows."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def write_atomic(path: str, data: bytes, mtime_ns: int | None = None) -> None:
-    """Write ``data`` under a temporary name, then rename it over ``path``: a reader sees the old file or
-    the whole new one. The file gets the permissions an ordinary open() would give it (mkstemp's are
-    0600, which would hide a dataset from the other accounts of a cluster), and ``mtime_ns`` as its
-    modification time when given (before the rename: the file never shows another)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if mtime_ns is not None:
-            os.utime(tmp, ns=(mtime_ns, mtime_ns))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_pkl(path: str) -> tuple[str, int, list[bytes]]:
@@ -124,11 +88,21 @@ def _unpickle_clip(path: str, data: bytes) -> tuple[str, int, list[bytes]]:
 # when the index was written (a file rewritten in place since has another: docs/design.md "The pkl
 # frame index"). Version 1 had neither and is read as no index.
 INDEX_HEADER = struct.Struct("<8sIIqQIq")  # magic, version, num_frames, label, pickle_end, pickle_crc, mtime_ns
+
+
 INDEX_FOOTER = struct.Struct("<QI8s")  # size of header + entries, crc32 of them, magic
+
+
 INDEX_MAGIC, INDEX_END, INDEX_VERSION = b"TSNPKIDX", b"TSNIDX\x00\x01", 2
+
+
 _INDEX_PREFIX = struct.Struct("<8sI")  # what every version begins with
+
+
 # at most this many bytes of opcodes (memo, appends, tuple, stop) follow the last frame of a clip pickle
 _MAX_TAIL_OPCODES = 16
+
+
 # the pickle opcodes that hold raw bytes, by the width of their length field
 _BYTES_OPCODES = {b"C"[0]: 1, b"B"[0]: 4, 0x8E: 8}
 
@@ -316,221 +290,3 @@ def index_pkl(path: str) -> str:
         return "appended"
     write_pkl(path, vid, label, frames)
     return "rewritten"
-
-
-def check_jpeg(data: bytes) -> bytes:
-    """Reject what would stop the decoder mid-pipeline: not a JPEG, or cut before its end marker."""
-    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        raise DataFormatError("corrupt or truncated JPEG frame")
-    return data
-
-
-MAX_JPEG_SIDE = 16384  # beyond any video frame; a header claiming more is damaged, not a frame to decode
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a JPEG's SOF header, without decoding it; a size the decoder would fail on
-    (zero, or beyond MAX_JPEG_SIDE) raises DataFormatError here, before the DALI graph, so the sample is
-    skipped and named like any other unreadable one."""
-    if data[:2] != b"\xff\xd8":
-        raise DataFormatError("not a JPEG (no SOI marker)")
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            raise DataFormatError("corrupt JPEG header")
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h = int.from_bytes(data[i + 5 : i + 7], "big")
-            w = int.from_bytes(data[i + 7 : i + 9], "big")
-            if not (0 < w <= MAX_JPEG_SIDE and 0 < h <= MAX_JPEG_SIDE):
-                raise DataFormatError(f"JPEG header says {w}x{h} pixels: damaged")
-            return w, h
-        i += 2 + length
-    raise DataFormatError("JPEG without a frame header")
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str  # pkl file, rawframe folder or video file, resolved
-    label: int  # -1 for pkl until read (the label lives inside the pkl)
-    num_frames: int  # 0 when the list does not say (pkl, or videos to probe)
-    line: int  # 1-based line in the list file, for error messages
-
-
-def _resolve(path: str, data_prefix: str | None, list_dir: str) -> str:
-    if os.path.isabs(path):
-        return path
-    if data_prefix:
-        return os.path.join(data_prefix, path)
-    return os.path.join(list_dir, path)
-
-
-def _int(field: str, what: str, where: str, fmt: str) -> int:
-    """A list line's count or label: an integer >= 0 in plain digits."""
-    if not _decimal(field):
-        raise DataFormatError(f"{where}: {what} {field!r} is not an integer >= 0; expected '{fmt}'")
-    return int(field)
-
-
-LINE_FORMATS = {
-    "pkl": "path/to/clip.pkl",
-    "rawframes": "frame_dir num_frames label",
-    "videos": "path/to/clip.mp4 label  or  path/to/clip.mp4 num_frames label",
-}
-
-
-# how files often given by mistake for a text file begin
-_BINARY_MAGIC = {
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8": "a JPEG image",
-    b"GIF8": "a GIF image",
-    b"PK\x03\x04": "a zip archive",
-    b"\x1f\x8b": "a gzip file",
-    b"\x80": "a pickle (weights, a checkpoint or a pkl clip?)",
-    b"\x7fELF": "a program",
-}
-
-
-def read_text(path: str) -> str:
-    """A user's text file (list, label file, CSV, config) as str. UTF-8, with or without the byte-order
-    mark Notepad and Excel write; callers split lines with universal newlines (LF, CRLF or CR). Another
-    encoding is a DataFormatError naming the line and the fix, not a UnicodeDecodeError."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        kind = next((k for magic, k in _BINARY_MAGIC.items() if data.startswith(magic)), None)
-        if kind or b"\0" in data[:4096]:  # not text in another encoding: iconv would not help
-            raise DataFormatError(
-                f"{path}: is not a text file ({kind or 'binary data'}); check the path: a text file was expected here"
-            ) from None
-        line = data[: e.start].count(b"\n") + 1
-        raise DataFormatError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
-            "UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
-
-
-def text_lines(path: str) -> list[str]:
-    """The lines of ``read_text(path)``, split at LF, CRLF or CR only (not at the other characters
-    str.splitlines takes for line breaks, which a file name may hold)."""
-    return io.StringIO(read_text(path), newline=None).read().split("\n")
-
-
-def parse_list_line(line: str, source: str, where: str) -> tuple[str, int, int]:
-    """(path, num_frames or 0, label or -1) from one list line; paths may contain spaces."""
-    fmt = LINE_FORMATS[source]
-    if source == "pkl":
-        return line, 0, -1
-    parts = line.rsplit(maxsplit=2)
-    if source == "videos" and (len(parts) < 3 or not _decimal(parts[-2].lstrip("-"))):
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2:
-            raise DataFormatError(f"{where}: expected '{fmt}', got {line!r}")
-        return parts[0], 0, _int(parts[1], "label", where, fmt)
-    if len(parts) != 3:
-        raise DataFormatError(f"{where}: expected '{fmt}', got {line!r}")
-    n = _int(parts[1], "frame count", where, fmt)
-    if n < 1:
-        raise DataFormatError(f"{where}: frame count {n} must be >= 1")
-    return parts[0], n, _int(parts[2], "label", where, fmt)
-
-
-def read_list(list_file: str, source: str, data_prefix: str | None = None, check_exists: bool = True) -> list[Sample]:
-    """Parse a list file (docs/design.md "Data formats"). Relative paths resolve against ``data_prefix``, else the
-    list's
-    folder. Malformed lines and missing files are reported with their line numbers."""
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if not os.path.isfile(list_file):
-        raise DataFormatError(f"list file {list_file} does not exist")
-    list_dir = os.path.dirname(os.path.abspath(list_file))
-    samples, missing, first, labels, repeats, relabelled = [], [], {}, {}, [], []
-    for no, raw in enumerate(text_lines(list_file), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"{list_file}:{no}"
-        path, n, label = parse_list_line(line, source, where)
-        path = _resolve(path, data_prefix, list_dir)
-        key = os.path.normpath(path)
-        if (key, n, label) in first:  # one clip listed twice would count twice in a metric, weigh double in training
-            repeats.append(f"line {no} repeats line {first[key, n, label].line} ({os.path.basename(path)})")
-            continue
-        if labels.setdefault(key, (label, no))[0] != label:  # a multi-label set written one label a line?
-            relabelled.append(
-                f"line {no} gives {os.path.basename(path)} label {label}, line {labels[key][1]} gave {labels[key][0]}"
-            )
-        if check_exists and not os.path.exists(path):
-            missing.append(f"{where}: {path}")
-        # another label or frame count for the same file stays a sample of its own (check_videos names a
-        # wrong count), named below
-        first[key, n, label] = Sample(path, label, n, no)
-        samples.append(first[key, n, label])
-    if repeats:
-        more = f" (and {len(repeats) - 3} more)" if len(repeats) > 3 else ""
-        print(
-            f"dali_pipelines: {list_file}: {len(repeats)} duplicate line(s), each clip counted once: "
-            + "; ".join(repeats[:3])
-            + more,
-            file=sys.stderr,
-            flush=True,
-        )
-    if relabelled:
-        more = f" (and {len(relabelled) - 3} more)" if len(relabelled) > 3 else ""
-        print(
-            f"dali_pipelines: {list_file}: {len(relabelled)} line(s) give a file listed before another label, "
-            "each kept as a sample of its own: " + "; ".join(relabelled[:3]) + more,
-            file=sys.stderr,
-            flush=True,
-        )
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise DataFormatError(
-            f"{len(missing)} file(s) in {list_file} do not exist: "
-            + "; ".join(missing[:5])
-            + more
-            + ". Fix the paths or set data_prefix to the folder they are relative to."
-        )
-    if not samples:
-        raise DataFormatError(f"list file {list_file} has no samples")
-    return samples
-
-
-def _decimal(text: str) -> bool:
-    """Digits 0-9 only (str.isdigit also takes the likes of '²', which int() refuses)."""
-    return text.isascii() and text.isdigit()
-
-
-def read_label_file(path: str) -> list[str]:
-    """Class names by index from ``index name`` lines (``name index`` is accepted too)."""
-    if not os.path.isfile(path):
-        raise DataFormatError(f"label file {path} does not exist; write it with preprocessing/generate_label.py")
-    names: dict[int, str] = {}
-    lines: dict[str, int] = {}  # name -> the line that gave it
-    for no, raw in enumerate(text_lines(path), 1):
-        parts = raw.split()
-        if not parts:
-            continue
-        if len(parts) != 2:
-            raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
-        a, b = parts
-        idx, name = (int(a), b) if _decimal(a) else (int(b), a) if _decimal(b) else (None, None)
-        if idx is None:
-            raise DataFormatError(f"{path}:{no}: expected 'index name', got {raw.strip()!r}")
-        if idx in names:
-            raise DataFormatError(f"{path}:{no}: index {idx} appears twice")
-        if name in lines:  # two indices of one class: its per-class rows and predictions would be ambiguous
-            raise DataFormatError(
-                f"{path}:{no}: class name {name!r} is also the name on line {lines[name]}; "
-                "each class needs its own name"
-            )
-        names[idx], lines[name] = name, no
-    if sorted(names) != list(range(len(names))):
-        raise DataFormatError(f"{path}: class indices must be 0..{len(names) - 1} without gaps")
-    return [names[i] for i in range(len(names))]

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.files import write_atomic
+from tools.media import has_bframes, index_frames, jpeg, level_to_index, pixel_levels, write_video
+
 if __package__ in (None, ""):  # run by path (paddle.distributed.launch runs the all-reduce worker so)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,28 +57,6 @@ REPORT_FILE = "selftest_report.txt"
 
 class Skipped(Exception):
     """The check cannot run here; the message says why."""
-
-
-# ---------------------------------------------------------------- frames that carry their own index
-
-
-def index_frames(n: int, width: int = 64, height: int = 48) -> np.ndarray:
-    """Frames [n, H, W, 3] whose uniform grey level encodes the index: level(i) = 20 + 4 * i (n <= 55)."""
-    if n > 55:
-        raise ValueError("index_frames encodes at most 55 frames")
-    return np.stack([np.full((height, width, 3), 20 + 4 * i, np.uint8) for i in range(n)])
-
-
-def level_to_index(level: float) -> int:
-    return int(round((level - 20) / 4))
-
-
-def pixel_levels(imgs: np.ndarray) -> np.ndarray:
-    """Normalised batches [N, T, 3, H, W] back to grey levels 0..255."""
-    from dali_pipelines.loader import MEAN, STD
-
-    shape = (1, 1, 3, 1, 1)
-    return (imgs.astype(np.float32) * np.array(STD).reshape(shape) + np.array(MEAN).reshape(shape)) * 255
 
 
 # ---------------------------------------------------------------- the host and its data
@@ -168,50 +149,30 @@ CLIP_FRAMES = (40, 31)  # two clips, labels 0 and 1
 
 def _video_list(host: Host) -> str:
     """H.264 mp4 clips with B-frames (x264 defaults) of index frames, and their list."""
-    from preprocessing.make_demo_dataset import write_mp4
-
     lst = host.path("videos.list")
     if not os.path.exists(lst):
         for i, n in enumerate(CLIP_FRAMES):
-            write_mp4(host.path(f"v{i}.mp4"), index_frames(n))
+            write_video(host.path(f"v{i}.mp4"), index_frames(n))
             if not has_bframes(host.path(f"v{i}.mp4")):
                 raise AssertionError("the encoder wrote no B-frames: the clip would not test reordered decoding")
         _write(lst, "".join(f"v{i}.mp4 {i}\n" for i in range(len(CLIP_FRAMES))))
     return lst
 
 
-def has_bframes(path: str) -> bool:
-    import av
-
-    with av.open(str(path)) as c:
-        return any(int(getattr(f.pict_type, "value", f.pict_type)) == 3 for f in c.decode(video=0))  # AV_PICTURE_TYPE_B
-
-
 def _pkl_list(host: Host) -> str:
     """pkl clips of index frames as JPEGs, and their list."""
-    import io
-
-    from PIL import Image
-
-    from dali_pipelines.formats import write_pkl
+    from clipdata.pkl import write_pkl
 
     lst = host.path("pkl.list")
     if not os.path.exists(lst):
         for i, n in enumerate(CLIP_FRAMES):
-            jpegs = []
-            for f in index_frames(n):
-                buf = io.BytesIO()
-                Image.fromarray(f).save(buf, "JPEG", quality=95)
-                jpegs.append(buf.getvalue())
-            write_pkl(host.path(f"c{i}.pkl"), f"c{i}", i, jpegs)
+            write_pkl(host.path(f"c{i}.pkl"), f"c{i}", i, [jpeg(f) for f in index_frames(n)])
         _write(lst, "".join(f"c{i}.pkl\n" for i in range(len(CLIP_FRAMES))))
     return lst
 
 
 def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, text.encode("utf-8"))
 
 
 def _decode(list_file: str, source: str, device: str, **options) -> tuple[np.ndarray, list[int]]:
@@ -547,27 +508,9 @@ def check_nccl(host: Host) -> str:
 
 def _demo_config(host: Host, name: str, amp_dtype: str | None = None) -> str:
     """A miniature demo dataset converted to pkl, and a tiny training config over it (AMP in ``amp_dtype``)."""
-    from preprocessing import generate_label, make_demo_dataset, video2pkl
+    from tools.demo_data import build_demo_set
 
-    data = host.path("demo")
-    if not os.path.exists(os.path.join(data, "val_pkl.list")):
-        csvs = make_demo_dataset.make_dataset(
-            data, seed=1, train_per_class=3, val_per_class=2, min_frames=12, max_frames=40
-        )
-        generate_label.main([csvs["train"], os.path.join(data, "label.txt")])
-        for split in ("train", "val"):
-            rc = video2pkl.main(
-                [
-                    csvs[split],
-                    os.path.join(data, split),
-                    os.path.join(data, f"{split}_pkl"),
-                    "2",
-                    "--label-file",
-                    os.path.join(data, "label.txt"),
-                ]
-            )
-            if rc != 0:
-                raise AssertionError(f"video2pkl of the selftest's demo {split} split failed")
+    data = build_demo_set(host.path("demo"))
     cfg = host.path(f"{name}.yaml")
     _write(
         cfg,

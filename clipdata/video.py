@@ -208,7 +208,7 @@ def save_probe_cache(cache_file: str | None, facts: dict[str, VideoFacts]) -> No
     if cache_file is None:
         return
     merged = {**load_probe_cache(cache_file), **facts}
-    from .formats import write_atomic
+    from common.files import write_atomic
 
     try:
         write_atomic(

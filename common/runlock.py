@@ -9,7 +9,6 @@ host, start time, command, and run_dist.sh's job id), so a second run can say wh
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -17,31 +16,16 @@ import socket
 import sys
 import time
 
+from common.files import OutputError, check_writable
+
 LOCK_NAME = ".run.lock"  # inside a training's output_dir
+
+
 RUN_ID_ENV = "TSN_RUN_ID"  # set by run_dist.sh for all attempts of one job (the launcher restarts them)
 
 
 class BusyError(RuntimeError):
     """Another live run holds the folder; the message names it."""
-
-
-class OutputError(RuntimeError):
-    """An output location cannot be written (read-only, no permission, disk full); found before the work."""
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file size limit
-
-
-def check_writable(folder: str, what: str) -> None:
-    """Create ``folder`` if needed and write and remove a file in it, or raise OutputError naming it."""
-    probe = os.path.join(folder, f".tmp-write-test-{os.getpid()}")  # a conversion clears stale .tmp-*
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"\0")
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"{what} {folder} is not writable ({e.strerror})") from None
 
 
 class RunLock:
