@@ -9,6 +9,7 @@ orphans either (children die with their parents on Linux).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
@@ -18,12 +19,12 @@ import time
 
 from clipdata.pkl import write_pkl
 from common.files import NO_SPACE, OutputError, check_writable, write_atomic
-from common.processes import fork_context
+from common.processes import fork_context, worker_init
 from common.runlock import BusyError
 from common.usage import UsageError
 
 from . import shards
-from .frames import ConversionError, die_with_parent, extract_jpegs
+from .frames import ConversionError, extract_jpegs
 from .kinetics import find_clip, load_class_index, read_csv
 from .progress import progress
 
@@ -122,15 +123,6 @@ class Writer:
         return rest.rsplit("-", 1)[0]
 
 
-def _worker_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; workers are terminated
-    # the main process's SIGTERM handler (raise KeyboardInterrupt) is inherited across the fork: a
-    # worker must die on pool.terminate(), not unwind into multiprocessing's exit handlers, where it
-    # can wait forever on a queue lock
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent()
-
-
 def _convert(job):
     """Worker: one clip. Returns (video_id, label, frame count or None, error or None, errno or None)."""
     writer, video_id, src, label, opts = job
@@ -196,16 +188,64 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_out, failures_out, shard)
+        run = _Run(args, prog, fmt, dst_dir, list_out, failures_out, shard)
+        return _convert_clips(run, clips, failures, class_index)
     finally:
         for held in reversed(locks):
             held.release()
 
 
-def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_out, failures_out, shard) -> int:
-    writer = Writer(fmt, dst_dir, os.path.dirname(list_out))
-    mine = {c.video_id for c in clips} if shard else None
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One conversion's settings and outputs, as the steps after the checks read them."""
+
+    args: argparse.Namespace
+    prog: str
+    fmt: str
+    dst_dir: str
+    list_out: str
+    failures_out: str
+    shard: shards.Shard | None
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What the workers did: the figures of the closing summary, and why the run stopped early, if it did."""
+
+    converted: int = 0
+    processed: int = 0
+    frames: int = 0
+    interrupted: bool = False
+    no_space: str | None = None
+
+
+def _convert_clips(run: _Run, clips, failures, class_index) -> int:
+    writer = Writer(run.fmt, run.dst_dir, os.path.dirname(run.list_out))
+    mine = {c.video_id for c in clips} if run.shard else None
     stale = writer.remove_stale_temporaries(mine)
+    jobs, lines = _plan(run.args, writer, clips, failures, class_index)
+    skipped = len(lines)
+    t0 = time.time()
+    tally = _run_workers(run, writer, jobs, lines, failures, t0)
+    writer.remove_stale_temporaries(mine)  # what the stopped workers left half-written
+    try:
+        written = _write_outputs(run, lines, failures, complete=not (tally.interrupted or tally.no_space))
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        print(
+            f"{run.prog}: cannot write the list or the failures file ({e.strerror}): free space and run the same "
+            "command again; it finds the finished clips and writes them",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURES
+    _summarize(run, tally, time.time() - t0, lines, failures, skipped, stale, written)
+    return _exit_status(run.prog, tally, len(lines), len(jobs), failures)
+
+
+def _plan(args, writer: Writer, clips, failures, class_index) -> tuple[list, dict]:
+    """The workers' jobs, and the list lines of the clips an earlier run finished; the clips that cannot
+    be converted (a duplicate row, an unknown label, no video) go to ``failures``."""
     opts = dict(
         qscale=args.jpeg_quality, short_side=args.short_side, fps=args.fps, allow_decode_errors=args.allow_decode_errors
     )
@@ -228,87 +268,93 @@ def _convert_clips(args, prog, fmt, clips, failures, class_index, dst_dir, list_
             failures.append((c.video_id, f"video file not found under {args.src_dir}"))
             continue
         jobs.append((writer, c.video_id, src, label, opts))
+    return jobs, lines
 
-    skipped, converted, processed, n_frames, interrupted, no_space = len(lines), 0, 0, 0, False, None
-    t0 = time.time()
+
+def _run_workers(run: _Run, writer: Writer, jobs, lines, failures, t0: float) -> _Tally:
+    """Convert ``jobs`` in NPROC workers, adding to ``lines`` and ``failures``; a full disk stops the run
+    (every clip after it would fail the same way), and so do SIGINT and SIGTERM."""
+    tally = _Tally()
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    pool = fork_context().Pool(args.nproc, initializer=_worker_init)
+    pool = fork_context().Pool(run.args.nproc, initializer=worker_init)
     try:
-        with progress(len(jobs), prog) as bar:
+        with progress(len(jobs), run.prog) as bar:
             for video_id, label, frames, error, code in pool.imap_unordered(_convert, jobs, chunksize=1):
                 if code in NO_SPACE:  # every clip after it would fail the same way: stop, keep what is done
-                    no_space = error
+                    tally.no_space = error
                     break
-                processed += 1
+                tally.processed += 1
                 if error:
                     failures.append((video_id, error))
                 else:
-                    converted += 1
-                    n_frames += frames
+                    tally.converted += 1
+                    tally.frames += frames
                     lines[video_id] = writer.list_line(video_id, frames, label)
                 bar.set_postfix(
-                    failed=len(failures), fps=f"{n_frames / max(time.time() - t0, 1e-9):.0f}", refresh=False
+                    failed=len(failures), fps=f"{tally.frames / max(time.time() - t0, 1e-9):.0f}", refresh=False
                 )
                 bar.update()
-        if no_space:
+        if tally.no_space:
             pool.terminate()
         else:
             pool.close()
     except KeyboardInterrupt:
-        interrupted = True
+        tally.interrupted = True
         pool.terminate()  # workers die at once; their ffmpeg children die with them
     finally:
         pool.join()
         signal.signal(signal.SIGTERM, previous)
+    return tally
 
-    writer.remove_stale_temporaries(mine)  # what the stopped workers left half-written
-    try:
-        if shard:  # this shard's part; merge_shards.py writes the list and the failures file
-            written = shards.write_part(
-                list_out,
-                shard,
-                tool=prog,
-                source=f"{os.path.abspath(args.csv)} -> {dst_dir} ({_settings(args)})",
-                lines=[(v, line) for v, line in lines.items()],
-                failures_file=failures_out,
-                failures=[(vid, f"{vid}\t{why}") for vid, why in failures],
-                complete=not (interrupted or no_space),
-            )
-        else:
-            write_atomic(list_out, "".join(lines[v] + "\n" for v in sorted(lines)).encode())
-            write_atomic(failures_out, "".join(f"{vid}\t{why}\n" for vid, why in sorted(failures)).encode())
-    except OSError as e:
-        if e.errno not in NO_SPACE:
-            raise
-        print(
-            f"{prog}: cannot write the list or the failures file ({e.strerror}): free space and run the same "
-            "command again; it finds the finished clips and writes them",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURES
-    elapsed = time.time() - t0
+
+def _write_outputs(run: _Run, lines, failures, complete: bool) -> str | None:
+    """The list and the failures file, or under --shard this shard's part (merge_shards.py writes the
+    list and the failures file); returns the part's path."""
+    if not run.shard:
+        write_atomic(run.list_out, "".join(lines[v] + "\n" for v in sorted(lines)).encode())
+        write_atomic(run.failures_out, "".join(f"{vid}\t{why}\n" for vid, why in sorted(failures)).encode())
+        return None
+    return shards.write_part(
+        run.list_out,
+        run.shard,
+        tool=run.prog,
+        source=f"{os.path.abspath(run.args.csv)} -> {run.dst_dir} ({_settings(run.args)})",
+        lines=[(v, line) for v, line in lines.items()],
+        failures_file=run.failures_out,
+        failures=[(vid, f"{vid}\t{why}") for vid, why in failures],
+        complete=complete,
+    )
+
+
+def _summarize(run: _Run, tally: _Tally, elapsed: float, lines, failures, skipped: int, stale: int, written) -> None:
+    shard, list_out = run.shard, run.list_out
     print(
-        f"{prog}: {f'shard {shard}: ' if shard else ''}{len(lines)} clips ready ({skipped} already done, "
-        f"{converted} converted, {n_frames} frames in {elapsed:.1f}s = {n_frames / max(elapsed, 1e-9):.0f} "
-        f"frames/s), {len(failures)} failed; "
+        f"{run.prog}: {f'shard {shard}: ' if shard else ''}{len(lines)} clips ready ({skipped} already done, "
+        f"{tally.converted} converted, {tally.frames} frames in {elapsed:.1f}s = "
+        f"{tally.frames / max(elapsed, 1e-9):.0f} frames/s), {len(failures)} failed; "
         + (
             f"part: {written} (when every shard is done: python preprocessing/merge_shards.py {list_out} "
-            f"{shard.count} --dst-dir {dst_dir})"
+            f"{shard.count} --dst-dir {run.dst_dir})"
             if shard
-            else f"list: {list_out}" + (f"; failures: {failures_out}" if failures else "")
+            else f"list: {list_out}" + (f"; failures: {run.failures_out}" if failures else "")
         )
         + (f"; removed {stale} half-written output(s) of an earlier run" if stale else "")
     )
-    if no_space:
+
+
+def _exit_status(prog: str, tally: _Tally, ready: int, jobs: int, failures) -> int:
+    """The exit status, with what a full disk or an interruption left to do."""
+    if tally.no_space:
         print(
-            f"{prog}: stopped early: {no_space}. The {len(lines)} finished clips are kept and listed; free space "
-            f"and run the same command again to convert the remaining {len(jobs) - processed}",
+            f"{prog}: stopped early: {tally.no_space}. The {ready} finished clips are kept and listed; free space "
+            f"and run the same command again to convert the remaining {jobs - tally.processed}",
             file=sys.stderr,
         )
         return EXIT_FAILURES
-    if interrupted:
+    if tally.interrupted:
         print(
-            f"{prog}: interrupted; run the same command again to convert the remaining {len(jobs) - processed} clip(s)",
+            f"{prog}: interrupted; run the same command again to convert the remaining {jobs - tally.processed} "
+            "clip(s)",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
