@@ -150,6 +150,21 @@ def mpi_address(comm, probe_timeout: float = 2.0) -> tuple[str, str]:
     everyone = comm.allgather(sorted(str(i) for _, i in mine))
     if all(other == everyone[0] for other in everyone):  # one host: its ranks meet on the loopback
         return "127.0.0.1", next((n for n, i in interfaces() if i.ip.is_loopback), "lo")
+    offers, everyone_reached = _probe_rank0(comm, mine, everyone, probe_timeout)
+    for addr, _ in offers:
+        if all(addr in r for r in everyone_reached):
+            name, iface = next((n, i) for n, i in mine if ipaddress.IPv4Address(addr) in i.network)
+            return str(iface.ip), name
+    raise HostError(
+        "launch.mpi_env: no network reaches rank 0 from every rank (addresses: "
+        + "; ".join(f"rank {r}: {', '.join(a) or 'none'}" for r, a in enumerate(everyone))
+        + "); set PADDLE_HOST to each node's address on the data network"
+    )
+
+
+def _probe_rank0(comm, mine, everyone, probe_timeout: float) -> tuple[list, list[list[str]]]:
+    """Rank 0 listens on each of its addresses in a network that every rank has an address in, and every
+    other rank tries to connect to each: rank 0's offers (address, port), and the addresses each rank reached."""
     common = [
         i.network
         for _, i in mine
@@ -177,15 +192,7 @@ def mpi_address(comm, probe_timeout: float = 2.0) -> tuple[str, str]:
     everyone_reached = comm.allgather(reached)
     for s in listeners:
         s.close()
-    for addr, _ in offers:
-        if all(addr in r for r in everyone_reached):
-            name, iface = next((n, i) for n, i in mine if ipaddress.IPv4Address(addr) in i.network)
-            return str(iface.ip), name
-    raise HostError(
-        "launch.mpi_env: no network reaches rank 0 from every rank (addresses: "
-        + "; ".join(f"rank {r}: {', '.join(a) or 'none'}" for r, a in enumerate(everyone))
-        + "); set PADDLE_HOST to each node's address on the data network"
-    )
+    return offers, everyone_reached
 
 
 # ---------------------------------------------------------------- the rendezvous
@@ -232,26 +239,9 @@ def _lead(ips: list[str], port: int, timeout: float) -> None:
                 )
             for sock in ready:
                 if sock is server:
-                    conn, _ = server.accept()
-                    hello = _lines(conn, deadline).split()
-                    if len(hello) == 2 and hello[0].isdigit() and 0 < int(hello[0]) < len(ips):
-                        index = int(hello[0])
-                        if index in joined:
-                            conn.sendall(f"stop node {ips[index]} joined twice\n".encode())
-                            conn.close()
-                        else:
-                            joined[index] = conn
-                    else:
-                        conn.close()
-                else:  # a joined node closed its connection: it died while waiting
-                    index = next(i for i, c in joined.items() if c is sock)
-                    if not sock.recv(1):
-                        del joined[index]
-                        sock.close()
-                        raise HostError(
-                            f"rendezvous: node {ips[index]} joined at {ips[0]}:{port} and then went away "
-                            "(killed, or its job failed); every node stops"
-                        )
+                    _admit(server, ips, joined, deadline)
+                else:
+                    _check_still_joined(sock, ips, port, joined)
         for conn in joined.values():
             conn.sendall(b"go\n")
     except HostError as e:
@@ -265,6 +255,34 @@ def _lead(ips: list[str], port: int, timeout: float) -> None:
         for conn in joined.values():
             conn.close()
         server.close()
+
+
+def _admit(server: socket.socket, ips: list[str], joined: dict[int, socket.socket], deadline: float) -> None:
+    """Node 0: take one node's hello ("INDEX ADDRESS") into ``joined``; a node that joins twice is told to
+    stop, anything else that connects is hung up on."""
+    conn, _ = server.accept()
+    hello = _lines(conn, deadline).split()
+    if not (len(hello) == 2 and hello[0].isdigit() and 0 < int(hello[0]) < len(ips)):
+        conn.close()
+        return
+    index = int(hello[0])
+    if index in joined:
+        conn.sendall(f"stop node {ips[index]} joined twice\n".encode())
+        conn.close()
+    else:
+        joined[index] = conn
+
+
+def _check_still_joined(sock: socket.socket, ips: list[str], port: int, joined: dict[int, socket.socket]) -> None:
+    """Node 0: a joined node's connection became readable; closed, it means the node died while waiting."""
+    index = next(i for i, c in joined.items() if c is sock)
+    if not sock.recv(1):
+        del joined[index]
+        sock.close()
+        raise HostError(
+            f"rendezvous: node {ips[index]} joined at {ips[0]}:{port} and then went away "
+            "(killed, or its job failed); every node stops"
+        )
 
 
 def _join(ips: list[str], index: int, port: int, timeout: float) -> None:
