@@ -1,27 +1,85 @@
 #!/usr/bin/env bash
 # Run the trainer in fleet collective mode: one process per visible GPU, or --nproc CPU processes
 # (default 2) on a machine without GPUs; predict, export and summary run as a single process.
-#
-#   bash run_dist.sh {train|eval|test|predict|export|summary} MODEL CONFIG [--nproc N] [--max-restarts N]
-#                    [--gpus 0,1,...] [--ips IP1,IP2,... [--host IP] [--rendezvous-timeout S]]
-#                    [-o SECTION.key=value ...] [--weights FILE] [--input VIDEO] [--onnx [--opset N]]
-#                    [--exported DIR [--backend paddle|onnx|tensorrt]] [--check-list LIST]  (docs/deployment.md)
-#   bash run_dist.sh selftest [--no-bench] [--only CHECK ...] [--report FILE]   checks a GPU host (docs/gpu.md)
-#
-# Worker logs go to log/MODE/workerlog.N (LOG_DIR overrides); PYTHON picks the interpreter (default:
-# the repo's .venv, else python3). SIGTERM/SIGINT stop every process of the run (STOP_TIMEOUT, 30 s);
-# a kill -9 of this script or of the launcher ends every rank too (launch/lifeline.py).
+# `bash run_dist.sh --help` lists the modes and every option (help_text below).
 set -euo pipefail
 
+help_text() {
+    cat <<'EOF_HELP'
+usage: bash run_dist.sh MODE MODEL CONFIG [launch options] [trainer options]
+       bash run_dist.sh selftest [--no-bench] [--only CHECK ...] [--work DIR] [--report FILE]
+       bash run_dist.sh --help
+
+Runs trainer/main.py in fleet collective mode: one rank per visible GPU, or --nproc CPU processes
+(default 2) on a machine without GPUs; predict, export and summary run as a single process.
+
+modes:
+  train      train MODEL on the config's DATASET.train_list (evaluating DATASET.val_list every val_interval)
+  eval       top-1/top-5 of a checkpoint on DATASET.val_list
+  test       multi-clip, multi-crop test of a checkpoint on DATASET.test_list
+  predict    top-k classes of videos (--input); a timeline with --window; an exported model with --exported
+  export     the Paddle Inference model (+ ONNX with --onnx), checked against the dynamic model
+  summary    the summary of a finished training run (OUTPUT_DIR/metrics.jsonl)
+  selftest   checks of a GPU host, PASS / FAIL / SKIP each (tools/selftest.py --help; docs/gpu.md)
+MODEL must match the config's MODEL.name (TSN, TSM, PP-TSM, PP-TSMv2); CONFIG is a YAML file (configs/).
+
+launch options (this script):
+  --nproc N                  ranks: default one per GPU, else 2 CPU processes
+  --gpus 0,1,...             entries of CUDA_VISIBLE_DEVICES to run on (PaddleVideo's spelling)
+  --max-restarts N           train: restart a crashed job up to N times from its last checkpoint (default 0)
+  --ips IP1,IP2,...          several hosts: every node's address, the first one leads; run this on each node
+  --host IP                  this node's address among --ips (default TSN_HOST, else its interfaces' address)
+  --rendezvous-timeout S     seconds the nodes and the ranks wait for each other (default 300)
+
+trainer options (passed on to trainer/main.py; `python trainer/main.py --help` says more):
+  -o SECTION.key=value       set one config key (repeatable), e.g. -o epochs=5 -o resume=auto
+  --weights FILE             eval, test, predict, export: the weights (default OUTPUT_DIR/best.pdparams)
+  --input SOURCE             predict: a video, a .txt list of videos, a folder, or a live source
+                             (-, a FIFO, udp://, rtsp://...)
+  --top-k K                  predict: classes shown per video (default 5)
+  --output PATH              predict: also a CSV of the predictions (the folder of a timeline);
+                             export: the folder (default OUTPUT_DIR/inference)
+  --window LEN               predict: score a long video or a stream window by window (10s, or 250 frames)
+  --stride LEN               predict --window: start a window this often (default half the window)
+  --min-segment S            predict --window: the shortest segment of segments.csv (default a window)
+  --max-seconds S            predict on a live stream: stop after S seconds
+  --timeout S                predict on a live stream: seconds without data before it counts as stalled
+  --exported DIR             predict with the model export wrote to DIR
+  --backend B                predict --exported: paddle (Paddle Inference, default), onnx or tensorrt
+  --tensorrt fp32|fp16       TensorRT's precision: predict --backend tensorrt (fp32), export's check (fp16)
+  --onnx                     export: also model.onnx
+  --opset N                  export --onnx: the ONNX opset (default 13)
+  --check-list LIST          export: check the exported model on this list's clips (default DATASET.val_list)
+  --check-clips N            export: clips checked (default 8)
+  --validate                 train: PaddleVideo's flag (evaluation needs DATASET.val_list)
+  --model NAME               set from MODEL; PaddleVideo's other spellings are translated or named
+
+environment:
+  LOG_DIR      the ranks' logs (workerlog.N) and their exit records (default log/MODE)
+  PYTHON       the interpreter (default the repo's .venv, else python3)
+  STOP_TIMEOUT seconds from SIGTERM to SIGKILL of the ranks when this script is stopped (default 30)
+  MASTER_PORT, RENDEZVOUS_PORT   ports on the first node of --ips (default 6070, 6069)
+  TSN_LOG_FORMAT                 the format of the ranks' messages (common/log.py)
+SIGTERM/SIGINT stop every process of the run; a kill -9 of this script or of the launcher ends every
+rank too (launch/lifeline.py). Exit status: the failed rank's (2: a config or usage error).
+EOF_HELP
+}
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    help_text | sed -n '1,3p' >&2
+    echo "(bash run_dist.sh --help lists the modes and options)" >&2
     exit 2
 }
+for arg in "$@"; do
+    case "$arg" in -h | --help) [ "${1:-}" = selftest ] || { help_text; exit 0; } ;; esac
+done
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 py=${PYTHON:-}
 if [ -z "$py" ]; then
     if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
 fi
+# the repo's packages for `python -m` from any folder, the ranks included (an interpreter without
+# `pip install -e .` too); trainer/main.py is still run by path, as Paddle's launcher runs a script
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${1:-}" = selftest ]; then  # the GPU host self-test (tools/selftest.py): PASS / FAIL / SKIP per check
     cd "$here" && exec "$py" -m tools.selftest "${@:2}"
 fi
@@ -92,7 +150,7 @@ log_dir=${LOG_DIR:-log/$mode}
 # Paddle's launcher, through launch/paddle_launch.py: it dies with this script and its ranks die with
 # it, whatever signal ends either (launch/lifeline.py: TSN_PARENT_PID names the parent each one checks);
 # it notes how each rank ended, and each rank writes why, into the log folder (common/exits.py)
-launch=("$py" "$here/launch/paddle_launch.py" --log_dir "$log_dir")
+launch=("$py" -m launch.paddle_launch --log_dir "$log_dir")
 export TSN_PARENT_PID=$$ TSN_EXIT_DIR
 TSN_EXIT_DIR=$(realpath -m "$log_dir")  # made by the launcher, not before the nodes meet
 nnodes=1
@@ -107,7 +165,7 @@ if [ -n "$ips" ]; then
     if [ "$node_if" != - ]; then  # gloo and NCCL would otherwise use the address the hostname resolves to
         export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$node_if} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$node_if}
     fi
-    launch=("$py" "$here/launch/paddle_launch.py" --log_dir "$log_dir" --ips "$ips" --start_port "$master_port")
+    launch=("$py" -m launch.paddle_launch --log_dir "$log_dir" --ips "$ips" --start_port "$master_port")
 fi
 # the trainers' own rendezvous (fleet.init) is bounded by the same time (trainer/dist.py)
 export TSN_RENDEZVOUS_TIMEOUT=$rdv_timeout
@@ -166,41 +224,25 @@ run_in_session() {
 
 # The cause (the rank that failed first on its own account, and how) and the others, from the ranks'
 # and the launcher's records (common/exits.py); status: 0 a restart may help, 3 it cannot (config,
-# data, usage, output errors), else no record (the launcher itself was killed): the worker logs' lines.
-# Sets cause_text and cause_status.
+# data, usage, output errors), else no record (the launcher itself was killed): then the last
+# warnings and errors each rank logged (events.R.jsonl, common/log.py). Sets cause_text and cause_status.
 cause() {
     cause_status=0
-    cause_text=$("$py" "$here/common/exits.py" report "$TSN_EXIT_DIR" 2>&1) || cause_status=$?
+    cause_text=$("$py" -m common.exits report "$TSN_EXIT_DIR" 2>&1) || cause_status=$?
     if [ "$cause_status" -ne 0 ] && [ "$cause_status" -ne 3 ]; then
         if [ "$status" -gt 128 ] && [ "$status" -le 192 ]; then
             cause_text+=$'\n'"  the launcher ended by SIG$(kill -l $((status - 128)) 2>/dev/null), and every rank with it"
         fi
-        errors=$(rank_errors)
-        [ -z "$errors" ] || cause_text+=$'\n'$errors
+        notes=$("$py" -m common.exits notes "$TSN_EXIT_DIR" 2>/dev/null) || true
+        [ -z "$notes" ] || cause_text+=$'\n'$notes
     fi
-}
-
-# what each rank reported in this attempt (the worker logs grow across runs: read from the offsets)
-declare -A offset=()
-rank_errors() {
-    for f in "$log_dir"/workerlog.*; do
-        [ -f "$f" ] || continue
-        errors=$(tail -c +$((${offset[$f]:-0} + 1)) "$f" | grep -E "^(config error|(train|eval|test|predict): (error|stopped)|rank [0-9]+: the ranks' rendezvous)|^[A-Za-z_.]*(Error|Exception)(: |$)|^dali_pipelines: skipping" | tail -n 5 || true)
-        if [ -n "$errors" ]; then
-            printf '  rank %s (%s):\n%s\n' "${f##*.}" "$f" "$(sed 's/^/    /' <<<"$errors")"
-        fi
-    done
 }
 
 attempt=0
 while :; do
-    offset=()
-    for f in "$log_dir"/workerlog.*; do
-        [ -f "$f" ] && offset[$f]=$(stat -c %s "$f")
-    done
-    rm -f "$log_dir"/exit.*.json "$log_dir"/reading.* "$log_dir/launcher.json"  # the records of an earlier attempt
+    "$py" -m common.exits clear "$log_dir"  # the records of an earlier attempt (exit, launcher, reading, events)
     if [ "$nnodes" -gt 1 ]; then  # every node joins within the timeout, or every node stops and says which did not
-        run_in_session "$py" "$here/launch/hosts.py" rendezvous --ips "$ips" --index "$node_index" --port "$rdv_port" --timeout "$rdv_timeout"
+        run_in_session "$py" -m launch.hosts rendezvous --ips "$ips" --index "$node_index" --port "$rdv_port" --timeout "$rdv_timeout"
         [ "$status" -eq 0 ] || exit "$status"
     fi
     run_in_session "${launch[@]}" "${main[@]}"

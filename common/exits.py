@@ -2,6 +2,8 @@
 
     python -m common.exits report LOG_DIR     the cause first, then every rank; exit 0: a restart may
                                               help, 3: it cannot (config, data, usage, output), 1: no records
+    python -m common.exits notes LOG_DIR      each rank's last warnings and errors (events.R.jsonl)
+    python -m common.exits clear LOG_DIR      forget the records of an earlier attempt
 
 Two structured sources, both in the job's log folder (docs/robustness.md "Processes and ranks"):
 - ``exit.R.json``, written by rank R itself on the way out (trainer/main.py): its kind of error and
@@ -13,6 +15,8 @@ Two structured sources, both in the job's log folder (docs/robustness.md "Proces
 - ``reading.R.json``, kept by rank R's loader while it runs (dali_pipelines/feed.py): the files it
   reads now. A rank stopped or stuck can write nothing then, so the note is left beforehand, for the
   report to name the files with the rank.
+- ``events.R.jsonl``, rank R's warnings and errors as it logged them (common/log.py): what
+  run_dist.sh shows when no rank could write a record (the launcher itself was killed).
 The cause is the rank that failed first on its own account; a rank that only failed because a peer
 had gone (a collective that lost its peer or timed out, an abort from inside the communication
 library, the launcher's stop) is reported, not blamed.
@@ -47,7 +51,8 @@ def is_collective_error(message: str) -> bool:
     return any(mark.lower() in message.lower() for mark in _COLLECTIVE_MARKS)
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's rank in the job (0 outside one)."""
     return int(os.environ.get("PADDLE_TRAINER_ID") or 0)
 
 
@@ -62,7 +67,7 @@ def write_record(kind: str, message: str, exit_code: int) -> None:
         return
     assert kind in KINDS, kind
     record = {
-        "rank": _rank(),
+        "rank": rank(),
         "pid": os.getpid(),
         "kind": kind,
         "message": message.strip().splitlines()[-1] if message.strip() else "",
@@ -87,8 +92,12 @@ def record_bytes(kind: str, message: str, exit_code: int) -> tuple[str, bytes]:
     directory = os.environ.get(EXIT_DIR_ENV)
     if not directory:
         return "", b""
-    record = {"rank": _rank(), "pid": os.getpid(), "kind": kind, "message": message.strip(), "exit": exit_code}
+    record = {"rank": rank(), "pid": os.getpid(), "kind": kind, "message": message.strip(), "exit": exit_code}
     return record_path(directory, record["rank"]), json.dumps(record).encode()
+
+
+def events_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"events.{rank}.jsonl")
 
 
 def reading_path(directory: str, rank: int) -> str:
@@ -108,7 +117,7 @@ class ReadingNote:
 
     def __init__(self):
         directory = os.environ.get(EXIT_DIR_ENV)
-        self._path = reading_path(directory, _rank()) if directory else ""
+        self._path = reading_path(directory, rank()) if directory else ""
         self._last: list[str] | None = None
         self._fd: int | None = None
 
@@ -116,7 +125,7 @@ class ReadingNote:
         if not self._path or not paths or paths == self._last:
             return
         self._last = paths
-        note = json.dumps({"rank": _rank(), "pid": os.getpid(), "files": paths, "time": time.time()}).encode()
+        note = json.dumps({"rank": rank(), "pid": os.getpid(), "files": paths, "time": time.time()}).encode()
         try:
             if self._fd is None:
                 os.makedirs(os.path.dirname(self._path), exist_ok=True)
@@ -136,6 +145,7 @@ def clear(directory: str) -> None:
             (name.startswith("exit.") and name.endswith(".json"))
             or name == "launcher.json"
             or name.startswith("reading.")
+            or name.startswith("events.")
         ):
             os.remove(os.path.join(directory, name))
 
@@ -322,15 +332,55 @@ def report(directory: str, out=sys.stdout) -> int:
     return 0
 
 
+def notes(directory: str, out=sys.stdout, limit: int = 5) -> int:
+    """Each rank's last ``limit`` warnings and errors (events.R.jsonl), under the name of its log: what
+    the ranks said when none could say how it ended. Exit 1 when no rank noted anything."""
+    found = 0
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    ranks = sorted(int(n.split(".")[1]) for n in names if n.startswith("events.") and n.split(".")[1].isdigit())
+    for r in ranks:
+        lines = []
+        try:
+            with open(events_path(directory, r), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        lines.append(str(json.loads(line)["message"]))
+                    except (ValueError, KeyError, TypeError):  # a line cut by a full disk
+                        continue
+        except OSError:
+            continue
+        messages = [m for line in lines[-limit:] for m in line.splitlines()][-limit:]
+        if messages:
+            found += 1
+            log = os.path.join(directory, f"workerlog.{r}")
+            print(f"  rank {r} ({log if os.path.isfile(log) else events_path(directory, r)}):", file=out)
+            for m in messages:
+                print(f"    {m}", file=out)
+    return 0 if found else 1
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 2 and argv[0] == "report":
-        return report(argv[1])
-    if len(argv) == 2 and argv[0] == "clear":
-        clear(argv[1])
-        return 0
-    print(__doc__.split("\n\n")[1], file=sys.stderr)
-    return 2
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
+    p.add_argument(
+        "action",
+        choices=("report", "notes", "clear"),
+        help="report: the cause and every rank's end (exit 0 a restart may help, 3 it cannot, 1 no record); "
+        "notes: each rank's last warnings and errors; clear: remove the records of an earlier attempt",
+    )
+    p.add_argument("log_dir", metavar="LOG_DIR", help="the job's log folder (run_dist.sh's LOG_DIR, TSN_EXIT_DIR)")
+    args = p.parse_args(argv)
+    if args.action == "report":
+        return report(args.log_dir)
+    if args.action == "notes":
+        return notes(args.log_dir)
+    clear(args.log_dir)
+    return 0
 
 
 if __name__ == "__main__":

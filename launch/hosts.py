@@ -25,6 +25,10 @@ import socket
 import sys
 import time
 
+from common import log as logs
+
+log = logs.get_logger(__name__)
+
 DEFAULT_PORT = 6069  # Paddle's launcher takes 6070.. (its --start_port) on every node
 DEFAULT_TIMEOUT = 300.0
 
@@ -320,30 +324,44 @@ def rendezvous(ips: list[str], index: int, port: int = DEFAULT_PORT, timeout: fl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("plan", "rendezvous"))
-    p.add_argument("--ips", required=True)
-    p.add_argument("--host", default=os.environ.get("TSN_HOST") or None)
-    p.add_argument("--index", type=int)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    logs.setup()
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.partition("\n\n")[2],
+    )
+    p.add_argument(
+        "action",
+        choices=("plan", "rendezvous"),
+        help="plan: print this node's index, address and interface; rendezvous: wait until every node joined",
+    )
+    p.add_argument("--ips", required=True, help="the nodes' IPv4 addresses, comma-separated, the first one leads")
+    p.add_argument(
+        "--host",
+        default=os.environ.get("TSN_HOST") or None,
+        help="this node's address among --ips (default TSN_HOST, else found among the interfaces' addresses)",
+    )
+    p.add_argument("--index", type=int, help="rendezvous: this node's index in --ips (plan prints it)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"rendezvous: the first node's port ({DEFAULT_PORT})")
+    p.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"rendezvous: seconds to wait ({DEFAULT_TIMEOUT:.0f})"
+    )
     args = p.parse_args(argv)
     try:
         ips = parse_ips(args.ips)
         if args.action == "plan":
             index, address = plan(ips, args.host)
-            print(index, address, interface_of(address) or "-")
+            print(index, address, interface_of(address) or "-")  # the plan run_dist.sh reads, not a message
             warning = address_warning(address)
             if warning:
-                print(f"run_dist.sh: warning: {warning}", file=sys.stderr)
+                log.warning(f"run_dist.sh: warning: {warning}")
         else:
-            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run by path
             from launch.lifeline import link
 
             link()  # ends with run_dist.sh, like the launcher after it
             rendezvous(ips, args.index, args.port, args.timeout)
     except HostError as e:
-        print(f"run_dist.sh: {e}", file=sys.stderr)
+        log.error(f"run_dist.sh: {e}")
         return 2 if args.action == "plan" else 1
     return 0
 

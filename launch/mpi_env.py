@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 
+from common.log import get_logger
 from launch.hosts import address_warning, mpi_address
+
+log = get_logger(__name__)
 
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
@@ -56,7 +58,7 @@ def paddle_env(env=None, gpus_per_node: int = 0) -> dict:
     host, interface = ("127.0.0.1", "lo") if size == 1 else mpi_address(comm)
     warning = address_warning(host) if interface and not env.get("GLOO_SOCKET_IFNAME") else ""
     if warning:
-        print(f"launch.mpi_env: rank {rank}: warning: {warning}", file=sys.stderr)
+        log.warning(f"launch.mpi_env: rank {rank}: warning: {warning}")
     endpoints = comm.allgather(f"{host}:{_free_port()}")
     master = comm.bcast(f"{host}:{_free_port()}" if rank == 0 else None, root=0)  # rank 0's TCP store
     hosts = [e.rsplit(":", 1)[0] for e in endpoints]

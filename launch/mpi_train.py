@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import log as logs
+
+log = logs.get_logger(__name__)
 
 
 def _gpus_on_this_node() -> int:
@@ -32,9 +33,10 @@ def _gpus_on_this_node() -> int:
 
 
 def main(argv=None) -> int:
+    logs.setup()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+    if not argv or argv[0] in ("-h", "--help"):  # the trainer's own options: python trainer/main.py --help
+        print(__doc__, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     # MPI before Paddle: Paddle 2.6's libpaddle.so exported its own zlib, which crashed a later zlib user
     from mpi4py import MPI  # noqa: F401
@@ -55,10 +57,9 @@ def main(argv=None) -> int:
 
         hosts = list(dict.fromkeys(e.rsplit(":", 1)[0] for e in env["PADDLE_TRAINER_ENDPOINTS"].split(",")))
         timeout = float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV) or DEFAULT_RENDEZVOUS_TIMEOUT)
-        print(
+        log.info(
             f"launch.mpi_train: {env['PADDLE_TRAINERS_NUM']} ranks on {len(hosts)} host(s) ({', '.join(hosts)}); "
-            f"they meet at rank 0's TCP store {env['PADDLE_MASTER']} within {timeout:.0f}s ({RENDEZVOUS_TIMEOUT_ENV})",
-            flush=True,
+            f"they meet at rank 0's TCP store {env['PADDLE_MASTER']} within {timeout:.0f}s ({RENDEZVOUS_TIMEOUT_ENV})"
         )
     from trainer.main import main as trainer_main
 

@@ -12,13 +12,9 @@ ranks, and told this node's address instead of guessing it.
 """
 
 import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import exits
-from launch import lifeline  # noqa: E402 - after the path set-up above
+from launch import lifeline
 
 
 def _watch_ranks() -> exits.Watcher | None:

@@ -18,6 +18,9 @@ import argparse
 import os
 import sys
 
+from common import log as logs
+
+log = logs.get_logger(__name__)
 CPU_DEFAULT = 2
 
 
@@ -80,8 +83,13 @@ def cpu_ranks_env(n: int, compiled_with_cuda: bool, labels: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nproc", type=int, default=None)
+    logs.setup()
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.partition("\n\n")[2],
+    )
+    p.add_argument("--nproc", type=int, default=None, help="ranks asked for (default: one per GPU, else 2)")
     args = p.parse_args(argv)
     try:
         ngpu = gpu_count()
@@ -94,9 +102,9 @@ def main(argv=None) -> int:
         else:
             cvd = "keep"
     except ValueError as e:
-        print(f"run_dist.sh: {e}", file=sys.stderr)
+        log.error(f"run_dist.sh: {e}")
         return 2
-    print(n, devices, cvd)
+    print(n, devices, cvd)  # the plan run_dist.sh reads, not a message
     return 0
 
 

@@ -24,8 +24,14 @@ import signal
 import sys
 import warnings
 
-if __package__ in (None, ""):  # run by path (as paddle.distributed.launch does): make the repo importable
+# the one shim: Paddle's launcher and the seeds' `python trainer/main.py` run this file by path, with its
+# folder on sys.path instead of the repo (an interpreter without `pip install -e .` included)
+if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import log as logs  # noqa: E402 - after the path set-up above
+
+log = logs.get_logger("trainer.main")
 
 warnings.filterwarnings("ignore", message="No ccache found")
 warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
@@ -43,13 +49,27 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's options, each with its help (run_dist.sh --help lists them too: tests/test_cli.py)."""
+    description, _, usage = __doc__.partition("\n\n")
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=usage
     )
-    p.add_argument("mode", choices=MODES)
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.key=value")
+    p.add_argument(
+        "mode",
+        choices=MODES,
+        help="train; eval (DATASET.val_list) or test (DATASET.test_list, multi-view) a checkpoint; predict "
+        "videos; export the inference model; summary of a finished run (and `compare OUTPUT_DIR...`)",
+    )
+    p.add_argument("-c", "--config", required=True, help="the YAML config (configs/*.yaml; _base_ inherits one)")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.key=value",
+        help="set one config key, e.g. -o epochs=5 -o DATASET.batch_size=8 (repeatable; unknown keys are errors)",
+    )
     p.add_argument("--model", help="model name; must match MODEL.name of the config (run_dist.sh passes it)")
     p.add_argument("--weights", help="weights for eval/test/predict (default: OUTPUT_DIR/best.pdparams)")
     p.add_argument("--input", help="predict: a video file, or a text file listing one video a line")
@@ -90,12 +110,17 @@ def parse_args(argv=None):
     from trainer.infer import add_arguments
 
     add_arguments(p)  # timelines, live streams, folders (docs/inference.md)
+    return p
+
+
+def parse_args(argv=None):
     from trainer.spellings import SpellingError, translate
 
+    p = build_parser()
     try:  # PaddleVideo's spellings: --amp, --validate, -w, --input_file... (docs/deployment.md)
         argv = translate(sys.argv[1:] if argv is None else list(argv))
     except SpellingError as e:
-        print(f"main.py: {e}", file=sys.stderr)
+        log.error(f"main.py: {e}")
         sys.exit(2)
     args = p.parse_args(argv)
     if args.backend and not args.exported:
@@ -129,17 +154,17 @@ def _summary_line(summary: dict) -> str:
 def _print_summary(cfg) -> int:
     path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        print(f"summary: {path} does not exist; train first", file=sys.stderr)
+        log.error(f"summary: {path} does not exist; train first")
         return 1
     records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     last = {r["mode"]: r for r in records}
     if "summary" not in last:
-        print(f"summary: no finished training run in {path}", file=sys.stderr)
+        log.error(f"summary: no finished training run in {path}")
         return 1
-    print(_summary_line(last["summary"]))
+    log.info(_summary_line(last["summary"]))
     if "eval" in last:
         e = last["eval"]
-        print(f"EVAL top1={e['top1']:.4f} top5={e['top5']:.4f} on {e['samples']} clips ({e['weights']})")
+        log.info(f"EVAL top1={e['top1']:.4f} top5={e['top5']:.4f} on {e['samples']} clips ({e['weights']})")
     return 0
 
 
@@ -165,9 +190,7 @@ def run(args) -> int:
     if env.world_size > 1:  # each rank's own log says who it is, for operators (and kill tests)
         import socket
 
-        print(
-            f"rank {env.rank}/{env.world_size}: pid {os.getpid()} on {socket.gethostname()} ({env.device})", flush=True
-        )
+        log.info(f"rank {env.rank}/{env.world_size}: pid {os.getpid()} on {socket.gethostname()} ({env.device})")
     lock = None
     if env.is_main and args.mode in ("train", "eval", "test"):  # they write into output_dir
         from common.runlock import RunLock
@@ -183,7 +206,7 @@ def run(args) -> int:
             if args.mode == "train" and os.path.isfile(latest)
             else ""
         )
-        print(f"{args.mode}: stopped by {name} (rank {env.rank}){hint}", file=sys.stderr, flush=True)
+        log.warning(f"{args.mode}: stopped by {name} (rank {env.rank}){hint}")
         return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     finally:
         if lock is not None:
@@ -208,7 +231,7 @@ def _run_mode(args, cfg, env) -> int:
     if args.mode == "train":
         summary = engine.train(cfg, env)
         if env.is_main:
-            print(_summary_line(summary), flush=True)
+            log.info(_summary_line(summary))
         return 0
 
     if args.mode == "predict" and args.exported:
@@ -259,21 +282,20 @@ def _evaluate(cfg, env, model, mode: str, weights: str) -> int:
             else ""
         )
         # the numbers first: nothing that fails writing the report can lose them
-        print(
+        log.info(
             f"{mode}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} mean class accuracy "
             f"{result['mean_class_accuracy']:.4f} loss {result['loss']:.4f} on {result['samples']} clips "
-            f"({views}{weights})",
-            flush=True,
+            f"({views}{weights})"
         )
         paths = write_test_report(cfg.output_dir, mode, result, names)
-        log = MetricsLog(cfg.output_dir)
-        log.write(
+        metrics = MetricsLog(cfg.output_dir)
+        metrics.write(
             mode=mode,
             weights=weights,
             **{k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")},
         )
-        log.close()
-        print(f"{mode}: per-class accuracy and confusion matrix: {', '.join(paths)}", flush=True)
+        metrics.close()
+        log.info(f"{mode}: per-class accuracy and confusion matrix: {', '.join(paths)}")
     return 0
 
 
@@ -284,7 +306,7 @@ def _export(cfg, env, model, args) -> int:
     out_dir = args.output or os.path.join(cfg.output_dir, "inference")
     check_writable(out_dir, "the export folder")
     if args.opset and not args.onnx:
-        print(f"export: --opset {args.opset} is the ONNX opset: add --onnx", file=sys.stderr)
+        log.error(f"export: --opset {args.opset} is the ONNX opset: add --onnx")
         return 2
     names = _class_names(cfg)
     if args.check_list:
@@ -304,12 +326,12 @@ def _export(cfg, env, model, args) -> int:
         device_id=env.device_id or 0,
         tensorrt=args.tensorrt or "fp16",
     )
-    print(
+    log.info(
         f"export: {report['model']}, {report['params']}, {report['preprocessing']}"
         + (f", {report['onnx']} (opset {args.opset or DEFAULT_OPSET})" if "onnx" in report else "")
     )
-    print("\n".join(check_table(report["check"])))
-    print(f"export: the check is in {report['check_file']}")
+    log.info("\n".join(check_table(report["check"])))
+    log.info(f"export: the check is in {report['check_file']}")
     return 0
 
 
@@ -338,7 +360,7 @@ def _default_check_clips(cfg, env, count: int):
             continue
         return sample, f"{source} (DATASET.{key})"
     if why:  # a list that exists but cannot be read: said here too, not only in the table
-        print(f"export: checking on random inputs: {'; '.join(why)} (--check-list LIST picks clips)", file=sys.stderr)
+        log.warning(f"export: checking on random inputs: {'; '.join(why)} (--check-list LIST picks clips)")
     return None, "; ".join(why) or "no DATASET.val_list or DATASET.test_list"
 
 
@@ -398,7 +420,7 @@ def _predict_exported(cfg, env, args) -> int:
         "onnx": f"onnxruntime, {os.path.join(args.exported, 'model.onnx')}",
         "tensorrt": f"TensorRT {getattr(model, 'precision', None)} through Paddle Inference",
     }[backend]
-    print(f"predict: exported model {args.exported} on {env.device} ({engine})")
+    log.info(f"predict: exported model {args.exported} on {env.device} ({engine})")
     return _report_predictions(cfg, env, exported_scorer(model), args)
 
 
@@ -416,22 +438,26 @@ def _report_predictions(cfg, env, scorer, args) -> int:
     print_predictions(results)
     if args.output:
         write_predictions_csv(results, args.output)
-        print(f"predict: {len(results)} video(s) -> {args.output}")
+        log.info(f"predict: {len(results)} video(s) -> {args.output}")
     return 0
 
 
 def main(argv=None) -> int:
-    from trainer.infer import is_compare
-
-    if is_compare(argv):  # compare OUTPUT_DIR...: no config of its own (trainer/reports.py)
-        from trainer.reports import compare_main
-
-        return compare_main((sys.argv[1:] if argv is None else argv)[1:])
+    logs.setup()  # this rank's messages: console, and its events beside its exit record (common/log.py)
     try:
+        from trainer.infer import is_compare
+
+        if is_compare(argv):  # compare OUTPUT_DIR...: no config of its own (trainer/reports.py)
+            from trainer.reports import compare_main
+
+            return compare_main((sys.argv[1:] if argv is None else argv)[1:])
         args = parse_args(argv)
     except SystemExit as e:
         if e.code == 2:  # argparse said why on stderr
             _exit_record("usage", "the command line was refused (its log says why)", 2)
+        raise
+    except Exception as e:  # an install that cannot import: recorded like any crash
+        _exit_record("crash", f"{type(e).__name__}: {e}", 1)
         raise
     from clipdata.errors import DataFormatError
     from clipdata.video import VideoError
@@ -449,16 +475,16 @@ def main(argv=None) -> int:
             _exit_record("stopped", f"stopped by {signal.Signals(code - 128).name}", code)
         return code
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        log.error(str(e))
         return _exit_record("config", str(e), 2)
     except (DataFormatError, VideoError, FileNotFoundError, WeightsError, BusyError, OutputError) as e:
-        print(f"{args.mode}: error: {e}", file=sys.stderr)
+        log.error(f"{args.mode}: error: {e}")
         return _exit_record("output" if isinstance(e, (BusyError, OutputError)) else "data", str(e), 1)
     except ExportError as e:  # a missing package, an opset too low, an exported model that disagrees
-        print(f"{args.mode}: error: {e}", file=sys.stderr)
+        log.error(f"{args.mode}: error: {e}")
         return _exit_record("config", str(e), 1)
     except WorkerError as e:  # a loader worker died (a crash: out of memory?) or hung on a file (data)
-        print(f"{args.mode}: error: {e}", file=sys.stderr)
+        log.error(f"{args.mode}: error: {e}")
         return _exit_record("data" if isinstance(e, WorkerTimeout) else "crash", str(e), 1)
     except OSError as e:
         if e.errno not in (*NO_SPACE, errno.EROFS):
@@ -466,11 +492,10 @@ def main(argv=None) -> int:
             raise
         _exit_record("output", f"{e.strerror} writing {e.filename or 'the output'}", 1)
         resume = " -o resume=auto" if args.mode == "train" else ""
-        print(
+        log.error(
             f"{args.mode}: error: {e.strerror} writing {e.filename or 'the output'}; what was written before is "
             f"whole (files are written under a temporary name, then renamed): free space and run the same "
-            f"command{resume} again",
-            file=sys.stderr,
+            f"command{resume} again"
         )
         return 1
     except Exception as e:  # ours to fix, or a peer that went away (common/exits.py tells which)
