@@ -126,7 +126,6 @@ def main(argv=None) -> int:
         help="list (and probe or index) only this host's part I of N; then merge_shards.py OUT N",
     )
     args = p.parse_args(argv)
-    bad, note = [], ""
     try:
         shard = shards.parse_shard(args.shard)
         if args.probe < 0 or args.index < 0:
@@ -135,47 +134,14 @@ def main(argv=None) -> int:
             raise UsageError("--index applies to pkl lists only")
         if shard:  # until this run writes it anew, the merge must not take an earlier run's part for it
             shards.remove_part(args.out, shard)
-        if args.source == "pkl":
-            entries = pkl_entries(args.root)
-            if not entries:  # also for a shard: its own share may be empty, the whole folder may not
-                raise UsageError(f"found no pkl under {args.root}")
-            positions = shards.items_of(shard, list(range(len(entries))))
-            entries = [entries[i] for i in positions]
-            if args.index and entries:
-                done, bad = index_pkls([e[0] for e in entries], args.index)
-                failed = {path for path, _ in bad}
-                positions = [i for i, e in zip(positions, entries) if e[0] not in failed]
-                entries = [e for e in entries if e[0] not in failed]
-                note = (
-                    f"; frame index: {done['appended']} appended, {done['rewritten']} rewritten, "
-                    f"{done['indexed']} already indexed"
-                )
-        elif args.source == "rawframes":
-            entries = rawframe_entries(args.root, args.csv, args.label_file)
-            if not entries:
-                raise UsageError(f"found no rawframes under {args.root}")
-            positions = shards.items_of(shard, list(range(len(entries))))
-            entries = [entries[i] for i in positions]
-        else:
-            positions, entries, bad = class_video_entries(args.root, args.label_file, args.probe, shard)
+        positions, entries, bad, note = _scan(args, shard)
         if not entries and shard is None:
             raise UsageError(f"found no {args.source} under {args.root}")
     except UsageError as e:
         print(f"build_list: error: {e}", file=sys.stderr)
         return 2
-    if shard:  # the position in the whole list orders the merged one
-        lines = [(f"{i:012d}", line) for i, line in zip(positions, list_lines(args.out, entries))]
-        part = shards.write_part(
-            args.out,
-            shard,
-            tool="build_list",
-            source=f"{args.source} {os.path.abspath(args.root)} ({_settings(args)})",
-            lines=lines,
-            failures=[(path, f"{path}: {why}") for path, why in bad],  # the merge names them as one run does
-            complete=True,
-        )
-        merge = f"python preprocessing/merge_shards.py {args.out} {shard.count}"
-        note += f"; part {shard} -> {part} (when every shard is done: {merge})"
+    if shard:
+        note += _write_part(args, shard, positions, entries, bad)
     else:
         write_list(args.out, entries)
     for path, why in bad:
@@ -185,6 +151,47 @@ def main(argv=None) -> int:
         + (f"; {len(bad)} unreadable {'files' if args.source == 'pkl' else 'videos'} skipped" if bad else "")
     )
     return 1 if bad else 0
+
+
+def _scan(args, shard) -> tuple[list[int], list, list, str]:
+    """This shard's entries of ROOT with their positions in the whole list, the files skipped as
+    unreadable, and a note on the frame index (pkl --index)."""
+    if args.source == "videos":
+        return (*class_video_entries(args.root, args.label_file, args.probe, shard), "")
+    if args.source == "pkl":
+        entries = pkl_entries(args.root)
+    else:
+        entries = rawframe_entries(args.root, args.csv, args.label_file)
+    if not entries:  # also for a shard: its own share may be empty, the whole folder may not
+        raise UsageError(f"found no {args.source} under {args.root}")
+    positions = shards.items_of(shard, list(range(len(entries))))
+    entries = [entries[i] for i in positions]
+    if not (args.index and entries):
+        return positions, entries, [], ""
+    done, bad = index_pkls([e[0] for e in entries], args.index)
+    failed = {path for path, _ in bad}
+    positions = [i for i, e in zip(positions, entries) if e[0] not in failed]
+    entries = [e for e in entries if e[0] not in failed]
+    note = (
+        f"; frame index: {done['appended']} appended, {done['rewritten']} rewritten, {done['indexed']} already indexed"
+    )
+    return positions, entries, bad, note
+
+
+def _write_part(args, shard, positions, entries, bad) -> str:
+    """This shard's part of the list; returns the note that names it and the merge to run."""
+    lines = [(f"{i:012d}", line) for i, line in zip(positions, list_lines(args.out, entries))]  # merge order
+    part = shards.write_part(
+        args.out,
+        shard,
+        tool="build_list",
+        source=f"{args.source} {os.path.abspath(args.root)} ({_settings(args)})",
+        lines=lines,
+        failures=[(path, f"{path}: {why}") for path, why in bad],  # the merge names them as one run does
+        complete=True,
+    )
+    merge = f"python preprocessing/merge_shards.py {args.out} {shard.count}"
+    return f"; part {shard} -> {part} (when every shard is done: {merge})"
 
 
 if __name__ == "__main__":

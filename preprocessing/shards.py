@@ -205,6 +205,27 @@ def merge(list_file: str, count: int) -> tuple[int, list[str], str | None]:
     """Write LIST (and its failures file) from the N parts; (lines, failure lines, the failures file
     or None). Raises UsageError naming every shard that is missing, unfinished or from another run."""
     list_file = os.path.abspath(list_file)
+    parts = _finished_parts(list_file, count)
+    runs = {}
+    for p in parts:
+        run = f"{p['tool']} {p['source']} -> list {p['list']}, failures {p['failures_file']}"
+        runs.setdefault(run, []).append(p["shard"][0])
+    if len(runs) > 1:
+        raise UsageError(
+            f"cannot merge {count} shards into {list_file}: the parts come from different runs (run them "
+            "again with the same arguments): " + "; ".join(f"{_shards(ids, count)}: {run}" for run, ids in runs.items())
+        )
+    lines = sorted(tuple(x) for p in parts for x in p["lines"])
+    failures = [line for _, line in sorted(tuple(x) for p in parts for x in p["failures"])]
+    failures_file = parts[0]["failures_file"]
+    write_atomic(list_file, "".join(line + "\n" for _, line in lines).encode())
+    if failures_file:
+        write_atomic(failures_file, "".join(line + "\n" for line in failures).encode())
+    return len(lines), failures, failures_file
+
+
+def _finished_parts(list_file: str, count: int) -> list[dict]:
+    """The N parts of LIST, each complete; else UsageError naming every shard to run again and why."""
     parts, missing, unfinished, problems, redo = [], [], [], [], []
     for i in range(1, count + 1):
         shard = Shard(i, count)
@@ -242,22 +263,7 @@ def merge(list_file: str, count: int) -> tuple[int, list[str], str | None]:
             f"cannot merge {count} shards into {list_file}: {'; '.join(problems)}; when no shard runs any more, "
             f"run shard(s) {ids} of {count} again (a Slurm array: --array={ids})"
         )
-    runs = {}
-    for p in parts:
-        run = f"{p['tool']} {p['source']} -> list {p['list']}, failures {p['failures_file']}"
-        runs.setdefault(run, []).append(p["shard"][0])
-    if len(runs) > 1:
-        raise UsageError(
-            f"cannot merge {count} shards into {list_file}: the parts come from different runs (run them "
-            "again with the same arguments): " + "; ".join(f"{_shards(ids, count)}: {run}" for run, ids in runs.items())
-        )
-    lines = sorted(tuple(x) for p in parts for x in p["lines"])
-    failures = [line for _, line in sorted(tuple(x) for p in parts for x in p["failures"])]
-    failures_file = parts[0]["failures_file"]
-    write_atomic(list_file, "".join(line + "\n" for _, line in lines).encode())
-    if failures_file:
-        write_atomic(failures_file, "".join(line + "\n" for line in failures).encode())
-    return len(lines), failures, failures_file
+    return parts
 
 
 def _shards(ids: list[int], count: int, one: str = "has", several: str = "have") -> str:
