@@ -25,9 +25,6 @@ import sys
 
 import numpy as np
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 CLASSES = ("bouncing ball", "sliding square", "pulsing ring", "spinning bar", "blinking dots", "scrolling stripes")
 BASE_COLOURS = {  # RGB of each class's object; jittered per clip
     "bouncing ball": (220, 50, 40),
@@ -149,17 +146,21 @@ def render_motion_clip(cls: str, num_frames: int, width: int, height: int, rng: 
 
 def write_mp4(path: str, frames: np.ndarray, fps: int = FPS) -> None:
     """Encode RGB frames as H.264 (x264 defaults, so with B-frames) into ``path`` atomically."""
+    import io
+
     import av
 
-    tmp = path + ".tmp.mp4"
-    with av.open(tmp, "w", format="mp4") as out:
+    from common.files import write_atomic
+
+    encoded = io.BytesIO()  # the same bytes as a file: the mp4 muxer seeks back in either
+    with av.open(encoded, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast"})
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for img in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         out.mux(stream.encode())
-    os.replace(tmp, path)
+    write_atomic(path, encoded.getvalue())
 
 
 def _make_clip(job) -> None:
@@ -169,6 +170,30 @@ def _make_clip(job) -> None:
 
 
 ALPHABET = np.array(list(string.ascii_letters + string.digits + "-_"))
+
+
+def _write_split(out_dir: str, split: str, classes, counts: dict, seed: int, frames: tuple[int, int]) -> list:
+    """Write SPLIT's CSV; returns the clips of it still to render, as _make_clip jobs."""
+    from common.files import write_atomic
+
+    si = ("train", "val").index(split)
+    rows = ["label,youtube_id,time_start,time_end,split"]
+    todo = []
+    for ci, cls in enumerate(classes):
+        folder = os.path.join(out_dir, split, cls.replace(" ", "_"))
+        os.makedirs(folder, exist_ok=True)
+        for k in range(counts[split]):
+            rng = np.random.default_rng([seed, si, ci, k])
+            yid = "".join(rng.choice(ALPHABET, 11))
+            start = int(rng.integers(0, 300))
+            rows.append(f"{cls},{yid},{start},{start + 10},{split}")
+            width, height = SIZES[int(rng.integers(len(SIZES)))]
+            n = int(rng.integers(frames[0], frames[1] + 1))
+            path = os.path.join(folder, f"{yid}_{start:06d}_{start + 10:06d}.mp4")
+            if not os.path.exists(path):
+                todo.append((path, cls, n, width, height, [seed, si, ci, k, 1]))
+    write_atomic(os.path.join(out_dir, f"kinetics_demo_{split}.csv"), ("\n".join(rows) + "\n").encode())
+    return todo
 
 
 def make_dataset(
@@ -208,22 +233,8 @@ def make_dataset(
 
     counts = {"train": train_per_class, "val": val_per_class}
     todo = []
-    for si, split in enumerate(("train", "val")):
-        rows = ["label,youtube_id,time_start,time_end,split"]
-        for ci, cls in enumerate(classes):
-            folder = os.path.join(out_dir, split, cls.replace(" ", "_"))
-            os.makedirs(folder, exist_ok=True)
-            for k in range(counts[split]):
-                rng = np.random.default_rng([seed, si, ci, k])
-                yid = "".join(rng.choice(ALPHABET, 11))
-                start = int(rng.integers(0, 300))
-                rows.append(f"{cls},{yid},{start},{start + 10},{split}")
-                width, height = SIZES[int(rng.integers(len(SIZES)))]
-                n = int(rng.integers(min_frames, max_frames + 1))
-                path = os.path.join(folder, f"{yid}_{start:06d}_{start + 10:06d}.mp4")
-                if not os.path.exists(path):
-                    todo.append((path, cls, n, width, height, [seed, si, ci, k, 1]))
-        write_atomic(csvs[split], ("\n".join(rows) + "\n").encode())
+    for split in csvs:
+        todo += _write_split(out_dir, split, classes, counts, seed, (min_frames, max_frames))
     total = len(classes) * (train_per_class + val_per_class)
     with (
         fork_context().Pool(jobs or os.cpu_count()) as pool,
