@@ -167,10 +167,10 @@ def plot_timeline(tl, segs: pd.DataFrame, png_path: str, curves: int = 5) -> Non
     ax.set_ylabel("probability")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right", ncols=min(len(shown), 5))
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
-    os.replace(tmp, png_path)
+    write_atomic(png_path, png.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ predictions
