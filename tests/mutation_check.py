@@ -48,9 +48,13 @@ MUTANTS = {
         'drop_last = (mode == "train") if options["drop_last"] is None',
         'drop_last = True if options["drop_last"] is None',
     ),
-    "resume without optimizer state": ("trainer/engine.py", '    optimizer.set_state_dict(state["optimizer"])\n', "\n"),
+    "resume without optimizer state": (
+        "trainer/checkpoint.py",
+        '    optimizer.set_state_dict(state["optimizer"])\n',
+        "\n",
+    ),
     "resume without the LR scheduler position": (
-        "trainer/engine.py",
+        "trainer/checkpoint.py",
         '    optimizer.set_state_dict(state["optimizer"])\n',
         '    optimizer.set_state_dict({k: v for k, v in state["optimizer"].items() if k != "LR_Scheduler"})\n',
     ),
@@ -117,7 +121,7 @@ MUTANTS = {
         "        key = (os.path.normpath(path), no)\n",
     ),
     "resume=auto falls back to the oldest epoch checkpoint": (
-        "trainer/engine.py",
+        "trainer/checkpoint.py",
         "[p for _, p in sorted(epochs, reverse=True)]",
         "[p for _, p in sorted(epochs)]",
     ),

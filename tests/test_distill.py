@@ -203,7 +203,7 @@ def test_distillation_errors_are_one_line_config_errors(tmp_path):
 
 
 def test_a_dml_checkpoint_does_not_resume_a_run_without_its_peer_or_the_reverse(tmp_path):
-    from trainer.engine import restore
+    from trainer.checkpoint import restore
     from trainer.models import build_model
     from trainer.solver import build_optimizer
 

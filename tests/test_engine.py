@@ -1,14 +1,11 @@
-"""The training engine: the loss against an independent computation of each recipe option, evaluation counts,
-and resume (optimizer state, the LR schedule position, a checkpoint of another model)."""
+"""The training engine: the loss against an independent computation of each recipe option, and evaluation
+counts. Resume is tests/test_checkpoint.py."""
 
 import numpy as np
 import paddle
 import pytest
 
-from trainer import checkpoint
 from trainer.engine import train_loss
-
-from .tiny import tiny_model
 
 N, K = 6, 5
 
@@ -133,90 +130,3 @@ def test_mean_class_accuracy_averages_the_classes_the_list_holds():
     result = evaluate(paddle.nn.Identity(), Batches(), dist.Env(0, 1, "cpu", None), num_classes=6)
     per_class = [np.mean(guess[labels == c] == c) for c in (0, 1, 2, 3)]  # 2/3, 1, 0, 1/2
     assert result["mean_class_accuracy"] == pytest.approx(np.mean(per_class)) == pytest.approx(13 / 24)
-
-
-def test_restore_brings_back_the_optimizer_state_and_the_lr_schedule_position(tmp_path):
-    from trainer.engine import restore
-    from trainer.solver import build_optimizer, build_scheduler
-
-    def build():
-        cfg, model = tiny_model(tmp_path)
-        lr = build_scheduler(cfg.OPTIMIZER, steps_per_epoch=4, epochs=3, global_batch=8)
-        return model, lr, build_optimizer(cfg.OPTIMIZER, lr, model)
-
-    def step(model, opt, lr, i):
-        paddle.seed(100 + i)  # the same dropout masks in both runs
-        x = paddle.to_tensor(np.random.default_rng(i).standard_normal((2, 3, 3, 32, 32)).astype(np.float32))
-        loss = model(x).mean()
-        loss.backward()
-        opt.step()
-        opt.clear_grad()
-        lr.step()
-
-    # each run names its parameters and optimizer slots afresh, as a new process does (the optimizer's
-    # state is keyed by those names)
-    with paddle.utils.unique_name.guard():
-        model, lr, opt = build()
-        for i in range(5):  # past the first decay point (1/3 of 12 steps)
-            step(model, opt, lr, i)
-        checkpoint.save_state(str(tmp_path / "s.pdckpt"), model, opt, epoch=1, step=5)
-    with paddle.utils.unique_name.guard():  # the restored slots are created at its first step
-        fresh_model, fresh_lr, fresh_opt = build()
-        meta, scaler = restore(str(tmp_path / "s.pdckpt"), fresh_model, fresh_opt)
-        assert meta == {"epoch": 1, "step": 5} and scaler is None
-        assert fresh_lr.last_epoch == lr.last_epoch == 5 and fresh_lr.get_lr() == lr.get_lr()
-        for i in range(5, 8):  # momentum and the schedule carry on exactly as in the run that never stopped
-            step(model, opt, lr, i)
-            step(fresh_model, fresh_opt, fresh_lr, i)
-    assert lr.get_lr() < build()[1].get_lr()  # past a decay point
-    for (name, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
-
-
-def test_a_resume_with_another_batch_size_goes_on_from_the_same_epoch_of_the_schedule(tmp_path):
-    """4 epochs of 4 steps, then a resume at 4x the steps per epoch (a quarter of the batch) and 6
-    epochs: the LR is the new schedule's at the start of epoch 5, past both decay points (1/3, 2/3)."""
-    from trainer.engine import continue_schedule, restore
-    from trainer.solver import build_optimizer, build_scheduler, lr_at
-
-    with paddle.utils.unique_name.guard():
-        cfg, model = tiny_model(tmp_path)
-        lr = build_scheduler(cfg.OPTIMIZER, steps_per_epoch=4, epochs=4, global_batch=8)
-        opt = build_optimizer(cfg.OPTIMIZER, lr, model)
-        for _ in range(16):
-            lr.step()
-        checkpoint.save_state(str(tmp_path / "s.pdckpt"), model, opt, epoch=4, step=16)  # no steps_per_epoch
-    with paddle.utils.unique_name.guard():
-        cfg, model = tiny_model(tmp_path)
-        lr = build_scheduler(cfg.OPTIMIZER, steps_per_epoch=16, epochs=6, global_batch=2)
-        meta, _ = restore(str(tmp_path / "s.pdckpt"), model, build_optimizer(cfg.OPTIMIZER, lr, model))
-    assert continue_schedule(lr, meta, 16) == 64
-    assert lr.get_lr() == pytest.approx(lr_at(cfg.OPTIMIZER, 64, 16, 6, 2))
-    assert lr.get_lr() == pytest.approx(lr_at(cfg.OPTIMIZER, 0, 16, 6, 2) * 0.01)
-    assert continue_schedule(lr, {"epoch": 4, "step": 64, "steps_per_epoch": 16}, 16) == 64  # same batch: as saved
-
-
-def test_a_resume_with_another_model_names_what_differs(tmp_path):
-    from trainer.config import to_plain
-    from trainer.engine import restore
-
-    cfg, model = tiny_model(tmp_path)
-    checkpoint.save_state(
-        str(tmp_path / "s.pdckpt"),
-        model,
-        paddle.optimizer.SGD(parameters=model.parameters()),
-        epoch=1,
-        step=4,
-        config=to_plain(cfg),
-    )
-    other_cfg, other = tiny_model(tmp_path, num_classes=6, name="six.yaml")
-    from trainer.config import ConfigError
-
-    with pytest.raises(
-        ConfigError,
-        match=r"s.pdckpt holds another model \(MODEL.head.num_classes: 5 in the "
-        r"checkpoint, 6 here\)",
-    ):
-        restore(str(tmp_path / "s.pdckpt"), other, paddle.optimizer.SGD(parameters=other.parameters()), other_cfg.MODEL)
-    with pytest.raises(ConfigError, match=r"holds another model \(tensors \['head.fc"):
-        restore(str(tmp_path / "s.pdckpt"), other, paddle.optimizer.SGD(parameters=other.parameters()))

@@ -112,7 +112,7 @@ def test_pretrained_refuses_a_file_that_would_run_code(tmp_path, evil):
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
-    from trainer.engine import restore
+    from trainer.checkpoint import restore
 
     state = {"model": {}, "optimizer": {"LR_Scheduler": _Exploit(tmp_path / "ran")}, "meta": {"epoch": 1}}
     (tmp_path / "evil.pdckpt").write_bytes(pickle.dumps(state))

@@ -1,7 +1,6 @@
 """The tiny training config the multi-process tests share: the demo recipe, a width-8 ResNet-18 at 32x32."""
 
 import os
-import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +27,9 @@ PRECISE_BN: {{num_iters: 3}}
 
 def weight_digests(text: str) -> dict[str, str]:
     """{rank: digest} of the 'rank R: weights digest D' lines the ranks print at the end of training."""
-    return dict(re.findall(r"rank (\d): weights digest (\w+)", text))
+    from trainer.engine import read_digests
+
+    return read_digests(text)
 
 
 def tiny_cfg(tmp_path, *overrides, num_classes=5, name="tiny.yaml"):

@@ -533,13 +533,11 @@ PIPELINE: {{target_size: 32, short_size: 40}}
     return cfg
 
 
-def _digests(text: str) -> dict:
-    return dict(re.findall(r"rank (\d+): weights digest (\w+)", text))
-
-
 def _same_weights_with_amp(text: str, amp_dtype: str) -> str:
     """The ranks' weights digests agree and rank 0 says it trained with AMP in ``amp_dtype`` (trainer/engine.py)."""
-    got = _digests(text)
+    from trainer.engine import read_digests
+
+    got = read_digests(text)
     if set(got) != {"0", "1"} or got["0"] != got["1"]:
         raise AssertionError(f"weights digests of the ranks: {got}")
     header = next((ln for ln in text.splitlines() if ln.startswith("train: 2 rank(s) on gpu")), "")

@@ -141,12 +141,16 @@ def all_reduce_sum(values, env: Env) -> np.ndarray:
     return t.numpy()
 
 
+def batch_norms(model: paddle.nn.Layer) -> list:
+    """The model's BatchNorm layers (of any dimension), in ``sublayers()`` order."""
+    return [m for m in model.sublayers() if isinstance(m, paddle.nn.layer.norm._BatchNormBase)]
+
+
 def average_bn_buffers(model: paddle.nn.Layer, env: Env) -> None:
     """Average BatchNorm running statistics over ranks, so every rank evaluates and saves the same model."""
     if env.world_size == 1:
         return
-    for layer in model.sublayers():
-        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
-            for buf in (layer._mean, layer._variance):
-                dist.all_reduce(buf)
-                buf.set_value(buf / env.world_size)
+    for layer in batch_norms(model):
+        for buf in (layer._mean, layer._variance):
+            dist.all_reduce(buf)
+            buf.set_value(buf / env.world_size)

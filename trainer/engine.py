@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +14,7 @@ import paddle
 import paddle.nn.functional as F
 import yaml
 
-from common.runlock import RUN_ID_ENV
-
-from . import checkpoint, dist, distill, weights
+from . import checkpoint, dist, distill
 from .config import ConfigError, segments_in_test, to_plain
 from .losses import classification_loss, mixup
 from .metrics import MetricsLog, topk_correct
@@ -126,114 +125,13 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def restore(path: str, model, optimizer, model_cfg=None, parts=None, state=None) -> tuple[dict, dict | None]:
-    """Load a training checkpoint into ``model`` and ``optimizer`` (its state holds the LR schedule's position)
-    and into the networks of ``parts`` (a DML peer, trainer.distill); returns the checkpoint's metadata and
-    the AMP loss scaler's state (None without AMP). A checkpoint of another model is a one-line ConfigError
-    naming what differs (the MODEL keys, when the checkpoint records its config and ``model_cfg`` is given;
-    else the tensors). ``state``: the checkpoint already loaded from ``path`` (resume=auto reads it once)."""
-    state = weights.load_checkpoint(path) if state is None else state
-    distill.restore_parts(state, parts or {}, path)
-    saved = state["model"]
-    differ = sum(weights.mismatch(model, saved), [])
-    if differ:
-        keys = _differing_keys(state["meta"].get("config", {}).get("MODEL"), to_plain(model_cfg or {}), "MODEL")
-        what = "; ".join(keys) if keys else f"tensors {differ[:3]}{' ...' if len(differ) > 3 else ''} differ"
-        raise ConfigError(
-            f"config error: resume: {path} holds another model ({what}); resume with the config "
-            "it was trained with, or start a new output_dir"
-        )
-    model.set_state_dict(saved)
-    optimizer.set_state_dict(state["optimizer"])
-    return state["meta"], state.get("scaler")
+_DIGEST_LINE = re.compile(r"rank (\d+): weights digest (\w+)")
 
 
-def _differing_keys(saved, current, prefix: str) -> list[str]:
-    if not isinstance(saved, dict) or not current:
-        return []
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differing_keys(a, b, f"{prefix}.{key}")
-        elif a != b and key != "pretrained":
-            out.append(f"{prefix}.{key}: {a!r} in the checkpoint, {b!r} here")
-    return out
-
-
-def continue_schedule(scheduler, meta: dict, steps_per_epoch: int) -> int:
-    """The global step to resume at. The LR schedule counts steps; when a resumed run has another number
-    of steps per epoch (another batch size or world size) it goes on from the same epoch of the new
-    schedule, not from the old step count, which would put it at the wrong place (or never decay)."""
-    epoch, step = meta["epoch"], meta["step"]
-    saved_steps = meta.get("steps_per_epoch") or (step // epoch if epoch else steps_per_epoch)
-    if saved_steps == steps_per_epoch:
-        return step
-    step = epoch * steps_per_epoch
-    scheduler.step(step)
-    print(
-        f"train: resuming with {steps_per_epoch} steps/epoch where the checkpoint had {saved_steps}: the LR "
-        f"schedule goes on from epoch {epoch} (step {step} of the new schedule, lr {scheduler.get_lr():.4g})",
-        flush=True,
-    )
-    return step
-
-
-def _resume(cfg) -> tuple[str | None, dict | None]:
-    """(the checkpoint to resume from, its state when finding it meant loading it, else None)."""
-    if not cfg.resume:
-        return _own_attempt(cfg)
-    if cfg.resume == "auto":
-        return _newest_loading_checkpoint(cfg.output_dir)
-    if not os.path.isfile(cfg.resume):
-        raise FileNotFoundError(
-            f"resume: checkpoint {cfg.resume} does not exist (use -o resume=auto to "
-            "continue from OUTPUT_DIR/latest.pdckpt when there is one)"
-        )
-    return cfg.resume, None
-
-
-def _newest_loading_checkpoint(folder: str) -> tuple[str | None, dict | None]:
-    """(path, loaded state) of the newest checkpoint in ``folder`` that loads: latest.pdckpt, else the
-    epoch_N.pdckpt of the highest N; (None, None) when there is none. Those that do not load (empty, cut
-    short by a full disk or a copy) are named once; when none loads the run stops naming them all."""
-    epochs = []
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            n = name[len("epoch_") : -len(".pdckpt")]
-            if name.startswith("epoch_") and name.endswith(".pdckpt") and n.isdigit():
-                epochs.append((int(n), os.path.join(folder, name)))
-    latest = os.path.join(folder, "latest.pdckpt")
-    paths = ([latest] if os.path.isfile(latest) else []) + [p for _, p in sorted(epochs, reverse=True)]
-    skipped = []
-    for path in paths:
-        try:
-            state = weights.load_checkpoint(path)
-        except (weights.WeightsError, OSError) as e:
-            skipped.append(str(e))
-            continue
-        if skipped:
-            print(f"train: resume=auto: skipped {'; '.join(skipped)}; resuming from {path}", flush=True)
-        return path, state
-    if skipped:
-        raise weights.WeightsError(
-            f"resume=auto: no checkpoint in {folder} loads ({'; '.join(skipped)}); move them away to start "
-            "anew, or give one with -o resume=PATH"
-        )
-    return None, None
-
-
-def _own_attempt(cfg) -> tuple[str | None, dict | None]:
-    """OUTPUT_DIR/latest.pdckpt when an earlier attempt of this very job wrote it: run_dist.sh restarted the
-    job after a rank died (run_dist.sh --max-restarts), and it goes on from the last complete epoch."""
-    run_id = os.environ.get(RUN_ID_ENV)
-    if not run_id:
-        return None, None
-    path, state = _newest_loading_checkpoint(cfg.output_dir)
-    if path is None or state["meta"].get("run_id") != run_id:
-        return None, None
-    print(f"train: restarted: resuming this job ({run_id}) from {path}, epoch {state['meta']['epoch']}", flush=True)
-    return path, state
+def read_digests(text: str) -> dict[str, str]:
+    """{rank: digest} of the 'rank R: weights digest D' lines ``train`` ends with on every rank (a rank's
+    log, or several joined; a rank named twice gives its last)."""
+    return dict(_DIGEST_LINE.findall(text))
 
 
 class _Window:
@@ -255,22 +153,34 @@ class _Window:
 
 @dataclass(kw_only=True)
 class _Run:
-    """What the epochs of one training run work with; ``step`` and ``totals`` grow as it goes."""
+    """What the epochs of one training run work with; ``step``, ``best``, ``last_eval`` and ``totals``
+    change as it goes."""
 
     cfg: Any
     env: dist.Env
-    net: paddle.nn.Layer  # the model as trained (wrapped for data parallelism on several ranks)
+    model: paddle.nn.Layer  # the model as saved and evaluated (with distillation, the student)
+    trained: paddle.nn.Layer  # what the optimizer trains (with DML, the student and its peer)
+    net: paddle.nn.Layer  # ``trained`` as it runs (wrapped for data parallelism on several ranks)
     optimizer: Any
     scheduler: Any  # the LR schedule, stepped once per batch
     scaler: Any  # the AMP loss scaler; None without float16 AMP
     loader: Any
+    val_loader: Any  # None: the run validates nothing
+    bn_loader: Any  # precise-BN's batches; None without it
     log: MetricsLog
+    checkpoints: checkpoint.Checkpoints
+    distiller: distill.Distiller | None = None
+    start_epoch: int = 0
     step: int = 0
+    best: dict = field(default_factory=lambda: {"top1": -1.0})
+    last_eval: dict = field(default_factory=dict)
     loss_fn: Any = None  # train_loss when None; a distillation run's (trainer.distill)
     totals: dict = field(default_factory=lambda: {"data": 0.0, "batch": 0.0, "samples": 0})
 
 
-def train_step(net, optimizer, scaler, imgs, labels, amp: str | None, smoothing=0.0, alpha=0.0, rng=None, loss_fn=None):
+def train_step(
+    net, optimizer, scaler, imgs, labels, amp: str | None, *, smoothing=0.0, alpha=0.0, rng=None, loss_fn=None
+):
     """One optimiser step; returns (loss, logits). ``amp`` ("float16" | "bfloat16" | None) runs the
     forward pass under autocast; float16 needs ``scaler`` (a GradScaler), bfloat16 needs none.
     ``loss_fn`` (``train_loss``'s signature) replaces ``train_loss``: distillation's."""
@@ -290,15 +200,17 @@ def train_step(net, optimizer, scaler, imgs, labels, amp: str | None, smoothing=
 def _train_epoch(run: _Run, epoch: int) -> None:
     cfg, env, loader, optimizer = run.cfg, run.env, run.loader, run.optimizer
     amp = _amp_dtype(cfg, env)
-    smoothing, alpha = cfg.MODEL.head.label_smoothing, cfg.PIPELINE.mixup_alpha
-    mix_rng = np.random.default_rng([cfg.seed, env.rank, epoch, 7])
+    terms = dict(  # the loss's, as train_step takes them
+        smoothing=cfg.MODEL.head.label_smoothing,
+        alpha=cfg.PIPELINE.mixup_alpha,
+        rng=np.random.default_rng([cfg.seed, env.rank, epoch, 7]),
+        loss_fn=run.loss_fn,
+    )
     run.net.train()
     win, steps, t_prev = _Window(), len(loader), time.time()
     for imgs, labels in loader:
         t_data = time.time()
-        loss, logits = train_step(
-            run.net, optimizer, run.scaler, imgs, labels, amp, smoothing, alpha, mix_rng, loss_fn=run.loss_fn
-        )
+        loss, logits = train_step(run.net, optimizer, run.scaler, imgs, labels, amp, **terms)
         run.scheduler.step()
         run.step += 1
         t_end = time.time()
@@ -333,13 +245,74 @@ def _train_epoch(run: _Run, epoch: int) -> None:
 
 
 def train(cfg, env: dist.Env) -> dict:
-    out = cfg.output_dir
-    log = MetricsLog(out, env.is_main)
-    resume, resume_state = _resume(cfg)
+    """Train ``cfg``'s model for ``cfg.epochs`` epochs, from the checkpoint ``cfg.resume`` names (or a
+    restarted job's own) when there is one: validating, checkpointing and logging as configured; returns
+    the run's summary."""
+    run = _start(cfg, env)
+    t_start = time.time()
+    for epoch in range(run.start_epoch, cfg.epochs):
+        # everything random in an epoch derives from (seed, rank, epoch): a resumed run repeats it
+        paddle.seed(cfg.seed + 1000 * (env.rank + 1) + epoch)
+        run.loader.set_epoch(epoch)
+        _train_epoch(run, epoch)
+        dist.average_bn_buffers(run.trained, env)  # every rank: it is a collective
+        last = epoch + 1 == cfg.epochs
+        if run.val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or last):
+            _validate(run, epoch)
+        _save_epoch(run, epoch, as_best=run.val_loader is None and last)
+    return _finish(run, time.time() - t_start)
+
+
+def _start(cfg, env: dist.Env) -> _Run:
+    """Everything a run needs before its first step: model, loaders, optimizer, the checkpoint it
+    resumes (if any), data parallelism and the AMP scaler; rank 0 records the config and says what runs."""
+    checkpoints = checkpoint.Checkpoints(cfg.output_dir, save_interval=cfg.save_interval, is_main=env.is_main)
+    log = MetricsLog(cfg.output_dir, env.is_main)
+    checkpoints.find_resume(cfg.resume)
     paddle.seed(cfg.seed)  # identical initial weights on every rank (DataParallel also broadcasts)
     model = build_model(cfg)
     distiller = distill.build(cfg, model)  # None without DISTILL
     trained = distiller.net if distiller else model  # with DML, the student and its peer
+    train_loader, val_loader, bn_loader = _loaders(cfg, env)
+    global_batch = cfg.DATASET.batch_size * env.world_size
+    scheduler = build_scheduler(cfg.OPTIMIZER, len(train_loader), cfg.epochs, global_batch)
+    optimizer = build_optimizer(cfg.OPTIMIZER, scheduler, distiller.param_groups(cfg.OPTIMIZER) if distiller else model)
+    run = _Run(
+        cfg=cfg,
+        env=env,
+        model=model,
+        trained=trained,
+        net=trained,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=None,
+        loader=train_loader,
+        val_loader=val_loader,
+        bn_loader=bn_loader,
+        log=log,
+        checkpoints=checkpoints,
+        distiller=distiller,
+        loss_fn=distiller.train_loss if distiller else None,
+    )
+    checkpoints.clean()
+    scaler_state = _resume(run)
+    if env.is_main:
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(to_plain(cfg), f, sort_keys=False)
+    if env.world_size > 1:
+        from paddle.distributed import fleet
+
+        run.net, run.optimizer = fleet.distributed_model(trained), fleet.distributed_optimizer(optimizer)
+    run.scaler = paddle.amp.GradScaler() if _amp_dtype(cfg, env) == "float16" else None  # bf16 needs no scaling
+    if run.scaler is not None and checkpoints.resume_path and scaler_state:
+        run.scaler.load_state_dict(scaler_state)
+    if env.is_main:
+        _announce(run, global_batch)
+    return run
+
+
+def _loaders(cfg, env: dist.Env) -> tuple:
+    """(training, validation, precise-BN) loaders; the last two None when the run has no use for them."""
     train_loader = make_loader(cfg, env, "train")
     val_loader = make_loader(cfg, env, "val") if cfg.DATASET.val_list else None
     bn_loader = (
@@ -347,118 +320,100 @@ def train(cfg, env: dist.Env) -> dict:
         if val_loader is not None and cfg.PRECISE_BN.enabled
         else None
     )
-    steps = len(train_loader)
-    global_batch = cfg.DATASET.batch_size * env.world_size
-    scheduler = build_scheduler(cfg.OPTIMIZER, steps, cfg.epochs, global_batch)
-    optimizer = build_optimizer(cfg.OPTIMIZER, scheduler, distiller.param_groups(cfg.OPTIMIZER) if distiller else model)
-    start_epoch, step, best, scaler_state = 0, 0, {"top1": -1.0}, None
-    if env.is_main:
-        checkpoint.remove_stale_temporaries(out)
-    if resume:
-        parts = distiller.parts() if distiller else {}
-        meta, scaler_state = restore(resume, model, optimizer, cfg.MODEL, parts, state=resume_state)
-        del resume_state  # the weights now live in the model and the optimizer
-        if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
-            print(
-                f"train: warning: {resume} was written with seed {meta.get('seed')} on "
-                f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly"
-            )
-        start_epoch, step, best = meta["epoch"], continue_schedule(scheduler, meta, steps), meta["best"]
-    elif env.is_main:
-        log.start_new()  # a fresh run does not append to an earlier run's curves
-    if env.is_main:
-        with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(to_plain(cfg), f, sort_keys=False)
-    net = trained
-    if env.world_size > 1:
-        from paddle.distributed import fleet
+    return train_loader, val_loader, bn_loader
 
-        net, optimizer = fleet.distributed_model(trained), fleet.distributed_optimizer(optimizer)
-    scaler = paddle.amp.GradScaler() if _amp_dtype(cfg, env) == "float16" else None  # bf16 needs no scaling
-    if scaler is not None and resume and scaler_state:
-        scaler.load_state_dict(scaler_state)
+
+def _resume(run: _Run) -> dict | None:
+    """Bring back the checkpoint the run resumes from, if any: weights, optimizer, the schedule's place,
+    epoch and best result; returns the AMP scaler's saved state. A fresh run starts new curves."""
+    cfg, env, resume = run.cfg, run.env, run.checkpoints.resume_path
+    if not resume:
+        if env.is_main:
+            run.log.start_new()  # a fresh run does not append to an earlier run's curves
+        return None
+    parts = run.distiller.parts() if run.distiller else {}
+    meta, scaler_state = run.checkpoints.resume(run.model, run.optimizer, cfg.MODEL, parts)
+    if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
+        print(
+            f"train: warning: {resume} was written with seed {meta.get('seed')} on "
+            f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly"
+        )
+    run.start_epoch, run.best = meta["epoch"], meta["best"]
+    run.step = checkpoint.continue_schedule(run.scheduler, meta, len(run.loader))
+    return scaler_state
+
+
+def _announce(run: _Run, global_batch: int) -> None:
+    cfg, env, loader, amp = run.cfg, run.env, run.loader, _amp_dtype(run.cfg, run.env)
+    resume = run.checkpoints.resume_path
+    print(
+        f"train: {env.world_size} rank(s) on {env.device}, {loader.num_samples} clips/rank/epoch "
+        f"read by {loader.num_workers} feed worker(s)/rank, "
+        f"{len(loader)} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, "
+        f"lr {run.scheduler.get_lr():.4g}"
+        + (f"; resumed from {resume} at epoch {run.start_epoch}" if resume else "")
+        + (f"; AMP {amp}" + (" with GradScaler" if run.scaler else "") if amp else "")
+        + (f"; {run.distiller.describe()}" if run.distiller else ""),
+        flush=True,
+    )
+
+
+def _validate(run: _Run, epoch: int) -> None:
+    """Precise-BN (when on), then the validation set; a new best top-1 becomes best.pdparams."""
+    env = run.env
+    if run.bn_loader is not None:
+        run.bn_loader.set_epoch(epoch)
+        precise_bn(run.net, run.bn_loader, env)
+    result = run.last_eval = evaluate(run.net, run.val_loader, env)
+    run.log.write(mode="val", epoch=epoch + 1, step=run.step, **result)
     if env.is_main:
         print(
-            f"train: {env.world_size} rank(s) on {env.device}, {train_loader.num_samples} clips/rank/epoch "
-            f"read by {train_loader.num_workers} feed worker(s)/rank, "
-            f"{steps} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, lr {scheduler.get_lr():.4g}"
-            + (f"; resumed from {resume} at epoch {start_epoch}" if resume else "")
-            + (f"; AMP {_amp_dtype(cfg, env)}" + (" with GradScaler" if scaler else "") if _amp_dtype(cfg, env) else "")
-            + (f"; {distiller.describe()}" if distiller else ""),
+            f"epoch {epoch + 1} val top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
+            f"loss {result['loss']:.4f} ({result['samples']} clips)",
             flush=True,
         )
+    if result["top1"] > run.best["top1"]:
+        run.best = {**result, "epoch": epoch + 1}
+        run.checkpoints.save_best(run.model, **run.best)
 
-    run = _Run(
-        cfg=cfg,
-        env=env,
-        net=net,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        loader=train_loader,
-        log=log,
-        step=step,
-        loss_fn=distiller.train_loss if distiller else None,
+
+def _save_epoch(run: _Run, epoch: int, as_best: bool) -> None:
+    """The checkpoints of the epoch just trained (rank 0 writes them)."""
+    cfg, env = run.cfg, run.env
+    if not env.is_main:
+        return
+    meta = dict(
+        step=run.step,
+        best=run.best,
+        seed=cfg.seed,
+        world_size=env.world_size,
+        steps_per_epoch=len(run.loader),
+        config=to_plain(cfg),
     )
-    t_start, last_eval = time.time(), {}
-    for epoch in range(start_epoch, cfg.epochs):
-        # everything random in an epoch derives from (seed, rank, epoch): a resumed run repeats it
-        paddle.seed(cfg.seed + 1000 * (env.rank + 1) + epoch)
-        train_loader.set_epoch(epoch)
-        _train_epoch(run, epoch)
-        dist.average_bn_buffers(trained, env)  # every rank: it is a collective
-        last = epoch + 1 == cfg.epochs
-        if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or last):
-            if bn_loader is not None:
-                bn_loader.set_epoch(epoch)
-                precise_bn(net, bn_loader, env)
-            last_eval = evaluate(net, val_loader, env)
-            log.write(mode="val", epoch=epoch + 1, step=run.step, **last_eval)
-            if env.is_main:
-                print(
-                    f"epoch {epoch + 1} val top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f} "
-                    f"loss {last_eval['loss']:.4f} ({last_eval['samples']} clips)",
-                    flush=True,
-                )
-            if last_eval["top1"] > best["top1"]:
-                best = {**last_eval, "epoch": epoch + 1}
-                if env.is_main:
-                    checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), **best)
-        if env.is_main:
-            meta = dict(
-                run_id=os.environ.get(RUN_ID_ENV, ""),
-                epoch=epoch + 1,
-                step=run.step,
-                best=best,
-                seed=cfg.seed,
-                world_size=env.world_size,
-                steps_per_epoch=steps,
-                config=to_plain(cfg),
-            )
-            parts = {}
-            if distiller:  # the checkpoint says what it holds: the student as "model", a DML peer beside it
-                parts, meta["holds"] = distiller.parts(), distiller.holds(cfg.MODEL.name)
-            for name in ["latest"] + ([f"epoch_{epoch + 1}"] if (epoch + 1) % cfg.save_interval == 0 else []):
-                checkpoint.save_state(
-                    os.path.join(out, f"{name}.pdckpt"), model, optimizer, scaler, parts=parts, **meta
-                )
-            if val_loader is None and last:
-                checkpoint.save_weights(model, os.path.join(out, "best.pdparams"), epoch=epoch + 1)
-    wall = time.time() - t_start
+    parts = {}
+    if run.distiller:  # the checkpoint says what it holds: the student as "model", a DML peer beside it
+        parts, meta["holds"] = run.distiller.parts(), run.distiller.holds(cfg.MODEL.name)
+    run.checkpoints.save_epoch(epoch + 1, run.model, run.optimizer, run.scaler, parts=parts, as_best=as_best, **meta)
+
+
+def _finish(run: _Run, wall: float) -> dict:
+    """Every rank's weights digest, the run's summary (logged and returned) and rank 0's curves."""
+    env, out = run.env, run.cfg.output_dir
     # every rank logs a digest of its weights: equal digests prove the ranks stayed in sync
-    print(f"rank {env.rank}: weights digest {weights_digest(trained)}", flush=True)
+    print(f"rank {env.rank}: weights digest {weights_digest(run.trained)}", flush=True)
+    best, totals = run.best, run.totals
     summary = {
-        "val_top1": last_eval.get("top1"),
+        "val_top1": run.last_eval.get("top1"),
         "best_val_top1": best["top1"] if best["top1"] >= 0 else None,
         "best_epoch": best.get("epoch"),
         "wall_s": wall,
-        "train_samples_per_s": run.totals["samples"] * env.world_size / max(run.totals["batch"], 1e-9),
-        "data_wait_share": run.totals["data"] / max(run.totals["batch"], 1e-9),
+        "train_samples_per_s": totals["samples"] * env.world_size / max(totals["batch"], 1e-9),
+        "data_wait_share": totals["data"] / max(totals["batch"], 1e-9),
     }
-    log.write(mode="summary", **summary)
-    log.close()
+    run.log.write(mode="summary", **summary)
+    run.log.close()
     if env.is_main:
         from .plots import plot_curves
 
-        plot_curves(log.path, os.path.join(out, "curves.png"))
+        plot_curves(run.log.path, os.path.join(out, "curves.png"))
     return summary

@@ -10,10 +10,7 @@ from __future__ import annotations
 import paddle
 
 from . import dist
-
-
-def batch_norms(model) -> list:
-    return [m for m in model.sublayers() if isinstance(m, paddle.nn.layer.norm._BatchNormBase)]
+from .dist import batch_norms
 
 
 def precise_bn(model, loader, env: dist.Env) -> int:

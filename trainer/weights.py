@@ -4,7 +4,8 @@ backbones, and files saved by PaddleVideo / PaddleClas (their layer names transl
 Every file goes through one restricted unpickler (``load_file``) and one checkpoint detection
 (``model_state``); ``load_weights`` then wants every tensor of the model (eval, test, predict, export),
 ``load_pretrained`` takes what fits (training's starting point) and ``load_checkpoint`` a whole
-training state (resume). Writing lives in ``trainer.checkpoint``.
+training state. Checkpoints themselves (what is written when, which one a resume reads) are
+``trainer.checkpoint``'s.
 """
 
 from __future__ import annotations
