@@ -182,7 +182,7 @@ else
     launch+=(--nproc_per_node "$n")
 fi
 # one id for every attempt of this job: a restarted training finds it in its last checkpoint and goes on
-# from there (trainer/engine.py, _own_attempt)
+# from there (trainer/checkpoint.py, Checkpoints._own_attempt)
 export TSN_RUN_ID=${TSN_RUN_ID:-$(date +%Y%m%d-%H%M%S)-$$}
 
 # The launcher runs in a session of its own, so that a signal to this script (scancel, a time limit,
