@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -197,6 +198,99 @@ def _reader(
         container.close()
 
 
+@dataclass(kw_only=True)
+class _Live:
+    """One live run's state: the windows, the ring the reader thread fills, when each frame came, the
+    timeline so far and its figures, and why the run ended (a signal, --max-seconds, the stream's end)."""
+
+    windows: LiveWindows
+    ring: Ring
+    tl: Timeline
+    stats: dict
+    stop: threading.Event
+    why: dict
+    times: dict[int, float] = field(default_factory=dict)
+    started: float = 0.0
+
+    def clips(self, max_seconds: float | None, print_line) -> Iterator:
+        """Each window's ((index, arrival), sampled frames) as soon as its last frame has come, then FLUSH;
+        a window some of whose frames were dropped is skipped and counted."""
+        held: dict[int, np.ndarray] = {}
+        while True:
+            if max_seconds is not None and time.monotonic() - self.started >= max_seconds:
+                self.why["reason"] = f"--max-seconds {max_seconds:g} reached"
+                self.stop.set()
+            item = self.ring.get(self.stop)
+            if item is None:
+                return
+            if item[1] is not None:
+                held[item[0]] = item[1]
+                continue
+            n, _, arrived, j = item
+            idx = self.windows.indices(j).tolist()
+            if all(i in held for i in idx):
+                yield (j, arrived), np.stack([held[i] for i in idx])
+                yield clip_scorer.FLUSH
+            else:
+                self.stats["skipped_windows"] += 1  # frames it samples were dropped: the model is behind
+                if self.stats["skipped_windows"] in (1, 10, 100, 1000):
+                    print_line(
+                        f"{'':9s}window {j} skipped: {self.ring.dropped} frame(s) dropped so far, the model is "
+                        "slower than the stream"
+                    )
+            low = (j + 1) * self.windows.stride
+            for i in [i for i in held if i < low]:
+                del held[i]
+
+    def add(self, j: int, arrived: float, logits, top_k: int) -> str:
+        """Window ``j``'s scores into the timeline; returns its line: its span, top classes and latency."""
+        latency = time.monotonic() - arrived
+        w, s, fps = self.windows.window, self.windows.stride, self.tl.fps
+        first, last = j * s, j * s + w - 1
+        start_s = self.times.get(first, first / fps)
+        end_s = self.times.get(last, last / fps) + 1 / fps
+        probs = reports.softmax(logits)
+        self.tl.starts.append(start_s)
+        self.tl.ends.append(end_s)
+        self.tl.probs.append(probs)
+        self.tl.latency.append(latency)
+        names = self.tl.names
+        top = np.argsort(-probs)[: min(top_k, len(names))]
+        return (
+            f"{start_s:9.2f}-{end_s:.2f}s  "
+            + ", ".join(f"{names[i]} {probs[i]:.3f}" for i in top)
+            + f"  latency {latency * 1000:.0f} ms"
+        )
+
+    def finish(self) -> None:
+        """The closing figures: frames dropped and read, windows scored, seconds, and why the run ended."""
+        self.stats.update(
+            dropped_frames=self.ring.dropped,
+            windows=len(self.tl),
+            frames=len(self.times),
+            seconds=time.monotonic() - self.started,
+        )
+        self.stats["reason"] = self.why["reason"]
+        if self.ring.error is not None and self.why["reason"] == "the stream ended":
+            self.stats["reason"], self.stats["error"] = "stopped early", self.ring.error
+
+
+def _live(spec, fps: float, *, source: str, window: Span, stride: Span, names: list[str], stop, why) -> _Live:
+    """The state of a run over ``source`` at ``fps``: its ring holds the sampled frames of a window and a
+    stride's more."""
+    w, s = window.frames(fps), stride.frames(fps)
+    windows = LiveWindows(spec, w, s)
+    per_window = len(set(windows.rel.tolist()))
+    return _Live(
+        windows=windows,
+        ring=Ring(capacity=per_window * (-(-w // s) + 1)),
+        tl=Timeline(source, fps, str(window), str(stride), names, [], [], [], latency=[]),
+        stats={"fps": fps, "window_frames": w, "stride_frames": s, "skipped_windows": 0},
+        stop=stop,
+        why=why,
+    )
+
+
 def run_stream(
     cfg,
     scorer,
@@ -229,83 +323,30 @@ def run_stream(
     try:
         container, stream, fobj = open_live(source, timeout, stop)
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-        w, s = window.frames(fps), stride.frames(fps)
-        windows = LiveWindows(spec, w, s)
-        per_window = len(set(windows.rel.tolist()))
-        ring = Ring(capacity=per_window * (-(-w // s) + 1))
-        times: dict[int, float] = {}
-        tl = Timeline(source, fps, str(window), str(stride), names, [], [], [], latency=[])
-        stats = {"fps": fps, "window_frames": w, "stride_frames": s, "skipped_windows": 0}
+        live = _live(spec, fps, source=source, window=window, stride=stride, names=names, stop=stop, why=why)
         reader = threading.Thread(
             target=_reader,
-            args=(container, stream, windows, ring, stop, fps, times),
+            args=(container, stream, live.windows, live.ring, stop, fps, live.times),
             kwargs=dict(source=source, timeout=timeout),
             daemon=True,
             name="stream-reader",
         )
         # one clip through the graph and the model first: the first window's latency is not their start-up
-        warm = np.zeros((len(windows.rel), 64, 64, 3), np.uint8)
+        warm = np.zeros((len(live.windows.rel), 64, 64, 3), np.uint8)
         for _ in clip_scorer.score_clips(spec, scorer, [(None, warm)], batch_size=1, prefetch=1):
             pass
-        started = time.monotonic()
+        live.started = time.monotonic()
         reader.start()
-
-        def clips() -> Iterator:
-            held: dict[int, np.ndarray] = {}
-            while True:
-                if max_seconds is not None and time.monotonic() - started >= max_seconds:
-                    why["reason"] = f"--max-seconds {max_seconds:g} reached"
-                    stop.set()
-                item = ring.get(stop)
-                if item is None:
-                    return
-                if item[1] is not None:
-                    held[item[0]] = item[1]
-                    continue
-                n, _, arrived, j = item
-                idx = windows.indices(j).tolist()
-                if all(i in held for i in idx):
-                    yield (j, arrived), np.stack([held[i] for i in idx])
-                    yield clip_scorer.FLUSH
-                else:
-                    stats["skipped_windows"] += 1  # frames it samples were dropped: the model is behind
-                    if stats["skipped_windows"] in (1, 10, 100, 1000):
-                        print_line(
-                            f"{'':9s}window {j} skipped: {ring.dropped} frame(s) dropped so far, the model is "
-                            "slower than the stream"
-                        )
-                low = (j + 1) * s
-                for i in [i for i in held if i < low]:
-                    del held[i]
-
         try:
-            for (j, arrived), logits in clip_scorer.score_clips(spec, scorer, clips(), batch_size=1, prefetch=1):
-                latency = time.monotonic() - arrived
-                first, last = j * s, j * s + w - 1
-                start_s = times.get(first, first / fps)
-                end_s = times.get(last, last / fps) + 1 / fps
-                probs = reports.softmax(logits)
-                tl.starts.append(start_s)
-                tl.ends.append(end_s)
-                tl.probs.append(probs)
-                tl.latency.append(latency)
-                top = np.argsort(-probs)[: min(top_k, len(names))]
-                print_line(
-                    f"{start_s:9.2f}-{end_s:.2f}s  "
-                    + ", ".join(f"{names[i]} {probs[i]:.3f}" for i in top)
-                    + f"  latency {latency * 1000:.0f} ms",
-                )
+            clips = live.clips(max_seconds, print_line)
+            for (j, arrived), logits in clip_scorer.score_clips(spec, scorer, clips, batch_size=1, prefetch=1):
+                print_line(live.add(j, arrived, logits, top_k))
         finally:
             stop.set()
             reader.join(timeout=max(2.0, timeout))
-            stats.update(
-                dropped_frames=ring.dropped, windows=len(tl), frames=len(times), seconds=time.monotonic() - started
-            )
-            stats["reason"] = why["reason"]
-            if ring.error is not None and why["reason"] == "the stream ended":
-                stats["reason"], stats["error"] = "stopped early", ring.error
-            paths = reports.write_timeline(tl, out_dir, top_k) if len(tl) else []
-        return paths, tl, stats
+            live.finish()
+            paths = reports.write_timeline(live.tl, out_dir, top_k) if len(live.tl) else []
+        return paths, live.tl, live.stats
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
