@@ -25,20 +25,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from types import SimpleNamespace
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from clipdata.lists import read_list
+from clipdata.pkl import frame_spans, read_pkl
+from dali_pipelines.feed import ClipSpec
+from dali_pipelines.loader import _ClipSource
 
-from clipdata.lists import read_list  # noqa: E402
-from clipdata.pkl import frame_spans, read_pkl  # noqa: E402
-from dali_pipelines.feed import ClipSpec  # noqa: E402
-from dali_pipelines.loader import _ClipSource  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEGMENTS, BATCH, FRAMES, FPS = 3, 8, 300, 30
 
@@ -176,10 +174,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clips", type=int, default=24, help="clips rendered")
     p.add_argument("--copies", type=int, default=16, help="distinct copies of each clip")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds; the best counts (default 3)")
     p.add_argument("--epochs", type=int, default=4, help="warm epochs per round")
     p.add_argument("--batches", type=int, default=48, help="batches of 8 per timed epoch")
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "feed_bench"))
+    p.add_argument(
+        "--work", default=os.path.join(tempfile.gettempdir(), "feed_bench"), help="folder of the data, made once"
+    )
     p.add_argument("--clean", action="store_true", help="remove the generated data afterwards")
     a = p.parse_args()
     lists = make_data(a.work, a.clips, a.copies)

@@ -33,16 +33,15 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/tsm.yaml")
-    p.add_argument("--segments", type=int, default=8)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--config", default="configs/tsm.yaml", help="the model's config (default configs/tsm.yaml)")
+    p.add_argument("--segments", type=int, default=8, help="frames per clip (default 8)")
+    p.add_argument("--size", type=int, default=224, help="frame side in pixels (default 224)")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds; the median counts (default 7)")
     p.add_argument("--width", type=int, default=None, help="backbone base_channels (default: the config's)")
     p.add_argument("--video", action="store_true", help="PP-TSMv2 against PP-TSM per clip and per 10 s video")
     p.add_argument("--threads", type=int, default=None, help="--video: CPU threads per backend (default: all cores)")
@@ -143,7 +142,7 @@ def preprocess(frames: np.ndarray, short: int = 256, crop: int = 224) -> np.ndar
     crop, ImageNet mean/std (the test pipeline's settings, in PIL and NumPy as PaddleVideo's deploy does)."""
     from PIL import Image
 
-    from dali_pipelines.loader import MEAN, STD
+    from dali_pipelines.clipspec import MEAN, STD
 
     h, w = frames.shape[1:3]
     size = (short, round(h * short / w)) if w < h else (round(w * short / h), short)

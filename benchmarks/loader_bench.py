@@ -37,15 +37,15 @@ import warnings
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-warnings.filterwarnings("ignore")
+warnings.filterwarnings("ignore")  # before DALI's and Paddle's imports: they warn at import
 
 from clipdata.lists import read_list  # noqa: E402
 from clipdata.pkl import read_pkl, write_pkl  # noqa: E402
 from dali_pipelines import crops  # noqa: E402
 from dali_pipelines.reference import normalise  # noqa: E402
 from dali_pipelines.sampling import segment_indices  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEGMENTS, TARGET, SHORT = 3, 224, 256
 
@@ -225,11 +225,13 @@ def decode_only(list_file: str, rounds: int, decord_threads: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", choices=("pkl", "videos", "rawframes"), default="pkl")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--clips", type=int, default=48)
-    p.add_argument("--frames", type=int, default=250)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--source", choices=("pkl", "videos", "rawframes"), default="pkl", help="the data format read (default pkl)"
+    )
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where DALI runs (default cpu)")
+    p.add_argument("--clips", type=int, default=48, help="clips made and read (default 48)")
+    p.add_argument("--frames", type=int, default=250, help="frames per clip (default 250)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per batch (default 8)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per round")
     p.add_argument(
         "--workers",
@@ -237,11 +239,13 @@ def main() -> None:
         default=os.cpu_count(),
         help="baseline worker processes = our feed workers = DALI threads",
     )
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds; the best counts (default 3)")
     p.add_argument(
         "--decord-threads", type=int, default=1, help="decord's decoding threads per worker (videos; 0: decord's auto)"
     )
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"))
+    p.add_argument(
+        "--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"), help="folder of the data, made once"
+    )
     p.add_argument(
         "--decode-only",
         action="store_true",

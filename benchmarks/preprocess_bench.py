@@ -20,11 +20,10 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from preprocessing.frames import ffmpeg_exe
+from preprocessing.make_demo_dataset import CLASSES, render_clip, write_mp4
 
-from preprocessing.frames import ffmpeg_exe  # noqa: E402
-from preprocessing.make_demo_dataset import CLASSES, render_clip, write_mp4  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_clips(work: str, n: int, frames: int) -> str:
@@ -99,12 +98,18 @@ def ours(csv: str, src: str, out: str, nproc: int, q: int) -> tuple[float, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clips", type=int, default=16)
+    p.add_argument("--clips", type=int, default=16, help="clips converted (default 16)")
     p.add_argument("--frames", type=int, default=250, help="frames per clip (Kinetics: ~250)")
-    p.add_argument("--nproc", type=int, default=os.cpu_count())
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--nproc", type=int, default=os.cpu_count(), help="ffmpeg processes at once, both sides (default: the cores)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds; the best counts (default 3)")
     p.add_argument("--quality", type=int, default=4, help="JPEG -q:v for both")
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "preprocess_bench"))
+    p.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "preprocess_bench"),
+        help="folder of the clips and the outputs",
+    )
     a = p.parse_args()
     csv = make_clips(a.work, a.clips, a.frames)
     src = os.path.join(a.work, "src")

@@ -20,10 +20,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import exits
 
-from common import exits  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _renamed(path: str):
@@ -45,9 +44,9 @@ def _time(note, chunks) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", default=None)
-    parser.add_argument("--notes", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="folder the notes go to (default: a temporary one)")
+    parser.add_argument("--notes", type=int, default=2000, help="notes per round (default 2000)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best counts (default 3)")
     args = parser.parse_args(argv)
     directory = args.dir or tempfile.mkdtemp(prefix="reading_note_")
     os.makedirs(directory, exist_ok=True)

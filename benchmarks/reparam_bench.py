@@ -27,7 +27,6 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 
@@ -46,12 +45,12 @@ def _randomise_bn(model, rng) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/pptsmv2.yaml")
-    p.add_argument("--segments", type=int, default=16)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--config", default="configs/pptsmv2.yaml", help="the model's config (default configs/pptsmv2.yaml)")
+    p.add_argument("--segments", type=int, default=16, help="frames per clip (default 16)")
+    p.add_argument("--size", type=int, default=224, help="frame side in pixels (default 224)")
+    p.add_argument("--rounds", type=int, default=9, help="timed rounds; the median counts (default 9)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of Paddle Inference (default: all)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where Paddle Inference runs (default cpu)")
     p.add_argument("--onnx", action="store_true", help="also time both forms through onnxruntime")
     p.add_argument("--no-dynamic", action="store_true", help="leave out the dynamic model (slow on CPU)")
     a = p.parse_args(argv)

@@ -32,7 +32,6 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 
@@ -100,14 +99,18 @@ def stream_latency(cfg, scorer, names, video: str, seconds: float, window, strid
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=10)
-    p.add_argument("--window", default="10s")
-    p.add_argument("--stride", default="5s")
-    p.add_argument("--config", default="configs/tsn.yaml")
+    p.add_argument("--minutes", type=float, default=10, help="length of the long video (default 10)")
+    p.add_argument("--window", default="10s", help="window length, as predict --window (default 10s)")
+    p.add_argument("--stride", default="5s", help="window start every, as predict --stride (default 5s)")
+    p.add_argument("--config", default="configs/tsn.yaml", help="the model's config (default configs/tsn.yaml)")
     p.add_argument("--width", type=int, default=8, help="backbone base_channels (default 8: decoding dominates)")
-    p.add_argument("--size", type=int, default=112)
-    p.add_argument("--stream-seconds", type=float, default=30)
-    p.add_argument("--video", default=os.path.join(tempfile.gettempdir(), "timeline_bench_340x256.mp4"))
+    p.add_argument("--size", type=int, default=112, help="frame side in pixels (default 112)")
+    p.add_argument("--stream-seconds", type=float, default=30, help="length of the live stream timed (default 30)")
+    p.add_argument(
+        "--video",
+        default=os.path.join(tempfile.gettempdir(), "timeline_bench_340x256.mp4"),
+        help="the long video, made once and kept here",
+    )
     a = p.parse_args(argv)
 
     import paddle

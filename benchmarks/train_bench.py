@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 warnings.filterwarnings("ignore")
 
 
@@ -54,15 +51,19 @@ def run(model, opt, batches, steps: int, warmup: int = 3) -> tuple[float, float]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101))
+    p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="ResNet depth (default 18)")
     p.add_argument("--width", type=int, default=16, help="ResNet base channels (64 = standard)")
     p.add_argument("--size", type=int, default=112, help="crop size (the short side is size x 8/7)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--clips", type=int, default=48)
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"))
+    p.add_argument("--batch-size", type=int, default=8, help="clips per batch (default 8)")
+    p.add_argument("--steps", type=int, default=30, help="training steps per feed (default 30)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="loader workers of both loaders (default: the cores)"
+    )
+    p.add_argument("--clips", type=int, default=48, help="clips made and read (default 48)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where the model trains (default cpu)")
+    p.add_argument(
+        "--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"), help="folder of the data, made once"
+    )
     a = p.parse_args()
     import loader_bench
     import numpy as np

@@ -22,13 +22,10 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from common.usage import UsageError
-from preprocessing import shards  # noqa: E402
-from preprocessing.kinetics import load_class_index, read_csv  # noqa: E402
-from preprocessing.lists import (  # noqa: E402
+from preprocessing import shards
+from preprocessing.kinetics import load_class_index, read_csv
+from preprocessing.lists import (
     class_folders,
     class_index_for,
     count_frames,
@@ -101,7 +98,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("source", choices=("pkl", "rawframes", "videos"))
+    p.add_argument(
+        "source",
+        choices=("pkl", "rawframes", "videos"),
+        help="what DIR holds: pkl files, rawframe folders or video files (see the usage lines above)",
+    )
     p.add_argument("root", help="folder to scan")
     p.add_argument("out", help="list file to write")
     p.add_argument("--label-file", help="'index name' lines mapping class names to indices")

@@ -24,15 +24,12 @@ import fcntl
 import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from clipdata.errors import DataFormatError
-from clipdata.lists import read_list  # noqa: E402
-from clipdata.video import load_probe_cache, resolution_change_message, save_probe_cache  # noqa: E402
-from common.usage import UsageError  # noqa: E402
-from preprocessing import shards  # noqa: E402
-from preprocessing.lists import probe_facts  # noqa: E402
+from clipdata.lists import read_list
+from clipdata.video import load_probe_cache, resolution_change_message, save_probe_cache
+from common.usage import UsageError
+from preprocessing import shards
+from preprocessing.lists import probe_facts
 
 
 def main(argv=None) -> int:

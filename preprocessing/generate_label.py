@@ -9,14 +9,10 @@ line splits into exactly two fields.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from common.usage import UsageError
-from preprocessing.kinetics import read_csv, write_label_file  # noqa: E402
+from preprocessing.kinetics import read_csv, write_label_file
 
 
 def main(argv=None) -> int:

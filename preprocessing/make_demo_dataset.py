@@ -249,12 +249,12 @@ def make_dataset(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-per-class", type=int, default=20)
-    p.add_argument("--val-per-class", type=int, default=8)
-    p.add_argument("--min-frames", type=int, default=40)
-    p.add_argument("--max-frames", type=int, default=200)
+    p.add_argument("out_dir", help="folder for the videos, the CSVs and the label file")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the clips (default 0)")
+    p.add_argument("--train-per-class", type=int, default=20, help="training clips per class (default 20)")
+    p.add_argument("--val-per-class", type=int, default=8, help="validation clips per class (default 8)")
+    p.add_argument("--min-frames", type=int, default=40, help="shortest clip in frames (default 40)")
+    p.add_argument("--max-frames", type=int, default=200, help="longest clip in frames (default 200)")
     p.add_argument("--jobs", type=int, default=None, help="parallel encoder processes (default: all cores)")
     p.add_argument(
         "--task",

@@ -7,13 +7,9 @@ writes the list (and the failures file) exactly as one unsharded run would have,
 that are missing, unfinished or still running and writes nothing (exit 2). Exit 1 when clips failed.
 """
 
-import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from preprocessing.shards import merge_main  # noqa: E402
+from preprocessing.shards import merge_main
 
 if __name__ == "__main__":
     sys.exit(merge_main())

@@ -14,12 +14,9 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from common.usage import UsageError
-from preprocessing.kinetics import class_name, write_label_file  # noqa: E402
-from preprocessing.lists import (  # noqa: E402
+from preprocessing.kinetics import class_name, write_label_file
+from preprocessing.lists import (
     class_folders,
     class_index_for,
     count_frames,
@@ -38,8 +35,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("root", help="dataset folder: ROOT/<class>/<clip>")
     p.add_argument("out_dir", help="folder for label.txt and the split lists")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.15, 0.15])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.7, 0.15, 0.15],
+        help="shares of train, val (and test) per class (default 0.7 0.15 0.15)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before the split (default 0)")
     p.add_argument("--probe", type=int, default=0, metavar="N", help="count frames with N processes")
     args = p.parse_args(argv)
     try:

@@ -14,14 +14,11 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from clipdata.errors import DataFormatError
-from clipdata.lists import text_lines  # noqa: E402
+from clipdata.lists import text_lines
 from common.usage import UsageError
-from preprocessing.kinetics import write_label_file  # noqa: E402
-from preprocessing.lists import count_frames, video_entries, write_list  # noqa: E402
+from preprocessing.kinetics import write_label_file
+from preprocessing.lists import count_frames, video_entries, write_list
 
 
 def _lines(path: str) -> list[str]:
@@ -74,8 +71,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("ucf_dir", help="the UCF-101 video folder (UCF-101/<Class>/v_*.avi)")
     p.add_argument("splits_dir", help="the folder of classInd.txt, trainlist0N.txt, testlist0N.txt")
-    p.add_argument("out_dir")
-    p.add_argument("--split", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("out_dir", help="folder for label.txt and the train/test lists")
+    p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="UCF-101's official split (default 1)")
     p.add_argument("--probe", type=int, default=0, metavar="N", help="count frames with N processes")
     args = p.parse_args(argv)
     try:

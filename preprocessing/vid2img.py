@@ -9,13 +9,9 @@ the rest. Bad clips are recorded in DST_DIR.failures.txt and the run goes on.
 Exit status: 0 all clips converted or already done, 1 some clips failed, 2 usage error, 130 interrupted.
 """
 
-import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from preprocessing.convert import run  # noqa: E402
+from preprocessing.convert import run
 
 
 def main(argv=None) -> int:

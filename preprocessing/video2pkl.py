@@ -13,7 +13,9 @@ Exit status: 0 all clips converted or already done, 1 some clips failed, 2 usage
 import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repo importable
+# the one shim of preprocessing/: the seeds run `python preprocessing/video2pkl.py` by path, with this folder on
+# sys.path instead of the repo (an interpreter without `pip install -e .` included); tsn-video2pkl needs none
+if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from preprocessing.convert import run  # noqa: E402

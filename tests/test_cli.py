@@ -1,5 +1,8 @@
-"""Command-line values of run_dist.sh and trainer/main.py: each bad one is one line, before any work."""
+"""Command-line values of run_dist.sh and trainer/main.py: each bad one is one line, before any work; every
+command line's --help."""
 
+import configparser
+import json
 import os
 import shutil
 import subprocess
@@ -213,3 +216,121 @@ def test_run_dist_refuses_a_paddlevideo_spelling_once_before_starting_ranks():
     assert proc.stderr == (
         "run_dist.sh: --test (PaddleVideo's spelling): write the mode: bash run_dist.sh test MODEL CONFIG --weights W\n"
     )
+
+
+# ---------------------------------------------------------------- --help, everywhere
+
+
+def test_run_dist_help_exits_0_on_stdout_naming_every_mode_and_trainer_option():
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "run_dist.sh"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    for mode in (*main.MODES, "selftest"):
+        assert f"\n  {mode} " in proc.stdout, mode
+    launch_options = ("--nproc", "--gpus", "--max-restarts", "--ips", "--host", "--rendezvous-timeout")
+    missing = [o for o in launch_options if f" {o} " not in proc.stdout]
+    for action in main.build_parser()._actions:  # CONFIG is run_dist.sh's third word, not an option
+        if action.option_strings and action.dest not in ("help", "config"):
+            if not any(f" {o} " in proc.stdout for o in action.option_strings):
+                missing.append(action.option_strings[-1])
+    assert not missing, f"run_dist.sh --help does not describe {missing}"
+
+
+def test_the_trainer_describes_itself_once_and_every_argument():
+    parser = main.build_parser()
+    text = parser.format_help()
+    assert text.count(main.__doc__.split("\n\n")[0]) == 1
+    assert [a.dest for a in parser._actions if not a.help] == []
+
+
+# Run in one child process: each command line's --help through runpy, noting each parser it builds
+_HELP_WALK = r"""
+import argparse, contextlib, io, json, runpy, sys
+found, parse = {}, argparse.ArgumentParser.parse_known_args
+for path in sys.argv[1:]:
+    parsers = []
+    def spy(self, *args, **kwargs):
+        parsers.append(self)
+        return parse(self, *args, **kwargs)
+    argparse.ArgumentParser.parse_known_args = spy
+    sys.argv, out, err, code = [path, "--help"], io.StringIO(), io.StringIO(), None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    bare = [a.option_strings[-1] if a.option_strings else a.dest for p in parsers for a in p._actions if not a.help]
+    found[path] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "bare": bare}
+print(json.dumps(found))
+"""
+COMMAND_LINES = (
+    *sorted(
+        f"preprocessing/{name}"
+        for name in os.listdir(os.path.join(ROOT, "preprocessing"))
+        if name.endswith(".py") and "\ndef main(" in open(os.path.join(ROOT, "preprocessing", name)).read()
+    ),
+    "preprocessing/merge_shards.py",
+    "trainer/main.py",
+    "tools/selftest.py",
+    "launch/hosts.py",
+    "launch/ranks.py",
+    "launch/mpi_train.py",
+    "common/exits.py",
+    *sorted(f"benchmarks/{name}" for name in os.listdir(os.path.join(ROOT, "benchmarks")) if name.endswith(".py")),
+)
+
+
+@pytest.mark.slow
+def test_every_command_line_helps_on_stdout_and_describes_every_argument(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _HELP_WALK, *(os.path.join(ROOT, p) for p in COMMAND_LINES)],
+        cwd=tmp_path,  # not the repo: the scripts find their packages from anywhere
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.splitlines()[-1])
+    for path, seen in found.items():
+        assert seen["code"] in (0, None) and seen["stdout"].strip(), (path, seen["stderr"][-1000:])
+        assert seen["bare"] == [], f"{path}: no help text for {seen['bare']}"
+
+
+def _console_scripts() -> list[tuple[str, str]]:
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    lines = parser["options.entry_points"]["console_scripts"].strip().splitlines()
+    return [tuple(part.strip() for part in line.split("=")) for line in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, target", _console_scripts())
+def test_each_console_script_helps_on_stdout(name, target, tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), name)
+    assert os.path.isfile(script), f"{name} is not installed: run pip install -e . --no-deps (make setup does)"
+    proc = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip(), (target, proc.stderr[-2000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["python", "preprocessing/video2pkl.py"],
+        ["python", "trainer/main.py"],
+        ["bash", "run_dist.sh"],
+        ["bash", "run_dist.sh", "selftest"],
+        ["python", "-m", "common.exits"],
+    ],
+)
+def test_the_seeds_commands_run_from_the_repo_and_from_elsewhere(command, tmp_path):
+    """The seeds' commands, by path from the repo root and from another folder (a script run by path has
+    its own folder on sys.path, not the repo's)."""
+    program = sys.executable if command[0] == "python" else command[0]
+    for cwd, where in ((ROOT, ""), (str(tmp_path), ROOT + os.sep)):
+        args = [program, *(a if a.startswith("-") or "." not in a else where + a for a in command[1:]), "--help"]
+        if command[1] == "-m":  # a module: from the repo root only, or through the install
+            args = [program, *command[1:], "--help"]
+        proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() and "Traceback" not in proc.stderr, (args, proc.stderr)

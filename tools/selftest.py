@@ -30,9 +30,6 @@ import numpy as np
 from common.files import write_atomic
 from tools.media import has_bframes, index_frames, jpeg, level_to_index, pixel_levels, write_video
 
-if __package__ in (None, ""):  # run by path (paddle.distributed.launch runs the all-reduce worker so)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 # Tolerances (docs/gpu.md "Tolerances"): each is loose enough for the arithmetic the two sides are allowed
@@ -496,6 +493,7 @@ def check_nccl(host: Host) -> str:
             "--allreduce-worker",
         ],
         300,
+        PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))),  # the worker runs by path
     )
     lines = [
         ln
