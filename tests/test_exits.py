@@ -200,3 +200,51 @@ def test_a_rank_notes_its_files_whole_and_only_when_they_change(tmp_path, monkey
     monkeypatch.delenv(exits.EXIT_DIR_ENV)
     exits.ReadingNote()(["d.pkl"])  # outside run_dist.sh: nothing
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- the ranks' logged events (common/log.py)
+
+
+def test_a_rank_logs_as_it_printed_and_keeps_its_warnings_as_events(tmp_path, monkeypatch, capsys):
+    from common import log as logs
+
+    monkeypatch.setenv(exits.EXIT_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
+    monkeypatch.delenv(logs.FORMAT_ENV, raising=False)
+    try:
+        logs.setup()
+        log = logs.get_logger("dali_pipelines.loader")
+        log.info("train: epoch 1")
+        log.warning("dali_pipelines: skipping a.pkl (list line 3): truncated")
+        log.error("train: error: b.pkl: not a pkl file")
+        captured = capsys.readouterr()
+        assert captured.out == "train: epoch 1\n"  # the text and the stream a print had
+        assert captured.err == (
+            "dali_pipelines: skipping a.pkl (list line 3): truncated\ntrain: error: b.pkl: not a pkl file\n"
+        )
+        events = [json.loads(line) for line in (tmp_path / "events.1.jsonl").read_text().splitlines()]
+        assert [(e["rank"], e["level"], e["logger"]) for e in events] == [
+            (1, "WARNING", "dali_pipelines.loader"),
+            (1, "ERROR", "dali_pipelines.loader"),
+        ]
+        logs.setup(fmt="rank %(rank)s: %(message)s")  # a second set-up replaces the first
+        log.info("x")
+        assert capsys.readouterr().out == "rank 1: x\n"
+    finally:
+        monkeypatch.delenv(exits.EXIT_DIR_ENV)
+        logs.setup()
+
+
+def test_without_records_the_ranks_last_warnings_and_errors_are_shown_under_their_logs(tmp_path):
+    (tmp_path / "workerlog.0").write_text("")
+    lines = [{"rank": 0, "message": f"dali_pipelines: skipping clip{i}.pkl"} for i in range(7)]
+    (tmp_path / "events.0.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"cut')
+    (tmp_path / "events.1.jsonl").write_text("")
+    out = io.StringIO()
+    assert exits.notes(str(tmp_path), out) == 0
+    assert out.getvalue() == f"  rank 0 ({tmp_path / 'workerlog.0'}):\n" + "".join(
+        f"    dali_pipelines: skipping clip{i}.pkl\n" for i in range(2, 7)
+    )
+    assert exits.notes(str(tmp_path / "none"), io.StringIO()) == 1
+    exits.clear(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["workerlog.0"]
