@@ -149,28 +149,12 @@ def run_folder(cfg, scorer, names: list[str], inputs: Inputs, output: str | None
 
     spec = clip_scorer.clip_spec(cfg)
     videos = inputs.videos
-    bad = sorted({t for t in inputs.labels or [] if not 0 <= t < len(names)})
-    if bad:
-        raise DataFormatError(
-            f"labels {bad[:5]} of the input list are outside [0, {len(names)}); check the list against the label file"
-        )
-    done = done_videos(output) if output else {}
-    todo = [i for i, v in enumerate(videos) if v not in done]
-    if done:
-        print(
-            f"predict: {len(videos) - len(todo)} of {len(videos)} video(s) are already in {output}; "
-            f"scoring the other {len(todo)}"
-        )
+    _check_labels(inputs.labels, names)
+    done, todo = _resume(videos, output)
     workers = default_num_workers() if cfg.DATASET.num_workers is None else cfg.DATASET.num_workers
     skipped: list[tuple[str, str]] = [(p, "not a video file (by its extension)") for p in inputs.not_videos]
     started, scored = time.monotonic(), 0
-    out = None
-    if output:
-        new = not os.path.isfile(output)
-        out = open(output, "a", newline="", encoding="utf-8")
-        writer = csv.writer(out)
-        if new:
-            writer.writerow(HEADER)
+    out, writer = _open_output(output) if output else (None, None)
     bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True, disable=not output)
     try:
         clips = _decoded(
@@ -208,22 +192,61 @@ def run_folder(cfg, scorer, names: list[str], inputs: Inputs, output: str | None
         f"{workers} decode worker(s))" + (f" -> {output}" if output else "")
     )
     if skipped:
-        for path, why in skipped[:10]:
-            print(f"predict: skipped {path}: {why}", file=sys.stderr)
-        if len(skipped) > 10:
-            print(f"predict: ... and {len(skipped) - 10} more skipped", file=sys.stderr)
-        if output:
-            listing = f"{output}.skipped.csv"
-            write_atomic(listing, _csv_text([["video", "reason"], *skipped]).encode())
-            print(f"predict: {len(skipped)} file(s) skipped, listed in {listing}")
+        _report_skipped(skipped, output)
     if output and inputs.labels is not None:
-        by_name = {n: c for c, n in enumerate(names)}
-        pairs = [(inputs.labels[i], by_name[done[v][0][0]]) for i, v in enumerate(videos) if v in done]
-        true, pred = np.array([t for t, _ in pairs], np.int64), np.array([q for _, q in pairs], np.int64)
-        paths = reports.write_class_report(true, pred, names, os.path.splitext(output)[0])
-        result["top1"] = float(np.mean(true == pred)) if len(true) else float("nan")
-        print(
-            f"predict: top-1 {result['top1']:.4f} on {len(true)} labelled video(s); "
-            f"per-class report: {', '.join(paths)}"
-        )
+        result["top1"] = _class_report(inputs, names, done, output)
     return result
+
+
+def _resume(videos: list[str], output: str | None) -> tuple[dict, list[int]]:
+    """The predictions already in OUTPUT (an earlier run's), and the positions of the videos still to score."""
+    done = done_videos(output) if output else {}
+    todo = [i for i, v in enumerate(videos) if v not in done]
+    if done:
+        print(
+            f"predict: {len(videos) - len(todo)} of {len(videos)} video(s) are already in {output}; "
+            f"scoring the other {len(todo)}"
+        )
+    return done, todo
+
+
+def _check_labels(labels: list[int] | None, names: list[str]) -> None:
+    bad = sorted({t for t in labels or [] if not 0 <= t < len(names)})
+    if bad:
+        raise DataFormatError(
+            f"labels {bad[:5]} of the input list are outside [0, {len(names)}); check the list against the label file"
+        )
+
+
+def _open_output(output: str):
+    """OUTPUT opened to append to, and its CSV writer; a new file starts with the header."""
+    new = not os.path.isfile(output)
+    out = open(output, "a", newline="", encoding="utf-8")
+    writer = csv.writer(out)
+    if new:
+        writer.writerow(HEADER)
+    return out, writer
+
+
+def _report_skipped(skipped: list[tuple[str, str]], output: str | None) -> None:
+    """Name the first ten skipped files; with ``output``, list them all in OUTPUT.skipped.csv."""
+    for path, why in skipped[:10]:
+        print(f"predict: skipped {path}: {why}", file=sys.stderr)
+    if len(skipped) > 10:
+        print(f"predict: ... and {len(skipped) - 10} more skipped", file=sys.stderr)
+    if output:
+        listing = f"{output}.skipped.csv"
+        write_atomic(listing, _csv_text([["video", "reason"], *skipped]).encode())
+        print(f"predict: {len(skipped)} file(s) skipped, listed in {listing}")
+
+
+def _class_report(inputs: Inputs, names: list[str], done: dict, output: str) -> float:
+    """The per-class report of a labelled list beside OUTPUT, over every video in it; returns the top-1."""
+    by_name = {n: c for c, n in enumerate(names)}
+    videos = inputs.videos
+    pairs = [(inputs.labels[i], by_name[done[v][0][0]]) for i, v in enumerate(videos) if v in done]
+    true, pred = np.array([t for t, _ in pairs], np.int64), np.array([q for _, q in pairs], np.int64)
+    paths = reports.write_class_report(true, pred, names, os.path.splitext(output)[0])
+    top1 = float(np.mean(true == pred)) if len(true) else float("nan")
+    print(f"predict: top-1 {top1:.4f} on {len(true)} labelled video(s); per-class report: {', '.join(paths)}")
+    return top1
