@@ -133,3 +133,36 @@ def test_every_docs_section_the_code_cites_exists():
         if not names_section(page, section)
     ]
     assert missing == [], "cited sections missing from docs/: " + "; ".join(missing)
+
+
+def section_text(page: Path, title: str) -> str:
+    """The text of the section headed ``title`` up to the next heading of its level or above."""
+    lines, inside, level = [], False, 0
+    for line in prose_lines(page):
+        m = HEADING.match(line)
+        if m and inside and len(m.group(1)) <= level:
+            break
+        if m and m.group(2) == title:
+            inside, level = True, len(m.group(1))
+        elif inside:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def test_the_design_layout_names_every_module_and_its_contents_every_section():
+    design = ROOT / "docs" / "design.md"
+    layout = section_text(design, "Code layout")
+    modules = [p for d in CODE_DIRS if d not in ("configs",) for p in sorted((ROOT / d).glob("*.py"))]
+    unnamed = [
+        f"{p.parent.name}/{p.name}"
+        for p in modules
+        if p.name != "__init__.py"
+        and not p.name.startswith("test_")
+        and f"`{p.stem}`" not in layout
+        and f"`{p.name}`" not in layout
+    ]
+    assert unnamed == [], f'docs/design.md "Code layout" names no row for {unnamed}'
+    contents = section_text(design, "Design notes")
+    level2 = [m.group(2) for line in prose_lines(design) if (m := HEADING.match(line)) and len(m.group(1)) == 2]
+    missing = [t for t in level2 if f"(#{slug(t)})" not in contents]
+    assert level2 and missing == [], f"docs/design.md's contents list misses {missing}"
