@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,33 +22,12 @@ from clipdata.video import VideoError, VideoFacts, decode_frames, probe, resolut
 from common.processes import ParallelMap
 
 from . import crops
+from .clipspec import ClipSpec
 from .sampling import sample_indices
 
 
 class LabelError(DataFormatError):
     """A label outside the model's classes: the list and the config disagree, so the run stops."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClipSpec:
-    """How every sample of one loader is read and cut: the source, the frames and the views."""
-
-    source: str  # the list's format: "pkl" | "rawframes" | "videos"
-    # what the DALI graph decodes: "jpeg" (nvJPEG / libjpeg), "video" (NVDEC), or "frames" (nothing:
-    # PyAV decoded them in the feed, the CPU path for videos)
-    decode: str
-    mode: str  # "train" | "val" | "test"
-    num_segments: int
-    target_size: int
-    short_size: int
-    num_clips: int = 1
-    num_crops: int = 1
-    crop: str = "multiscale"
-    flip: bool = True
-    sampling: str = "segment"
-    dense_interval: int = 8
-    num_classes: int | None = None
-    allow_partial_videos: bool = False  # keep the decodable part of a video damaged before its end
 
 
 def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None = None):
@@ -63,41 +41,13 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
         label, data = _pkl_frames(s.path, spec, rng)
         width, height = _frame_size(data)
     elif spec.source == "rawframes":
-        data = []
-        for i in _indices(spec, s.num_frames, rng):
-            path = os.path.join(s.path, f"img_{i + 1:05d}.jpg")
-            try:
-                with open(path, "rb") as f:
-                    data.append(check_jpeg(f.read()))
-            except FileNotFoundError:
-                raise DataFormatError(f"the list says {s.num_frames} frames but {path} is missing") from None
+        data = _rawframes(s, spec, rng)
         width, height = _frame_size(data)
     elif spec.decode == "frames":
-        num_frames = s.num_frames
-        if not num_frames:  # the count came from a probe: trust it only for the file it was taken of
-            current = _current(s.path, facts, os.stat(s.path), spec, need_packets=False)
-            new_facts, num_frames = (current if current is not facts else None), current.frames
-        data = [decode_frames(s.path, _indices(spec, num_frames, rng), num_frames, threads="NONE")]
+        data, new_facts = _decoded_frames(s, spec, rng, facts)
         height, width = data[0].shape[1:3]
     else:
-        with open(s.path, "rb") as f:
-            st = os.fstat(f.fileno())
-            raw = f.read()
-        current = _current(s.path, facts, st, spec, need_packets=True, data=raw, listed=s.num_frames)
-        new_facts = current if current is not facts else None
-        num_frames = s.num_frames or current.frames
-        if current.size_change:  # NVDEC is not known to rescale mid-stream: skipped rather than trusted
-            raise VideoError(resolution_change_message(s.path, current))
-        if current.packets < num_frames:  # NVDEC would pad silently: catch a wrong count here
-            raise VideoError(f"{s.path}: has {current.packets} frames, fewer than the {num_frames} the list promised")
-        # NVDEC ignores the display matrix: the graph turns the frames upright (loader._upright)
-        data = [
-            np.frombuffer(raw, np.uint8),
-            _indices(spec, num_frames, rng),
-            np.array(current.mirror, np.int32),
-            np.array(90.0 * current.turns, np.float32),
-        ]
-        width, height = current.width, current.height
+        data, new_facts, (width, height) = _video_bytes(s, spec, rng, facts)
     if not (width > 0 and height > 0):  # the crop windows divide by them
         raise DataFormatError(f"frames of {width}x{height} pixels")
     if spec.num_classes is not None and not 0 <= label < spec.num_classes:
@@ -105,18 +55,65 @@ def load_sample(spec: ClipSpec, s: Sample, key: tuple, facts: VideoFacts | None 
             f"{s.path} (list line {s.line}): label {label} is outside "
             f"[0, {spec.num_classes}); check the list against the label file"
         )
-    if spec.mode == "train":
-        if spec.crop == "multiscale":
-            win = crops.multiscale_window(width, height, rng, spec.target_size, spec.short_size)
-        else:
-            win = crops.random_resized_window(width, height, rng)
-        views = [(win, spec.flip and rng.random() < 0.5)]
-    else:
-        views = crops.test_windows(width, height, spec.target_size, spec.short_size, spec.num_crops)
     if spec.decode == "jpeg":
         data = [np.frombuffer(d, np.uint8) for d in data]
-    args = [a for win, flip in views for a in (win[:2], win[2:], np.array(flip, np.int32))]
+    args = [a for win, flip in _views(spec, width, height, rng) for a in (win[:2], win[2:], np.array(flip, np.int32))]
     return (*data, *args, np.array(label, np.int64)), new_facts
+
+
+def _views(spec: ClipSpec, width: int, height: int, rng) -> list:
+    """[(crop window, flip)]: one random view in training, the fixed test views otherwise."""
+    if spec.mode != "train":
+        return crops.test_windows(width, height, spec.target_size, spec.short_size, spec.num_crops)
+    if spec.crop == "multiscale":
+        win = crops.multiscale_window(width, height, rng, spec.target_size, spec.short_size)
+    else:
+        win = crops.random_resized_window(width, height, rng)
+    return [(win, spec.flip and rng.random() < 0.5)]
+
+
+def _rawframes(s: Sample, spec: ClipSpec, rng) -> list[bytes]:
+    """The sampled JPEG files of a rawframes folder (``img_00001.jpg`` is frame 0)."""
+    data = []
+    for i in _indices(spec, s.num_frames, rng):
+        path = os.path.join(s.path, f"img_{i + 1:05d}.jpg")
+        try:
+            with open(path, "rb") as f:
+                data.append(check_jpeg(f.read()))
+        except FileNotFoundError:
+            raise DataFormatError(f"the list says {s.num_frames} frames but {path} is missing") from None
+    return data
+
+
+def _decoded_frames(s: Sample, spec: ClipSpec, rng, facts: VideoFacts | None) -> tuple[list, VideoFacts | None]:
+    """([the sampled frames decoded by PyAV, [T, H, W, 3]], new facts): the CPU path for videos."""
+    num_frames, new_facts = s.num_frames, None
+    if not num_frames:  # the count came from a probe: trust it only for the file it was taken of
+        current = _current(s.path, facts, os.stat(s.path), spec, need_packets=False)
+        new_facts, num_frames = (current if current is not facts else None), current.frames
+    return [decode_frames(s.path, _indices(spec, num_frames, rng), num_frames, threads="NONE")], new_facts
+
+
+def _video_bytes(s: Sample, spec: ClipSpec, rng, facts: VideoFacts | None) -> tuple[list, VideoFacts | None, tuple]:
+    """(NVDEC's inputs: the file's bytes, the sampled indices, mirror and angle; new facts; (width,
+    height)): the GPU path for videos."""
+    with open(s.path, "rb") as f:
+        st = os.fstat(f.fileno())
+        raw = f.read()
+    current = _current(s.path, facts, st, spec, need_packets=True, data=raw, listed=s.num_frames)
+    num_frames = s.num_frames or current.frames
+    if current.size_change:  # NVDEC is not known to rescale mid-stream: skipped rather than trusted
+        raise VideoError(resolution_change_message(s.path, current))
+    if current.packets < num_frames:  # NVDEC would pad silently: catch a wrong count here
+        raise VideoError(f"{s.path}: has {current.packets} frames, fewer than the {num_frames} the list promised")
+    # NVDEC ignores the display matrix: the graph turns the frames upright (loader._upright)
+    data = [
+        np.frombuffer(raw, np.uint8),
+        _indices(spec, num_frames, rng),
+        np.array(current.mirror, np.int32),
+        np.array(90.0 * current.turns, np.float32),
+    ]
+    return data, (current if current is not facts else None), (current.width, current.height)
 
 
 def _indices(spec: ClipSpec, num_frames: int, rng) -> np.ndarray:

@@ -9,40 +9,69 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from clipdata.errors import DataFormatError
-from clipdata.lists import SOURCES, Sample, read_list
+from clipdata.lists import Sample, read_list
 from clipdata.video import VideoError, load_probe_cache, probe_cached, save_probe_cache
+from common.log import get_logger
 from common.processes import default_num_workers
 
-from .feed import ClipSpec, LabelError, sample_pool
-from .sampling import LOADER_MODES, SAMPLINGS, shard_indices
+from .clipspec import DEVICES, MEAN, STD, ClipSpec
+from .feed import LabelError, sample_pool
+from .sampling import shard_indices
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-CROPS = ("multiscale", "random_resized")
-DEFAULT_OPTIONS = dict(
-    num_clips=1,
-    num_crops=1,
-    crop="multiscale",
-    flip=True,
-    num_threads=2,
-    prefetch=2,
-    dtype="float32",
-    drop_last=None,
-    device_id=None,
-    num_classes=None,
-    samples=None,
-    max_batches=None,
-    sampling="segment",
-    dense_interval=8,
-    num_workers=None,
-    worker_timeout=120.0,
-    allow_partial_videos=False,
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderRun:
+    """How and where a loader runs, whatever its clips (``ClipSpec``) are: ``build_loader``'s
+    keywords of that name (its docstring says what each means), checked."""
+
+    batch_size: int = 8
+    device: str = "cpu"
+    device_id: int | None = None
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    data_prefix: str | None = None
+    samples: list[Sample] | None = None
+    drop_last: bool | None = None
+    max_batches: int | None = None
+    num_threads: int = 2
+    prefetch: int = 2
+    dtype: str = "float32"
+    num_workers: int | None = None
+    worker_timeout: float = 120.0
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
+        workers = self.num_workers
+        if workers is not None and (not isinstance(workers, int) or workers < 0):
+            raise ValueError(f"num_workers must be an integer >= 0 (0: read in the training process), got {workers!r}")
+
+
+RUN_KEYWORDS = tuple(f.name for f in fields(LoaderRun))
+# build_loader's keywords that make its ClipSpec (ClipSpec.create's, less source, mode and device)
+CLIP_KEYWORDS = (
+    "num_segments",
+    "target_size",
+    "short_size",
+    "num_clips",
+    "num_crops",
+    "crop",
+    "flip",
+    "sampling",
+    "dense_interval",
+    "num_classes",
+    "allow_partial_videos",
 )
 
 
@@ -156,7 +185,7 @@ class _ClipSource:
         self._budget += 1  # one more candidate takes its place (training; evaluation has no more)
         if s.path not in self._reported:
             self._reported.add(s.path)
-            print(f"dali_pipelines: skipping {s.path} (list line {s.line}): {why}", file=sys.stderr, flush=True)
+            get_logger(__name__).warning(f"dali_pipelines: skipping {s.path} (list line {s.line}): {why}")
 
     def _save_facts(self):
         """Keep what workers probed (videos new to the cache, or changed) for the next run."""
@@ -344,12 +373,89 @@ def nvdec_unavailable() -> str:
     return ""
 
 
-def build_loader(list_file, source="pkl", mode="train", **settings):
-    """A DALI loader over ``list_file`` (docs/design.md "Data formats"); ``settings`` are
-    ``plan_loader``'s. See README "Stage 2: the loader API"."""
-    if source == "videos" and settings.get("device") == "gpu" and nvdec_unavailable():
+def build_loader(
+    list_file: str | None,
+    source: str = "pkl",
+    mode: str = "train",
+    *,
+    batch_size: int = 8,
+    num_segments: int = 3,
+    target_size: int = 224,
+    short_size: int = 256,
+    num_clips: int = 1,
+    num_crops: int = 1,
+    crop: str = "multiscale",
+    flip: bool = True,
+    sampling: str = "segment",
+    dense_interval: int = 8,
+    num_classes: int | None = None,
+    allow_partial_videos: bool = False,
+    device: str = "cpu",
+    device_id: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    data_prefix: str | None = None,
+    samples: list[Sample] | None = None,
+    drop_last: bool | None = None,
+    max_batches: int | None = None,
+    num_threads: int = 2,
+    prefetch: int = 2,
+    dtype: str = "float32",
+    num_workers: int | None = None,
+    worker_timeout: float = 120.0,
+) -> DALILoader:
+    """A DALI loader over ``list_file``: ``for imgs, labels in loader`` yields [N, T, 3, H, W]
+    ImageNet-normalised RGB (T = crops x clips x segments) and [N] int64 labels, one epoch per loop.
+    The trainer builds its clip from the config instead (``ClipSpec.from_config``, ``build_spec_loader``).
+
+    Args:
+        list_file: the list of samples (docs/design.md "Data formats"); None with ``samples``.
+        source: the list's format: "pkl", "rawframes" or "videos".
+        mode: "train" (random segments, crop and flip), "val" (centre frames, one centre view) or
+            "test" (``num_clips`` clips x ``num_crops`` views).
+        batch_size: samples per batch on this rank.
+        num_segments: frames per clip (TSN segments, or TSM's dense window).
+        target_size: the side of the square crops the model sees.
+        short_size: the short side frames are scaled to before the crops.
+        num_clips: test mode: clips per video, evenly spread.
+        num_crops: test mode: views per clip: 1 (centre), 3 (along the long side) or 10 (five and
+            their flips).
+        crop: training crop: "multiscale" (TSN's scales and 13 fixed offsets) or "random_resized".
+        flip: training: flip each clip left-right with probability 0.5.
+        sampling: "segment" (TSN) or "dense" (TSM's frames ``dense_interval`` apart).
+        dense_interval: dense sampling: frames between two sampled frames.
+        num_classes: labels must lie in [0, num_classes) or the run stops naming the file; None: unchecked.
+        allow_partial_videos: keep the decodable part of a video damaged before its end (default: the
+            video is unreadable and skipped).
+        device: "gpu" (nvJPEG / NVDEC) or "cpu" (libjpeg / PyAV).
+        device_id: the GPU; None: the first of FLAGS_selected_gpus (else 0).
+        rank: this rank; it reads its own shard of the list.
+        world_size: the number of ranks sharing the list.
+        seed: with (rank, epoch) it fixes the order, the sampling and the augmentation.
+        data_prefix: the folder relative list paths resolve against (default: the list's folder).
+        samples: pre-parsed samples (``clipdata.lists.Sample``) instead of reading ``list_file``.
+        drop_last: drop a last partial batch (default: in training only).
+        max_batches: stop each epoch after this many batches (None: the whole shard).
+        num_threads: DALI's CPU threads.
+        prefetch: batches DALI prepares ahead.
+        dtype: the output's: "float32", or "float16" for AMP.
+        num_workers: feed worker processes reading the samples; None: a share of the host's cores,
+            0: in the training process.
+        worker_timeout: seconds a feed worker may take before the run stops naming its files.
+    """
+    keywords = dict(locals())  # the arguments above, by name
+    clip = {k: keywords.pop(k) for k in CLIP_KEYWORDS}
+    run = LoaderRun(**{k: keywords[k] for k in RUN_KEYWORDS})
+    return build_spec_loader(list_file, ClipSpec.create(source, mode, device=device, **clip), run)
+
+
+def build_spec_loader(list_file: str | None, spec: ClipSpec, run: LoaderRun | None = None) -> DALILoader:
+    """``build_loader`` with its clip given whole (``ClipSpec.from_config``'s) and the rest in ``run``."""
+    run = run or LoaderRun()
+    if spec.decode == "video" and nvdec_unavailable():
         raise VideoError(nvdec_unavailable())  # before anything starts, not as DALI's error mid-build
-    src, how = plan_loader(list_file, source, mode, **settings)
+    src, how = plan_spec(list_file, spec, run)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = define_pipeline(src, **how)
@@ -357,100 +463,64 @@ def build_loader(list_file, source="pkl", mode="train", **settings):
     return DALILoader(src, pipe)
 
 
-def plan_loader(
-    list_file,
-    source="pkl",
-    mode="train",
-    *,
-    batch_size=8,
-    num_segments=3,
-    target_size=224,
-    short_size=256,
-    device="cpu",
-    rank=0,
-    world_size=1,
-    seed=0,
-    data_prefix=None,
-    **options,
-):
-    """(the loader's external source, ``define_pipeline``'s keyword arguments): every setting checked,
-    the list read and its samples established, nothing built."""
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+def plan_loader(list_file: str | None, source: str = "pkl", mode: str = "train", **keywords):
+    """``plan_spec`` of ``build_loader``'s arguments: what it would run, nothing built."""
+    unknown = sorted(set(keywords) - set(CLIP_KEYWORDS) - set(RUN_KEYWORDS))
     if unknown:
-        raise TypeError(f"build_loader: unknown option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")
-    options = {**DEFAULT_OPTIONS, **options}
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if mode not in LOADER_MODES:
-        raise ValueError(f"mode must be one of {LOADER_MODES}, got {mode!r}")
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if options["crop"] not in CROPS:
-        raise ValueError(f"crop must be one of {CROPS}, got {options['crop']!r}")
-    if options["dtype"] not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16', got {options['dtype']!r}")
-    if options["sampling"] not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {options['sampling']!r}")
-    if options["num_crops"] not in (1, 3, 10):
-        raise ValueError(f"num_crops must be 1, 3 or 10, got {options['num_crops']!r}")
-    samples = options["samples"] or read_list(list_file, source, data_prefix)
-    cache_file = f"{list_file}.probe.json" if list_file and source == "videos" else None
-    facts = load_probe_cache(cache_file) if cache_file else {}
-    if source == "videos":
-        unknown = sorted({s.path for s in samples if not s.num_frames})
-        if unknown:  # decoded once and cached beside the list
-            facts.update(probe_cached(unknown, cache_file, facts, options["allow_partial_videos"]))
-    elif source == "rawframes":
-        check_rawframe_counts(samples, list_file)
-    decode = "jpeg" if source != "videos" else ("video" if device == "gpu" else "frames")
-    num_clips, num_crops = (options["num_clips"], options["num_crops"]) if mode == "test" else (1, 1)
-    drop_last = (mode == "train") if options["drop_last"] is None else bool(options["drop_last"])
-    num_workers = default_num_workers() if options["num_workers"] is None else options["num_workers"]
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0 (0: read in the training process), got {num_workers!r}")
-    spec = ClipSpec(
-        source=source,
-        decode=decode,
-        mode=mode,
-        num_segments=num_segments,
-        target_size=target_size,
-        short_size=short_size,
-        num_clips=num_clips,
-        num_crops=num_crops,
-        crop=options["crop"],
-        flip=options["flip"],
-        sampling=options["sampling"],
-        dense_interval=options["dense_interval"],
-        num_classes=options["num_classes"],
-        allow_partial_videos=bool(options["allow_partial_videos"]),
-    )
+        raise TypeError(f"build_loader: unknown option(s) {unknown}; known: {sorted(CLIP_KEYWORDS + RUN_KEYWORDS)}")
+    run = LoaderRun(**{k: v for k, v in keywords.items() if k in RUN_KEYWORDS})
+    clip = {k: v for k, v in keywords.items() if k in CLIP_KEYWORDS}
+    return plan_spec(list_file, ClipSpec.create(source, mode, device=run.device, **clip), run)
+
+
+def plan_spec(list_file: str | None, spec: ClipSpec, run: LoaderRun):
+    """(the loader's external source, ``define_pipeline``'s keyword arguments): the list read and its
+    samples established, nothing built."""
+    if (spec.decode == "video") != (run.device == "gpu" and spec.source == "videos"):
+        raise ValueError(f"a {spec.decode!r} clip spec does not run on device {run.device!r}; make it for that device")
+    samples, facts, cache_file = _samples(list_file, spec, run)
     src = _ClipSource(
         samples,
         spec,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        drop_last=drop_last,
-        max_batches=options["max_batches"],
-        num_workers=num_workers,
-        worker_timeout=options["worker_timeout"],
+        batch_size=run.batch_size,
+        rank=run.rank,
+        world_size=run.world_size,
+        seed=run.seed,
+        drop_last=(spec.mode == "train") if run.drop_last is None else bool(run.drop_last),
+        max_batches=run.max_batches,
+        num_workers=default_num_workers() if run.num_workers is None else run.num_workers,
+        worker_timeout=run.worker_timeout,
         facts=facts,
         cache_file=cache_file,
     )
     if src.num_batches == 0:
         src.feed.close()
         raise DataFormatError(
-            f"{list_file}: {len(samples)} samples give no full batch of {batch_size} on "
-            f"each of {world_size} rank(s); lower the batch size"
+            f"{list_file}: {len(samples)} samples give no full batch of {run.batch_size} on "
+            f"each of {run.world_size} rank(s); lower the batch size"
         )
-    device_id = options["device_id"]
-    if device == "gpu" and device_id is None:
+    device_id = run.device_id
+    if run.device == "gpu" and device_id is None:
         device_id = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
     return src, dict(
-        device=device,
-        device_id=device_id if device == "gpu" else None,
-        num_threads=options["num_threads"],
-        prefetch=options["prefetch"],
-        dtype=options["dtype"],
+        device=run.device,
+        device_id=device_id if run.device == "gpu" else None,
+        num_threads=run.num_threads,
+        prefetch=run.prefetch,
+        dtype=run.dtype,
     )
+
+
+def _samples(list_file: str | None, spec: ClipSpec, run: LoaderRun) -> tuple[list[Sample], dict, str | None]:
+    """(the samples, what is known of their videos, the probe cache beside the list): the list read,
+    videos without a frame count probed once (and cached), rawframe counts checked."""
+    samples = run.samples or read_list(list_file, spec.source, run.data_prefix)
+    cache_file = f"{list_file}.probe.json" if list_file and spec.source == "videos" else None
+    facts = load_probe_cache(cache_file) if cache_file else {}
+    if spec.source == "videos":
+        unknown = sorted({s.path for s in samples if not s.num_frames})
+        if unknown:  # decoded once and cached beside the list
+            facts.update(probe_cached(unknown, cache_file, facts, spec.allow_partial_videos))
+    elif spec.source == "rawframes":
+        check_rawframe_counts(samples, list_file)
+    return samples, facts, cache_file

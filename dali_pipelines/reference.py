@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from . import loader
+from . import clipspec
 from .crops import test_windows
 
-MEAN = np.array(loader.MEAN, np.float32)
-STD = np.array(loader.STD, np.float32)
+MEAN = np.array(clipspec.MEAN, np.float32)
+STD = np.array(clipspec.STD, np.float32)
 
 
 def normalise(img: np.ndarray) -> np.ndarray:

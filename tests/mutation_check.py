@@ -45,8 +45,8 @@ MUTANTS = {
     ),
     "eval skips the last partial batch": (
         "dali_pipelines/loader.py",
-        'drop_last = (mode == "train") if options["drop_last"] is None',
-        'drop_last = True if options["drop_last"] is None',
+        'drop_last=(spec.mode == "train") if run.drop_last is None',
+        'drop_last=True if run.drop_last is None',
     ),
     "resume without optimizer state": (
         "trainer/checkpoint.py",
@@ -100,7 +100,7 @@ MUTANTS = {
         "[(names[i], float(p[j])) for i, j in zip(sorted(top), top)]",
     ),
     "normalisation mean/std in BGR order": (
-        "dali_pipelines/loader.py",
+        "dali_pipelines/clipspec.py",
         "MEAN = (0.485, 0.456, 0.406)\nSTD = (0.229, 0.224, 0.225)\n",
         "MEAN = (0.406, 0.456, 0.485)\nSTD = (0.225, 0.224, 0.229)\n",
     ),

@@ -4,7 +4,7 @@ import pytest
 from clipdata.errors import DataFormatError
 from clipdata.pkl import write_pkl
 from dali_pipelines import build_loader
-from dali_pipelines.loader import MEAN, STD
+from dali_pipelines.clipspec import MEAN, STD
 from dali_pipelines.sampling import segment_indices
 from tools.media import index_frames, jpeg, level_to_index, write_video
 

@@ -58,7 +58,7 @@ def level_to_index(level: float) -> int:
 
 def pixel_levels(imgs: np.ndarray) -> np.ndarray:
     """Normalised batches [N, T, 3, H, W] back to grey levels 0..255."""
-    from dali_pipelines.loader import MEAN, STD
+    from dali_pipelines.clipspec import MEAN, STD
 
     shape = (1, 1, 3, 1, 1)
     return (imgs.astype(np.float32) * np.array(STD).reshape(shape) + np.array(MEAN).reshape(shape)) * 255
