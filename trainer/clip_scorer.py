@@ -5,32 +5,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import numpy as np
 
 from dali_pipelines import crops
-from dali_pipelines.feed import ClipSpec
+from dali_pipelines.clipspec import ClipSpec
 from dali_pipelines.sampling import sample_indices
-
-from .config import segments_in_test
 
 
 def clip_spec(cfg) -> ClipSpec:
-    """The test mode's clip: segments, clips, crops and sizes as ``engine.make_loader(cfg, ..., "test")``
-    reads them, with the frames decoded before the graph (decode "frames")."""
-    p = cfg.PIPELINE
-    return ClipSpec(
-        source="videos",
-        decode="frames",
-        mode="test",
-        num_segments=segments_in_test(cfg),
-        target_size=p.target_size,
-        short_size=p.short_size,
-        num_clips=p.test_num_clips,
-        num_crops=p.test_num_crops,
-        sampling=p.sampling,
-        dense_interval=p.dense_interval,
-    )
+    """The test mode's clip of videos (``ClipSpec.from_config``) with the frames decoded on the host
+    before the graph (decode "frames") and no labels. Read strictly, as this path always has: a damaged
+    video is skipped whatever DATASET.allow_partial_videos says."""
+    spec = ClipSpec.from_config(cfg, "test", device="cpu", source="videos", labelled=False)
+    return replace(spec, allow_partial_videos=False)
 
 
 def window_indices(spec: ClipSpec, start: int, end: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import yaml
 
 from clipdata.errors import DataFormatError
 from clipdata.lists import read_text
+from dali_pipelines.clipspec import CROPS, NUM_CROPS, ClipSpec
 from dali_pipelines.sampling import SAMPLINGS
 
 
@@ -118,10 +119,10 @@ SCHEMA: dict = {
         "dense_interval": Opt(8, minimum=1),  # dense: frames between two sampled frames
         "target_size": Opt(224, minimum=8),
         "short_size": Opt(256, minimum=8),
-        "crop": Opt("multiscale", choices=("multiscale", "random_resized")),
+        "crop": Opt("multiscale", choices=CROPS),
         "flip": Opt(True),
         "test_num_clips": Opt(1, minimum=1),
-        "test_num_crops": Opt(1, choices=(1, 3, 10)),
+        "test_num_crops": Opt(1, choices=NUM_CROPS),
         "test_num_segments": Opt(None, type=int, nullable=True, minimum=1),  # null: num_segments
         "mixup_alpha": Opt(0.0, minimum=0.0),  # 0 disables mixup of training batches
     },
@@ -364,8 +365,8 @@ def _check_combination(cfg, origin: str) -> None:
 
 
 def segments_in_test(cfg) -> int:
-    """Segments per clip in test mode (PP-TSN tests on 25 where it trains on 8)."""
-    return cfg.PIPELINE.test_num_segments or cfg.PIPELINE.num_segments
+    """Segments per clip in test mode (PP-TSN tests on 25 where it trains on 8): the test clip's."""
+    return ClipSpec.from_config(cfg, "test").num_segments
 
 
 def to_plain(cfg) -> dict:

@@ -14,8 +14,10 @@ import paddle
 import paddle.nn.functional as F
 import yaml
 
+from dali_pipelines.clipspec import ClipSpec
+
 from . import checkpoint, dist, distill
-from .config import ConfigError, segments_in_test, to_plain
+from .config import ConfigError, to_plain
 from .losses import classification_loss, mixup
 from .metrics import MetricsLog, topk_correct
 from .models import build_model
@@ -23,49 +25,34 @@ from .precise_bn import precise_bn
 from .solver import build_optimizer, build_scheduler
 
 
-def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, source: str | None = None, **options):
-    """The one place the trainer asks dali_pipelines for data; ``options`` override the config's."""
-    from dali_pipelines import build_loader
+def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, spec: ClipSpec | None = None, **options):
+    """The one place the trainer asks dali_pipelines for data: the clip is ``spec``, by default
+    ``ClipSpec.from_config(cfg, mode)`` for this device, the rest the config's; ``options`` override the
+    rest (``dali_pipelines.LoaderRun``'s fields, e.g. ``samples``, ``max_batches``)."""
+    from dali_pipelines import LoaderRun, build_spec_loader
 
-    d, p = cfg.DATASET, cfg.PIPELINE
+    d = cfg.DATASET
     list_file = list_file or {"train": d.train_list, "val": d.val_list, "test": d.test_list}[mode]
     if not list_file and not options.get("samples"):
         raise ConfigError(
             f"config error: DATASET.{mode}_list is empty; set it in the config or with -o DATASET.{mode}_list=PATH"
         )
-    settings = dict(
-        num_clips=p.test_num_clips,
-        num_crops=p.test_num_crops,
-        crop=p.crop,
-        flip=p.flip,
-        num_threads=d.num_threads,
-        prefetch=d.prefetch,
-        device_id=env.device_id,
-        num_workers=d.num_workers,
-        worker_timeout=d.worker_timeout,
-        allow_partial_videos=d.allow_partial_videos,
-        num_classes=cfg.MODEL.head.num_classes,
-        sampling=p.sampling,
-        dense_interval=p.dense_interval,
-        dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32",
-    )
-    settings.update(options)
-    segments = segments_in_test(cfg) if mode == "test" else p.num_segments
-    return build_loader(
-        list_file,
-        source=source or d.source,
-        mode=mode,
+    run = dict(
         batch_size=d.batch_size,
-        num_segments=segments,
-        target_size=p.target_size,
-        short_size=p.short_size,
         device=env.device,
+        device_id=env.device_id,
         rank=env.rank,
         world_size=env.world_size,
         seed=cfg.seed,
         data_prefix=d.data_prefix or None,
-        **settings,
+        num_threads=d.num_threads,
+        prefetch=d.prefetch,
+        num_workers=d.num_workers,
+        worker_timeout=d.worker_timeout,
+        dtype="float16" if _amp_dtype(cfg, env) == "float16" else "float32",
     )
+    spec = spec or ClipSpec.from_config(cfg, mode, device=env.device)
+    return build_spec_loader(list_file, spec, LoaderRun(**{**run, **options}))
 
 
 def _amp_dtype(cfg, env) -> str | None:

@@ -16,9 +16,10 @@ import numpy as np
 import paddle
 
 from clipdata.errors import DataFormatError
+from dali_pipelines.clipspec import MEAN, STD, ClipSpec
 from dali_pipelines.sampling import SAMPLINGS
 
-from .config import SHIFT_MODELS, ConfigError, segments_in_test
+from .config import SHIFT_MODELS, ConfigError
 from .metrics import softmax
 
 # exported scores must match the dynamic model's: probabilities within TOLERANCE, and logits within
@@ -41,30 +42,30 @@ def score_difference(got: np.ndarray, expected: np.ndarray) -> float:
     return float(max(np.abs(softmax(got) - softmax(expected)).max(), logits))
 
 
-def views_per_clip(cfg) -> int:
-    p = cfg.PIPELINE
-    return segments_in_test(cfg) * p.test_num_clips * p.test_num_crops
+def input_shape(cfg) -> list:
+    """The exported model's input: [batch, crops x clips x segments, 3, target_size, target_size]."""
+    spec = ClipSpec.from_config(cfg, "test")
+    return [None, spec.views, 3, spec.target_size, spec.target_size]
 
 
 def preprocessing_settings(cfg, class_names: list[str]) -> dict:
-    """What a deployment must do to a video before the model sees it (the test pipeline's settings)."""
-    from dali_pipelines.loader import MEAN, STD
-
-    p = cfg.PIPELINE
+    """What a deployment must do to a video before the model sees it: the test loader's clip
+    (``ClipSpec.from_config(cfg, "test")``) and normalisation."""
+    spec = ClipSpec.from_config(cfg, "test")
     return {
         "model": cfg.MODEL.name,
         "input": "clips",
-        "input_shape": [None, views_per_clip(cfg), 3, p.target_size, p.target_size],
+        "input_shape": input_shape(cfg),
         "layout": "[batch, crops x clips x segments, RGB, height, width]",
-        "num_segments": segments_in_test(cfg),
-        "num_clips": p.test_num_clips,
-        "num_crops": p.test_num_crops,
-        "target_size": p.target_size,
-        "short_size": p.short_size,
+        "num_segments": spec.num_segments,
+        "num_clips": spec.num_clips,
+        "num_crops": spec.num_crops,
+        "target_size": spec.target_size,
+        "short_size": spec.short_size,
         "mean": list(MEAN),
         "std": list(STD),
-        "sampling": p.sampling,
-        "dense_interval": p.dense_interval,
+        "sampling": spec.sampling,
+        "dense_interval": spec.dense_interval,
         "output": "logits (softmax for probabilities)",
         "class_names": class_names,
     }
@@ -369,8 +370,7 @@ def export(
 
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
-    p = cfg.PIPELINE
-    spec = InputSpec([None, views_per_clip(cfg), 3, p.target_size, p.target_size], "float32", "clips")
+    spec = InputSpec(input_shape(cfg), "float32", "clips")
     prefix = os.path.join(out_dir, "inference")
     # the dynamic model's logits (below) stay those of the training form: the check covers the folding too
     paddle.jit.save(paddle.jit.to_static(inference_form(model), input_spec=[spec], full_graph=True), prefix)

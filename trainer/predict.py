@@ -10,6 +10,7 @@ import paddle
 
 from clipdata.lists import Sample, read_label_file
 from clipdata.video import VideoError
+from dali_pipelines.clipspec import ClipSpec
 
 from . import dist
 from .engine import make_loader
@@ -62,9 +63,8 @@ def predict(cfg, env: dist.Env, scorer, input_path: str, top_k: int = 5) -> list
         if not os.path.isfile(v):
             raise FileNotFoundError(f"video {v} does not exist")
     samples = [Sample(os.path.abspath(v), -1, 0, i + 1) for i, v in enumerate(videos)]
-    loader = make_loader(
-        cfg, dist.Env(0, 1, env.device, env.device_id), "test", source="videos", samples=samples, num_classes=None
-    )
+    spec = ClipSpec.from_config(cfg, "test", device=env.device, source="videos", labelled=False)
+    loader = make_loader(cfg, dist.Env(0, 1, env.device, env.device_id), "test", spec=spec, samples=samples)
     logits = [scorer(imgs) for imgs, _ in loader]
     if loader.skipped:  # the messages above name them; scores must never shift onto another video
         raise VideoError(f"{loader.skipped} of {len(videos)} video(s) could not be read (see above)")
