@@ -213,8 +213,8 @@ def test_a_stop_midway_writes_the_windows_scored_so_far(long_video, tmp_path, cf
     names = [f"class{i}" for i in range(5)]
     with pytest.raises(KeyboardInterrupt):
         timeline.run_timeline(
-            cfg, stopped_on_the_second_batch, names, long_video, timeline.Span(2, "s"), timeline.Span(1, "s"),
-            str(tmp_path / "tl"), 3,
+            cfg, stopped_on_the_second_batch, names, long_video, window=timeline.Span(2, "s"),
+            stride=timeline.Span(1, "s"), out_dir=str(tmp_path / "tl"), top_k=3,
         )  # fmt: skip
     assert calls[0] == 6  # batches capped at a window's frames: 50 // (2 x 4 sampled)
     assert list(pd.read_csv(tmp_path / "tl" / "timeline.csv").start_s) == [0, 1, 2, 3, 4, 5]

@@ -60,7 +60,7 @@ def dispatch(cfg, env, scorer, names: list[str], args) -> int | None:
     """Run predict on what ``args.input`` is, or None for one clip (trainer/predict.py as before)."""
     from common.files import check_writable
 
-    from . import folder, stream, timeline  # the decoders and pandas load only when predict runs
+    from . import stream  # the decoders and pandas load only when predict runs
 
     source = args.input
     live = stream.is_live(source)
@@ -71,64 +71,97 @@ def dispatch(cfg, env, scorer, names: list[str], args) -> int | None:
         )
         out_dir = _timeline_dir(cfg, args, source)
         if live:
-            paths, tl, stats = stream.run_stream(
-                cfg,
-                scorer,
-                names,
-                source,
-                window,
-                stride,
-                out_dir,
-                args.top_k,
-                max_seconds=args.max_seconds,
-                timeout=args.timeout,
-                print_line=lambda line: print(line, flush=True),
-            )
-            lat = sorted(tl.latency or [0.0])
-            median, p95 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.95 * len(lat)))]
-            print(
-                f"predict: {stats['reason']}: {stats['windows']} window(s) of {stats['window_frames']} frames from "
-                f"{stats['frames']} frames at {stats['fps']:g} fps in {stats['seconds']:.1f}s; latency median "
-                f"{1000 * median:.0f} ms, p95 {1000 * p95:.0f} ms; "
-                f"{stats['dropped_frames']} frame(s) dropped, {stats['skipped_windows']} window(s) skipped"
-                + (" (the model is slower than the stream)" if stats["dropped_frames"] else ""),
-                flush=True,
-            )
-            if paths:
-                print(f"predict: timeline -> {', '.join(paths)}")
-            if "error" in stats:
-                raise stats["error"]
-            return 0
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"--input {source} is not a video file (--window scores one video)")
-        paths, tl, stats = timeline.run_timeline(
-            cfg, scorer, names, source, window, stride, out_dir, args.top_k, args.min_segment
-        )
-        print(
-            f"predict: {len(tl)} window(s) of {window} every {stride} over {tl.ends[-1]:.1f}s; decoded "
-            f"{stats.decoded} frame(s) once, at most {stats.held_max} held -> {', '.join(paths)}"
-        )
-        return 0
+            return _predict_live(cfg, scorer, names, args, window=window, stride=stride, out_dir=out_dir)
+        return _predict_timeline(cfg, scorer, names, args, window=window, stride=stride, out_dir=out_dir)
     if os.path.isdir(source) or source.endswith((".txt", ".list")):
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"--input {source} does not exist")
-        if args.output:  # before the work, like every other output
-            check_writable(os.path.dirname(os.path.abspath(args.output)), "the folder of --output")
-        if os.path.isdir(source):
-            inputs = folder.folder_inputs(source, args.output)
-        else:
-            inputs = folder.list_inputs(source)
-            missing = [v for v in inputs.videos if not os.path.isfile(v)]
-            if missing:
-                raise FileNotFoundError(
-                    f"{len(missing)} video(s) of {source} do not exist: {', '.join(missing[:3])}"
-                    + (" ..." if len(missing) > 3 else "")
-                )
-        folder.run_folder(cfg, scorer, names, inputs, args.output, args.top_k)
-        return 0
+        return _predict_folder(cfg, scorer, names, args)
     if args.output:
         check_writable(os.path.dirname(os.path.abspath(args.output)), "the folder of --output")
     return None
+
+
+def _predict_live(cfg, scorer, names: list[str], args, *, window: Span, stride: Span, out_dir: str) -> int:
+    """A live source as a timeline, a line per window as it is scored, then the run's figures."""
+    from . import stream
+
+    paths, tl, stats = stream.run_stream(
+        cfg,
+        scorer,
+        names,
+        args.input,
+        window,
+        stride,
+        out_dir,
+        args.top_k,
+        max_seconds=args.max_seconds,
+        timeout=args.timeout,
+        print_line=lambda line: print(line, flush=True),
+    )
+    lat = sorted(tl.latency or [0.0])
+    median, p95 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+    print(
+        f"predict: {stats['reason']}: {stats['windows']} window(s) of {stats['window_frames']} frames from "
+        f"{stats['frames']} frames at {stats['fps']:g} fps in {stats['seconds']:.1f}s; latency median "
+        f"{1000 * median:.0f} ms, p95 {1000 * p95:.0f} ms; "
+        f"{stats['dropped_frames']} frame(s) dropped, {stats['skipped_windows']} window(s) skipped"
+        + (" (the model is slower than the stream)" if stats["dropped_frames"] else ""),
+        flush=True,
+    )
+    if paths:
+        print(f"predict: timeline -> {', '.join(paths)}")
+    if "error" in stats:
+        raise stats["error"]
+    return 0
+
+
+def _predict_timeline(cfg, scorer, names: list[str], args, *, window: Span, stride: Span, out_dir: str) -> int:
+    """One video file as a timeline of windows."""
+    from . import timeline
+
+    source = args.input
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"--input {source} is not a video file (--window scores one video)")
+    paths, tl, stats = timeline.run_timeline(
+        cfg,
+        scorer,
+        names,
+        source,
+        window=window,
+        stride=stride,
+        out_dir=out_dir,
+        top_k=args.top_k,
+        min_segment=args.min_segment,
+    )
+    print(
+        f"predict: {len(tl)} window(s) of {window} every {stride} over {tl.ends[-1]:.1f}s; decoded "
+        f"{stats.decoded} frame(s) once, at most {stats.held_max} held -> {', '.join(paths)}"
+    )
+    return 0
+
+
+def _predict_folder(cfg, scorer, names: list[str], args) -> int:
+    """Every video of a folder or a list file, checked before the work."""
+    from common.files import check_writable
+
+    from . import folder
+
+    source = args.input
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"--input {source} does not exist")
+    if args.output:  # before the work, like every other output
+        check_writable(os.path.dirname(os.path.abspath(args.output)), "the folder of --output")
+    if os.path.isdir(source):
+        inputs = folder.folder_inputs(source, args.output)
+    else:
+        inputs = folder.list_inputs(source)
+        missing = [v for v in inputs.videos if not os.path.isfile(v)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} video(s) of {source} do not exist: {', '.join(missing[:3])}"
+                + (" ..." if len(missing) > 3 else "")
+            )
+    folder.run_folder(cfg, scorer, names, inputs, args.output, args.top_k)
+    return 0
 
 
 def is_compare(argv: list[str] | None) -> bool:

@@ -55,11 +55,23 @@ class Timeline:
         return len(self.starts)
 
 
+def _windows_of(index, path: str, window: Span, w: int, s: int) -> list[tuple[int, int]]:
+    """The windows of ``w`` frames every ``s`` of the indexed video; a window longer than it is an error
+    that names the longest --window that fits."""
+    if w > index.num_frames:
+        raise TimelineError(
+            f"--window {window} ({w} frames) is longer than {path} ({index.num_frames} frames, "
+            f"{index.duration():.2f}s at {index.fps:g} fps); use --window {int(index.duration()) or 1}s or less"
+        )
+    return plan_windows(index.num_frames, w, s)
+
+
 def run_timeline(
     cfg,
     scorer,
     names: list[str],
     path: str,
+    *,
     window: Span,
     stride: Span,
     out_dir: str,
@@ -76,12 +88,7 @@ def run_timeline(
     spec = clip_scorer.clip_spec(cfg)
     index = index_video(path)
     w, s = window.frames(index.fps), stride.frames(index.fps)
-    if w > index.num_frames:
-        raise TimelineError(
-            f"--window {window} ({w} frames) is longer than {path} ({index.num_frames} frames, "
-            f"{index.duration():.2f}s at {index.fps:g} fps); use --window {int(index.duration()) or 1}s or less"
-        )
-    windows = plan_windows(index.num_frames, w, s)
+    windows = _windows_of(index, path, window, w, s)
     # at most a window's worth of sampled frames in the graph's batches (bounded memory, docs/inference.md)
     frames_per_clip = spec.num_segments * spec.num_clips
     batch = max(1, min(cfg.DATASET.batch_size, w // (2 * frames_per_clip)))
