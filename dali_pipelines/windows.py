@@ -118,67 +118,81 @@ def read_windows(
     """(window number, its frames [T, H, W, 3] at ``samples[window]``) of each window, in order, decoding
     the video once: a frame is decoded at most once and kept only while a window still to come samples it.
     Windows must not go back in time (each one's last frame at or after the previous one's)."""
-    stats = stats or DecodeStats()
-    users: dict[int, int] = {}
-    for idx in samples:
-        for i in set(idx.tolist()):
-            users[i] = users.get(i, 0) + 1
-    held: dict[int, np.ndarray] = {}
-    next_window = 0
-
-    def ready() -> Iterator[tuple[int, np.ndarray]]:
-        nonlocal next_window
-        while next_window < len(samples) and all(i in held for i in samples[next_window].tolist()):
-            idx = samples[next_window].tolist()
-            frames = np.stack([held[i] for i in idx])
-            for i in set(idx):
-                users[i] -= 1
-                if not users[i]:
-                    del held[i]
-            yield next_window, frames
-            next_window += 1
-
+    windows = _Windows(samples, stats or DecodeStats())
     container, stream = _open(index.path)
     rgb = _to_rgb(index.path)
+    decoded = _sparse_decode(index, container, stream, samples) if index.sparse else _full_decode(container, stream)
     try:
-        if index.sparse:
-            decode = packets_to_decode(index, np.concatenate(samples))
-            frame_of = {int(p): i for i, p in enumerate(index.pts)}
-            k = 0
-            for packet in container.demux(stream):
-                if not packet.size:
-                    frames = packet.decode()  # the end: drain the reorder buffer
-                else:
-                    todo, k = decode[k], k + 1
-                    if not todo:
-                        continue
-                    frames = packet.decode()
-                for frame in frames:
-                    stats.decoded += 1
-                    i = frame_of.get(frame.pts)
-                    if i is not None and users.get(i) and i not in held:
-                        held[i] = rgb(frame)
-                        stats.converted += 1
-                        stats.held_max = max(stats.held_max, len(held))
-                yield from ready()
-        else:
-            for i, frame in enumerate(container.decode(stream)):
-                stats.decoded += 1
-                if users.get(i):
-                    held[i] = rgb(frame)
-                    stats.converted += 1
-                    stats.held_max = max(stats.held_max, len(held))
-                yield from ready()
-                if next_window == len(samples):
-                    break
+        for frames in decoded:
+            windows.take(frames, rgb)
+            yield from windows.ready()
+            if windows.done and not index.sparse:
+                break
     except VideoError:
         raise
     except Exception as e:  # noqa: BLE001
         raise VideoError(f"{index.path}: decoding failed ({e})") from None
     finally:
         container.close()
-    if next_window < len(samples):
+    if not windows.done:
         raise VideoError(
-            f"{index.path}: decoding stopped before window {next_window} (frames up to "
-            f"{int(samples[next_window].max())}) was complete; the file is damaged or shorter than its index says"
+            f"{index.path}: decoding stopped before window {windows.next} (frames up to "
+            f"{int(samples[windows.next].max())}) was complete; the file is damaged or shorter than its index says"
         )
+
+
+def _sparse_decode(index: VideoIndex, container, stream, samples: list[np.ndarray]) -> Iterator[list]:
+    """[(frame number or None, frame)] of each packet decoded: only those ``packets_to_decode`` names."""
+    decode = packets_to_decode(index, np.concatenate(samples))
+    frame_of = {int(p): i for i, p in enumerate(index.pts)}
+    k = 0
+    for packet in container.demux(stream):
+        if packet.size:  # (an empty packet is the end: decoding it drains the reorder buffer)
+            todo, k = decode[k], k + 1
+            if not todo:
+                continue
+        yield [(frame_of.get(frame.pts), frame) for frame in packet.decode()]
+
+
+def _full_decode(container, stream) -> Iterator[list]:
+    """[(frame number, frame)] of every frame, one at a time: a video without a packet index."""
+    for i, frame in enumerate(container.decode(stream)):
+        yield [(i, frame)]
+
+
+class _Windows:
+    """The frames some window still to come samples, held until the last window that uses them."""
+
+    def __init__(self, samples: list[np.ndarray], stats: DecodeStats):
+        self.samples, self.stats = samples, stats
+        self.users: dict[int, int] = {}
+        for idx in samples:
+            for i in set(idx.tolist()):
+                self.users[i] = self.users.get(i, 0) + 1
+        self.held: dict[int, np.ndarray] = {}
+        self.next = 0  # the first window not yet given out
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.samples)
+
+    def take(self, frames: list, rgb) -> None:
+        """Count the decoded ``frames`` and keep (in RGB) those a window to come samples."""
+        for i, frame in frames:
+            self.stats.decoded += 1
+            if i is not None and self.users.get(i) and i not in self.held:
+                self.held[i] = rgb(frame)
+                self.stats.converted += 1
+                self.stats.held_max = max(self.stats.held_max, len(self.held))
+
+    def ready(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The windows whose frames are all held now, in order; frames no later window uses are let go."""
+        while not self.done and all(i in self.held for i in self.samples[self.next].tolist()):
+            idx = self.samples[self.next].tolist()
+            frames = np.stack([self.held[i] for i in idx])
+            for i in set(idx):
+                self.users[i] -= 1
+                if not self.users[i]:
+                    del self.held[i]
+            yield self.next, frames
+            self.next += 1
