@@ -204,7 +204,6 @@ def define_pipeline(
     from nvidia.dali import fn, pipeline_def, types
 
     spec, batch_size = src.spec, src.batch_size
-    decode, target_size = spec.decode, spec.target_size
     frames_per_view, num_views = spec.num_clips * spec.num_segments, spec.num_crops
     decode_device = "mixed" if device == "gpu" else "cpu"
     out_type = types.FLOAT16 if dtype == "float16" else types.FLOAT
@@ -217,54 +216,62 @@ def define_pipeline(
         exec_dynamic=True,
     )
     def graph():
-        n_data = {"jpeg": frames_per_view, "frames": 1, "video": 4}[decode]
+        n_data = {"jpeg": frames_per_view, "frames": 1, "video": 4}[spec.decode]
         outs = fn.external_source(source=src, num_outputs=n_data + 3 * num_views + 1, batch=True, batch_info=True)
         data, views, label = outs[:n_data], outs[n_data:-1], outs[-1]
-        if decode == "jpeg" and num_views == 1:
-            # decode only the crop window of each frame (one window for the whole clip)
-            start, shape = views[0], views[1]
-            frames = fn.stack(
-                *[fn.decoders.image_slice(d, start, shape, device=decode_device, output_type=types.RGB) for d in data],
-                axis_name="F",
-            )
-            cropped = [frames]
-        else:
-            if decode == "jpeg":
-                frames = fn.stack(
-                    *[fn.decoders.image(d, device=decode_device, output_type=types.RGB) for d in data], axis_name="F"
-                )
-            elif decode == "frames":
-                frames = fn.reshape(data[0], layout="FHWC")
-            else:
-                frames = fn.decoders.video(data[0], frames=data[1], device=decode_device, pad_mode="edge")
-                frames = _upright(frames, mirror=data[2], angle=data[3])
-            cropped = [
-                fn.slice(
-                    frames,
-                    rel_start=views[3 * v],
-                    rel_shape=views[3 * v + 1],
-                    axis_names="WH",
-                    out_of_bounds_policy="trim_to_shape",
-                )
-                for v in range(num_views)
-            ]
-        out = []
-        for v, frames in enumerate(cropped):
-            frames = fn.resize(frames, resize_x=target_size, resize_y=target_size, antialias=True)
-            out.append(
-                fn.crop_mirror_normalize(
-                    frames,
-                    dtype=out_type,
-                    output_layout="FCHW",
-                    mean=[m * 255 for m in MEAN],
-                    std=[s * 255 for s in STD],
-                    mirror=views[3 * v + 2],
-                )
-            )
+        cropped = _cropped_views(spec.decode, data, views, num_views=num_views, device=decode_device)
+        out = [
+            _normalised(frames, size=spec.target_size, dtype=out_type, mirror=views[3 * v + 2])
+            for v, frames in enumerate(cropped)
+        ]
         frames = out[0] if num_views == 1 else fn.cat(*out, axis=0)
         return frames, (label.gpu() if device == "gpu" else label)  # the whole batch on one device
 
     return graph()
+
+
+def _cropped_views(decode: str, data, views, *, num_views: int, device: str) -> list:
+    """Each view's frames [F, H, W, C], decoded on ``device`` ("mixed" or "cpu") and cut to its window
+    (``views`` holds start, shape and flip of each)."""
+    from nvidia.dali import fn, types
+
+    if decode == "jpeg" and num_views == 1:
+        # decode only the crop window of each frame (one window for the whole clip)
+        start, shape = views[0], views[1]
+        slices = [fn.decoders.image_slice(d, start, shape, device=device, output_type=types.RGB) for d in data]
+        return [fn.stack(*slices, axis_name="F")]
+    if decode == "jpeg":
+        frames = fn.stack(*[fn.decoders.image(d, device=device, output_type=types.RGB) for d in data], axis_name="F")
+    elif decode == "frames":
+        frames = fn.reshape(data[0], layout="FHWC")
+    else:
+        frames = fn.decoders.video(data[0], frames=data[1], device=device, pad_mode="edge")
+        frames = _upright(frames, mirror=data[2], angle=data[3])
+    return [
+        fn.slice(
+            frames,
+            rel_start=views[3 * v],
+            rel_shape=views[3 * v + 1],
+            axis_names="WH",
+            out_of_bounds_policy="trim_to_shape",
+        )
+        for v in range(num_views)
+    ]
+
+
+def _normalised(frames, *, size: int, dtype, mirror):
+    """One view [F, C, size, size]: resized, flipped where ``mirror`` says, ImageNet-normalised."""
+    from nvidia.dali import fn
+
+    frames = fn.resize(frames, resize_x=size, resize_y=size, antialias=True)
+    return fn.crop_mirror_normalize(
+        frames,
+        dtype=dtype,
+        output_layout="FCHW",
+        mean=[m * 255 for m in MEAN],
+        std=[s * 255 for s in STD],
+        mirror=mirror,
+    )
 
 
 def _upright(frames, *, mirror, angle):
