@@ -7,6 +7,7 @@ without a GPU the sampled frames are decoded here too and fed into the same DALI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,16 +21,26 @@ class VideoError(RuntimeError):
     """A video that cannot be read; the message names the file."""
 
 
+@contextlib.contextmanager
+def video_errors(what: str):
+    """Whatever a decoder raises inside as a VideoError "WHAT (its message)" (PyAV raises many types for a
+    broken file); a VideoError passes as it is."""
+    try:
+        yield
+    except VideoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types for broken files
+        raise VideoError(f"{what} ({e})") from None
+
+
 def _open(path: str, threads: str = "AUTO"):
     """The container and its first video stream; ``threads`` is PyAV's decoder thread_type (the loader's
     workers decode with one thread, NONE: the workers are the parallelism, and frame or slice threads
     cost CPU; docs/decoding.md)."""
     import av
 
-    try:
+    with video_errors(f"{path}: cannot open video"):
         container = av.open(path)
-    except Exception as e:  # noqa: BLE001 - PyAV raises many types for broken files
-        raise VideoError(f"{path}: cannot open video ({e})") from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: no video stream")
@@ -113,6 +124,25 @@ class VideoFacts:
     # CPU path scales such frames to the first size as ffmpeg does; NVDEC does not, so the GPU path skips it
     size_change: str | None = None
 
+    @classmethod
+    def of_file(
+        cls, st: os.stat_result, *, frames: int, packets: int | None, layout: tuple[int, int, int, bool], **more
+    ) -> VideoFacts:
+        """The facts of the file ``st`` was taken of: ``frames`` decoded, ``packets`` demuxed, its upright
+        ``layout`` (width, height, turns, mirror); ``more``: error, size_change."""
+        width, height, turns, mirror = layout
+        return cls(
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            frames=frames,
+            width=width,
+            height=height,
+            packets=packets,
+            turns=turns,
+            mirror=mirror,
+            **more,
+        )
+
     def describes(self, st: os.stat_result) -> bool:
         """Whether these facts were taken of the file as it is now (same size and mtime)."""
         return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)
@@ -151,18 +181,7 @@ def probe(path: str, allow_partial: bool = False) -> VideoFacts:
         container.close()
     if n == 0:
         raise VideoError(f"{path}: no decodable frames")
-    width, height, turns, mirror = first
-    return VideoFacts(
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        frames=n,
-        width=width,
-        height=height,
-        packets=packets,
-        turns=turns,
-        mirror=mirror,
-        size_change=change,
-    )
+    return VideoFacts.of_file(st, frames=n, packets=packets, layout=first, size_change=change)
 
 
 def resolution_change_message(path: str, facts: VideoFacts) -> str:
@@ -185,7 +204,7 @@ def _layout(frame, name: str) -> tuple[int, int, int, bool]:
 def broken(path: str, why: VideoError) -> VideoFacts:
     """The facts of an unreadable video: kept like any others, so it is not probed again until it changes."""
     st = os.stat(path)
-    return VideoFacts(st.st_size, st.st_mtime_ns, 0, 0, 0, None, str(why))
+    return VideoFacts.of_file(st, frames=0, packets=None, layout=(0, 0, 0, False), error=str(why))
 
 
 CACHE_VERSION = 4
@@ -285,11 +304,8 @@ def decode_frames(path: str, indices: np.ndarray, promised: int | None = None, *
     if got is None:
         container, stream = _open(path, threads)
         try:
-            got = _decode_in_order(container, stream, wanted)
-        except VideoError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise VideoError(f"{path}: decoding failed ({e})") from None
+            with video_errors(f"{path}: decoding failed"):
+                got = _decode_in_order(container, stream, wanted)
         finally:
             container.close()
     if len(got) != len(wanted):
@@ -409,20 +425,15 @@ def stream_info(data: bytes, name: str) -> tuple[int, tuple[int, int, int, bool]
 
     import av
 
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise VideoError(f"{name}: no video stream")
-            stream = container.streams.video[0]
-            packets, layout = 0, None
-            for packet in container.demux(stream):
-                packets += 1 if packet.size else 0
-                if layout is None:
-                    layout = next((_layout(f, name) for f in packet.decode()), None)
+    with video_errors(f"{name}: cannot read video"), av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise VideoError(f"{name}: no video stream")
+        stream = container.streams.video[0]
+        packets, layout = 0, None
+        for packet in container.demux(stream):
+            packets += 1 if packet.size else 0
             if layout is None:
-                raise VideoError(f"{name}: no decodable frames")
-            return packets, layout
-    except VideoError:
-        raise
-    except Exception as e:  # noqa: BLE001 - PyAV raises many types for broken files
-        raise VideoError(f"{name}: cannot read video ({e})") from None
+                layout = next((_layout(f, name) for f in packet.decode()), None)
+        if layout is None:
+            raise VideoError(f"{name}: no decodable frames")
+        return packets, layout

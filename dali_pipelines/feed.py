@@ -180,17 +180,8 @@ def _current(
             raise VideoError(facts.error)
         return facts
     if data is not None and listed:  # the list gives the count; the GPU path needs the packets only
-        packets, (width, height, turns, mirror) = stream_info(data, path)
-        return VideoFacts(
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            frames=listed,
-            width=width,
-            height=height,
-            packets=packets,
-            turns=turns,
-            mirror=mirror,
-        )
+        packets, layout = stream_info(data, path)
+        return VideoFacts.of_file(st, frames=listed, packets=packets, layout=layout)
     return probe(path, spec.allow_partial_videos)
 
 

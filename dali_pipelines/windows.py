@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipdata.video import VideoError, _disposable, _open, _to_rgb, probe
+from clipdata.video import VideoError, _disposable, _open, _to_rgb, probe, video_errors
 
 
 @dataclass
@@ -123,15 +123,12 @@ def read_windows(
     rgb = _to_rgb(index.path)
     decoded = _sparse_decode(index, container, stream, samples) if index.sparse else _full_decode(container, stream)
     try:
-        for frames in decoded:
-            windows.take(frames, rgb)
-            yield from windows.ready()
-            if windows.done and not index.sparse:
-                break
-    except VideoError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise VideoError(f"{index.path}: decoding failed ({e})") from None
+        with video_errors(f"{index.path}: decoding failed"):
+            for frames in decoded:
+                windows.take(frames, rgb)
+                yield from windows.ready()
+                if windows.done and not index.sparse:
+                    break
     finally:
         container.close()
     if not windows.done:
