@@ -167,6 +167,7 @@ class InferenceModel:
         self,
         model_file: str,
         params_file: str,
+        *,
         device: str = "cpu",
         device_id: int = 0,
         tensorrt: str | None = None,
