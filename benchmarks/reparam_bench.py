@@ -30,19 +30,6 @@ import numpy as np
 warnings.filterwarnings("ignore")
 
 
-def _randomise_bn(model, rng) -> None:
-    """BatchNorm statistics away from their initial values, as a trained model has them."""
-    import paddle
-
-    for layer in model.sublayers():
-        if isinstance(layer, paddle.nn.BatchNorm2D):
-            c = layer.weight.shape[0]
-            layer.weight.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
-            layer.bias.set_value(rng.normal(0, 0.1, c).astype("float32"))
-            layer._mean.set_value(rng.normal(0, 0.1, c).astype("float32"))
-            layer._variance.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/pptsmv2.yaml", help="the model's config (default configs/pptsmv2.yaml)")
@@ -58,6 +45,7 @@ def main(argv=None) -> int:
     import paddle
     from paddle.static import InputSpec
 
+    from tools.media import randomise_bn
     from trainer.config import load_config
     from trainer.export import InferenceModel, OnnxModel, inference_form, model_files, score_difference, write_onnx
     from trainer.models import build_model
@@ -69,7 +57,7 @@ def main(argv=None) -> int:
     )
     paddle.seed(0)
     model = build_model(cfg)
-    _randomise_bn(model, np.random.default_rng(0))
+    randomise_bn(model, np.random.default_rng(0))
     model.eval()
     forms = {"unfolded": copy.deepcopy(model), "folded": inference_form(model)}
     clip = np.random.default_rng(1).standard_normal([1, a.segments, 3, a.size, a.size]).astype(np.float32)

@@ -28,3 +28,28 @@ def cfg(tmp_path):
     from .tiny import tiny_cfg
 
     return tiny_cfg(tmp_path, name="c.yaml")
+
+
+@pytest.fixture
+def no_parent_link(monkeypatch):
+    """main.main names its process as the parent of the next link (launch/lifeline.py); a second call in
+    this process would take that for a dead parent and kill it. Here every call is a command typed by hand."""
+    from launch import lifeline
+
+    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "")
+    monkeypatch.setattr(lifeline, "hand_on", lambda: None)
+
+
+@pytest.fixture
+def predict_argv(tmp_path):
+    """The start of a predict command line: a tiny model's weights (tests/tiny.py) and its 5 labels
+    (class0 .. class4), at 32 px."""
+    from trainer import checkpoint
+
+    from .tiny import tiny_model
+
+    cfg, model = tiny_model(tmp_path)
+    checkpoint.save_weights(model, str(tmp_path / "w.pdparams"))
+    (tmp_path / "labels.txt").write_text("".join(f"{i} class{i}\n" for i in range(5)))
+    argv = ["predict", "-c", str(tmp_path / "tiny.yaml"), "--weights", str(tmp_path / "w.pdparams")]
+    return argv + ["-o", f"DATASET.label_file={tmp_path / 'labels.txt'}", "-o", "PIPELINE.target_size=32"]

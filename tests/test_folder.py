@@ -7,22 +7,13 @@ import csv
 import numpy as np
 import pytest
 
+from tools.media import write_gop_video
 from trainer import folder, main
-
-from .test_timeline import write_gop_video
-from .tiny import tiny_model
 
 
 @pytest.fixture
-def argv(tmp_path):
-    cfg, model = tiny_model(tmp_path)
-    from trainer import checkpoint
-
-    checkpoint.save_weights(model, str(tmp_path / "w.pdparams"))
-    (tmp_path / "labels.txt").write_text("".join(f"{i} class{i}\n" for i in range(5)))
-    args = ["predict", "-c", str(tmp_path / "tiny.yaml"), "--weights", str(tmp_path / "w.pdparams")]
-    args += ["-o", f"DATASET.label_file={tmp_path / 'labels.txt'}", "-o", "PIPELINE.target_size=32"]
-    return args + ["-o", "PIPELINE.short_size=40", "-o", "DATASET.batch_size=2", "-o", "DATASET.num_workers=1"]
+def argv(predict_argv):
+    return [*predict_argv, "-o", "PIPELINE.short_size=40", "-o", "DATASET.batch_size=2", "-o", "DATASET.num_workers=1"]
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,13 @@ def test_split_rejects_bad_ratios_and_empty_classes(tmp_path, capsys):
 
 
 def test_video_list_with_probed_frame_counts(tmp_path, capsys):
-    from .test_video import _damaged
+    from tools.media import damaged_video
 
     for cls, n in (("b", 9), ("a", 14)):
         (tmp_path / "v" / cls).mkdir(parents=True)
         write_video(tmp_path / "v" / cls / "x.mp4", index_frames(n))
     (tmp_path / "v" / "a" / "broken.mp4").write_bytes(b"garbage" * 10)
-    _damaged(tmp_path / "v" / "b" / "cut.mp4")  # decodes, then fails mid-way: not a whole clip
+    damaged_video(tmp_path / "v" / "b" / "cut.mp4")  # decodes, then fails mid-way: not a whole clip
     out = tmp_path / "videos.list"
     assert build_list.main(["videos", str(tmp_path / "v"), str(out), "--probe", "2"]) == 1
     assert _lines(out) == ["v/a/x.mp4 14 0", "v/b/x.mp4 9 1"]

@@ -16,6 +16,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
+from tools.media import randomise_bn
 from trainer import weights
 from trainer.config import ConfigError, load_config
 from trainer.models import build_model
@@ -43,20 +44,9 @@ def _cfg(*overrides, segments=4, width=16, classes=5, size=32):
 def _model(*overrides, seed=0, **kw):
     paddle.seed(seed)
     model = build_model(_cfg(*overrides, **kw))
-    _randomise_bn(model, np.random.default_rng(seed))
+    randomise_bn(model, np.random.default_rng(seed))
     model.eval()
     return model
-
-
-def _randomise_bn(model, rng):
-    """Running statistics and affine terms away from their initial values, so that folding them matters."""
-    for layer in model.sublayers():
-        if isinstance(layer, paddle.nn.BatchNorm2D):
-            c = layer.weight.shape[0]
-            layer.weight.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
-            layer.bias.set_value(rng.normal(0, 0.1, c).astype("float32"))
-            layer._mean.set_value(rng.normal(0, 0.1, c).astype("float32"))
-            layer._variance.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
 
 
 def _elements(state) -> int:
@@ -430,7 +420,7 @@ def test_outputs_equal_paddlevideos_network(tmp_path, width, size, attention):
         num_seg=segments,
         use_temporal_att=attention,
     )
-    _randomise_bn(theirs, np.random.default_rng(4))
+    randomise_bn(theirs, np.random.default_rng(4))
     path = _save({f"backbone.{k}": v.numpy() for k, v in theirs.state_dict().items()}, tmp_path / "pv.pdparams")
     assert set(_paddle_pptsmv2_state(width / 64, segments, classes, np.random.default_rng(0), attention=attention)) == {
         f"backbone.{k}" for k in theirs.state_dict()

@@ -21,14 +21,7 @@ from .tiny import tiny_model
 NAMES = [f"class{i}" for i in range(5)]
 
 
-@pytest.fixture(autouse=True)
-def _no_parent_link(monkeypatch):
-    """main.main names its process as the parent of the next link (launch/lifeline.py); a second call in
-    this process would take that for a dead parent and kill it. Here every call is a command typed by hand."""
-    from launch import lifeline
-
-    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "")
-    monkeypatch.setattr(lifeline, "hand_on", lambda: None)
+pytestmark = pytest.mark.usefixtures("no_parent_link")
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +158,11 @@ def test_a_udp_stream_on_the_loopback_address(ts_file, tmp_path, model):
     assert len(tl) >= 3 and len(lines) == len(tl) and os.path.isfile(paths[0])
 
 
-def test_a_source_that_never_sends_is_one_line_after_the_timeout(tmp_path, tiny_argv, capsys):
+def test_a_source_that_never_sends_is_one_line_after_the_timeout(tmp_path, predict_argv, capsys):
     fifo = _fifo(tmp_path)
     t0 = time.monotonic()
     assert (
-        main.main([*tiny_argv, "--input", fifo, "--window", "1s", "--timeout", "1", "--output", str(tmp_path / "o")])
+        main.main([*predict_argv, "--input", fifo, "--window", "1s", "--timeout", "1", "--output", str(tmp_path / "o")])
         == 1
     )
     assert time.monotonic() - t0 < 30
@@ -248,31 +241,20 @@ def test_a_model_slower_than_the_stream_drops_frames_and_says_so(ts_file, tmp_pa
     assert len(tl) + stats["skipped_windows"] <= 20
 
 
-@pytest.fixture
-def tiny_argv(tmp_path):
-    cfg, model = tiny_model(tmp_path)
-    from trainer import checkpoint
-
-    checkpoint.save_weights(model, str(tmp_path / "w.pdparams"))
-    (tmp_path / "labels.txt").write_text("".join(f"{i} class{i}\n" for i in range(5)))
-    argv = ["predict", "-c", str(tmp_path / "tiny.yaml"), "--weights", str(tmp_path / "w.pdparams")]
-    return argv + ["-o", f"DATASET.label_file={tmp_path / 'labels.txt'}", "-o", "PIPELINE.target_size=32"]
-
-
 @pytest.mark.parametrize("url", ["rtsp://127.0.0.1:1/live", "http://127.0.0.1:1/live.m3u8"])
-def test_an_unreachable_address_is_one_line(url, tmp_path, tiny_argv, capsys):
-    assert main.main([*tiny_argv, "--input", url, "--timeout", "3", "--output", str(tmp_path / "o")]) == 1
+def test_an_unreachable_address_is_one_line(url, tmp_path, predict_argv, capsys):
+    assert main.main([*predict_argv, "--input", url, "--timeout", "3", "--output", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"predict: error: {url}: cannot open the stream (Connection refused)"]
 
 
 @pytest.mark.slow
-def test_a_pipe_on_standard_input_is_a_live_source(ts_file, tmp_path, tiny_argv):
+def test_a_pipe_on_standard_input_is_a_live_source(ts_file, tmp_path, predict_argv):
     import sys
 
     from .tiny import ROOT
 
-    cmd = [sys.executable, os.path.join(ROOT, "trainer", "main.py"), *tiny_argv, "-o", "PIPELINE.short_size=40"]
+    cmd = [sys.executable, os.path.join(ROOT, "trainer", "main.py"), *predict_argv, "-o", "PIPELINE.short_size=40"]
     cmd += ["--input", "-", "--window", "1s", "--stride", "1s", "--output", str(tmp_path / "out"), "--timeout", "20"]
     proc = subprocess.run(cmd, input=ts_file.read_bytes(), capture_output=True, timeout=300)
     out = proc.stdout.decode()

@@ -5,39 +5,16 @@ import argparse
 import glob
 import os
 
-import av
 import numpy as np
 import pytest
 
 from dali_pipelines import windows
+from tools.media import write_gop_video
 from trainer import clip_scorer, main, timeline
 
-from .tiny import ROOT, tiny_model
+from .tiny import ROOT
 
-
-def write_gop_video(path, n: int, gop: int = 12, width: int = 64, height: int = 48, fps: int = 25) -> str:
-    """H.264 mp4 (B-frames, a keyframe every ``gop`` frames) whose frames all differ: a moving square on a
-    grey level that changes with the index."""
-    with av.open(str(path), "w", format="mp4") as out:
-        s = out.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "veryfast", "g": str(gop)})
-        s.height, s.width, s.pix_fmt = height, width, "yuv420p"
-        for i in range(n):
-            img = np.full((height, width, 3), (i * 7) % 200 + 20, np.uint8)
-            x = (i * 5) % (width - 8)
-            img[8:16, x : x + 8] = (250, 30, 30)
-            out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(s.encode())
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def _no_parent_link(monkeypatch):
-    """main.main names its process as the parent of the next link (launch/lifeline.py); a second call in
-    this process would take that for a dead parent and kill it. Here every call is a command typed by hand."""
-    from launch import lifeline
-
-    monkeypatch.setenv(lifeline.PARENT_PID_ENV, "")
-    monkeypatch.setattr(lifeline, "hand_on", lambda: None)
+pytestmark = pytest.mark.usefixtures("no_parent_link")
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +23,9 @@ def long_video(tmp_path_factory):
 
 
 @pytest.fixture
-def tiny(tmp_path):
+def tiny(predict_argv):
     """(argv prefix of predict with a tiny model at 32 px, label names)."""
-    cfg, model = tiny_model(tmp_path)
-    from trainer import checkpoint
-
-    checkpoint.save_weights(model, str(tmp_path / "w.pdparams"))
-    (tmp_path / "labels.txt").write_text("".join(f"{i} class{i}\n" for i in range(5)))
-    argv = ["predict", "-c", str(tmp_path / "tiny.yaml"), "--weights", str(tmp_path / "w.pdparams")]
-    argv += ["-o", f"DATASET.label_file={tmp_path / 'labels.txt'}", "-o", "PIPELINE.target_size=32"]
-    argv += ["-o", "PIPELINE.short_size=40", "-o", "PIPELINE.test_num_segments=4"]
+    argv = [*predict_argv, "-o", "PIPELINE.short_size=40", "-o", "PIPELINE.test_num_segments=4"]
     return argv, [f"class{i}" for i in range(5)]
 
 

@@ -149,10 +149,10 @@ def test_predict_on_a_missing_video_names_it(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_predict_on_a_video_damaged_mid_way_is_an_error_not_a_confident_answer(trained, tmp_path):
-    from .test_video import _damaged
+    from tools.media import damaged_video
 
     work, cfg, _ = trained
-    result = _run(["predict", "TSN", str(cfg), "--input", str(_damaged(tmp_path / "bad.mp4"))], work)
+    result = _run(["predict", "TSN", str(cfg), "--input", str(damaged_video(tmp_path / "bad.mp4"))], work)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "bad.mp4: decoding fails after" in result.stderr and "1 of 1 video(s) could not be read" in result.stderr
     assert not re.findall(r"^\s+\d\. \S+\s+[\d.]+$", result.stdout, re.M)  # no class probabilities printed

@@ -8,7 +8,16 @@ import pytest
 
 from clipdata import video
 from preprocessing.frames import ffmpeg_exe
-from tools.media import ffmpeg, has_bframes, index_frames, level_to_index, quadrant_frames, remux, write_video
+from tools.media import (
+    damaged_video,
+    ffmpeg,
+    has_bframes,
+    index_frames,
+    level_to_index,
+    quadrant_frames,
+    remux,
+    write_video,
+)
 
 
 def _encode(path, frames, gop, open_gop=False):
@@ -110,19 +119,8 @@ def test_a_wrong_promised_count_falls_back_and_names_the_shortfall(clips):
         container.close()
 
 
-def _damaged(path, frames=50):
-    """An H.264 mp4 whose middle third of coded data is garbage (the container still states every frame)."""
-    write_video(path, index_frames(frames))
-    data = bytearray(path.read_bytes())
-    start = data.index(b"mdat")
-    for k in range(start + (len(data) - start) // 3, start + (len(data) - start) // 2):
-        data[k] = (data[k] * 7 + 13) & 0xFF
-    path.write_bytes(bytes(data))
-    return path
-
-
 def test_a_video_damaged_before_its_stated_end_is_unreadable_unless_partial_clips_are_allowed(tmp_path):
-    path = _damaged(tmp_path / "bad.mp4")
+    path = damaged_video(tmp_path / "bad.mp4")
     with pytest.raises(
         video.VideoError, match=r"bad.mp4: decoding fails after (\d+) of the 50 frames the container states"
     ):
@@ -135,7 +133,7 @@ def test_the_loader_skips_a_damaged_video_once_probed_and_keeps_the_verdict(tmp_
     from dali_pipelines import build_loader
 
     write_video(tmp_path / "good.mp4", index_frames(30))
-    _damaged(tmp_path / "bad.mp4")
+    damaged_video(tmp_path / "bad.mp4")
     (tmp_path / "videos.txt").write_text("good.mp4 0\nbad.mp4 1\n")
 
     def labels(**options):
@@ -258,7 +256,7 @@ def test_a_checked_list_keeps_a_damaged_video_with_a_listed_count_from_nvdec(tmp
     from preprocessing import check_videos
 
     write_video(tmp_path / "good.mp4", index_frames(50))
-    _damaged(tmp_path / "bad.mp4")
+    damaged_video(tmp_path / "bad.mp4")
     lst = str(tmp_path / "v.list")
     (tmp_path / "v.list").write_text("good.mp4 50 0\nbad.mp4 50 1\ngood.mp4 55 0\n")
     good, bad, _ = read_list(lst, "videos")

@@ -7,8 +7,7 @@ import pytest
 from clipdata.video import decode_frames
 from dali_pipelines import windows
 from dali_pipelines.sampling import sample_indices
-
-from .test_timeline import write_gop_video
+from tools.media import write_gop_video
 
 
 @pytest.fixture(scope="module")

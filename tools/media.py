@@ -1,5 +1,5 @@
-"""Tiny media for the tests and the GPU self-test: videos and JPEG sequences whose frames carry their own
-index, made on the fly (nothing is committed)."""
+"""Tiny media for the tests, the benchmarks and the GPU self-test: videos and JPEG sequences whose frames
+carry their own index, made on the fly (nothing is committed); and untrained models made to look trained."""
 
 from __future__ import annotations
 
@@ -21,6 +21,34 @@ def write_video(path: str, frames: np.ndarray) -> None:
     from preprocessing.make_demo_dataset import write_mp4
 
     write_mp4(str(path), frames)
+
+
+def write_gop_video(path, n: int, gop: int = 12, width: int = 64, height: int = 48, fps: int = 25) -> str:
+    """H.264 mp4 (B-frames, a keyframe every ``gop`` frames) whose frames all differ: a moving square on a
+    grey level that changes with the index."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as out:
+        s = out.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "veryfast", "g": str(gop)})
+        s.height, s.width, s.pix_fmt = height, width, "yuv420p"
+        for i in range(n):
+            img = np.full((height, width, 3), (i * 7) % 200 + 20, np.uint8)
+            x = (i * 5) % (width - 8)
+            img[8:16, x : x + 8] = (250, 30, 30)
+            out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(s.encode())
+    return str(path)
+
+
+def damaged_video(path, frames: int = 50):
+    """An H.264 mp4 whose middle third of coded data is garbage (the container still states every frame)."""
+    write_video(path, index_frames(frames))
+    data = bytearray(path.read_bytes())
+    start = data.index(b"mdat")
+    for k in range(start + (len(data) - start) // 3, start + (len(data) - start) // 2):
+        data[k] = (data[k] * 7 + 13) & 0xFF
+    path.write_bytes(bytes(data))
+    return path
 
 
 def quadrant_frames(n: int = 12, width: int = 64, height: int = 48) -> np.ndarray:
@@ -69,3 +97,17 @@ def has_bframes(path: str) -> bool:
 
     with av.open(str(path)) as c:
         return any(int(getattr(f.pict_type, "value", f.pict_type)) == 3 for f in c.decode(video=0))  # AV_PICTURE_TYPE_B
+
+
+def randomise_bn(model, rng: np.random.Generator) -> None:
+    """BatchNorm statistics and affine terms away from their initial values, as a trained model has them
+    (so that folding them into convolutions matters): the tests' and reparam_bench's untrained models."""
+    import paddle
+
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.BatchNorm2D):
+            c = layer.weight.shape[0]
+            layer.weight.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
+            layer.bias.set_value(rng.normal(0, 0.1, c).astype("float32"))
+            layer._mean.set_value(rng.normal(0, 0.1, c).astype("float32"))
+            layer._variance.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
