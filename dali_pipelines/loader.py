@@ -474,7 +474,7 @@ def plan_loader(list_file: str | None, source: str = "pkl", mode: str = "train",
     """``plan_spec`` of ``build_loader``'s arguments: what it would run, nothing built."""
     unknown = sorted(set(keywords) - set(CLIP_KEYWORDS) - set(RUN_KEYWORDS))
     if unknown:
-        raise TypeError(f"build_loader: unknown option(s) {unknown}; known: {sorted(CLIP_KEYWORDS + RUN_KEYWORDS)}")
+        raise TypeError(f"plan_loader: unknown keyword(s) {unknown}; known: {sorted(CLIP_KEYWORDS + RUN_KEYWORDS)}")
     run = LoaderRun(**{k: v for k, v in keywords.items() if k in RUN_KEYWORDS})
     clip = {k: v for k, v in keywords.items() if k in CLIP_KEYWORDS}
     return plan_spec(list_file, ClipSpec.create(source, mode, device=run.device, **clip), run)

@@ -103,6 +103,16 @@ def test_views_beyond_one_count_in_test_mode_only_and_bad_settings_are_named():
             ClipSpec.create(**bad)
 
 
+def test_a_spec_runs_only_on_the_device_it_was_made_for():
+    from dali_pipelines.loader import LoaderRun, plan_spec
+
+    gpu_videos = ClipSpec.create("videos", "val", device="gpu")  # NVDEC's decode
+    with pytest.raises(ValueError, match="'video' clip spec does not run on device 'cpu'"):
+        plan_spec(None, gpu_videos, LoaderRun(device="cpu"))
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float16'"):
+        LoaderRun(dtype="float64")
+
+
 def test_build_loader_has_typed_keywords_each_documented():
     import dali_pipelines
     from dali_pipelines.loader import CLIP_KEYWORDS, RUN_KEYWORDS
