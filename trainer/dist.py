@@ -99,7 +99,7 @@ def _bounded_rendezvous(timeout: float):
     record_path, record = exits.record_bytes("crash", message, -signal.SIGKILL)
     sys.stderr.flush()
     watchdog = os.fork()
-    if watchdog == 0:  # the child touches nothing of the parent's state
+    if watchdog == 0:  # the child touches nothing of the parent's state (no logging: its locks may be held)
         try:
             lifeline.die_with_parent(parent)  # a rank that died first takes its watchdog with it
             time.sleep(timeout)
