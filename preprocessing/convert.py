@@ -220,6 +220,7 @@ class _Tally:
 
 
 def _convert_clips(run: _Run, clips, failures, class_index) -> int:
+    """The conversion once the arguments, the outputs and the locks are checked; returns the exit status."""
     writer = Writer(run.fmt, run.dst_dir, os.path.dirname(run.list_out))
     mine = {c.video_id for c in clips} if run.shard else None
     stale = writer.remove_stale_temporaries(mine)
