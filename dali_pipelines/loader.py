@@ -24,6 +24,7 @@ from .clipspec import DEVICES, MEAN, STD, ClipSpec
 from .feed import LabelError, sample_pool
 from .sampling import shard_indices
 
+log = get_logger(__name__)
 DTYPES = ("float32", "float16")
 
 
@@ -185,7 +186,7 @@ class _ClipSource:
         self._budget += 1  # one more candidate takes its place (training; evaluation has no more)
         if s.path not in self._reported:
             self._reported.add(s.path)
-            get_logger(__name__).warning(f"dali_pipelines: skipping {s.path} (list line {s.line}): {why}")
+            log.warning(f"dali_pipelines: skipping {s.path} (list line {s.line}): {why}")
 
     def _save_facts(self):
         """Keep what workers probed (videos new to the cache, or changed) for the next run."""
