@@ -267,7 +267,9 @@ def ends(directory: str) -> list[dict]:
             e.update(kind="signal", message=f"killed by {_signal_name(code)}")
             e["secondary"] = -code in _SECONDARY_SIGNALS or (first is not None and t - first > CONSEQUENCE_AFTER_S)
         elif code:
-            e.update(kind="crash", message=f"exit status {code} without a message of its own", secondary=False)
+            log = os.path.join(directory, f"workerlog.{rank}")  # it died before it could say why: where it said what
+            where = f" (its log: {log})" if os.path.isfile(log) else ""
+            e.update(kind="crash", message=f"exit status {code} without a message of its own{where}", secondary=False)
         else:
             continue
         if e["kind"] != "stuck" and first is not None and t - first > CONSEQUENCE_AFTER_S:

@@ -248,3 +248,11 @@ def test_without_records_the_ranks_last_warnings_and_errors_are_shown_under_thei
     assert exits.notes(str(tmp_path / "none"), io.StringIO()) == 1
     exits.clear(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["workerlog.0"]
+
+
+def test_a_rank_that_died_without_a_word_is_named_with_its_log(tmp_path):
+    (tmp_path / "workerlog.1").write_text("Traceback ...\nModuleNotFoundError: No module named 'paddle'\n")
+    status, out = _job(tmp_path, {0: (0, 1.0), 1: (1, 1.0)})
+    assert status == 0
+    log = tmp_path / "workerlog.1"
+    assert out == f"rank 1 (pid 101): crash: exit status 1 without a message of its own (its log: {log})\n"
