@@ -375,6 +375,44 @@ def test_an_error_that_is_not_a_crash_is_not_restarted(demo_dataset, tmp_path):
     assert (tmp_path / "log" / "workerlog.0").read_text().count("config error: epochs") == 1  # one attempt
 
 
+def _launcher_pid(log_dir, deadline):
+    """The pid of run_dist.sh's launcher (launch/paddle_launch.py) writing into ``log_dir``."""
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "launch.paddle_launch" in argv and str(log_dir) in argv:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError("the launcher never started")
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_is_reported_with_what_each_rank_logged(demo_dataset, tmp_path):
+    """Ranks that die with their launcher write no record: run_dist.sh shows each one's last warnings and
+    errors as they logged them (events.R.jsonl, common/log.py), not lines found by searching their logs."""
+    lines = (demo_dataset / "train_pkl.list").read_text().split()
+    (tmp_path / "bad.pkl").write_bytes(b"not a clip pkl" * 64)
+    train = tmp_path / "train.list"
+    train.write_text("".join(f"{demo_dataset / x}\n" for x in lines) + f"{tmp_path / 'bad.pkl'}\n")
+    log = tmp_path / "log"
+    proc = _run_dist(_config(tmp_path, demo_dataset, "killed", epochs=500, train_list=train), log)
+    launcher = _launcher_pid(log, time.time() + 120)
+    deadline = time.time() + 180
+    while time.time() < deadline and "skipping" not in "".join(p.read_text() for p in log.glob("events.*.jsonl")):
+        time.sleep(0.2)
+    os.kill(launcher, signal.SIGKILL)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 137, out[-3000:]
+    assert "Cause:\nno rank left a record of how it ended" in out, out[-3000:]
+    assert "\n  the launcher ended by SIGKILL, and every rank with it\n" in out
+    noted = r"\n  rank \d \([^)\n]*workerlog\.\d\):\n    dali_pipelines: skipping [^\n]*bad\.pkl"
+    assert re.search(noted, out), out[-3000:]
+
+
 def _list_paths(list_file):
     return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
 
