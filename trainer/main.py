@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 
 from common import log as logs  # noqa: E402 - after the path set-up above
 
-log = logs.get_logger("trainer.main")
+log = logs.get_logger("trainer.main")  # by name: run by path, __name__ is "__main__"
 
 warnings.filterwarnings("ignore", message="No ccache found")
 warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
