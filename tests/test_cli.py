@@ -248,20 +248,21 @@ def test_the_trainer_describes_itself_once_and_every_argument():
 _HELP_WALK = r"""
 import argparse, contextlib, io, json, runpy, sys
 found, parse = {}, argparse.ArgumentParser.parse_known_args
-for path in sys.argv[1:]:
+for line in sys.argv[1:]:
+    path, *words = line.split(" ")
     parsers = []
     def spy(self, *args, **kwargs):
         parsers.append(self)
         return parse(self, *args, **kwargs)
     argparse.ArgumentParser.parse_known_args = spy
-    sys.argv, out, err, code = [path, "--help"], io.StringIO(), io.StringIO(), None
+    sys.argv, out, err, code = [path, *words, "--help"], io.StringIO(), io.StringIO(), None
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             runpy.run_path(path, run_name="__main__")
         except SystemExit as e:
             code = e.code
     bare = [a.option_strings[-1] if a.option_strings else a.dest for p in parsers for a in p._actions if not a.help]
-    found[path] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "bare": bare}
+    found[line] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "bare": bare}
 print(json.dumps(found))
 """
 COMMAND_LINES = (
@@ -272,6 +273,7 @@ COMMAND_LINES = (
     ),
     "preprocessing/merge_shards.py",
     "trainer/main.py",
+    "trainer/main.py compare",
     "tools/selftest.py",
     "launch/hosts.py",
     "launch/ranks.py",

@@ -290,7 +290,7 @@ def compare_main(argv: list[str]) -> int:
     import sys
 
     p = argparse.ArgumentParser(prog="main.py compare", description="one table of several training runs")
-    p.add_argument("runs", nargs="+", metavar="OUTPUT_DIR")
+    p.add_argument("runs", nargs="+", metavar="OUTPUT_DIR", help="the output_dir of each training run compared")
     p.add_argument("--sort", default="best_top1", help="column to sort by (default best_top1, best first)")
     p.add_argument("--csv", help="also write the table to this CSV file")
     p.add_argument("--markdown", help="also write the table to this Markdown file")
