@@ -170,7 +170,17 @@ def run_epochs(src, first: int, epochs: int) -> tuple[int, float, int]:
     return n, time.perf_counter() - t, rchar(pids) - before
 
 
-def main() -> None:
+ROWS = (  # (source, read, list, workers, video facts kept)
+    ("pkl", "whole file read (before)", "legacy", 0, False),
+    ("pkl", "frame index", "pkl", 1, True),
+    ("pkl", "frame index", "pkl", 2, True),
+    ("videos", "demux per read (before)", "videos", 0, False),
+    ("videos", "probe facts cached", "videos", 1, True),
+    ("videos", "probe facts cached", "videos", 2, True),
+)
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clips", type=int, default=24, help="clips rendered")
     p.add_argument("--copies", type=int, default=16, help="distinct copies of each clip")
@@ -181,37 +191,26 @@ def main() -> None:
         "--work", default=os.path.join(tempfile.gettempdir(), "feed_bench"), help="folder of the data, made once"
     )
     p.add_argument("--clean", action="store_true", help="remove the generated data afterwards")
-    a = p.parse_args()
-    lists = make_data(a.work, a.clips, a.copies)
-    sampled = np.mean(
-        [sum(len(f) for f in frames) for frames in _sampled_jpegs(os.path.join(a.work, "unique_pkl.list"))]
-    )
-    rows = [
-        ("pkl", "whole file read (before)", "legacy", 0, False),
-        ("pkl", "frame index", "pkl", 1, True),
-        ("pkl", "frame index", "pkl", 2, True),
-        ("videos", "demux per read (before)", "videos", 0, False),
-        ("videos", "probe facts cached", "videos", 1, True),
-        ("videos", "probe facts cached", "videos", 2, True),
-    ]
-    sources = [
-        source_for(lists[list_name], source, workers, a.batches, facts) for source, _, list_name, workers, facts in rows
-    ]
-    warm, cold, per_clip = ([0.0] * len(rows) for _ in range(3))
-    try:
-        for src in sources:
-            run_epochs(src, 0, 1)  # workers started, video facts established, files in the page cache
-        for r in range(a.rounds):  # rounds alternate between the rows, so drift hits them alike
-            for i, src in enumerate(sources):
-                evict(src.samples)
-                n, dt, _ = run_epochs(src, 1 + r * (a.epochs + 1), 1)  # an epoch reads every file once
-                cold[i] = max(cold[i], n / dt)
-                cache(src.samples)
-                n, dt, nbytes = run_epochs(src, 2 + r * (a.epochs + 1), a.epochs)
-                warm[i], per_clip[i] = max(warm[i], n / dt), nbytes / n
-    finally:
-        for src in sources:
-            src.feed.close()
+    return p.parse_args()
+
+
+def time_rows(sources, rounds: int, epochs: int) -> tuple[list[float], list[float], list[float]]:
+    """(warm clips/s, cold clips/s, bytes per clip) of each source, the best of ``rounds`` rounds."""
+    warm, cold, per_clip = ([0.0] * len(sources) for _ in range(3))
+    for src in sources:
+        run_epochs(src, 0, 1)  # workers started, video facts established, files in the page cache
+    for r in range(rounds):  # rounds alternate between the rows, so drift hits them alike
+        for i, src in enumerate(sources):
+            evict(src.samples)
+            n, dt, _ = run_epochs(src, 1 + r * (epochs + 1), 1)  # an epoch reads every file once
+            cold[i] = max(cold[i], n / dt)
+            cache(src.samples)
+            n, dt, nbytes = run_epochs(src, 2 + r * (epochs + 1), epochs)
+            warm[i], per_clip[i] = max(warm[i], n / dt), nbytes / n
+    return warm, cold, per_clip
+
+
+def print_table(a: argparse.Namespace, warm, cold, per_clip, sampled: float) -> None:
     print(
         f"{a.clips * a.copies} clips of {FRAMES} frames 340x256, {SEGMENTS} segments, batches of {BATCH}, "
         f"{os.cpu_count()} cores; best of {a.rounds} rounds (warm: {a.epochs} epochs of {a.batches} batches; "
@@ -219,7 +218,7 @@ def main() -> None:
     )
     print(f"{'source':7s} {'read':26s} {'workers':>7s} {'warm clips/s':>13s} {'cold clips/s':>13s} {'KB/clip':>8s}")
     results = {}
-    for i, (source, what, list_name, workers, _) in enumerate(rows):
+    for i, (source, what, list_name, workers, _) in enumerate(ROWS):
         results[(list_name, workers)] = warm[i]
         print(f"{source:7s} {what:26s} {workers:7d} {warm[i]:13.0f} {cold[i]:13.0f} {per_clip[i] / 1024:8.1f}")
         if list_name == "pkl" and workers == 1:
@@ -232,6 +231,23 @@ def main() -> None:
         print(f"{name}: 2 workers / 1 worker = {results[(name, 2)] / results[(name, 1)]:.2f}")
     print(f"videos_feed_ratio: {results[('videos', 1)] / results[('videos', 0)]:.3f}")
     print(f"feed_speed_ratio: {results[('pkl', 1)] / results[('legacy', 0)]:.3f}")
+
+
+def main() -> None:
+    a = parse_args()
+    lists = make_data(a.work, a.clips, a.copies)
+    sampled = np.mean(
+        [sum(len(f) for f in frames) for frames in _sampled_jpegs(os.path.join(a.work, "unique_pkl.list"))]
+    )
+    sources = [
+        source_for(lists[list_name], source, workers, a.batches, facts) for source, _, list_name, workers, facts in ROWS
+    ]
+    try:
+        warm, cold, per_clip = time_rows(sources, a.rounds, a.epochs)
+    finally:
+        for src in sources:
+            src.feed.close()
+    print_table(a, warm, cold, per_clip, sampled)
     if a.clean:
         shutil.rmtree(a.work)
 
