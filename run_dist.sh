@@ -61,7 +61,7 @@ environment:
   MASTER_PORT, RENDEZVOUS_PORT   ports on the first node of --ips (default 6070, 6069)
   TSN_LOG_FORMAT                 the format of the ranks' messages (common/log.py)
 SIGTERM/SIGINT stop every process of the run; a kill -9 of this script or of the launcher ends every
-rank too (launch/lifeline.py). Exit status: the failed rank's (2: a config or usage error).
+rank too (common/lifeline.py). Exit status: the failed rank's (2: a config or usage error).
 EOF_HELP
 }
 usage() {
@@ -148,7 +148,7 @@ fi
 read -r n devices cvd < <(cd "$here" && "$py" -m launch.ranks ${nproc:+--nproc "$nproc"}) || exit 2
 log_dir=${LOG_DIR:-log/$mode}
 # Paddle's launcher, through launch/paddle_launch.py: it dies with this script and its ranks die with
-# it, whatever signal ends either (launch/lifeline.py: TSN_PARENT_PID names the parent each one checks);
+# it, whatever signal ends either (common/lifeline.py: TSN_PARENT_PID names the parent each one checks);
 # it notes how each rank ended, and each rank writes why, into the log folder (common/exits.py)
 launch=("$py" -m launch.paddle_launch --log_dir "$log_dir")
 export TSN_PARENT_PID=$$ TSN_EXIT_DIR

@@ -6,16 +6,15 @@ A worker that dies or hangs stops the pool with an error naming what it was read
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
 import signal
-import sys
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 
 from common import exits
+from common.lifeline import die_with_parent
 
 
 class WorkerError(RuntimeError):
@@ -46,13 +45,6 @@ def fork_context():
 
     gc.collect()
     return multiprocessing.get_context("fork")
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no orphans after a kill -9)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def default_num_workers() -> int:

@@ -356,7 +356,7 @@ def main(argv=None) -> int:
             if warning:
                 log.warning(f"run_dist.sh: warning: {warning}")
         else:
-            from launch.lifeline import link
+            from common.lifeline import link
 
             link()  # ends with run_dist.sh, like the launcher after it
             rendezvous(ips, args.index, args.port, args.timeout)

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
     env = paddle_env(gpus_per_node=_gpus_on_this_node())
     os.environ.update(env)
-    # each rank dies with the MPI daemon that started it (trainer/dist.py: launch/lifeline.py), never
+    # each rank dies with the MPI daemon that started it (trainer/dist.py: common/lifeline.py), never
     # with a parent named by a run_dist.sh this mpirun may have been started under
     os.environ.pop("TSN_PARENT_PID", None)
     if env["PADDLE_TRAINER_ID"] == "0" and int(env["PADDLE_TRAINERS_NUM"]) > 1:

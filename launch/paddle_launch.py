@@ -1,7 +1,7 @@
 """``python -m paddle.distributed.launch`` as run_dist.sh runs it: bound to run_dist.sh, watching its
 ranks, and told this node's address instead of guessing it.
 
-- It dies with run_dist.sh (launch/lifeline.py), and every rank dies with it: a ``kill -9`` of either
+- It dies with run_dist.sh (common/lifeline.py), and every rank dies with it: a ``kill -9`` of either
   leaves no rank training on (docs/robustness.md "Processes and ranks").
 - It notes when and how each rank ended, and what the others were doing at the first failure
   (common/exits.py), for run_dist.sh to name the cause and decide whether a restart can help.
@@ -14,7 +14,7 @@ ranks, and told this node's address instead of guessing it.
 import os
 
 from common import exits
-from launch import lifeline
+from common import lifeline
 
 
 def _watch_ranks() -> exits.Watcher | None:

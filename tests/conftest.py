@@ -32,9 +32,9 @@ def cfg(tmp_path):
 
 @pytest.fixture
 def no_parent_link(monkeypatch):
-    """main.main names its process as the parent of the next link (launch/lifeline.py); a second call in
+    """main.main names its process as the parent of the next link (common/lifeline.py); a second call in
     this process would take that for a dead parent and kill it. Here every call is a command typed by hand."""
-    from launch import lifeline
+    from common import lifeline
 
     monkeypatch.setenv(lifeline.PARENT_PID_ENV, "")
     monkeypatch.setattr(lifeline, "hand_on", lambda: None)

@@ -186,7 +186,7 @@ MUTANTS = {
         "return min(timeout, max(1.0, collective * 3 / 2))",
     ),
     "a rank whose launcher died before it linked trains on": (
-        "launch/lifeline.py",
+        "common/lifeline.py",
         "os.getppid() != int(expected_parent)",
         "os.getppid() == int(expected_parent)",
     ),

@@ -1,4 +1,4 @@
-"""launch/lifeline.py: no process of a job outlives the one that started it, with real `kill -9`s."""
+"""common/lifeline.py: no process of a job outlives the one that started it, with real `kill -9`s."""
 
 import os
 import re
@@ -67,7 +67,7 @@ class _Libc:
 @pytest.fixture
 def kernel(monkeypatch):
     """prctl, getppid and kill as this process sees them, recorded instead of done."""
-    from launch import lifeline
+    from common import lifeline
 
     libc, kills = _Libc(), []
     monkeypatch.setattr(lifeline, "_libc", libc)
@@ -111,7 +111,7 @@ def _child(code, env=None):
 @pytest.mark.slow
 def test_a_process_that_names_a_parent_it_no_longer_has_kills_itself():
     """The parent died before the child asked to die with it: the check catches it at once."""
-    proc = _child("from launch import lifeline; lifeline.link(); import time; time.sleep(60)", {"TSN_PARENT_PID": "1"})
+    proc = _child("from common import lifeline; lifeline.link(); import time; time.sleep(60)", {"TSN_PARENT_PID": "1"})
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
@@ -120,7 +120,7 @@ def test_a_linked_process_dies_with_its_parent_and_a_hand_typed_one_does_not(tmp
     """A middle process starts two children (one linked, one not) and is killed with SIGKILL."""
     code = (
         "import os, subprocess, sys, time\n"
-        "sleeper = 'from launch import lifeline; lifeline.link(); import time; time.sleep(60)'\n"
+        "sleeper = 'from common import lifeline; lifeline.link(); import time; time.sleep(60)'\n"
         "free = subprocess.Popen([sys.executable, '-c', sleeper], env={**os.environ, 'TSN_PARENT_PID': ''})\n"
         "os.environ['TSN_PARENT_PID'] = str(os.getpid())\n"
         "linked = subprocess.Popen([sys.executable, '-c', sleeper])\n"

@@ -18,7 +18,7 @@ import paddle.distributed as dist
 
 from common import exits
 from common.processes import COLLECTIVE_TIMEOUT_ENV
-from launch import lifeline
+from common import lifeline
 
 from .config import ConfigError
 
