@@ -46,7 +46,7 @@ MUTANTS = {
     "eval skips the last partial batch": (
         "dali_pipelines/loader.py",
         'drop_last=(spec.mode == "train") if run.drop_last is None',
-        'drop_last=True if run.drop_last is None',
+        "drop_last=True if run.drop_last is None",
     ),
     "resume without optimizer state": (
         "trainer/checkpoint.py",
