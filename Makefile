@@ -2,7 +2,7 @@
 # make test: set up .venv and run the test suite; make lint: ruff's checks and formatting.
 # make motion-demo: the motion task (direction of motion only): TSM learns it, TSN stays at chance.
 # GPU=cu126 (or cu129) installs Paddle's CUDA 12.6 (12.9) GPU build from Paddle's own package index
-# with DALI for CUDA 12, e.g. `make demo GPU=cu126` (README "GPU hosts": the driver each one needs);
+# with DALI for CUDA 12, e.g. `make demo GPU=cu126` (docs/gpu.md "Driver": the driver each one needs);
 # EXTRAS=gpu,trt,dev,onnx,vdl adds TensorRT's runtime for predict --tensorrt (docs/gpu.md).
 PYTHON ?= python3
 comma := ,
@@ -12,7 +12,7 @@ ifeq ($(GPU),)
 EXTRAS ?= cpu,dev,onnx,vdl
 else
 ifeq ($(filter $(GPU),$(GPU_LINES)),)
-$(error GPU=$(GPU) is not a CUDA line we install; use one of: $(GPU_LINES) (README "GPU hosts"))
+$(error GPU=$(GPU) is not a CUDA line we install; use one of: $(GPU_LINES) (docs/gpu.md "Install"))
 endif
 EXTRAS ?= gpu,dev,onnx,vdl
 PIP_INDEX := --extra-index-url https://www.paddlepaddle.org.cn/packages/stable/$(GPU)/

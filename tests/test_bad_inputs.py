@@ -1,6 +1,6 @@
 """Bad inputs through the real command lines (trainer/main.py, the preprocessing tools), table-driven: each
 ends in one line naming the file or key, no traceback, and nothing the user had is lost or changed.
-README "Bad inputs: what each one gives" and docs/robustness.md "Bad inputs" list them."""
+docs/robustness.md "Bad inputs" lists them."""
 
 import hashlib
 import json
@@ -172,7 +172,7 @@ TRAINER_ROWS = [
         1,
         ["preprocessing.json", "not valid JSON"],
     ),
-    # earlier rows of the README table, through the same command line
+    # earlier rows of the docs/robustness.md "Bad inputs" table, through the same command line
     ("an unknown config key", "eval", lambda t, d: ["-o", "DATASET.batchsize=2"], 2, ["batchsize", "batch_size"]),
     (
         "a list line with a count that is not a number",

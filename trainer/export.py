@@ -184,7 +184,7 @@ class InferenceModel:
         if device == "gpu" and not paddle.is_compiled_with_cuda():
             raise ConfigError(
                 "config error: device = gpu but this Paddle has no CUDA; install the GPU build "
-                '(make setup GPU=cu126, README "GPU hosts") or use device=cpu'
+                '(make setup GPU=cu126, docs/gpu.md "Install") or use device=cpu'
             )
         if tensorrt and model_file.endswith(".json"):
             # Paddle 3's graphs (.json, PIR) go through TensorRT by conversion, not by Config
