@@ -88,7 +88,7 @@ def find_host(work: str) -> Host:
 
     if not paddle.is_compiled_with_cuda():
         return Host(
-            work, 0, f'no GPU: Paddle {paddle.__version__} is a CPU build (README "GPU hosts" installs the GPU one)'
+            work, 0, f'no GPU: Paddle {paddle.__version__} is a CPU build (docs/gpu.md "Install" installs the GPU one)'
         )
     n = paddle.device.cuda.device_count()
     return Host(work, n, "" if n else "Paddle has CUDA but sees no GPU (driver? CUDA_VISIBLE_DEVICES?)")
