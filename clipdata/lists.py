@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from dataclasses import dataclass
 
 from clipdata.errors import DataFormatError
+from common.log import get_logger
 
 SOURCES = ("pkl", "rawframes", "videos")
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,20 +136,16 @@ def read_list(list_file: str, source: str, data_prefix: str | None = None, check
         samples.append(first[key, n, label])
     if repeats:
         more = f" (and {len(repeats) - 3} more)" if len(repeats) > 3 else ""
-        print(
+        log.warning(
             f"dali_pipelines: {list_file}: {len(repeats)} duplicate line(s), each clip counted once: "
             + "; ".join(repeats[:3])
-            + more,
-            file=sys.stderr,
-            flush=True,
+            + more
         )
     if relabelled:
         more = f" (and {len(relabelled) - 3} more)" if len(relabelled) > 3 else ""
-        print(
+        log.warning(
             f"dali_pipelines: {list_file}: {len(relabelled)} line(s) give a file listed before another label, "
-            "each kept as a sample of its own: " + "; ".join(relabelled[:3]) + more,
-            file=sys.stderr,
-            flush=True,
+            "each kept as a sample of its own: " + "; ".join(relabelled[:3]) + more
         )
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import numpy as np
 
@@ -19,11 +18,14 @@ from clipdata.jpeg import check_jpeg, jpeg_size
 from clipdata.lists import Sample
 from clipdata.pkl import StaleIndexError, read_indexed_frames, read_pkl, read_pkl_index
 from clipdata.video import VideoError, VideoFacts, decode_frames, probe, resolution_change_message, stream_info
+from common.log import get_logger
 from common.processes import ParallelMap
 
 from . import crops
 from .clipspec import ClipSpec
 from .sampling import sample_indices
+
+log = get_logger(__name__)  # a feed worker forks with its handlers; logging re-creates their locks in the child
 
 
 class LabelError(DataFormatError):
@@ -146,11 +148,9 @@ _stale_noted = []  # per process: the first pkl read whole for a stale index is 
 
 def _note_stale_index(path: str, why: str) -> None:
     if not _stale_noted:
-        print(
+        log.warning(
             f"dali_pipelines: {path}: {why}; read whole instead (slower, never the old frames). Give changed or "
-            "copied files a new index: python preprocessing/build_list.py pkl DIR LIST --index N",
-            file=sys.stderr,
-            flush=True,
+            "copied files a new index: python preprocessing/build_list.py pkl DIR LIST --index N"
         )
     _stale_noted.append(path)
 
