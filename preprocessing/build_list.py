@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 
+from common import log as logs
 from common.usage import UsageError
 from preprocessing import shards
 from preprocessing.kinetics import load_class_index, read_csv
@@ -35,6 +36,8 @@ from preprocessing.lists import (
     videos_in,
     write_list,
 )
+
+log = logs.get_logger(__name__)
 
 
 def pkl_entries(root: str):
@@ -95,6 +98,7 @@ def _settings(args) -> str:
 
 
 def main(argv=None) -> int:
+    logs.setup()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -139,15 +143,15 @@ def main(argv=None) -> int:
         if not entries and shard is None:
             raise UsageError(f"found no {args.source} under {args.root}")
     except UsageError as e:
-        print(f"build_list: error: {e}", file=sys.stderr)
+        log.error(f"build_list: error: {e}")
         return 2
     if shard:
         note += _write_part(args, shard, positions, entries, bad)
     else:
         write_list(args.out, entries)
     for path, why in bad:
-        print(f"build_list: skipped {path}: {why}", file=sys.stderr)
-    print(
+        log.warning(f"build_list: skipped {path}: {why}")
+    log.info(
         f"build_list: {len(entries)} {args.source} entries -> {args.out}{note}"
         + (f"; {len(bad)} unreadable {'files' if args.source == 'pkl' else 'videos'} skipped" if bad else "")
     )

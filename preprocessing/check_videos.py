@@ -27,12 +27,16 @@ import sys
 from clipdata.errors import DataFormatError
 from clipdata.lists import read_list
 from clipdata.video import load_probe_cache, resolution_change_message, save_probe_cache
+from common import log as logs
 from common.usage import UsageError
 from preprocessing import shards
 from preprocessing.lists import probe_facts
 
+log = logs.get_logger(__name__)
+
 
 def main(argv=None) -> int:
+    logs.setup()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
         shard = shards.parse_shard(args.shard)
         samples = read_list(args.list_file, "videos", args.data_prefix)
     except (DataFormatError, UsageError) as e:
-        print(f"check_videos: error: {e}", file=sys.stderr)
+        log.error(f"check_videos: error: {e}")
         return 2
     cache_file = f"{args.list_file}.probe.json"
     known = load_probe_cache(cache_file)
@@ -82,8 +86,8 @@ def main(argv=None) -> int:
         elif f.size_change:
             problems.append(f"{args.list_file}:{s.line}: {resolution_change_message(s.path, f)}")
     for line in problems:
-        print(f"check_videos: {line}", file=sys.stderr)
-    print(
+        log.warning(f"check_videos: {line}")
+    log.info(
         f"check_videos: {f'shard {shard}: ' if shard else ''}{len(paths)} videos ({len(todo)} decoded now, "
         f"{len(paths) - len(todo)} unchanged since checked), {len(problems)} problem(s); verdicts in {cache_file}"
         + (f" (when every shard is done: python preprocessing/check_videos.py {args.list_file})" if shard else "")

@@ -14,10 +14,10 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 
 from clipdata.pkl import write_pkl
+from common import log as logs
 from common.files import NO_SPACE, OutputError, check_writable, write_atomic
 from common.processes import fork_context, worker_init
 from common.runlock import BusyError
@@ -30,6 +30,8 @@ from .progress import progress
 
 TMP_PREFIX = ".tmp-"
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+log = logs.get_logger(__name__)
 
 
 def build_parser(prog: str, doc: str, output: str) -> argparse.ArgumentParser:
@@ -152,6 +154,7 @@ def _interrupt(signum, frame):
 
 
 def run(argv, prog: str, doc: str, fmt: str) -> int:
+    logs.setup()  # the entry point of video2pkl.py and vid2img.py
     args = build_parser(prog, doc, "pkl files" if fmt == "pkl" else "rawframe folders").parse_args(argv)
     dst_dir = os.path.abspath(args.dst_dir)
     list_out = os.path.abspath(args.list_out or dst_dir + ".list")
@@ -172,7 +175,7 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
             class_index = load_class_index(args.label_file)
         else:
             class_index = {name: i for i, name in enumerate(sorted({c.label for c in clips}))}
-            print(
+            log.info(
                 f"{prog}: no --label-file: {len(class_index)} classes taken from {args.csv} "
                 "(pass the training label file when converting a val/test CSV)"
             )
@@ -185,7 +188,7 @@ def run(argv, prog: str, doc: str, fmt: str) -> int:
         if shard:  # until this run writes it anew, the merge must not take an earlier run's part for it
             shards.remove_part(list_out, shard)
     except (UsageError, BusyError, OutputError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        log.error(f"{prog}: error: {e}")
         return EXIT_USAGE
     try:
         run = _Run(args, prog, fmt, dst_dir, list_out, failures_out, shard)
@@ -234,10 +237,9 @@ def _convert_clips(run: _Run, clips, failures, class_index) -> int:
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise
-        print(
+        log.error(
             f"{run.prog}: cannot write the list or the failures file ({e.strerror}): free space and run the same "
-            "command again; it finds the finished clips and writes them",
-            file=sys.stderr,
+            "command again; it finds the finished clips and writes them"
         )
         return EXIT_FAILURES
     _summarize(run, tally, time.time() - t0, lines, failures, skipped, stale, written)
@@ -329,7 +331,7 @@ def _write_outputs(run: _Run, lines, failures, complete: bool) -> str | None:
 
 def _summarize(run: _Run, tally: _Tally, elapsed: float, lines, failures, skipped: int, stale: int, written) -> None:
     shard, list_out = run.shard, run.list_out
-    print(
+    log.info(
         f"{run.prog}: {f'shard {shard}: ' if shard else ''}{len(lines)} clips ready ({skipped} already done, "
         f"{tally.converted} converted, {tally.frames} frames in {elapsed:.1f}s = "
         f"{tally.frames / max(elapsed, 1e-9):.0f} frames/s), {len(failures)} failed; "
@@ -346,17 +348,14 @@ def _summarize(run: _Run, tally: _Tally, elapsed: float, lines, failures, skippe
 def _exit_status(prog: str, tally: _Tally, ready: int, jobs: int, failures) -> int:
     """The exit status, with what a full disk or an interruption left to do."""
     if tally.no_space:
-        print(
+        log.error(
             f"{prog}: stopped early: {tally.no_space}. The {ready} finished clips are kept and listed; free space "
-            f"and run the same command again to convert the remaining {jobs - tally.processed}",
-            file=sys.stderr,
+            f"and run the same command again to convert the remaining {jobs - tally.processed}"
         )
         return EXIT_FAILURES
     if tally.interrupted:
-        print(
-            f"{prog}: interrupted; run the same command again to convert the remaining {jobs - tally.processed} "
-            "clip(s)",
-            file=sys.stderr,
+        log.warning(
+            f"{prog}: interrupted; run the same command again to convert the remaining {jobs - tally.processed} clip(s)"
         )
         return EXIT_INTERRUPTED
     return EXIT_FAILURES if failures else EXIT_OK

@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common import log as logs
 from common.usage import UsageError
 from preprocessing.kinetics import read_csv, write_label_file
 
+log = logs.get_logger(__name__)
+
 
 def main(argv=None) -> int:
+    logs.setup()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("csv", help="Kinetics CSV with a 'label' column")
     p.add_argument("label_file", help="output: 'index name' lines")
@@ -23,16 +27,16 @@ def main(argv=None) -> int:
     try:
         clips, bad = read_csv(args.csv)
     except UsageError as e:
-        print(f"generate_label: error: {e}", file=sys.stderr)
+        log.error(f"generate_label: error: {e}")
         return 2
     classes = sorted({c.label for c in clips})
     if not classes:
-        print(f"generate_label: error: {args.csv} has no valid rows", file=sys.stderr)
+        log.error(f"generate_label: error: {args.csv} has no valid rows")
         return 2
     write_label_file(args.label_file, classes)
     for where, why in bad:
-        print(f"generate_label: skipped {where}: {why}", file=sys.stderr)
-    print(f"generate_label: {len(classes)} classes -> {args.label_file}")
+        log.warning(f"generate_label: skipped {where}: {why}")
+    log.info(f"generate_label: {len(classes)} classes -> {args.label_file}")
     return 0
 
 

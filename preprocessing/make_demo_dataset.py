@@ -25,6 +25,10 @@ import sys
 
 import numpy as np
 
+from common import log as logs
+
+log = logs.get_logger(__name__)
+
 CLASSES = ("bouncing ball", "sliding square", "pulsing ring", "spinning bar", "blinking dots", "scrolling stripes")
 BASE_COLOURS = {  # RGB of each class's object; jittered per clip
     "bouncing ball": (220, 50, 40),
@@ -222,7 +226,7 @@ def make_dataset(
     try:
         with open(marker, encoding="utf-8") as f:
             if json.load(f) == json.loads(json.dumps(config)):
-                print(f"make_demo_dataset: {out_dir} is already complete")
+                log.info(f"make_demo_dataset: {out_dir} is already complete")
                 return csvs
     except (OSError, ValueError):
         pass
@@ -243,11 +247,12 @@ def make_dataset(
         for _ in pool.imap_unordered(_make_clip, todo):
             bar.update()
     write_atomic(marker, json.dumps(config).encode())
-    print(f"make_demo_dataset: {total} clips of {len(classes)} classes in {out_dir}")
+    log.info(f"make_demo_dataset: {total} clips of {len(classes)} classes in {out_dir}")
     return csvs
 
 
 def main(argv=None) -> int:
+    logs.setup()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", help="folder for the videos, the CSVs and the label file")
     p.add_argument("--seed", type=int, default=0, help="random seed of the clips (default 0)")

@@ -22,14 +22,16 @@ import glob
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 
+from common import log as logs
 from common.files import OutputError, write_atomic
 from common.runlock import BusyError, RunLock
 from common.usage import UsageError
 
 PART_FORMAT = 1
+
+log = logs.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,7 @@ def _shards(ids: list[int], count: int, one: str = "has", several: str = "have")
 
 
 def merge_main(argv=None) -> int:
+    logs.setup()
     p = argparse.ArgumentParser(
         prog="merge_shards",
         description="Assemble the list (and failures file) of a data set converted or listed in N shards.",
@@ -296,18 +299,18 @@ def merge_main(argv=None) -> int:
             held = lock(os.path.abspath(args.dst_dir), "merge_shards", None)
         n_lines, failures, failures_file = merge(args.list, args.shards)
     except (UsageError, BusyError, OutputError) as e:
-        print(f"merge_shards: error: {e}", file=sys.stderr)
+        log.error(f"merge_shards: error: {e}")
         return 2
     except OSError as e:
-        print(f"merge_shards: error: cannot write {e.filename or args.list} ({e.strerror})", file=sys.stderr)
+        log.error(f"merge_shards: error: cannot write {e.filename or args.list} ({e.strerror})")
         return 2
     finally:
         for lock_ in held:
             lock_.release()
     if not failures_file:  # a list builder's: named here, as the unsharded run names them
         for line in failures:
-            print(f"merge_shards: skipped {line}", file=sys.stderr)
-    print(
+            log.warning(f"merge_shards: skipped {line}")
+    log.info(
         f"merge_shards: {args.shards} shards -> {args.list} ({n_lines} lines), {len(failures)} failure(s)"
         + (f" in {failures_file}" if failures_file and failures else "")
     )

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from common import log as logs
 from common.usage import UsageError
 from preprocessing.kinetics import class_name, write_label_file
 from preprocessing.lists import (
@@ -28,8 +29,11 @@ from preprocessing.lists import (
 
 SPLIT_NAMES = ("train", "val", "test")
 
+log = logs.get_logger(__name__)
+
 
 def main(argv=None) -> int:
+    logs.setup()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
             raise UsageError(f"class folder(s) {empty[:5]} hold no videos")
         splits = stratified_split(by_class, args.ratios, args.seed)
     except UsageError as e:
-        print(f"split_dataset: error: {e}", file=sys.stderr)
+        log.error(f"split_dataset: error: {e}")
         return 2
     counts, bad = count_frames([v for vs in by_class.values() for v in vs], args.probe)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -69,8 +73,8 @@ def main(argv=None) -> int:
         write_list(os.path.join(args.out_dir, f"{name}.list"), entries)
         report.append(f"{name} {len(entries)}")
     for path, why in bad:
-        print(f"split_dataset: skipped {path}: {why}", file=sys.stderr)
-    print(f"split_dataset: {len(folders)} classes; " + ", ".join(report) + f" clips -> {args.out_dir}")
+        log.warning(f"split_dataset: skipped {path}: {why}")
+    log.info(f"split_dataset: {len(folders)} classes; " + ", ".join(report) + f" clips -> {args.out_dir}")
     return 1 if bad else 0
 
 

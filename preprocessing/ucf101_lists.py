@@ -16,9 +16,12 @@ import sys
 
 from clipdata.errors import DataFormatError
 from clipdata.lists import text_lines
+from common import log as logs
 from common.usage import UsageError
 from preprocessing.kinetics import write_label_file
 from preprocessing.lists import count_frames, video_entries, write_list
+
+log = logs.get_logger(__name__)
 
 
 def _lines(path: str) -> list[str]:
@@ -66,6 +69,7 @@ def read_split(path: str, index: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def main(argv=None) -> int:
+    logs.setup()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
             for name in ("train", "test")
         }
     except UsageError as e:
-        print(f"ucf101_lists: error: {e}", file=sys.stderr)
+        log.error(f"ucf101_lists: error: {e}")
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
     write_label_file(os.path.join(args.out_dir, "ucf101_label.txt"), sorted(index, key=index.get))
@@ -97,13 +101,13 @@ def main(argv=None) -> int:
         entries = video_entries(rows, counts)
         out = os.path.join(args.out_dir, f"ucf101_{name}_split_{args.split}_videos.list")
         write_list(out, entries)
-        print(f"ucf101_lists: {len(entries)} {name} videos -> {out}")
+        log.info(f"ucf101_lists: {len(entries)} {name} videos -> {out}")
     for path in missing[:10]:
-        print(f"ucf101_lists: missing {path}", file=sys.stderr)
+        log.warning(f"ucf101_lists: missing {path}")
     for path, why in bad:
-        print(f"ucf101_lists: unreadable {path}: {why}", file=sys.stderr)
+        log.warning(f"ucf101_lists: unreadable {path}: {why}")
     if missing or bad:
-        print(f"ucf101_lists: left out {len(missing)} missing and {len(bad)} unreadable videos", file=sys.stderr)
+        log.warning(f"ucf101_lists: left out {len(missing)} missing and {len(bad)} unreadable videos")
         return 1
     return 0
 
