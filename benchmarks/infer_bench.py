@@ -36,7 +36,7 @@ import numpy as np
 warnings.filterwarnings("ignore")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/tsm.yaml", help="the model's config (default configs/tsm.yaml)")
     p.add_argument("--segments", type=int, default=8, help="frames per clip (default 8)")
@@ -45,14 +45,63 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=None, help="backbone base_channels (default: the config's)")
     p.add_argument("--video", action="store_true", help="PP-TSMv2 against PP-TSM per clip and per 10 s video")
     p.add_argument("--threads", type=int, default=None, help="--video: CPU threads per backend (default: all cores)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def median_ms(calls: dict, rounds: int) -> dict:
+    """The median milliseconds of each call over ``rounds`` rounds that alternate between the calls, so
+    that a noisy, shared machine slows all of them alike (after one warm-up call of each: first calls
+    allocate and pick kernels)."""
+    for fn in calls.values():
+        fn()
+    times = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def exported_engines(cfg, model, clip: np.ndarray, folder: str) -> dict:
+    """The dynamic model and its exported forms (written to ``folder``), each a call on ``clip``."""
+    import paddle
+
+    from trainer.export import InferenceModel, export
+
+    report = export(cfg, model, folder, [str(i) for i in range(cfg.MODEL.head.num_classes)], sample=clip, onnx=True)
+    print(
+        f"exported {cfg.MODEL.name} ResNet-{cfg.MODEL.backbone.depth}; score difference against the dynamic "
+        f"model (export fails beyond 1e-4): Paddle Inference {report['paddle_inference_max_diff']:.1e}, "
+        f"onnxruntime {report.get('onnx_max_diff', float('nan')):.1e}"
+    )
+    engines = {}
+    tensor = paddle.to_tensor(clip)
+
+    def dynamic():
+        with paddle.no_grad():
+            return model(tensor).numpy()
+
+    engines["dynamic"] = dynamic
+    predictor = InferenceModel.from_folder(folder)
+    engines["paddle_inference"] = lambda: predictor.scores(clip)
+    if "onnx" in report:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(report["onnx"], providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        engines["onnxruntime"] = lambda: session.run(None, {name: clip})[0]
+    return engines
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if a.video:
         return video_bench(a.rounds, a.threads or os.cpu_count() or 1)
 
     import paddle
 
     from trainer.config import load_config
-    from trainer.export import InferenceModel, export
     from trainer.models import build_model
 
     overrides = [
@@ -69,37 +118,7 @@ def main(argv=None) -> int:
     model.eval()
     clip = np.random.default_rng(0).standard_normal([1, a.segments, 3, a.size, a.size]).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        report = export(cfg, model, tmp, [str(i) for i in range(cfg.MODEL.head.num_classes)], sample=clip, onnx=True)
-        print(
-            f"exported {cfg.MODEL.name} ResNet-{cfg.MODEL.backbone.depth}; score difference against the dynamic "
-            f"model (export fails beyond 1e-4): Paddle Inference {report['paddle_inference_max_diff']:.1e}, "
-            f"onnxruntime {report.get('onnx_max_diff', float('nan')):.1e}"
-        )
-        engines = {}
-        tensor = paddle.to_tensor(clip)
-
-        def dynamic():
-            with paddle.no_grad():
-                return model(tensor).numpy()
-
-        engines["dynamic"] = dynamic
-        predictor = InferenceModel.from_folder(tmp)
-        engines["paddle_inference"] = lambda: predictor.scores(clip)
-        if "onnx" in report:
-            import onnxruntime
-
-            session = onnxruntime.InferenceSession(report["onnx"], providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            engines["onnxruntime"] = lambda: session.run(None, {name: clip})[0]
-        times = {k: [] for k in engines}
-        for fn in engines.values():  # warm-up: first calls allocate and pick kernels
-            fn()
-        for _ in range(a.rounds):
-            for k, fn in engines.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        ms = median_ms(exported_engines(cfg, model, clip, tmp), a.rounds)
     print(
         f"{cfg.MODEL.name} ResNet-{cfg.MODEL.backbone.depth}, 1 clip of {a.segments} frames at {a.size}x{a.size}, "
         f"{os.cpu_count()} CPU cores, median of {a.rounds} alternating rounds:"
@@ -155,82 +174,91 @@ def preprocess(frames: np.ndarray, short: int = 256, crop: int = 224) -> np.ndar
     return out.transpose(0, 3, 1, 2)[None]
 
 
-def video_bench(rounds: int, threads: int) -> int:
-    import platform
-
+def export_video_model(name: str, config: str, frames: int, folder: str, threads: int) -> dict:
+    """The exported backends of one of VIDEO_MODELS (random weights), each a model with ``scores``."""
     import paddle
 
-    from clipdata.video import decode_frames
-    from dali_pipelines.sampling import segment_indices
     from trainer.config import load_config
     from trainer.export import InferenceModel, OnnxModel, export
     from trainer.models import build_model
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    engines, frames_of, folded = {}, {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, config, frames in VIDEO_MODELS:
-            overrides = [f"PIPELINE.num_segments={frames}", "PIPELINE.test_num_clips=1", "PIPELINE.test_num_crops=1"]
-            overrides += ["PIPELINE.test_num_segments=null", "MODEL.backbone.pretrained=''"]
-            cfg = load_config(os.path.join(root, config), overrides)
-            paddle.seed(0)
-            model = build_model(cfg)
-            model.eval()
-            clip = np.random.default_rng(0).standard_normal([1, frames, 3, 224, 224]).astype(np.float32)
-            folder = os.path.join(tmp, name)
-            report = export(cfg, model, folder, [str(i) for i in range(cfg.MODEL.head.num_classes)], sample=clip,
-                            onnx=True)  # fmt: skip
-            folded[name] = hasattr(model.backbone, "reparameterize")
-            print(
-                f"exported {name} ({frames} frames{', re-parameterised' if folded[name] else ''}): score difference "
-                f"against the dynamic model: Paddle Inference {report['paddle_inference_max_diff']:.1e}, "
-                f"onnxruntime {report['onnx_max_diff']:.1e}",
-                flush=True,
-            )
-            engines[name] = {
-                "paddle_inference": InferenceModel.from_folder(folder, threads=threads),
-                "onnxruntime": OnnxModel(report["onnx"], threads=threads),
-            }
-            frames_of[name] = frames
-            del model
-        clips = {n: np.random.default_rng(1).standard_normal([1, f, 3, 224, 224]).astype(np.float32)
-                 for n, f in frames_of.items()}  # fmt: skip
-        for name, backends in engines.items():  # warm-up: first calls allocate and pick kernels
-            for m in backends.values():
-                m.scores(clips[name])
-        times = {(n, b): [] for n, backends in engines.items() for b in backends}
-        for _ in range(rounds):  # alternate, so that a noisy shared machine slows every engine alike
-            for (n, b), t in times.items():
-                start = time.perf_counter()
-                engines[n][b].scores(clips[n])
-                t.append(time.perf_counter() - start)
-        model_ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-        best = {n: min(engines[n], key=lambda b, n=n: model_ms[n, b]) for n in engines}
+    overrides = [f"PIPELINE.num_segments={frames}", "PIPELINE.test_num_clips=1", "PIPELINE.test_num_crops=1"]
+    overrides += ["PIPELINE.test_num_segments=null", "MODEL.backbone.pretrained=''"]
+    cfg = load_config(os.path.join(root, config), overrides)
+    paddle.seed(0)
+    model = build_model(cfg)
+    model.eval()
+    clip = np.random.default_rng(0).standard_normal([1, frames, 3, 224, 224]).astype(np.float32)
+    report = export(cfg, model, folder, [str(i) for i in range(cfg.MODEL.head.num_classes)], sample=clip, onnx=True)
+    folded = hasattr(model.backbone, "reparameterize")
+    print(
+        f"exported {name} ({frames} frames{', re-parameterised' if folded else ''}): score difference "
+        f"against the dynamic model: Paddle Inference {report['paddle_inference_max_diff']:.1e}, "
+        f"onnxruntime {report['onnx_max_diff']:.1e}",
+        flush=True,
+    )
+    return {
+        "paddle_inference": InferenceModel.from_folder(folder, threads=threads),
+        "onnxruntime": OnnxModel(report["onnx"], threads=threads),
+    }
 
-        video = os.path.join(tmp, "video_10s_340x256.mp4")
-        make_video(video)
-        stages = {n: {s: [] for s in ("probe", "decode", "preprocess", "model", "top5")} for n in engines}
-        for _ in range(rounds):
-            for n, frames in frames_of.items():
-                t0 = time.perf_counter()
-                count = count_frames(video)
-                t1 = time.perf_counter()
-                rgb = decode_frames(video, segment_indices(count, frames, "test"), count)
-                t2 = time.perf_counter()
-                x = preprocess(rgb)
-                t3 = time.perf_counter()
-                logits = engines[n][best[n]].scores(x)[0]
-                t4 = time.perf_counter()
-                p = np.exp(logits - logits.max())
-                _ = np.argsort(-(p / p.sum()))[:5]
-                t5 = time.perf_counter()
-                for s, dt in zip(stages[n], (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                    stages[n][s].append(1000 * dt)
+
+def video_stages(video: str, engines: dict, best: dict, frames_of: dict, rounds: int) -> dict:
+    """Milliseconds of each stage (probe, decode, preprocess, model, top5) of each model, per round."""
+    from clipdata.video import decode_frames
+    from dali_pipelines.sampling import segment_indices
+
+    stages = {n: {s: [] for s in ("probe", "decode", "preprocess", "model", "top5")} for n in engines}
+    for _ in range(rounds):
+        for n, frames in frames_of.items():
+            t0 = time.perf_counter()
+            count = count_frames(video)
+            t1 = time.perf_counter()
+            rgb = decode_frames(video, segment_indices(count, frames, "test"), count)
+            t2 = time.perf_counter()
+            x = preprocess(rgb)
+            t3 = time.perf_counter()
+            logits = engines[n][best[n]].scores(x)[0]
+            t4 = time.perf_counter()
+            p = np.exp(logits - logits.max())
+            _ = np.argsort(-(p / p.sum()))[:5]
+            t5 = time.perf_counter()
+            for s, dt in zip(stages[n], (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                stages[n][s].append(1000 * dt)
+    return stages
+
+
+def cpu_name() -> str:
+    import platform
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    print(f"CPU: {cpu}, {os.cpu_count()} cores, {threads} thread(s) per backend; median of {rounds} alternating rounds")
+    return cpu
+
+
+def video_bench(rounds: int, threads: int) -> int:
+    engines, frames_of = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, config, frames in VIDEO_MODELS:
+            engines[name] = export_video_model(name, config, frames, os.path.join(tmp, name), threads)
+            frames_of[name] = frames
+        clips = {n: np.random.default_rng(1).standard_normal([1, f, 3, 224, 224]).astype(np.float32)
+                 for n, f in frames_of.items()}  # fmt: skip
+        calls = {
+            (n, b): (lambda m=m, c=clips[n]: m.scores(c)) for n, models in engines.items() for b, m in models.items()
+        }
+        model_ms = median_ms(calls, rounds)
+        best = {n: min(engines[n], key=lambda b, n=n: model_ms[n, b]) for n in engines}
+        video = os.path.join(tmp, "video_10s_340x256.mp4")
+        make_video(video)
+        stages = video_stages(video, engines, best, frames_of, rounds)
+
+    print(
+        f"CPU: {cpu_name()}, {os.cpu_count()} cores, {threads} thread(s) per backend; "
+        f"median of {rounds} alternating rounds"
+    )
     print("per clip (batch 1, 224x224):")
     for (n, b), ms in model_ms.items():
         print(f"  {n:<9s} {frames_of[n]:2d} frames  {b:<17s} {ms:8.1f} ms{'  (best)' if best[n] == b else ''}")
