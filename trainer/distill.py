@@ -16,11 +16,15 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from common.log import get_logger
+
 from .config import ConfigError, load_config
 from .losses import classification_loss, mixup
 from .models import build_model
 from .solver import param_groups
 from .weights import load_pretrained, load_weights
+
+log = get_logger(__name__)
 
 
 def softened_kl(target_logits, logits, temperature: float = 1.0):
@@ -159,7 +163,7 @@ def build(cfg, student) -> Distiller | None:
         source = d.weights
     else:
         if d.weights:
-            print(load_pretrained(partner, d.weights))
+            log.info(load_pretrained(partner, d.weights))
         source = d.weights or d.config
     return Distiller(
         mode=d.mode,

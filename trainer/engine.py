@@ -14,6 +14,7 @@ import paddle
 import paddle.nn.functional as F
 import yaml
 
+from common.log import get_logger
 from dali_pipelines.clipspec import ClipSpec
 
 from . import checkpoint, dist, distill
@@ -23,6 +24,8 @@ from .metrics import MetricsLog, topk_correct
 from .models import build_model
 from .precise_bn import precise_bn
 from .solver import build_optimizer, build_scheduler
+
+log = get_logger(__name__)
 
 
 def make_loader(cfg, env: dist.Env, mode: str, list_file: str | None = None, spec: ClipSpec | None = None, **options):
@@ -219,11 +222,10 @@ def _train_epoch(run: _Run, epoch: int) -> None:
             )
             run.log.write(**rec)
             if env.is_main:
-                print(
+                log.info(
                     f"epoch {epoch + 1}/{cfg.epochs} step {run.step} loss {rec['loss']:.4f} top1 {rec['top1']:.3f} "
                     f"lr {rec['lr']:.4g} {rec['samples_per_s']:.1f} clips/s data {rec['data_time'] * 1000:.0f}ms "
-                    f"batch {rec['batch_time'] * 1000:.0f}ms",
-                    flush=True,
+                    f"batch {rec['batch_time'] * 1000:.0f}ms"
                 )
             run.totals["data"] += win.data
             run.totals["batch"] += win.batch
@@ -321,7 +323,7 @@ def _resume(run: _Run) -> dict | None:
     parts = run.distiller.parts() if run.distiller else {}
     meta, scaler_state = run.checkpoints.resume(run.model, run.optimizer, cfg.MODEL, parts)
     if meta.get("seed") != cfg.seed or meta.get("world_size") != env.world_size:
-        print(
+        log.info(  # on stdout, where it always was: the run goes on as asked
             f"train: warning: {resume} was written with seed {meta.get('seed')} on "
             f"{meta.get('world_size')} rank(s); the resumed run will not repeat the original exactly"
         )
@@ -333,15 +335,14 @@ def _resume(run: _Run) -> dict | None:
 def _announce(run: _Run, global_batch: int) -> None:
     cfg, env, loader, amp = run.cfg, run.env, run.loader, _amp_dtype(run.cfg, run.env)
     resume = run.checkpoints.resume_path
-    print(
+    log.info(
         f"train: {env.world_size} rank(s) on {env.device}, {loader.num_samples} clips/rank/epoch "
         f"read by {loader.num_workers} feed worker(s)/rank, "
         f"{len(loader)} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, "
         f"lr {run.scheduler.get_lr():.4g}"
         + (f"; resumed from {resume} at epoch {run.start_epoch}" if resume else "")
         + (f"; AMP {amp}" + (" with GradScaler" if run.scaler else "") if amp else "")
-        + (f"; {run.distiller.describe()}" if run.distiller else ""),
-        flush=True,
+        + (f"; {run.distiller.describe()}" if run.distiller else "")
     )
 
 
@@ -354,10 +355,9 @@ def _validate(run: _Run, epoch: int) -> None:
     result = run.last_eval = evaluate(run.net, run.val_loader, env)
     run.log.write(mode="val", epoch=epoch + 1, step=run.step, **result)
     if env.is_main:
-        print(
+        log.info(
             f"epoch {epoch + 1} val top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
-            f"loss {result['loss']:.4f} ({result['samples']} clips)",
-            flush=True,
+            f"loss {result['loss']:.4f} ({result['samples']} clips)"
         )
     if result["top1"] > run.best["top1"]:
         run.best = {**result, "epoch": epoch + 1}
@@ -387,7 +387,7 @@ def _finish(run: _Run, wall: float) -> dict:
     """Every rank's weights digest, the run's summary (logged and returned) and rank 0's curves."""
     env, out = run.env, run.cfg.output_dir
     # every rank logs a digest of its weights: equal digests prove the ranks stayed in sync
-    print(f"rank {env.rank}: weights digest {weights_digest(run.trained)}", flush=True)
+    log.info(f"rank {env.rank}: weights digest {weights_digest(run.trained)}")
     best, totals = run.best, run.totals
     summary = {
         "val_top1": run.last_eval.get("top1"),

@@ -15,6 +15,7 @@ import numpy as np
 from clipdata.errors import DataFormatError
 from clipdata.lists import Sample, text_lines
 from common.files import write_atomic
+from common.log import get_logger
 from common.processes import default_num_workers
 from dali_pipelines.feed import sample_pool
 
@@ -26,6 +27,8 @@ VIDEO_EXTENSIONS = (
 )  # fmt: skip
 HEADER = ["video", "rank", "class", "probability"]
 REPORT_SUFFIXES = (".per_class.csv", ".confusion_pairs.csv", ".report.md")  # reports.write_class_report
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def run_folder(cfg, scorer, names: list[str], inputs: Inputs, output: str | None
                 writer.writerows([videos[i], r, c, f"{q:.6f}"] for r, (c, q) in enumerate(top, 1))
                 out.flush()
                 bar.update(1)
-            else:
+            else:  # no OUTPUT: the predictions themselves, on stdout as predict.print_predictions writes them
                 print(f"{videos[i]}:")
                 for r, (c, q) in enumerate(top, 1):
                     print(f"  {r}. {c:<30s} {q:.4f}")
@@ -187,7 +190,7 @@ def run_folder(cfg, scorer, names: list[str], inputs: Inputs, output: str | None
             out.close()
     took = time.monotonic() - started
     result = {"videos": len(videos), "scored": scored, "skipped": len(skipped), "seconds": took, "workers": workers}
-    print(
+    log.info(
         f"predict: {scored} video(s) scored in {took:.1f}s ({scored / max(took, 1e-9):.2f} files/s, "
         f"{workers} decode worker(s))" + (f" -> {output}" if output else "")
     )
@@ -203,7 +206,7 @@ def _resume(videos: list[str], output: str | None) -> tuple[dict, list[int]]:
     done = done_videos(output) if output else {}
     todo = [i for i, v in enumerate(videos) if v not in done]
     if done:
-        print(
+        log.info(
             f"predict: {len(videos) - len(todo)} of {len(videos)} video(s) are already in {output}; "
             f"scoring the other {len(todo)}"
         )
@@ -231,13 +234,13 @@ def _open_output(output: str):
 def _report_skipped(skipped: list[tuple[str, str]], output: str | None) -> None:
     """Name the first ten skipped files; with ``output``, list them all in OUTPUT.skipped.csv."""
     for path, why in skipped[:10]:
-        print(f"predict: skipped {path}: {why}", file=sys.stderr)
+        log.warning(f"predict: skipped {path}: {why}")
     if len(skipped) > 10:
-        print(f"predict: ... and {len(skipped) - 10} more skipped", file=sys.stderr)
+        log.warning(f"predict: ... and {len(skipped) - 10} more skipped")
     if output:
         listing = f"{output}.skipped.csv"
         write_atomic(listing, _csv_text([["video", "reason"], *skipped]).encode())
-        print(f"predict: {len(skipped)} file(s) skipped, listed in {listing}")
+        log.info(f"predict: {len(skipped)} file(s) skipped, listed in {listing}")
 
 
 def _class_report(inputs: Inputs, names: list[str], done: dict, output: str) -> float:
@@ -248,5 +251,5 @@ def _class_report(inputs: Inputs, names: list[str], done: dict, output: str) -> 
     true, pred = np.array([t for t, _ in pairs], np.int64), np.array([q for _, q in pairs], np.int64)
     paths = reports.write_class_report(true, pred, names, os.path.splitext(output)[0])
     top1 = float(np.mean(true == pred)) if len(true) else float("nan")
-    print(f"predict: top-1 {top1:.4f} on {len(true)} labelled video(s); per-class report: {', '.join(paths)}")
+    log.info(f"predict: top-1 {top1:.4f} on {len(true)} labelled video(s); per-class report: {', '.join(paths)}")
     return top1

@@ -8,7 +8,11 @@ import datetime
 import os
 import sys
 
+from common.log import get_logger
+
 from .spans import Span, parse_span
+
+log = get_logger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,20 +99,19 @@ def _predict_live(cfg, scorer, names: list[str], args, *, window: Span, stride: 
         args.top_k,
         max_seconds=args.max_seconds,
         timeout=args.timeout,
-        print_line=lambda line: print(line, flush=True),
+        print_line=lambda line: print(line, flush=True),  # each window's prediction: the product, on stdout
     )
     lat = sorted(tl.latency or [0.0])
     median, p95 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.95 * len(lat)))]
-    print(
+    log.info(
         f"predict: {stats['reason']}: {stats['windows']} window(s) of {stats['window_frames']} frames from "
         f"{stats['frames']} frames at {stats['fps']:g} fps in {stats['seconds']:.1f}s; latency median "
         f"{1000 * median:.0f} ms, p95 {1000 * p95:.0f} ms; "
         f"{stats['dropped_frames']} frame(s) dropped, {stats['skipped_windows']} window(s) skipped"
-        + (" (the model is slower than the stream)" if stats["dropped_frames"] else ""),
-        flush=True,
+        + (" (the model is slower than the stream)" if stats["dropped_frames"] else "")
     )
     if paths:
-        print(f"predict: timeline -> {', '.join(paths)}")
+        log.info(f"predict: timeline -> {', '.join(paths)}")
     if "error" in stats:
         raise stats["error"]
     return 0
@@ -132,7 +135,7 @@ def _predict_timeline(cfg, scorer, names: list[str], args, *, window: Span, stri
         top_k=args.top_k,
         min_segment=args.min_segment,
     )
-    print(
+    log.info(
         f"predict: {len(tl)} window(s) of {window} every {stride} over {tl.ends[-1]:.1f}s; decoded "
         f"{stats.decoded} frame(s) once, at most {stats.held_max} held -> {', '.join(paths)}"
     )

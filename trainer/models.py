@@ -13,9 +13,13 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 
+from common.log import get_logger
+
 from .config import ARCHITECTURES, DEPTHS
 from .pptsmv2 import PPLCNetV2TSM
 from .weights import load_pretrained
+
+log = get_logger(__name__)
 
 
 def temporal_shift(x, num_segments: int, shift_div: int = 8):
@@ -193,5 +197,5 @@ def build_model(cfg) -> Recognizer2D:
         )
     model = Recognizer2D(backbone, ConsensusHead(backbone.out_channels, h.num_classes, head_dropout, h.init_std))
     if b.pretrained:
-        print(load_pretrained(model, b.pretrained))
+        log.info(load_pretrained(model, b.pretrained))
     return model

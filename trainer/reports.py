@@ -11,6 +11,9 @@ import numpy as np
 import pandas as pd
 
 from common.files import write_atomic
+from common.log import get_logger
+
+log = get_logger(__name__)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -287,7 +290,6 @@ def compare_runs(out_dirs: list[str], sort: str = "best_top1") -> pd.DataFrame:
 def compare_main(argv: list[str]) -> int:
     """``python trainer/main.py compare OUTPUT_DIR... [--sort COLUMN] [--csv FILE] [--markdown FILE]``."""
     import argparse
-    import sys
 
     p = argparse.ArgumentParser(prog="main.py compare", description="one table of several training runs")
     p.add_argument("runs", nargs="+", metavar="OUTPUT_DIR", help="the output_dir of each training run compared")
@@ -298,10 +300,10 @@ def compare_main(argv: list[str]) -> int:
     try:
         table = compare_runs(args.runs, args.sort)
     except CompareError as e:
-        print(f"compare: error: {e}", file=sys.stderr)
+        log.error(f"compare: error: {e}")
         return 1
     with pd.option_context("display.max_columns", None, "display.width", 200):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))  # the table asked for
     for path, text in ((args.csv, table.to_csv(index=False)), (args.markdown, markdown(table))):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -89,8 +89,11 @@ def translate(argv: list[str]) -> list[str]:
 if __name__ == "__main__":  # run_dist.sh checks the command line once, before it starts any rank
     import sys
 
+    from common import log as logs
+
+    logs.setup()
     try:
         translate(sys.argv[1:])
     except SpellingError as e:
-        print(f"run_dist.sh: {e}", file=sys.stderr)
+        logs.get_logger("trainer.spellings").error(f"run_dist.sh: {e}")
         sys.exit(2)
