@@ -223,7 +223,7 @@ def decode_only(list_file: str, rounds: int, decord_threads: int) -> None:
     print(f"decode_vs_decord_ratio: {best['decord'] / best['ours']:.3f}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--source", choices=("pkl", "videos", "rawframes"), default="pkl", help="the data format read (default pkl)"
@@ -251,15 +251,15 @@ def main() -> None:
         action="store_true",
         help="videos: only the decode of each clip's sampled frames, in this process, ours against decord",
     )
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def loader_factories(a: argparse.Namespace, list_file: str) -> dict:
+    """The loaders timed, by name: each a call that builds a fresh one (the decord baseline only for
+    videos, when decord is installed)."""
     import paddle
 
     from dali_pipelines import build_loader
-
-    list_file = make_data(os.path.join(a.work, a.source), a.source, a.clips, a.frames)
-    if a.decode_only:
-        decode_only(list_file, a.rounds, a.decord_threads)
-        return
 
     def ours():
         return build_loader(
@@ -293,12 +293,27 @@ def main() -> None:
             print("no decord baseline: decord is not installed (pip install -e .[bench])", file=sys.stderr)
         else:
             loaders["decord"] = lambda: baseline(a.decord_threads)
+    return loaders
+
+
+def time_loaders(loaders: dict, a: argparse.Namespace) -> tuple[dict, dict]:
+    """(best clips/s, least CPU ms per clip) of each loader over rounds that alternate their order."""
     best, cpu = dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, float("inf"))
     for r in range(a.rounds):
         for name in list(loaders) if r % 2 == 0 else list(loaders)[::-1]:
             rate, ms = clips_per_second(loaders[name](), a.epochs, a.batch_size)
             best[name], cpu[name] = max(best[name], rate), min(cpu[name], ms)
             print(f"round {r + 1} {name:<8s} {rate:7.1f} clips/s {ms:7.1f} CPU ms/clip", flush=True)
+    return best, cpu
+
+
+def main() -> None:
+    a = parse_args()
+    list_file = make_data(os.path.join(a.work, a.source), a.source, a.clips, a.frames)
+    if a.decode_only:
+        decode_only(list_file, a.rounds, a.decord_threads)
+        return
+    best, cpu = time_loaders(loader_factories(a, list_file), a)
     print(
         f"source {a.source}, device {a.device}, {a.workers} workers/threads, batch {a.batch_size}, "
         f"{SEGMENTS} segments, {TARGET}x{TARGET} from 340x256, best of {a.rounds}:"
