@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common import log as logs
 from common.files import write_atomic
 from tools.media import has_bframes, index_frames, jpeg, level_to_index, pixel_levels, write_video
 
@@ -50,6 +51,8 @@ TENSORRT_FP16_TOLERANCE = 2e-2
 # Paddle's install page for 12.6 and NVIDIA's CUDA 12.9 release notes for 12.9 (docs/gpu.md "Driver")
 DRIVER_FLOORS = {"12.6": "550.54.14", "12.9": "575.51.03"}
 REPORT_FILE = "selftest_report.txt"
+
+log = logs.get_logger(__name__)
 
 
 class Skipped(Exception):
@@ -458,6 +461,7 @@ def _allreduce_worker() -> int:
     pdist.all_reduce(x)
     n = pdist.get_world_size()
     want = n * (n + 1) / 2
+    # a line check_nccl reads from the log (startswith), bare whatever TSN_LOG_FORMAT asks of messages
     print(f"all_reduce rank {pdist.get_rank()}: {float(x)} (want {want}) on {x.place}", flush=True)
     return 0 if float(x) == want and x.place.is_gpu_place() else 1
 
@@ -766,6 +770,7 @@ def write_report(path: str, host: Host, results: list[tuple[str, str, str, str, 
 
 
 def main(argv=None) -> int:
+    logs.setup()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--no-bench", action="store_true", help="leave out the GPU benchmarks (minutes)")
     p.add_argument("--only", nargs="+", metavar="CHECK", choices=[c.name for c in CHECKS], help="run these checks")
@@ -780,14 +785,14 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     host = find_host(work)
     checks = [c for c in CHECKS if (not args.only or c.name in args.only) and not (args.no_bench and c.bench)]
-    print(f"selftest: {len(checks)} checks, data in {work}" + ("" if host.gpus else f"; {host.no_gpu}"), flush=True)
+    log.info(f"selftest: {len(checks)} checks, data in {work}" + ("" if host.gpus else f"; {host.no_gpu}"))
     results = []
     try:
         for check in checks:
             t = time.time()
             status, detail, trace = run_check_traced(check, host)
             results.append((check.name, status, detail, trace, time.time() - t))
-            print(f"{status} {check.name} ({time.time() - t:.0f}s): {detail}", flush=True)
+            print(f"{status} {check.name} ({time.time() - t:.0f}s): {detail}", flush=True)  # the report itself
             if host.refused:  # nothing else can be trusted on this driver
                 break
     finally:
@@ -796,9 +801,9 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     statuses = [r[1] for r in results]
     counts = {s: statuses.count(s) for s in (PASS, FAIL, SKIP)}
-    print(f"selftest: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped", flush=True)
+    log.info(f"selftest: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped")
     if counts[FAIL]:
-        print(f"selftest: send {os.path.abspath(args.report)} with the bug report (docs/gpu.md)", flush=True)
+        log.info(f"selftest: send {os.path.abspath(args.report)} with the bug report (docs/gpu.md)")
     return 1 if counts[FAIL] else 0
 
 
