@@ -30,7 +30,7 @@ import numpy as np
 warnings.filterwarnings("ignore")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/pptsmv2.yaml", help="the model's config (default configs/pptsmv2.yaml)")
     p.add_argument("--segments", type=int, default=16, help="frames per clip (default 16)")
@@ -40,14 +40,62 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where Paddle Inference runs (default cpu)")
     p.add_argument("--onnx", action="store_true", help="also time both forms through onnxruntime")
     p.add_argument("--no-dynamic", action="store_true", help="leave out the dynamic model (slow on CPU)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def form_runners(a: argparse.Namespace, forms: dict, clip: np.ndarray, expected: np.ndarray, tmp: str) -> dict:
+    """Each form saved under ``tmp`` with paddle.jit.save, checked against ``expected`` through each backend,
+    and a call per (backend, form) on ``clip`` (the dynamic forms too unless --no-dynamic)."""
     import paddle
     from paddle.static import InputSpec
 
+    from trainer.export import InferenceModel, OnnxModel, model_files, score_difference, write_onnx
+
+    x = paddle.to_tensor(clip)
+    spec = InputSpec([None, a.segments, 3, a.size, a.size], "float32", "clips")
+    runners = {}
+    for name, form in forms.items():
+        folder = os.path.join(tmp, name)
+        paddle.jit.save(
+            paddle.jit.to_static(copy.deepcopy(form), input_spec=[spec], full_graph=True), f"{folder}/inference"
+        )
+        backends = {"paddle_inference": InferenceModel(*model_files(folder), device=a.device, threads=a.threads)}
+        if a.onnx:
+            onnx_file = write_onnx(*model_files(folder), os.path.join(folder, "model.onnx"))
+            backends["onnxruntime"] = OnnxModel(onnx_file, device=a.device, threads=a.threads)
+        for backend, predictor in backends.items():
+            diff = score_difference(predictor.scores(clip), expected)
+            print(f"{name}, {backend}: logits differ from the dynamic model's by {diff:.1e}")
+            runners[f"{backend}_{name}"] = lambda p=predictor: p.scores(clip)
+        if not a.no_dynamic:
+            runners[f"dynamic_{name}"] = lambda f=form: f(x).numpy()
+    return runners
+
+
+def median_ms(runners: dict, rounds: int) -> dict:
+    """Median milliseconds of each runner over rounds that alternate between them (after a warm-up call)."""
+    import paddle
+
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    with paddle.no_grad():
+        for run in runners.values():  # warm-up
+            run()
+        for _ in range(rounds):
+            for key, run in runners.items():
+                start = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+
+    import paddle
+
     from tools.media import randomise_bn
     from trainer.config import load_config
-    from trainer.export import InferenceModel, OnnxModel, inference_form, model_files, score_difference, write_onnx
+    from trainer.export import inference_form
     from trainer.models import build_model
 
     paddle.set_device(a.device)
@@ -61,37 +109,10 @@ def main(argv=None) -> int:
     model.eval()
     forms = {"unfolded": copy.deepcopy(model), "folded": inference_form(model)}
     clip = np.random.default_rng(1).standard_normal([1, a.segments, 3, a.size, a.size]).astype(np.float32)
-    x = paddle.to_tensor(clip)
     with paddle.no_grad():
-        expected = model(x).numpy()
-    spec = InputSpec([None, a.segments, 3, a.size, a.size], "float32", "clips")
-    runners = {}
+        expected = model(paddle.to_tensor(clip)).numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, form in forms.items():
-            folder = os.path.join(tmp, name)
-            paddle.jit.save(
-                paddle.jit.to_static(copy.deepcopy(form), input_spec=[spec], full_graph=True), f"{folder}/inference"
-            )
-            backends = {"paddle_inference": InferenceModel(*model_files(folder), device=a.device, threads=a.threads)}
-            if a.onnx:
-                onnx_file = write_onnx(*model_files(folder), os.path.join(folder, "model.onnx"))
-                backends["onnxruntime"] = OnnxModel(onnx_file, device=a.device, threads=a.threads)
-            for backend, predictor in backends.items():
-                diff = score_difference(predictor.scores(clip), expected)
-                print(f"{name}, {backend}: logits differ from the dynamic model's by {diff:.1e}")
-                runners[f"{backend}_{name}"] = lambda p=predictor: p.scores(clip)
-            if not a.no_dynamic:
-                runners[f"dynamic_{name}"] = lambda f=form: f(x).numpy()
-        times: dict[str, list[float]] = {k: [] for k in runners}
-        with paddle.no_grad():
-            for run in runners.values():  # warm-up
-                run()
-            for _ in range(a.rounds):
-                for key, run in runners.items():
-                    start = time.perf_counter()
-                    run()
-                    times[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        med = median_ms(form_runners(a, forms, clip, expected, tmp), a.rounds)
     threads = a.threads or os.cpu_count()
     where = "GPU" if a.device == "gpu" else f"CPU, {threads} threads"
     print(
