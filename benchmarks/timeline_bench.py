@@ -97,7 +97,7 @@ def stream_latency(cfg, scorer, names, video: str, seconds: float, window, strid
     return {**stats, "median": float(np.median(lat)), "p95": float(np.percentile(lat, 95)), "n": len(lat)}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10, help="length of the long video (default 10)")
     p.add_argument("--window", default="10s", help="window length, as predict --window (default 10s)")
@@ -111,35 +111,98 @@ def main(argv=None) -> int:
         default=os.path.join(tempfile.gettempdir(), "timeline_bench_340x256.mp4"),
         help="the long video, made once and kept here",
     )
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+class TimedScorer:
+    """The model's scorer with its seconds counted: the model's time is the same on both sides, to be set apart."""
+
+    def __init__(self, score):
+        self.score, self.seconds = score, 0.0
+
+    def __call__(self, imgs):
+        t = time.perf_counter()
+        out = self.score(imgs)
+        self.seconds += time.perf_counter() - t
+        return out
+
+
+def build_scorer(a: argparse.Namespace):
+    """(config, TimedScorer) of the config's model at --width and --size, random weights."""
     import paddle
 
-    from dali_pipelines import windows as sparse
-    from trainer import clip_scorer, timeline
     from trainer.config import load_config
     from trainer.models import build_model
     from trainer.predict import dynamic_scorer
+
+    overrides = [f"MODEL.backbone.base_channels={a.width}", "MODEL.backbone.pretrained=''"]
+    overrides += [f"PIPELINE.target_size={a.size}", f"PIPELINE.short_size={a.size * 8 // 7}", "DATASET.label_file=''"]
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), a.config), overrides)
+    paddle.seed(0)
+    model = build_model(cfg)
+    return cfg, TimedScorer(dynamic_scorer(model))
+
+
+def run_timeline(
+    spec, scorer: TimedScorer, index, windows, *, batch: int, index_s: float, window_frames: int
+) -> tuple[dict, float, float]:
+    """(logits by window, seconds, the model's seconds) of the timeline path; prints its line."""
+    from dali_pipelines import windows as sparse
+    from trainer import clip_scorer
+
+    stats = sparse.DecodeStats()
+    scorer.seconds = 0.0
+    t = time.perf_counter()
+    ours = dict(
+        clip_scorer.score_clips(
+            spec,
+            scorer,
+            sparse.read_windows(index, [clip_scorer.window_indices(spec, *w) for w in windows], stats),
+            batch_size=batch,
+            prefetch=2,
+        )
+    )
+    timeline_s, timeline_model = time.perf_counter() - t + index_s, scorer.seconds
+    print(
+        f"timeline:   {timeline_s:7.1f}s ({len(windows) / timeline_s:.2f} windows/s; index {index_s:.1f}s); decoded "
+        f"{stats.decoded} of {index.num_frames} frames, {stats.converted} to RGB, at most {stats.held_max} held "
+        f"(a window is {window_frames})"
+    )
+    return ours, timeline_s, timeline_model
+
+
+def run_per_window(video: str, spec, scorer: TimedScorer, index, windows, batch: int) -> tuple[dict, float, float]:
+    """(logits by window, seconds, the model's seconds) of the per-window path; prints its line."""
+    from trainer import clip_scorer
+
+    base = {"decoded": 0}
+    scorer.seconds = 0.0
+    t = time.perf_counter()
+    theirs = dict(
+        clip_scorer.score_clips(
+            spec, scorer, per_window_clips(video, index, windows, spec, base), batch_size=batch, prefetch=2
+        )
+    )
+    per_window_s, per_window_model = time.perf_counter() - t, scorer.seconds
+    print(
+        f"per-window: {per_window_s:7.1f}s ({len(windows) / per_window_s:.2f} windows/s); decoded "
+        f"{base['decoded']} frames ({base['decoded'] / len(windows):.0f} per window)"
+    )
+    return theirs, per_window_s, per_window_model
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+
+    from dali_pipelines import windows as sparse
+    from trainer import clip_scorer, timeline
 
     t = time.perf_counter()
     make_video(a.video, a.minutes)
     print(
         f"video: {a.video} ({os.path.getsize(a.video) / 1e6:.1f} MB; made or found in {time.perf_counter() - t:.0f}s)"
     )
-    overrides = [f"MODEL.backbone.base_channels={a.width}", "MODEL.backbone.pretrained=''"]
-    overrides += [f"PIPELINE.target_size={a.size}", f"PIPELINE.short_size={a.size * 8 // 7}", "DATASET.label_file=''"]
-    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), a.config), overrides)
-    paddle.seed(0)
-    model = build_model(cfg)
-    model_scorer = dynamic_scorer(model)
-    in_model = [0.0]
-
-    def scorer(imgs):  # the model's time is the same on both sides: counted, to be set apart
-        t = time.perf_counter()
-        out = model_scorer(imgs)
-        in_model[0] += time.perf_counter() - t
-        return out
-
+    cfg, scorer = build_scorer(a)
     names = [str(i) for i in range(cfg.MODEL.head.num_classes)]
     spec = clip_scorer.clip_spec(cfg)
     window, stride = timeline.parse_span(a.window), timeline.parse_span(a.stride)
@@ -161,37 +224,10 @@ def main(argv=None) -> int:
     ):
         pass  # warm-up: the model's first call picks its kernels
 
-    stats = sparse.DecodeStats()
-    in_model[0] = 0.0
-    t = time.perf_counter()
-    ours = dict(
-        clip_scorer.score_clips(
-            spec,
-            scorer,
-            sparse.read_windows(index, [clip_scorer.window_indices(spec, *w) for w in windows], stats),
-            batch_size=batch,
-            prefetch=2,
-        )
+    ours, timeline_s, timeline_model = run_timeline(
+        spec, scorer, index, windows, batch=batch, index_s=index_s, window_frames=w
     )
-    timeline_s, timeline_model = time.perf_counter() - t + index_s, in_model[0]
-    print(
-        f"timeline:   {timeline_s:7.1f}s ({len(windows) / timeline_s:.2f} windows/s; index {index_s:.1f}s); decoded "
-        f"{stats.decoded} of {index.num_frames} frames, {stats.converted} to RGB, at most {stats.held_max} held "
-        f"(a window is {w})"
-    )
-    base = {"decoded": 0}
-    in_model[0] = 0.0
-    t = time.perf_counter()
-    theirs = dict(
-        clip_scorer.score_clips(
-            spec, scorer, per_window_clips(a.video, index, windows, spec, base), batch_size=batch, prefetch=2
-        )
-    )
-    per_window_s, per_window_model = time.perf_counter() - t, in_model[0]
-    print(
-        f"per-window: {per_window_s:7.1f}s ({len(windows) / per_window_s:.2f} windows/s); decoded "
-        f"{base['decoded']} frames ({base['decoded'] / len(windows):.0f} per window)"
-    )
+    theirs, per_window_s, per_window_model = run_per_window(a.video, spec, scorer, index, windows, batch)
     diff = max(float(np.abs(ours[j] - theirs[j]).max()) for j in ours)
     print(f"same scores: max |logit difference| {diff:.2e} over {len(ours)} windows")
     assert diff < 1e-4, "the two paths disagree: the benchmark compares different work"
