@@ -49,7 +49,7 @@ def run(model, opt, batches, steps: int, warmup: int = 3) -> tuple[float, float]
     return n / total_s, data_s / total_s
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="ResNet depth (default 18)")
     p.add_argument("--width", type=int, default=16, help="ResNet base channels (64 = standard)")
@@ -64,31 +64,24 @@ def main() -> None:
     p.add_argument(
         "--work", default=os.path.join(tempfile.gettempdir(), "loader_bench"), help="folder of the data, made once"
     )
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def make_feeds(a: argparse.Namespace, list_file: str, short: int) -> dict:
+    """The three feeds by name, each a call that starts an endless iterator of (clips, labels) batches."""
     import loader_bench
     import numpy as np
     import paddle
 
     from dali_pipelines import build_loader
-    from trainer.config import load_config
-    from trainer.models import build_model
-    from trainer.solver import build_optimizer
 
-    paddle.set_device("gpu" if a.device == "gpu" else "cpu")
-    short = round(a.size * 8 / 7)
-    loader_bench.TARGET, loader_bench.SHORT = a.size, short
-    list_file = loader_bench.make_data(os.path.join(a.work, "pkl"), "pkl", a.clips, 250)
-    cfg_path = os.path.join(tempfile.mkdtemp(), "bench.yaml")
-    with open(cfg_path, "w") as f:
-        f.write(f"MODEL:\n  backbone: {{depth: {a.depth}, base_channels: {a.width}}}\n  head: {{num_classes: 6}}\n")
-    cfg = load_config(cfg_path)
-
-    def fresh():
-        paddle.seed(0)
-        model = build_model(cfg)
-        return model, build_optimizer(cfg.OPTIMIZER, 0.001, model)
-
-    feeds = {
+    synthetic = (
+        paddle.to_tensor(
+            np.random.default_rng(0).standard_normal([a.batch_size, 3, 3, a.size, a.size]).astype("float32")
+        ),
+        paddle.to_tensor(np.arange(a.batch_size) % 6),
+    )
+    return {
         "synthetic": lambda: iter(lambda: synthetic, None),
         "baseline": lambda: endless(
             paddle.io.DataLoader(
@@ -114,14 +107,33 @@ def main() -> None:
             )
         ),
     }
-    synthetic = (
-        paddle.to_tensor(
-            np.random.default_rng(0).standard_normal([a.batch_size, 3, 3, a.size, a.size]).astype("float32")
-        ),
-        paddle.to_tensor(np.arange(a.batch_size) % 6),
-    )
+
+
+def main() -> None:
+    a = parse_args()
+    import loader_bench
+    import paddle
+
+    from trainer.config import load_config
+    from trainer.models import build_model
+    from trainer.solver import build_optimizer
+
+    paddle.set_device("gpu" if a.device == "gpu" else "cpu")
+    short = round(a.size * 8 / 7)
+    loader_bench.TARGET, loader_bench.SHORT = a.size, short
+    list_file = loader_bench.make_data(os.path.join(a.work, "pkl"), "pkl", a.clips, 250)
+    cfg_path = os.path.join(tempfile.mkdtemp(), "bench.yaml")
+    with open(cfg_path, "w") as f:
+        f.write(f"MODEL:\n  backbone: {{depth: {a.depth}, base_channels: {a.width}}}\n  head: {{num_classes: 6}}\n")
+    cfg = load_config(cfg_path)
+
+    def fresh():
+        paddle.seed(0)
+        model = build_model(cfg)
+        return model, build_optimizer(cfg.OPTIMIZER, 0.001, model)
+
     results = {}
-    for name, feed in feeds.items():
+    for name, feed in make_feeds(a, list_file, short).items():
         model, opt = fresh()
         results[name] = run(model, opt, feed(), a.steps)
         print(
