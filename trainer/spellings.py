@@ -61,28 +61,28 @@ def translate(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        name, eq, inline = arg.partition("=")
+        name, eq, value = arg.partition("=")
+        i += 1
         if out and out[-1] in ("-o", "--override"):  # a value, never a flag
             out.append(arg)
-        elif name in FLAGS and not eq:
+            continue
+        if name in FLAGS and not eq:
             out += FLAGS[name]
-        elif name in OPTIONS:
-            if eq:
-                value = inline
-            elif i + 1 < len(argv):
-                i += 1
-                value = argv[i]
-            else:
-                raise SpellingError(f"{name} needs a value")
-            try:
-                out += OPTIONS[name](value)
-            except SpellingError as e:
-                raise SpellingError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
-        elif name in INSTEAD:
-            raise SpellingError(f"{name} (PaddleVideo's spelling): {INSTEAD[name]}")
-        else:
+            continue
+        if name not in OPTIONS:
+            if name in INSTEAD:
+                raise SpellingError(f"{name} (PaddleVideo's spelling): {INSTEAD[name]}")
             out.append(arg)
-        i += 1
+            continue
+        if not eq:  # the value is the next argument
+            if i >= len(argv):
+                raise SpellingError(f"{name} needs a value")
+            value = argv[i]
+            i += 1
+        try:
+            out += OPTIONS[name](value)
+        except SpellingError as e:
+            raise SpellingError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
     return out
 
 
