@@ -235,47 +235,50 @@ def ends(directory: str) -> list[dict]:
     message, time, exit, secondary (it failed because of another rank)."""
     launcher = _load(os.path.join(directory, "launcher.json")) or {"ranks": {}, "states": {}}
     records = {}
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith("exit.") and name.endswith(".json"):
-                r = _load(os.path.join(directory, name))
-                if r and "rank" in r:
-                    records[int(r["rank"])] = r
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        r = _load(os.path.join(directory, name)) if name.startswith("exit.") and name.endswith(".json") else None
+        if r and "rank" in r:
+            records[int(r["rank"])] = r
     first = launcher.get("first_failure")
-    out = []
-    for rank in sorted({*records, *map(int, launcher["ranks"]), *map(int, launcher.get("states", {}))}):
-        seen = launcher["ranks"].get(str(rank), {})
-        state = launcher.get("states", {}).get(str(rank))
-        record = records.get(rank)
-        code = seen.get("exit", record.get("exit") if record else None)
-        t = seen.get("time") or (record or {}).get("time") or float("inf")
-        e = {"rank": rank, "pid": seen.get("pid") or (record or {}).get("pid"), "exit": code, "time": t}
-        if state in ("T", "t", "D"):  # caught stopped or in uninterruptible I/O when the first rank failed
-            what = (
-                "stopped (SIGSTOP / SIGTSTP, or a debugger)"
-                if state in ("T", "t")
-                else "stuck in uninterruptible I/O (a hung file system or device)"
-            )
-            message = f"was {what} when the first rank failed; the others waited for it"
-            e.update(kind="stuck", message=message + _reading(directory, rank, e["pid"], first))
-            e.update(secondary=False, time=first or t)
-        elif record:  # the rank's own words
-            secondary = record["kind"] == "stopped" or (record["kind"] == "crash" and record.get("collective", False))
-            e.update(kind=record["kind"], message=record["message"], secondary=secondary)
-            e["exit"] = record.get("exit") or code  # what it meant to exit with, not the launcher's stop after
-        elif code is not None and code < 0:
-            e.update(kind="signal", message=f"killed by {_signal_name(code)}")
-            e["secondary"] = -code in _SECONDARY_SIGNALS or (first is not None and t - first > CONSEQUENCE_AFTER_S)
-        elif code:
-            log = os.path.join(directory, f"workerlog.{rank}")  # it died before it could say why: where it said what
-            where = f" (its log: {log})" if os.path.isfile(log) else ""
-            e.update(kind="crash", message=f"exit status {code} without a message of its own{where}", secondary=False)
-        else:
-            continue
-        if e["kind"] != "stuck" and first is not None and t - first > CONSEQUENCE_AFTER_S:
-            e["secondary"] = True  # ended after the launcher began to stop the job
-        out.append(e)
-    return out
+    ranks = sorted({*records, *map(int, launcher["ranks"]), *map(int, launcher.get("states", {}))})
+    found = (_end(directory, rank, launcher, records.get(rank), first) for rank in ranks)
+    return [e for e in found if e is not None]
+
+
+def _end(directory: str, rank: int, launcher: dict, record: dict | None, first: float | None) -> dict | None:
+    """How ``rank`` ended (an entry of ``ends``) from the launcher's view and its own record; None when it
+    neither failed nor was caught stuck."""
+    seen = launcher["ranks"].get(str(rank), {})
+    state = launcher.get("states", {}).get(str(rank))
+    code = seen.get("exit", record.get("exit") if record else None)
+    t = seen.get("time") or (record or {}).get("time") or float("inf")
+    e = {"rank": rank, "pid": seen.get("pid") or (record or {}).get("pid"), "exit": code, "time": t}
+    if state in ("T", "t", "D"):  # caught stopped or in uninterruptible I/O when the first rank failed
+        what = (
+            "stopped (SIGSTOP / SIGTSTP, or a debugger)"
+            if state in ("T", "t")
+            else "stuck in uninterruptible I/O (a hung file system or device)"
+        )
+        message = f"was {what} when the first rank failed; the others waited for it"
+        e.update(kind="stuck", message=message + _reading(directory, rank, e["pid"], first))
+        e.update(secondary=False, time=first or t)
+        return e
+    if record:  # the rank's own words
+        secondary = record["kind"] == "stopped" or (record["kind"] == "crash" and record.get("collective", False))
+        e.update(kind=record["kind"], message=record["message"], secondary=secondary)
+        e["exit"] = record.get("exit") or code  # what it meant to exit with, not the launcher's stop after
+    elif code is not None and code < 0:
+        e.update(kind="signal", message=f"killed by {_signal_name(code)}")
+        e["secondary"] = -code in _SECONDARY_SIGNALS or (first is not None and t - first > CONSEQUENCE_AFTER_S)
+    elif code:
+        log = os.path.join(directory, f"workerlog.{rank}")  # it died before it could say why: where it said what
+        where = f" (its log: {log})" if os.path.isfile(log) else ""
+        e.update(kind="crash", message=f"exit status {code} without a message of its own{where}", secondary=False)
+    else:
+        return None
+    if first is not None and t - first > CONSEQUENCE_AFTER_S:
+        e["secondary"] = True  # ended after the launcher began to stop the job
+    return e
 
 
 def _reading(directory: str, rank: int, pid: int | None, first: float | None, limit: int = 8) -> str:
@@ -341,16 +344,7 @@ def notes(directory: str, out=sys.stdout, limit: int = 5) -> int:
     names = os.listdir(directory) if os.path.isdir(directory) else []
     ranks = sorted(int(n.split(".")[1]) for n in names if n.startswith("events.") and n.split(".")[1].isdigit())
     for r in ranks:
-        lines = []
-        try:
-            with open(events_path(directory, r), encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        lines.append(str(json.loads(line)["message"]))
-                    except (ValueError, KeyError, TypeError):  # a line cut by a full disk
-                        continue
-        except OSError:
-            continue
+        lines = _event_messages(events_path(directory, r))
         messages = [m for line in lines[-limit:] for m in line.splitlines()][-limit:]
         if messages:
             found += 1
@@ -359,6 +353,21 @@ def notes(directory: str, out=sys.stdout, limit: int = 5) -> int:
             for m in messages:
                 print(f"    {m}", file=out)
     return 0 if found else 1
+
+
+def _event_messages(path: str) -> list[str]:
+    """The messages of an events.R.jsonl, in order; [] when it cannot be read."""
+    lines = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    lines.append(str(json.loads(line)["message"]))
+                except (ValueError, KeyError, TypeError):  # a line cut by a full disk
+                    continue
+    except OSError:
+        return []
+    return lines
 
 
 def main(argv=None) -> int:
