@@ -37,7 +37,7 @@ from preprocessing.lists import (
     write_list,
 )
 
-log = logs.get_logger(__name__)
+log = logs.get_logger("preprocessing.build_list")  # by name: run by path, __name__ is "__main__"
 
 
 def pkl_entries(root: str):

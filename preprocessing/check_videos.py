@@ -32,7 +32,7 @@ from common.usage import UsageError
 from preprocessing import shards
 from preprocessing.lists import probe_facts
 
-log = logs.get_logger(__name__)
+log = logs.get_logger("preprocessing.check_videos")  # by name: run by path, __name__ is "__main__"
 
 
 def main(argv=None) -> int:

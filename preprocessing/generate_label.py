@@ -15,7 +15,7 @@ from common import log as logs
 from common.usage import UsageError
 from preprocessing.kinetics import read_csv, write_label_file
 
-log = logs.get_logger(__name__)
+log = logs.get_logger("preprocessing.generate_label")  # by name: run by path, __name__ is "__main__"
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from common import log as logs
 
-log = logs.get_logger(__name__)
+log = logs.get_logger("preprocessing.make_demo_dataset")  # by name: run by path, __name__ is "__main__"
 
 CLASSES = ("bouncing ball", "sliding square", "pulsing ring", "spinning bar", "blinking dots", "scrolling stripes")
 BASE_COLOURS = {  # RGB of each class's object; jittered per clip

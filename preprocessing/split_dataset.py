@@ -29,7 +29,7 @@ from preprocessing.lists import (
 
 SPLIT_NAMES = ("train", "val", "test")
 
-log = logs.get_logger(__name__)
+log = logs.get_logger("preprocessing.split_dataset")  # by name: run by path, __name__ is "__main__"
 
 
 def main(argv=None) -> int:

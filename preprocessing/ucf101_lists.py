@@ -21,7 +21,7 @@ from common.usage import UsageError
 from preprocessing.kinetics import write_label_file
 from preprocessing.lists import count_frames, video_entries, write_list
 
-log = logs.get_logger(__name__)
+log = logs.get_logger("preprocessing.ucf101_lists")  # by name: run by path, __name__ is "__main__"
 
 
 def _lines(path: str) -> list[str]:

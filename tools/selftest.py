@@ -52,7 +52,7 @@ TENSORRT_FP16_TOLERANCE = 2e-2
 DRIVER_FLOORS = {"12.6": "550.54.14", "12.9": "575.51.03"}
 REPORT_FILE = "selftest_report.txt"
 
-log = logs.get_logger(__name__)
+log = logs.get_logger("tools.selftest")  # by name: run with -m, __name__ is "__main__"
 
 
 class Skipped(Exception):
