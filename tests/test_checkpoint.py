@@ -243,6 +243,17 @@ def test_without_keep_epochs_every_epoch_file_stays(tmp_path):
     assert len([n for n in os.listdir(tmp_path) if n.startswith("epoch_")]) == 4
 
 
+def test_keep_checkpoints_in_the_config_leaves_only_the_newest_epoch_file(demo_dataset, tmp_path):
+    from trainer import main
+
+    cfg = tiny_config(tmp_path / "k.yaml", demo_dataset, tmp_path / "k", epochs=3)
+    overrides = ["save_interval=1", "keep_checkpoints=1", "PRECISE_BN.enabled=false", "DATASET.num_workers=0"]
+    with paddle.utils.unique_name.guard():
+        assert main.main(["train", "-c", cfg, *(w for o in overrides for w in ("-o", o))]) == 0
+    written = sorted(n for n in os.listdir(tmp_path / "k") if n.endswith((".pdckpt", ".pdparams")))
+    assert written == ["best.pdparams", "epoch_3.pdckpt", "latest.pdckpt"]
+
+
 def test_a_run_that_validates_nothing_writes_its_last_weights_as_best(tmp_path):
     model, opt = _net()
     Checkpoints(str(tmp_path), save_interval=10).save_epoch(3, model, opt, as_best=True, step=30)

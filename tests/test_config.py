@@ -158,6 +158,16 @@ def test_feed_workers_default_to_auto_and_take_zero_or_more(cfg_file, monkeypatc
         assert default_num_workers() == workers
 
 
+def test_keep_checkpoints_defaults_to_all_and_a_typo_or_a_negative_count_is_named(cfg_file):
+    path = cfg_file("epochs: 5\n")
+    assert load_config(path).keep_checkpoints == 0  # every epoch_N.pdckpt stays
+    assert load_config(path, ["keep_checkpoints=2"]).keep_checkpoints == 2
+    with pytest.raises(ConfigError, match=r"keep_checkpoints = -1.*must be >= 0"):
+        load_config(path, ["keep_checkpoints=-1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'keep_checkpoint'.*did you mean 'keep_checkpoints'"):
+        load_config(cfg_file("keep_checkpoint: 3\n"))
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

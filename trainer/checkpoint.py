@@ -153,8 +153,8 @@ def newest_loading(folder: str) -> tuple[str | None, dict | None]:
 class Checkpoints:
     """The checkpoints of one training run in ``folder``: rank 0 (``is_main``) writes ``latest.pdckpt``
     after every epoch, ``epoch_N.pdckpt`` every ``save_interval`` epochs (the newest ``keep_epochs`` of
-    them stay; None keeps all) and ``best.pdparams``; every rank reads the checkpoint it resumes from.
-    After ``find_resume``, ``resume_path`` names it (None: a fresh run)."""
+    them stay, the config's ``keep_checkpoints``; None keeps all) and ``best.pdparams``; every rank reads
+    the checkpoint it resumes from. After ``find_resume``, ``resume_path`` names it (None: a fresh run)."""
 
     def __init__(self, folder: str, *, save_interval: int, is_main: bool = True, keep_epochs: int | None = None):
         if keep_epochs is not None and keep_epochs < 1:

@@ -80,6 +80,7 @@ SCHEMA: dict = {
     "log_interval": Opt(20, minimum=1),
     "val_interval": Opt(1, minimum=1),  # epochs between evaluations
     "save_interval": Opt(10, minimum=1),  # epochs between numbered checkpoints
+    "keep_checkpoints": Opt(0, minimum=0),  # epoch_N.pdckpt files kept, the newest; 0 keeps them all
     "amp": Opt(False),  # mixed precision on GPU
     "amp_dtype": Opt("float16", choices=("float16", "bfloat16")),
     "resume": Opt(""),  # "", "auto" (OUTPUT_DIR/latest.pdckpt if present) or a path

@@ -255,7 +255,9 @@ def train(cfg, env: dist.Env) -> dict:
 def _start(cfg, env: dist.Env) -> _Run:
     """Everything a run needs before its first step: model, loaders, optimizer, the checkpoint it
     resumes (if any), data parallelism and the AMP scaler; rank 0 records the config and says what runs."""
-    checkpoints = checkpoint.Checkpoints(cfg.output_dir, save_interval=cfg.save_interval, is_main=env.is_main)
+    checkpoints = checkpoint.Checkpoints(
+        cfg.output_dir, save_interval=cfg.save_interval, is_main=env.is_main, keep_epochs=cfg.keep_checkpoints or None
+    )
     log = MetricsLog(cfg.output_dir, env.is_main)
     checkpoints.find_resume(cfg.resume)
     paddle.seed(cfg.seed)  # identical initial weights on every rank (DataParallel also broadcasts)
