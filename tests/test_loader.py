@@ -6,7 +6,7 @@ from clipdata.pkl import write_pkl
 from dali_pipelines import build_loader
 from dali_pipelines.clipspec import MEAN, STD
 from dali_pipelines.sampling import segment_indices
-from tools.media import index_frames, jpeg, level_to_index, write_video
+from tools.media import frame_levels, index_frames, jpeg, level_to_index, write_video
 
 
 def _pkl_list(tmp_path, frames_per_clip, labels, colour=None):
@@ -17,12 +17,6 @@ def _pkl_list(tmp_path, frames_per_clip, labels, colour=None):
         lines.append(f"c{i}.pkl")
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     return str(tmp_path / "list.txt")
-
-
-def _frame_levels(imgs):
-    """Mean grey level of each frame of [N, T, 3, H, W] normalised batches."""
-    x = imgs.numpy() * np.array(STD).reshape(1, 1, 3, 1, 1) + np.array(MEAN).reshape(1, 1, 3, 1, 1)
-    return (x * 255).mean(axis=(2, 3, 4))
 
 
 def test_output_shape_dtype_and_imagenet_normalisation(tmp_path):
@@ -126,7 +120,7 @@ def test_pkl_frames_are_the_frames_at_the_sampled_indices(tmp_path):
     lst = _pkl_list(tmp_path, [30, 7, 50], [0, 1, 2])
     loader = build_loader(lst, "pkl", "val", batch_size=3, num_segments=5, target_size=32, short_size=32)
     imgs, labels = next(iter(loader))
-    levels = _frame_levels(imgs)
+    levels = frame_levels(imgs)
     for row, label in enumerate(labels.numpy()):
         n = [30, 7, 50][label]
         assert [level_to_index(v) for v in levels[row]] == segment_indices(n, 5, "val").tolist()
@@ -147,7 +141,7 @@ def test_h264_video_with_bframes_decodes_the_sampled_frames_on_cpu(tmp_path):
     )
     imgs, labels = next(iter(loader))
     assert list(imgs.shape) == [1, 6, 3, 32, 32] and labels.numpy().tolist() == [1]
-    got = [level_to_index(v) for v in _frame_levels(imgs)[0]]
+    got = [level_to_index(v) for v in frame_levels(imgs)[0]]
     assert got == segment_indices(40, 3, "test", num_clips=2).tolist()
     assert (tmp_path / "videos.txt.probe.json").exists()  # frame counts are probed once and cached
 
@@ -169,7 +163,7 @@ def test_dense_sampling_reaches_the_decoded_frames(tmp_path):
         dense_interval=5,
     )
     imgs, _ = next(iter(loader))
-    got = [level_to_index(v) for v in _frame_levels(imgs)[0]]
+    got = [level_to_index(v) for v in frame_levels(imgs)[0]]
     assert got == dense_indices(50, 4, "test", num_clips=2, interval=5).tolist() == [0, 5, 10, 15, 30, 35, 40, 45]
 
 

@@ -23,9 +23,7 @@ from clipdata.pkl import (
 from dali_pipelines import build_loader, feed
 from dali_pipelines.sampling import segment_indices
 from preprocessing import build_list
-from tools.media import index_frames, jpeg, level_to_index
-
-from .test_loader import _frame_levels
+from tools.media import frame_levels, index_frames, jpeg, level_to_index
 
 FRAMES = [jpeg(f) for f in index_frames(30)]
 
@@ -48,7 +46,7 @@ def _val_levels(tmp_path, pkl_path):
         short_size=16,
         num_workers=0,
     )
-    return [[level_to_index(v) for v in _frame_levels(imgs)[0]] for imgs, _ in loader]
+    return [[level_to_index(v) for v in frame_levels(imgs)[0]] for imgs, _ in loader]
 
 
 def test_written_pkl_loads_with_plain_pickle_and_reads_frames_by_offset(tmp_path):
@@ -150,7 +148,7 @@ def test_a_pkl_rewritten_in_place_after_indexing_is_read_as_it_is_now(tmp_path, 
         num_workers=0,
     )
     ((imgs, labels),) = list(loader)
-    levels = [level_to_index(v) for v in _frame_levels(imgs)[0]]
+    levels = [level_to_index(v) for v in frame_levels(imgs)[0]]
     assert labels.numpy().tolist() == [new[1]] and loader.skipped == 0
     assert levels == segment_indices(len(new[2]), 5, "val").tolist()
     assert "c.pkl: the file changed after its frame index was made; read whole" in capfd.readouterr().err

@@ -111,3 +111,11 @@ def randomise_bn(model, rng: np.random.Generator) -> None:
             layer.bias.set_value(rng.normal(0, 0.1, c).astype("float32"))
             layer._mean.set_value(rng.normal(0, 0.1, c).astype("float32"))
             layer._variance.set_value(rng.uniform(0.5, 1.5, c).astype("float32"))
+
+
+def frame_levels(imgs) -> np.ndarray:
+    """The mean grey level [N, T] of each frame of normalised batches [N, T, 3, H, W] (an array or a
+    paddle tensor): with ``index_frames``' frames, ``level_to_index`` of it is the frame's index."""
+    if not isinstance(imgs, np.ndarray):
+        imgs = imgs.numpy()
+    return pixel_levels(imgs).mean(axis=(2, 3, 4))
