@@ -133,17 +133,10 @@ def test_config_typo_stops_run_dist_with_one_line(tmp_path):
     ]
 
 
-def test_predict_on_a_missing_video_names_it(tmp_path, capsys):
-    from trainer import checkpoint, main
+def test_predict_on_a_missing_video_names_it(predict_argv, tmp_path, capsys):
+    from trainer import main
 
-    from .tiny import tiny_model
-
-    cfg, model = tiny_model(tmp_path)
-    checkpoint.save_weights(model, str(tmp_path / "w.pdparams"))
-    (tmp_path / "labels.txt").write_text("".join(f"{i} class{i}\n" for i in range(5)))
-    argv = ["predict", "-c", str(tmp_path / "tiny.yaml"), "--weights", str(tmp_path / "w.pdparams")]
-    argv += ["-o", f"DATASET.label_file={tmp_path / 'labels.txt'}"]
-    assert main.main([*argv, "--input", str(tmp_path / "nope.mp4")]) == 1
+    assert main.main([*predict_argv, "--input", str(tmp_path / "nope.mp4")]) == 1
     assert "nope.mp4 does not exist" in capsys.readouterr().err
 
 
