@@ -33,6 +33,7 @@ import numpy as np
 
 from clipdata.lists import read_list
 from clipdata.pkl import frame_spans, read_pkl
+from common.files import write_atomic
 from dali_pipelines.feed import ClipSpec
 from dali_pipelines.loader import _ClipSource
 
@@ -90,14 +91,14 @@ def make_data(work: str, n: int, copies: int) -> dict[str, str]:
 
 
 def _copy(src: str, dst: str, strip_index: bool) -> None:
-    """A copy of ``src``; with ``strip_index`` only its pickle (a pkl as written before the index)."""
+    """A copy of ``src`` with its modification time (the frame index is bound to it: a copy with another
+    would be read whole as a stale index); with ``strip_index`` only its pickle (a pkl as written before
+    the index)."""
     with open(src, "rb") as f:
         data = f.read()
     if strip_index:
         data = data[: frame_spans(data, len(read_pkl(src)[2]))[1]]
-    with open(dst + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(dst + ".tmp", dst)
+    write_atomic(dst, data, mtime_ns=os.stat(src).st_mtime_ns)
 
 
 def rchar(pids) -> int:
