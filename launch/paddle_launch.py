@@ -13,8 +13,7 @@ ranks, and told this node's address instead of guessing it.
 
 import os
 
-from common import exits
-from common import lifeline
+from common import exits, lifeline
 
 
 def _watch_ranks() -> exits.Watcher | None:

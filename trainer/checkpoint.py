@@ -15,10 +15,13 @@ import os
 
 import paddle
 
+from common.log import get_logger
 from common.runlock import RUN_ID_ENV
 
 from . import distill, weights
 from .config import ConfigError, to_plain
+
+log = get_logger(__name__)
 
 LATEST, BEST = "latest.pdckpt", "best.pdparams"
 
@@ -106,10 +109,9 @@ def continue_schedule(scheduler, meta: dict, steps_per_epoch: int) -> int:
         return step
     step = epoch * steps_per_epoch
     scheduler.step(step)
-    print(
+    log.info(
         f"train: resuming with {steps_per_epoch} steps/epoch where the checkpoint had {saved_steps}: the LR "
-        f"schedule goes on from epoch {epoch} (step {step} of the new schedule, lr {scheduler.get_lr():.4g})",
-        flush=True,
+        f"schedule goes on from epoch {epoch} (step {step} of the new schedule, lr {scheduler.get_lr():.4g})"
     )
     return step
 
@@ -140,7 +142,7 @@ def newest_loading(folder: str) -> tuple[str | None, dict | None]:
             skipped.append(str(e))
             continue
         if skipped:
-            print(f"train: resume=auto: skipped {'; '.join(skipped)}; resuming from {path}", flush=True)
+            log.info(f"train: resume=auto: skipped {'; '.join(skipped)}; resuming from {path}")
         return path, state
     if skipped:
         raise weights.WeightsError(
@@ -188,7 +190,7 @@ class Checkpoints:
         path, state = newest_loading(self.folder)
         if path is None or state["meta"].get("run_id") != run_id:
             return None, None
-        print(f"train: restarted: resuming this job ({run_id}) from {path}, epoch {state['meta']['epoch']}", flush=True)
+        log.info(f"train: restarted: resuming this job ({run_id}) from {path}, epoch {state['meta']['epoch']}")
         return path, state
 
     def resume(self, model, optimizer, model_cfg=None, parts=None) -> tuple[dict, dict | None]:

@@ -16,9 +16,8 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from common import exits
+from common import exits, lifeline
 from common.processes import COLLECTIVE_TIMEOUT_ENV
-from common import lifeline
 
 from .config import ConfigError
 

@@ -258,7 +258,7 @@ def _start(cfg, env: dist.Env) -> _Run:
     checkpoints = checkpoint.Checkpoints(
         cfg.output_dir, save_interval=cfg.save_interval, is_main=env.is_main, keep_epochs=cfg.keep_checkpoints or None
     )
-    log = MetricsLog(cfg.output_dir, env.is_main)
+    metrics = MetricsLog(cfg.output_dir, env.is_main)  # not `log`: that is the module logger
     checkpoints.find_resume(cfg.resume)
     paddle.seed(cfg.seed)  # identical initial weights on every rank (DataParallel also broadcasts)
     model = build_model(cfg)
@@ -280,7 +280,7 @@ def _start(cfg, env: dist.Env) -> _Run:
         loader=train_loader,
         val_loader=val_loader,
         bn_loader=bn_loader,
-        log=log,
+        log=metrics,
         checkpoints=checkpoints,
         distiller=distiller,
         loss_fn=distiller.train_loss if distiller else None,
