@@ -89,6 +89,17 @@ def test_the_configs_clip_defaults_are_the_loaders():
     assert (p["test_num_clips"].default, p["test_num_crops"].default) == (1, 1)
 
 
+def test_build_loaders_clip_keywords_have_the_specs_defaults():
+    """build_loader spells the clip's keywords out for its readers; they must not drift from ClipSpec.create's."""
+    from dali_pipelines.loader import build_loader
+
+    create = inspect.signature(ClipSpec.create).parameters
+    loader = inspect.signature(build_loader).parameters
+    for name, param in create.items():
+        if name != "cls":
+            assert loader[name].default == param.default, name
+
+
 def test_views_beyond_one_count_in_test_mode_only_and_bad_settings_are_named():
     assert ClipSpec.create("pkl", "val", num_clips=4, num_crops=10).views == 3
     assert ClipSpec.create("pkl", "test", num_clips=4, num_crops=10).views == 120
