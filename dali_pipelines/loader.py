@@ -7,6 +7,7 @@ flips and normalises. Outputs reach Paddle through DLPack without a copy.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -60,20 +61,8 @@ class LoaderRun:
 
 
 RUN_KEYWORDS = tuple(f.name for f in fields(LoaderRun))
-# build_loader's keywords that make its ClipSpec (ClipSpec.create's, less source, mode and device)
-CLIP_KEYWORDS = (
-    "num_segments",
-    "target_size",
-    "short_size",
-    "num_clips",
-    "num_crops",
-    "crop",
-    "flip",
-    "sampling",
-    "dense_interval",
-    "num_classes",
-    "allow_partial_videos",
-)
+# build_loader's keywords that make its ClipSpec: ClipSpec.create's, less source, mode and device
+CLIP_KEYWORDS = tuple(k for k in inspect.signature(ClipSpec.create).parameters if k not in ("source", "mode", "device"))
 
 
 class _ClipSource:
@@ -453,9 +442,14 @@ def build_loader(
         worker_timeout: seconds a feed worker may take before the run stops naming its files.
     """
     keywords = dict(locals())  # the arguments above, by name
-    clip = {k: keywords.pop(k) for k in CLIP_KEYWORDS}
-    run = LoaderRun(**{k: keywords[k] for k in RUN_KEYWORDS})
-    return build_spec_loader(list_file, ClipSpec.create(source, mode, device=device, **clip), run)
+    return build_spec_loader(list_file, *_spec_and_run(source, mode, keywords))
+
+
+def _spec_and_run(source: str, mode: str, keywords: dict) -> tuple[ClipSpec, LoaderRun]:
+    """``build_loader``'s keywords (any of them) as the clip they describe and the settings of the run."""
+    run = LoaderRun(**{k: v for k, v in keywords.items() if k in RUN_KEYWORDS})
+    clip = {k: v for k, v in keywords.items() if k in CLIP_KEYWORDS}
+    return ClipSpec.create(source, mode, device=run.device, **clip), run
 
 
 def build_spec_loader(list_file: str | None, spec: ClipSpec, run: LoaderRun | None = None) -> DALILoader:
@@ -476,9 +470,7 @@ def plan_loader(list_file: str | None, source: str = "pkl", mode: str = "train",
     unknown = sorted(set(keywords) - set(CLIP_KEYWORDS) - set(RUN_KEYWORDS))
     if unknown:
         raise TypeError(f"plan_loader: unknown keyword(s) {unknown}; known: {sorted(CLIP_KEYWORDS + RUN_KEYWORDS)}")
-    run = LoaderRun(**{k: v for k, v in keywords.items() if k in RUN_KEYWORDS})
-    clip = {k: v for k, v in keywords.items() if k in CLIP_KEYWORDS}
-    return plan_spec(list_file, ClipSpec.create(source, mode, device=run.device, **clip), run)
+    return plan_spec(list_file, *_spec_and_run(source, mode, keywords))
 
 
 def plan_spec(list_file: str | None, spec: ClipSpec, run: LoaderRun):
